@@ -1,0 +1,147 @@
+//! Events: what the log holds and the dispatch computation consumes.
+//!
+//! The log gives each accepted event its [`Event::offset`] (its position,
+//! which breaks ties between events of the same millisecond: the first grab
+//! by offset wins) and its [`Event::time`] (the dataflow timestamp).
+
+use crate::{Coord, Id, Time};
+use serde::{Deserialize, Serialize};
+
+/// One logged event.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Event {
+    /// Client- or ingress-chosen id; a redelivered event with a seen id is dropped.
+    pub id: Id,
+    /// Position in the log; orders events within one millisecond.
+    pub offset: u64,
+    /// Log time in Unix milliseconds; the dataflow timestamp.
+    pub time: Time,
+    /// What happened.
+    pub kind: EventKind,
+}
+
+/// The kinds of event dispatch reacts to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum EventKind {
+    /// A merchant registered, moved, opened or closed.
+    MerchantUpserted {
+        /// The merchant.
+        merchant: Id,
+        /// Where orders are picked up.
+        at: Coord,
+        /// Whether it takes orders.
+        open: bool,
+    },
+    /// A rider started or ended a shift.
+    ShiftChanged {
+        /// The rider.
+        rider: Id,
+        /// On shift (takes offers) or not.
+        online: bool,
+        /// Orders the rider may carry at once; the configured default when absent.
+        capacity: Option<u32>,
+    },
+    /// A rider's location ping.
+    LocationPinged {
+        /// The rider.
+        rider: Id,
+        /// Where the rider is.
+        at: Coord,
+    },
+    /// A paid order enters dispatch.
+    OrderPlaced {
+        /// The order.
+        order: Id,
+        /// The merchant that prepares it; offers go to riders near it.
+        merchant: Id,
+        /// Where it is delivered.
+        dropoff: Coord,
+        /// Promised delivery time, minutes after placement.
+        promised_minutes: u32,
+    },
+    /// The customer or merchant cancelled.
+    OrderCancelled {
+        /// The order.
+        order: Id,
+    },
+    /// A rider tries to take an offered order.
+    GrabAttempted {
+        /// The order.
+        order: Id,
+        /// The rider trying.
+        rider: Id,
+    },
+    /// The assigned rider picked the food up.
+    PickedUp {
+        /// The order.
+        order: Id,
+        /// The rider reporting it.
+        rider: Id,
+    },
+    /// The assigned rider delivered.
+    Delivered {
+        /// The order.
+        order: Id,
+        /// The rider reporting it.
+        rider: Id,
+    },
+    /// Ops settled the compensation owed for an overtime order.
+    CompensationSettled {
+        /// The order.
+        order: Id,
+        /// What was paid, in cents.
+        amount_cents: u64,
+    },
+    /// Ops take the order back and offer it again.
+    Redispatched {
+        /// The order.
+        order: Id,
+    },
+    /// Ops assign the order to a rider directly.
+    Reassigned {
+        /// The order.
+        order: Id,
+        /// The rider it goes to.
+        rider: Id,
+    },
+}
+
+impl EventKind {
+    /// Whether the event changes rider state (position, shift) rather than an order.
+    pub fn is_rider_state(&self) -> bool {
+        matches!(self, EventKind::ShiftChanged { .. } | EventKind::LocationPinged { .. })
+    }
+
+    /// The rider whose state the event changes, for rider-state events.
+    pub fn rider(&self) -> Option<&Id> {
+        match self {
+            EventKind::ShiftChanged { rider, .. } | EventKind::LocationPinged { rider, .. } => Some(rider),
+            _ => None,
+        }
+    }
+
+    /// The order the event concerns, if any.
+    pub fn order(&self) -> Option<&Id> {
+        match self {
+            EventKind::OrderPlaced { order, .. }
+            | EventKind::OrderCancelled { order }
+            | EventKind::GrabAttempted { order, .. }
+            | EventKind::PickedUp { order, .. }
+            | EventKind::Delivered { order, .. }
+            | EventKind::CompensationSettled { order, .. }
+            | EventKind::Redispatched { order }
+            | EventKind::Reassigned { order, .. } => Some(order),
+            _ => None,
+        }
+    }
+
+    /// The id the event is keyed by in a partitioned log (its entity).
+    pub fn entity(&self) -> &Id {
+        match self {
+            EventKind::MerchantUpserted { merchant, .. } => merchant,
+            EventKind::ShiftChanged { rider, .. } | EventKind::LocationPinged { rider, .. } => rider,
+            other => other.order().expect("every other kind names an order"),
+        }
+    }
+}

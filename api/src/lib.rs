@@ -1,0 +1,33 @@
+//! # grabflow-api — the shared vocabulary
+//!
+//! Everything the other crates agree on, and nothing that does I/O: the
+//! events that enter the log, the records the dispatch computation emits,
+//! identifiers, coordinates and distances, and the dispatch configuration.
+//! Ingress validates into these types, the dataflow computes over them, and
+//! egress renders them; the wire form is serde JSON throughout.
+//!
+//! ## Layout
+//!
+//! - [`id`]: [`Id`], the validated 1–64 character identifier used for every
+//!   entity and event.
+//! - [`geo`]: [`Coord`] (fixed-point WGS84, so it can be ordered and hashed in
+//!   a dataflow) and the one distance function both dispatch models share.
+//! - [`event`]: [`Event`] and [`EventKind`], what the log holds.
+//! - [`output`]: [`Output`], what dispatch decides: offers, withdrawals, grab
+//!   results, assignments, order transitions and rejections.
+//! - [`config`]: [`DispatchConfig`], the tunables of the dispatch rules.
+
+pub mod config;
+pub mod event;
+pub mod geo;
+pub mod id;
+pub mod output;
+
+pub use config::DispatchConfig;
+pub use event::{Event, EventKind};
+pub use geo::Coord;
+pub use id::{Id, IdError};
+pub use output::{GrabOutcome, LossReason, OrderState, Output, RejectReason, WithdrawReason};
+
+/// Log time: Unix milliseconds assigned by the log. It is the dataflow's timestamp.
+pub type Time = u64;

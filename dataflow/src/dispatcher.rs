@@ -1,0 +1,495 @@
+//! The decision core: orders, offers, grab races, loads and timers.
+//!
+//! [`Dispatcher`] holds the state that every decision needs at once — the
+//! geo index of available riders, each rider's load and capacity, each
+//! order's state — because those decisions are sequential by definition: the
+//! first valid grab wins, and a win changes the rider's load, which decides
+//! the next grab. The `decide` operator in [`crate::graph`] owns one
+//! `Dispatcher` and calls it once per log millisecond, in this order:
+//!
+//! 1. [`Dispatcher::apply_index`] and [`Dispatcher::apply_capacity`]: rider
+//!    state as of the end of the millisecond (all pings, shifts and expiries).
+//! 2. [`Dispatcher::fire_timers`]: grab timeouts and promised-time deadlines.
+//! 3. [`Dispatcher::apply_event`]: order events, in log-offset order.
+//! 4. [`Dispatcher::offer_pass`]: every order that may have gained a
+//!    candidate is offered to its K nearest available riders.
+//!
+//! Waiting orders are registered on the cells their radius reaches, so a
+//! rider appearing (or freeing capacity) wakes only the orders near it.
+
+use crate::geo_index::{cells_within, GeoIndex};
+use crate::IndexEntry;
+use grabflow_api::output::TransitionReason as Why;
+use grabflow_api::{
+    Coord, DispatchConfig, Event, EventKind, GrabOutcome, Id, LossReason, OrderState, Output,
+    RejectReason, Time, WithdrawReason,
+};
+use rustc_hash::{FxHashMap, FxHashSet};
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A timer the dispatcher set for itself.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Timer {
+    /// The promised delivery time of an order.
+    Deadline(Id),
+    /// The end of offer round number `.1` (an offer sequence number) of an order.
+    GrabTimeout(Id, u32),
+}
+
+/// A rider as the decision core sees it.
+#[derive(Debug)]
+struct RiderLoad {
+    /// Orders the rider may carry (last shift's value, or the default).
+    capacity: u32,
+    /// Orders currently assigned and not yet delivered.
+    load: u32,
+}
+
+/// A merchant.
+#[derive(Debug)]
+struct Merchant {
+    at: Coord,
+    open: bool,
+}
+
+/// One order's state.
+#[derive(Debug)]
+struct Order {
+    /// Where offers are searched from: the merchant's position at placement.
+    at: Coord,
+    /// The merchant, for offer records.
+    merchant: Id,
+    state: OrderState,
+    /// Offer rounds that timed out so far; the radius grows with it.
+    round: u32,
+    /// Counts offer rounds sent, so a stale timeout can be told apart.
+    offer_seq: u32,
+    /// Riders offered the current round (while `notified`).
+    offers: Vec<Id>,
+    /// Riders offered in earlier rounds (for `offer_expired`).
+    past_offers: FxHashSet<Id>,
+    /// The assigned rider.
+    rider: Option<Id>,
+    picked_up: bool,
+    /// The promised time has passed (it may still be unassigned).
+    overdue: bool,
+    /// It was ever in `overtime`: delivery leads to compensation.
+    ever_overtime: bool,
+    /// Cells this waiting order is registered on in the watch map.
+    watching: Vec<u64>,
+}
+
+/// The decision core. See the module doc for the per-millisecond protocol.
+#[derive(Debug)]
+pub struct Dispatcher {
+    cfg: DispatchConfig,
+    /// Available-ish riders (online and pinged within the TTL) by cell.
+    index: GeoIndex,
+    riders: FxHashMap<Id, RiderLoad>,
+    merchants: FxHashMap<Id, Merchant>,
+    orders: FxHashMap<Id, Order>,
+    /// Cell → waiting (`created`) orders whose search radius reaches the cell.
+    watch: FxHashMap<u64, FxHashSet<Id>>,
+    timers: BTreeMap<Time, Vec<Timer>>,
+    /// Timer times set since the last [`Dispatcher::take_new_timer_times`].
+    new_timer_times: Vec<Time>,
+    /// Orders to try offering in this millisecond's offer pass.
+    dirty: BTreeSet<Id>,
+    /// Riders that may have become a candidate in this millisecond.
+    woken: FxHashSet<Id>,
+}
+
+impl Dispatcher {
+    /// An empty dispatcher.
+    pub fn new(cfg: DispatchConfig) -> Self {
+        Dispatcher {
+            cfg,
+            index: GeoIndex::default(),
+            riders: FxHashMap::default(),
+            merchants: FxHashMap::default(),
+            orders: FxHashMap::default(),
+            watch: FxHashMap::default(),
+            timers: BTreeMap::new(),
+            new_timer_times: Vec::new(),
+            dirty: BTreeSet::new(),
+            woken: FxHashSet::default(),
+        }
+    }
+
+    /// Step 1a: the index's changes in one millisecond. A rider with an
+    /// insertion takes its new place; a rider with only a retraction leaves.
+    pub fn apply_index(&mut self, updates: &[(IndexEntry, isize)]) {
+        let mut placed = FxHashSet::default();
+        for (e, diff) in updates {
+            if *diff > 0 {
+                if self.index.upsert(&e.rider, e.cell, e.at) {
+                    self.woken.insert(e.rider.clone());
+                }
+                placed.insert(&e.rider);
+            }
+        }
+        for (e, diff) in updates {
+            if *diff < 0 && !placed.contains(&e.rider) {
+                self.index.remove(&e.rider);
+            }
+        }
+    }
+
+    /// Step 1b: a shift's capacity (the last shift of the millisecond wins).
+    pub fn apply_capacity(&mut self, rider: &Id, capacity: Option<u32>) {
+        let capacity = capacity.unwrap_or(self.cfg.default_capacity);
+        let entry = self.rider_mut(rider);
+        if capacity > entry.capacity {
+            self.woken.insert(rider.clone());
+        }
+        self.rider_mut(rider).capacity = capacity;
+    }
+
+    /// Step 2: the timers due at `t`.
+    pub fn fire_timers(&mut self, t: Time, out: &mut Vec<Output>) {
+        let Some(mut due) = self.timers.remove(&t) else { return };
+        due.sort();
+        for timer in due {
+            match timer {
+                Timer::Deadline(id) => self.on_deadline(&id, out),
+                Timer::GrabTimeout(id, seq) => self.on_grab_timeout(&id, seq, out),
+            }
+        }
+    }
+
+    /// Step 3: one order event (merchant, order or ops event) at `t`.
+    /// Location pings and shifts arrive through steps 1a/1b instead.
+    pub fn apply_event(&mut self, event: &Event, t: Time, out: &mut Vec<Output>) {
+        let reject = |reason, order: Option<&Id>, out: &mut Vec<Output>| {
+            out.push(Output::Rejected { event: event.id.clone(), order: order.cloned(), reason })
+        };
+        match &event.kind {
+            EventKind::MerchantUpserted { merchant, at, open } => {
+                self.merchants.insert(merchant.clone(), Merchant { at: *at, open: *open });
+            }
+            EventKind::ShiftChanged { .. } | EventKind::LocationPinged { .. } => {}
+            EventKind::OrderPlaced { order, merchant, promised_minutes, .. } => {
+                if self.orders.contains_key(order) {
+                    return reject(RejectReason::DuplicateOrder, Some(order), out);
+                }
+                let at = match self.merchants.get(merchant) {
+                    None => return reject(RejectReason::UnknownMerchant, Some(order), out),
+                    Some(m) if !m.open => return reject(RejectReason::MerchantClosed, Some(order), out),
+                    Some(m) => m.at,
+                };
+                self.orders.insert(
+                    order.clone(),
+                    Order {
+                        at,
+                        merchant: merchant.clone(),
+                        state: OrderState::Created,
+                        round: 0,
+                        offer_seq: 0,
+                        offers: Vec::new(),
+                        past_offers: FxHashSet::default(),
+                        rider: None,
+                        picked_up: false,
+                        overdue: false,
+                        ever_overtime: false,
+                        watching: Vec::new(),
+                    },
+                );
+                out.push(Output::Transition {
+                    order: order.clone(),
+                    from: None,
+                    to: OrderState::Created,
+                    reason: Why::Placed,
+                    rider: None,
+                });
+                let deadline = t + u64::from((*promised_minutes).max(1)) * 60_000;
+                self.set_timer(deadline, Timer::Deadline(order.clone()));
+                self.dirty.insert(order.clone());
+            }
+            EventKind::GrabAttempted { order, rider } => {
+                let outcome = self.judge_grab(order, rider);
+                out.push(Output::GrabDecided {
+                    attempt: event.id.clone(),
+                    order: order.clone(),
+                    rider: rider.clone(),
+                    outcome,
+                });
+                if outcome == GrabOutcome::Won {
+                    self.withdraw_offers(order, WithdrawReason::Taken, Some(rider), out);
+                    self.assign(order, rider, Why::Grabbed, out);
+                }
+            }
+            kind => {
+                let id = kind.order().expect("the remaining kinds name an order");
+                let Some(o) = self.orders.get(id) else {
+                    return reject(RejectReason::UnknownOrder, Some(id), out);
+                };
+                let (state, assigned, picked) = (o.state, o.rider.clone(), o.picked_up);
+                let carrying = matches!(state, OrderState::Delivering | OrderState::Overtime);
+                match kind {
+                    EventKind::OrderCancelled { .. } => match state {
+                        OrderState::Created | OrderState::Notified => {
+                            self.withdraw_offers(id, WithdrawReason::Cancelled, None, out);
+                            self.transition(id, OrderState::Closed, Why::Cancelled, out);
+                        }
+                        _ if carrying && !picked => {
+                            self.unassign(id, WithdrawReason::Cancelled, out);
+                            self.transition(id, OrderState::Closed, Why::Cancelled, out);
+                        }
+                        _ => reject(RejectReason::InvalidState, Some(id), out),
+                    },
+                    EventKind::PickedUp { rider, .. } => {
+                        if !carrying || picked {
+                            reject(RejectReason::InvalidState, Some(id), out)
+                        } else if assigned.as_ref() != Some(rider) {
+                            reject(RejectReason::NotAssignedRider, Some(id), out)
+                        } else {
+                            self.order_mut(id).picked_up = true;
+                            self.transition(id, state, Why::PickedUp, out);
+                        }
+                    }
+                    EventKind::Delivered { rider, .. } => {
+                        if !carrying {
+                            reject(RejectReason::InvalidState, Some(id), out)
+                        } else if assigned.as_ref() != Some(rider) {
+                            reject(RejectReason::NotAssignedRider, Some(id), out)
+                        } else {
+                            self.release(rider);
+                            let o = self.order_mut(id);
+                            o.picked_up = true;
+                            let late = o.ever_overtime;
+                            self.transition(id, OrderState::Received, Why::Delivered, out);
+                            if late {
+                                self.transition(id, OrderState::Compensating, Why::CompensationDue, out);
+                            } else {
+                                self.transition(id, OrderState::Closed, Why::Completed, out);
+                            }
+                        }
+                    }
+                    EventKind::CompensationSettled { .. } => {
+                        if state == OrderState::Compensating {
+                            self.transition(id, OrderState::Closed, Why::Compensated, out);
+                        } else {
+                            reject(RejectReason::InvalidState, Some(id), out)
+                        }
+                    }
+                    EventKind::Redispatched { .. } => match state {
+                        OrderState::Created => {
+                            self.dirty.insert(id.clone());
+                        }
+                        OrderState::Notified => {
+                            self.withdraw_offers(id, WithdrawReason::Redispatched, None, out);
+                            self.transition(id, OrderState::Created, Why::Redispatched, out);
+                        }
+                        _ if carrying && !picked => {
+                            self.unassign(id, WithdrawReason::Redispatched, out);
+                            self.transition(id, OrderState::Created, Why::Redispatched, out);
+                        }
+                        _ => reject(RejectReason::InvalidState, Some(id), out),
+                    },
+                    EventKind::Reassigned { rider, .. } => match state {
+                        OrderState::Created | OrderState::Notified => {
+                            self.withdraw_offers(id, WithdrawReason::Reassigned, None, out);
+                            self.assign(id, rider, Why::Reassigned, out);
+                        }
+                        _ if carrying && !picked && assigned.as_ref() != Some(rider) => {
+                            self.unassign(id, WithdrawReason::Reassigned, out);
+                            self.assign(id, rider, Why::Reassigned, out);
+                        }
+                        _ => reject(RejectReason::InvalidState, Some(id), out),
+                    },
+                    _ => unreachable!("handled above"),
+                }
+            }
+        }
+    }
+
+    /// Step 4: offers every waiting order that may have gained a candidate.
+    pub fn offer_pass(&mut self, t: Time, out: &mut Vec<Output>) {
+        for rider in std::mem::take(&mut self.woken) {
+            if let Some((cell, _)) = self.index.get(&rider) {
+                if let Some(orders) = self.watch.get(&cell) {
+                    self.dirty.extend(orders.iter().cloned());
+                }
+            }
+        }
+        for id in std::mem::take(&mut self.dirty) {
+            let Some(o) = self.orders.get(&id) else { continue };
+            if o.state != OrderState::Created {
+                continue;
+            }
+            let radius = self.cfg.radius_for_round(o.round);
+            let (at, merchant) = (o.at, o.merchant.clone());
+            let candidates = self.index.nearest(at, radius, self.cfg.offers, |r| self.is_free(r));
+            if candidates.is_empty() {
+                self.watch_order(&id, at, radius);
+                continue;
+            }
+            let expires_at = t + self.cfg.grab_timeout_ms;
+            let o = self.order_mut(&id);
+            o.offer_seq += 1;
+            let (round, seq) = (o.round, o.offer_seq);
+            o.offers = candidates.iter().map(|(r, _)| r.clone()).collect();
+            for (rider, dist) in candidates {
+                out.push(Output::Offered {
+                    order: id.clone(),
+                    rider,
+                    merchant: merchant.clone(),
+                    distance_m: dist.round() as u32,
+                    round,
+                    expires_at,
+                });
+            }
+            self.transition(&id, OrderState::Notified, Why::Offered, out);
+            self.set_timer(expires_at, Timer::GrabTimeout(id, seq));
+        }
+    }
+
+    /// Timer times set since the last call: the operator holds a capability
+    /// for each so the timers fire on time.
+    pub fn take_new_timer_times(&mut self) -> Vec<Time> {
+        std::mem::take(&mut self.new_timer_times)
+    }
+
+    /// The `k` available riders nearest to a merchant within the base radius,
+    /// nearest first, with distances in metres (the merchant→rider index).
+    pub fn riders_near(&self, merchant: &Id, k: usize) -> Option<Vec<(Id, f64)>> {
+        let at = self.merchants.get(merchant)?.at;
+        Some(self.index.nearest(at, self.cfg.radius_m, k, |r| self.is_free(r)))
+    }
+
+    /// How many riders are in the index, orders are known, and orders wait.
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        let waiting = self.orders.values().filter(|o| o.state == OrderState::Created).count();
+        (self.index.len(), self.orders.len(), waiting)
+    }
+
+    fn is_free(&self, rider: &Id) -> bool {
+        self.riders.get(rider).is_none_or(|l| l.load < l.capacity)
+    }
+
+    fn rider_mut(&mut self, rider: &Id) -> &mut RiderLoad {
+        let capacity = self.cfg.default_capacity;
+        self.riders.entry(rider.clone()).or_insert(RiderLoad { capacity, load: 0 })
+    }
+
+    fn order_mut(&mut self, id: &Id) -> &mut Order {
+        self.orders.get_mut(id).expect("order exists")
+    }
+
+    fn set_timer(&mut self, at: Time, timer: Timer) {
+        self.timers.entry(at).or_default().push(timer);
+        self.new_timer_times.push(at);
+    }
+
+    fn judge_grab(&self, id: &Id, rider: &Id) -> GrabOutcome {
+        use LossReason::*;
+        let Some(o) = self.orders.get(id) else { return GrabOutcome::Lost(UnknownOrder) };
+        let not_offered = if o.past_offers.contains(rider) { OfferExpired } else { NotOffered };
+        let reason = match o.state {
+            OrderState::Closed => OrderClosed,
+            OrderState::Delivering | OrderState::Overtime | OrderState::Received | OrderState::Compensating => {
+                AlreadyTaken
+            }
+            OrderState::Created => not_offered,
+            OrderState::Notified if !o.offers.contains(rider) => not_offered,
+            OrderState::Notified if !self.is_free(rider) => OverCapacity,
+            OrderState::Notified => return GrabOutcome::Won,
+        };
+        GrabOutcome::Lost(reason)
+    }
+
+    fn transition(&mut self, id: &Id, to: OrderState, reason: Why, out: &mut Vec<Output>) {
+        let o = self.orders.get_mut(id).expect("order exists");
+        let from = std::mem::replace(&mut o.state, to);
+        if to == OrderState::Created {
+            self.dirty.insert(id.clone());
+        }
+        if from == OrderState::Created && to != OrderState::Created {
+            let cells = std::mem::take(&mut o.watching);
+            for cell in cells {
+                if let Some(set) = self.watch.get_mut(&cell) {
+                    set.remove(id);
+                    if set.is_empty() {
+                        self.watch.remove(&cell);
+                    }
+                }
+            }
+        }
+        if to == OrderState::Closed {
+            // Closed orders keep only what grab and duplicate checks need.
+            o.offers = Vec::new();
+            o.past_offers = FxHashSet::default();
+        }
+        let rider = o.rider.clone();
+        out.push(Output::Transition { order: id.clone(), from: Some(from), to, reason, rider });
+    }
+
+    fn watch_order(&mut self, id: &Id, at: Coord, radius: f64) {
+        let o = self.orders.get_mut(id).expect("order exists");
+        if !o.watching.is_empty() {
+            return;
+        }
+        o.watching = cells_within(at, radius);
+        for &cell in &o.watching {
+            self.watch.entry(cell).or_default().insert(id.clone());
+        }
+    }
+
+    fn withdraw_offers(&mut self, id: &Id, reason: WithdrawReason, keep: Option<&Id>, out: &mut Vec<Output>) {
+        let o = self.orders.get_mut(id).expect("order exists");
+        for rider in std::mem::take(&mut o.offers) {
+            if Some(&rider) != keep {
+                out.push(Output::Withdrawn { order: id.clone(), rider: rider.clone(), reason });
+            }
+            o.past_offers.insert(rider);
+        }
+    }
+
+    fn assign(&mut self, id: &Id, rider: &Id, reason: Why, out: &mut Vec<Output>) {
+        self.rider_mut(rider).load += 1;
+        self.order_mut(id).rider = Some(rider.clone());
+        self.transition(id, OrderState::Delivering, reason, out);
+        out.push(Output::Assigned { order: id.clone(), rider: rider.clone() });
+        let o = self.order_mut(id);
+        if o.overdue {
+            o.ever_overtime = true;
+            self.transition(id, OrderState::Overtime, Why::DeadlinePassed, out);
+        }
+    }
+
+    fn unassign(&mut self, id: &Id, reason: WithdrawReason, out: &mut Vec<Output>) {
+        if let Some(rider) = self.order_mut(id).rider.take() {
+            self.release(&rider);
+            out.push(Output::Unassigned { order: id.clone(), rider, reason });
+        }
+    }
+
+    fn release(&mut self, rider: &Id) {
+        let r = self.rider_mut(rider);
+        r.load = r.load.saturating_sub(1);
+        self.woken.insert(rider.clone());
+    }
+
+    fn on_deadline(&mut self, id: &Id, out: &mut Vec<Output>) {
+        let Some(o) = self.orders.get_mut(id) else { return };
+        match o.state {
+            OrderState::Created | OrderState::Notified => o.overdue = true,
+            OrderState::Delivering => {
+                o.overdue = true;
+                o.ever_overtime = true;
+                self.transition(id, OrderState::Overtime, Why::DeadlinePassed, out);
+            }
+            _ => {}
+        }
+    }
+
+    fn on_grab_timeout(&mut self, id: &Id, seq: u32, out: &mut Vec<Output>) {
+        let Some(o) = self.orders.get_mut(id) else { return };
+        if o.state != OrderState::Notified || o.offer_seq != seq {
+            return;
+        }
+        o.round += 1;
+        self.withdraw_offers(id, WithdrawReason::Expired, None, out);
+        self.transition(id, OrderState::Created, Why::GrabTimeout, out);
+    }
+}

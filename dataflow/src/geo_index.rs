@@ -1,0 +1,262 @@
+//! The geo-cell index of riders, and nearest-rider search over it.
+//!
+//! Riders are bucketed by H3 cell (resolution 8, ~0.46 km edges). A ping
+//! that stays in its cell only overwrites the rider's position: O(1). A
+//! search walks rings of cells outward from the query point and stops as soon
+//! as no rider in a further ring can be within the radius or beat the K-th
+//! best found so far, so a dispatch costs O(candidates near the merchant), not
+//! O(riders).
+//!
+//! The stopping rule is exact: every point of a cell lies within
+//! [`MAX_CELL_RADIUS_M`] of the cell's centre, so `distance(p, centre) −
+//! MAX_CELL_RADIUS_M` bounds from below the distance to any rider in that
+//! cell; and a rider in ring `d + 1` or beyond can only be reached from the
+//! origin cell through ring `d`, so the bound of ring `d` holds for all
+//! further rings too.
+
+use grabflow_api::geo::distance_m;
+use grabflow_api::{Coord, Id};
+use h3o::{CellIndex, LatLng, Resolution};
+use rustc_hash::{FxHashMap, FxHashSet};
+
+/// The H3 resolution of the index.
+pub const RESOLUTION: Resolution = Resolution::Eight;
+
+/// No point of a resolution-8 cell is further than this from the cell's
+/// centre (the largest res-8 circumradius is ~0.53 km; checked in tests).
+pub const MAX_CELL_RADIUS_M: f64 = 700.0;
+
+/// Rings searched at the most: beyond any sensible radius at resolution 8.
+const MAX_RING: u32 = 64;
+
+/// The H3 cell (as its `u64` index) containing `at`.
+pub fn cell_of(at: Coord) -> u64 {
+    let ll = LatLng::new(at.lat(), at.lon()).expect("coordinates are validated on entry");
+    u64::from(ll.to_cell(RESOLUTION))
+}
+
+fn cell_index(cell: u64) -> CellIndex {
+    CellIndex::try_from(cell).expect("cells in the index come from cell_of")
+}
+
+fn center(cell: CellIndex) -> Coord {
+    let ll = LatLng::from(cell);
+    Coord::from_degrees(ll.lat(), ll.lng()).expect("cell centres are on the globe")
+}
+
+/// Cells at grid distance `d` from `origin`, each with a lower bound on the
+/// distance from `p` to any point inside it, and the ring's overall bound.
+fn ring(origin: CellIndex, d: u32, p: Coord) -> (Vec<(u64, f64)>, f64) {
+    let cells: Vec<CellIndex> = if d == 0 { vec![origin] } else { origin.grid_ring(d) };
+    let mut lower = f64::INFINITY;
+    let cells = cells
+        .into_iter()
+        .map(|c| {
+            let lb = (distance_m(p, center(c)) - MAX_CELL_RADIUS_M).max(0.0);
+            lower = lower.min(lb);
+            (u64::from(c), lb)
+        })
+        .collect();
+    (cells, lower)
+}
+
+/// Every cell that may hold a point within `radius_m` of `p`.
+pub fn cells_within(p: Coord, radius_m: f64) -> Vec<u64> {
+    let origin = cell_index(cell_of(p));
+    let mut out = Vec::new();
+    for d in 0..=MAX_RING {
+        let (cells, lower) = ring(origin, d, p);
+        if lower > radius_m {
+            break;
+        }
+        out.extend(cells.into_iter().filter(|&(_, lb)| lb <= radius_m).map(|(c, _)| c));
+    }
+    out
+}
+
+/// Riders bucketed by cell, with their exact positions.
+#[derive(Default, Debug)]
+pub struct GeoIndex {
+    /// Each indexed rider's cell and position.
+    riders: FxHashMap<Id, (u64, Coord)>,
+    /// The riders in each non-empty cell.
+    cells: FxHashMap<u64, FxHashSet<Id>>,
+}
+
+impl GeoIndex {
+    /// Puts `rider` at `at` in `cell`, moving it if it was elsewhere.
+    /// Returns whether the rider is new to the index or changed position.
+    pub fn upsert(&mut self, rider: &Id, cell: u64, at: Coord) -> bool {
+        match self.riders.get_mut(rider) {
+            Some(entry) if entry.0 == cell => {
+                let moved = entry.1 != at;
+                entry.1 = at;
+                moved
+            }
+            Some(entry) => {
+                let old = std::mem::replace(entry, (cell, at)).0;
+                self.remove_from_cell(old, rider);
+                self.cells.entry(cell).or_default().insert(rider.clone());
+                true
+            }
+            None => {
+                self.riders.insert(rider.clone(), (cell, at));
+                self.cells.entry(cell).or_default().insert(rider.clone());
+                true
+            }
+        }
+    }
+
+    /// Takes `rider` out of the index.
+    pub fn remove(&mut self, rider: &Id) {
+        if let Some((cell, _)) = self.riders.remove(rider) {
+            self.remove_from_cell(cell, rider);
+        }
+    }
+
+    fn remove_from_cell(&mut self, cell: u64, rider: &Id) {
+        if let Some(set) = self.cells.get_mut(&cell) {
+            set.remove(rider);
+            if set.is_empty() {
+                self.cells.remove(&cell);
+            }
+        }
+    }
+
+    /// The rider's cell and position, if indexed.
+    pub fn get(&self, rider: &Id) -> Option<(u64, Coord)> {
+        self.riders.get(rider).copied()
+    }
+
+    /// How many riders are indexed.
+    pub fn len(&self) -> usize {
+        self.riders.len()
+    }
+
+    /// Whether no rider is indexed.
+    pub fn is_empty(&self) -> bool {
+        self.riders.is_empty()
+    }
+
+    /// How many cells hold riders.
+    pub fn cell_count(&self) -> usize {
+        self.cells.len()
+    }
+
+    /// The `k` riders nearest to `p` within `radius_m` that pass `keep`,
+    /// nearest first (ties by id), with their distances in metres.
+    pub fn nearest(
+        &self,
+        p: Coord,
+        radius_m: f64,
+        k: usize,
+        mut keep: impl FnMut(&Id) -> bool,
+    ) -> Vec<(Id, f64)> {
+        let mut found: Vec<(f64, &Id)> = Vec::new();
+        if k == 0 || self.riders.is_empty() {
+            return Vec::new();
+        }
+        let origin = cell_index(cell_of(p));
+        for d in 0..=MAX_RING {
+            let (cells, lower) = ring(origin, d, p);
+            if lower > radius_m {
+                break;
+            }
+            if found.len() >= k {
+                found.select_nth_unstable_by(k - 1, |a, b| a.0.total_cmp(&b.0));
+                found.truncate(k);
+                let kth = found.iter().map(|f| f.0).fold(0.0, f64::max);
+                if lower > kth {
+                    break;
+                }
+            }
+            for (cell, lb) in cells {
+                if lb > radius_m {
+                    continue;
+                }
+                let Some(members) = self.cells.get(&cell) else { continue };
+                for rider in members {
+                    let at = self.riders[rider].1;
+                    let dist = distance_m(p, at);
+                    if dist <= radius_m && keep(rider) {
+                        found.push((dist, rider));
+                    }
+                }
+            }
+        }
+        found.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(b.1)));
+        found.truncate(k);
+        found.into_iter().map(|(d, r)| (r.clone(), d)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn id(s: String) -> Id {
+        Id::new(&s).unwrap()
+    }
+
+    #[test]
+    fn every_point_is_within_the_cell_radius_bound() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        for _ in 0..200_000 {
+            let p = Coord::from_degrees(rng.random_range(-85.0..85.0), rng.random_range(-180.0..180.0)).unwrap();
+            let c = cell_index(cell_of(p));
+            assert!(distance_m(p, center(c)) <= MAX_CELL_RADIUS_M, "{p:?}");
+        }
+    }
+
+    #[test]
+    fn ring_search_equals_brute_force() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(11);
+        let base = Coord::from_degrees(31.23, 121.47).unwrap();
+        for round in 0..40 {
+            let mut index = GeoIndex::default();
+            let mut all = Vec::new();
+            let n = rng.random_range(0..400);
+            for i in 0..n {
+                let spread = if round % 2 == 0 { 4000.0 } else { 12000.0 };
+                let at = base.offset_m(rng.random_range(-spread..spread), rng.random_range(-spread..spread));
+                let r = id(format!("r{i}"));
+                index.upsert(&r, cell_of(at), at);
+                all.push((r, at));
+            }
+            for _ in 0..30 {
+                let p = base.offset_m(rng.random_range(-6000.0..6000.0), rng.random_range(-6000.0..6000.0));
+                let radius = rng.random_range(100.0..7000.0);
+                let k = rng.random_range(1..25);
+                let skip = rng.random_range(0..5);
+                let keep = |r: &Id| !r.as_str().ends_with(&skip.to_string());
+                let mut brute: Vec<(f64, Id)> = all
+                    .iter()
+                    .map(|(r, at)| (distance_m(p, *at), r.clone()))
+                    .filter(|(d, r)| *d <= radius && keep(r))
+                    .collect();
+                brute.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+                brute.truncate(k);
+                let got: Vec<(f64, Id)> = index.nearest(p, radius, k, keep).into_iter().map(|(r, d)| (d, r)).collect();
+                assert_eq!(got, brute);
+            }
+        }
+    }
+
+    #[test]
+    fn moves_and_removals_keep_cells_consistent() {
+        let mut index = GeoIndex::default();
+        let a = Coord::from_degrees(31.23, 121.47).unwrap();
+        let far = a.offset_m(5000.0, 0.0);
+        let r = id("r".into());
+        assert!(index.upsert(&r, cell_of(a), a));
+        assert!(!index.upsert(&r, cell_of(a), a));
+        assert!(index.upsert(&r, cell_of(far), far));
+        assert_eq!(index.cell_count(), 1);
+        assert!(index.nearest(a, 1000.0, 5, |_| true).is_empty());
+        assert_eq!(index.nearest(far, 10.0, 5, |_| true).len(), 1);
+        index.remove(&r);
+        assert!(index.is_empty() && index.cell_count() == 0);
+        assert!(cells_within(a, 3000.0).len() > 20);
+    }
+}

@@ -1,0 +1,258 @@
+//! The dispatch dataflow: pure functions from collections to collections.
+//!
+//! ```text
+//! events ──dedup──┬─(pings, shifts)── track_riders ──▶ index ─┐
+//!                 └─(all but pings)──────────────────────────┴─ decide ──▶ outputs
+//!                                                                   ├─▶ offers (open offers)
+//!                                                                   └─▶ live_orders (order → state)
+//! ```
+//!
+//! Every operator buffers its input by log millisecond and handles a
+//! millisecond only once the input frontier has passed it, so all events of a
+//! millisecond are seen together and ordered by log offset. Timers (grab
+//! timeouts, promised-time deadlines, rider silence) are capabilities held
+//! for a future millisecond: they fire when the log's clock passes them.
+//!
+//! `dedup` is partitioned by event id and `track_riders` by rider id, so the
+//! ping traffic spreads over all workers; `decide` runs on one worker because
+//! grab races and rider capacity are sequential by definition.
+
+use crate::dedup::Deduper;
+use crate::dispatcher::Dispatcher;
+use crate::riders::RiderTracker;
+use crate::IndexEntry;
+use differential_dataflow::collection::vec::Collection as VecCollection;
+use differential_dataflow::AsCollection;
+use grabflow_api::{DispatchConfig, Event, EventKind, GrabOutcome, Id, OrderState, Output, Time};
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use timely::container::CapacityContainerBuilder;
+use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::generic::operator::Operator;
+use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::{Capability, InputCapability};
+
+/// The log: every event at its log time, each with multiplicity one.
+pub type Events<'s> = VecCollection<'s, Time, Event>;
+/// The index of available riders by cell.
+pub type Index<'s> = VecCollection<'s, Time, IndexEntry>;
+/// Dispatch decisions, each inserted at the millisecond it was made.
+pub type Outputs<'s> = VecCollection<'s, Time, Output>;
+
+/// What the dispatch dataflow produces.
+pub struct Dispatch<'s> {
+    /// Riders on shift and pinged within the TTL, by H3 cell.
+    pub index: Index<'s>,
+    /// Every decision, as an append-only collection (the change stream).
+    pub outputs: Outputs<'s>,
+    /// Open offers: `(order, rider)` while the order is `notified`.
+    pub offers: VecCollection<'s, Time, (Id, Id)>,
+    /// Orders not yet closed, with their current state.
+    pub live_orders: VecCollection<'s, Time, (Id, OrderState)>,
+}
+
+/// Builds the whole dispatch computation over the event log.
+pub fn dispatch<'s>(events: Events<'s>, cfg: &DispatchConfig) -> Dispatch<'s> {
+    let events = dedup(events, cfg.dedup_window_ms);
+    let rider_events = events.clone().filter(|e| e.kind.is_rider_state());
+    let order_events = events.filter(|e| !matches!(e.kind, EventKind::LocationPinged { .. }));
+    let index = track_riders(rider_events, cfg.rider_ttl_ms);
+    let outputs = decide(index.clone(), order_events, cfg.clone());
+    Dispatch {
+        offers: open_offers(outputs.clone()),
+        live_orders: live_orders(outputs.clone()),
+        index,
+        outputs,
+    }
+}
+
+/// A stable hash for routing records to workers (the same in every process).
+fn route<K: Hash + ?Sized>(key: &K) -> u64 {
+    let mut h = rustc_hash::FxHasher::default();
+    key.hash(&mut h);
+    h.finish()
+}
+
+/// Work buffered per log millisecond, each with the capability to emit at it.
+struct Pending<W> {
+    by_time: BTreeMap<Time, (Capability<Time>, W)>,
+}
+
+impl<W: Default> Pending<W> {
+    fn new() -> Self {
+        Pending { by_time: BTreeMap::new() }
+    }
+
+    /// The work slot of millisecond `t`, received under `cap`.
+    fn slot(&mut self, cap: &InputCapability<Time>, t: Time) -> &mut W {
+        &mut self.by_time.entry(t).or_insert_with(|| (cap.delayed(&t, 0), W::default())).1
+    }
+
+    /// Makes sure millisecond `t` is visited (for a timer), from a capability at or before it.
+    fn wake_at(&mut self, cap: &Capability<Time>, t: Time) {
+        self.by_time.entry(t).or_insert_with(|| (cap.delayed(&t), W::default()));
+    }
+
+    /// The earliest buffered millisecond, if `ready` says its input is complete.
+    fn pop_ready(&mut self, ready: impl Fn(&Time) -> bool) -> Option<(Time, Capability<Time>, W)> {
+        let entry = self.by_time.first_entry()?;
+        if !ready(entry.key()) {
+            return None;
+        }
+        let (t, (cap, work)) = entry.remove_entry();
+        Some((t, cap, work))
+    }
+}
+
+type Builder<D> = CapacityContainerBuilder<Vec<(D, Time, isize)>>;
+
+/// Drops events whose id was already seen within the window (see [`Deduper`]).
+pub fn dedup<'s>(events: Events<'s>, window: Time) -> Events<'s> {
+    let pact = Exchange::new(|(e, _, _): &(Event, Time, isize)| route(&e.id));
+    events
+        .inner
+        .unary_frontier::<Builder<Event>, _, _, _>(pact, "Dedup", move |_, _| {
+            let mut pending = Pending::<Vec<Event>>::new();
+            let mut deduper = Deduper::new(window);
+            move |(input, frontier), output| {
+                input.for_each_stamp(|cap, data| {
+                    for batch in data {
+                        for (event, t, diff) in batch.drain(..) {
+                            if diff > 0 {
+                                pending.slot(&cap, t).push(event);
+                            }
+                        }
+                    }
+                });
+                while let Some((t, cap, batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
+                    let (pings, others): (Vec<_>, Vec<_>) =
+                        batch.into_iter().partition(|e| matches!(e.kind, EventKind::LocationPinged { .. }));
+                    let mut session = output.session(&cap);
+                    session.give_iterator(pings.into_iter().map(|e| (e, t, 1)));
+                    session.give_iterator(deduper.admit(t, others).into_iter().map(|e| (e, t, 1)));
+                }
+            }
+        })
+        .as_collection()
+}
+
+/// Turns pings and shifts into the index of available riders (see [`RiderTracker`]).
+pub fn track_riders<'s>(events: Events<'s>, ttl: Time) -> Index<'s> {
+    let pact = Exchange::new(|(e, _, _): &(Event, Time, isize)| e.kind.rider().map_or(0, route));
+    events
+        .inner
+        .unary_frontier::<Builder<IndexEntry>, _, _, _>(pact, "TrackRiders", move |_, _| {
+            let mut pending = Pending::<Vec<Event>>::new();
+            let mut tracker = RiderTracker::new(ttl);
+            let mut changes = Vec::new();
+            move |(input, frontier), output| {
+                input.for_each_stamp(|cap, data| {
+                    for batch in data {
+                        for (event, t, _) in batch.drain(..) {
+                            pending.slot(&cap, t).push(event);
+                        }
+                    }
+                });
+                while let Some((t, cap, mut batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
+                    batch.sort_by_key(|e| e.offset);
+                    for event in &batch {
+                        tracker.apply(&event.kind, t);
+                    }
+                    tracker.settle(t, &mut changes);
+                    for at in tracker.take_new_check_times() {
+                        pending.wake_at(&cap, at);
+                    }
+                    output.session(&cap).give_iterator(changes.drain(..).map(|(e, d)| (e, t, d)));
+                }
+            }
+        })
+        .as_collection()
+}
+
+/// The per-millisecond input of `decide`.
+#[derive(Default)]
+struct DecideWork {
+    index: Vec<(IndexEntry, isize)>,
+    events: Vec<Event>,
+}
+
+/// Runs the decision core (see [`Dispatcher`]) over the index and the order events.
+pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> Outputs<'s> {
+    let to_one = Exchange::new(|_: &(IndexEntry, Time, isize)| 0);
+    let to_one_too = Exchange::new(|_: &(Event, Time, isize)| 0);
+    index
+        .inner
+        .binary_frontier::<_, Builder<Output>, _, _, _, _>(events.inner, to_one, to_one_too, "Decide", move |_, _| {
+            let mut pending = Pending::<DecideWork>::new();
+            let mut core = Dispatcher::new(cfg);
+            let mut out = Vec::new();
+            move |(index, index_frontier), (events, event_frontier), output| {
+                index.for_each_stamp(|cap, data| {
+                    for batch in data {
+                        for (entry, t, diff) in batch.drain(..) {
+                            pending.slot(&cap, t).index.push((entry, diff));
+                        }
+                    }
+                });
+                events.for_each_stamp(|cap, data| {
+                    for batch in data {
+                        for (event, t, _) in batch.drain(..) {
+                            pending.slot(&cap, t).events.push(event);
+                        }
+                    }
+                });
+                let ready = |t: &Time| !index_frontier.less_equal(t) && !event_frontier.less_equal(t);
+                while let Some((t, cap, mut work)) = pending.pop_ready(ready) {
+                    work.events.sort_by_key(|e| e.offset);
+                    core.apply_index(&work.index);
+                    for e in &work.events {
+                        if let EventKind::ShiftChanged { rider, capacity, .. } = &e.kind {
+                            core.apply_capacity(rider, *capacity);
+                        }
+                    }
+                    core.fire_timers(t, &mut out);
+                    for e in &work.events {
+                        core.apply_event(e, t, &mut out);
+                    }
+                    core.offer_pass(t, &mut out);
+                    for at in core.take_new_timer_times() {
+                        pending.wake_at(&cap, at);
+                    }
+                    output.session(&cap).give_iterator(out.drain(..).map(|o| (o, t, 1)));
+                }
+            }
+        })
+        .as_collection()
+}
+
+/// Open offers, from the decisions: an offer opens when made and closes when
+/// withdrawn or won.
+pub fn open_offers<'s>(outputs: Outputs<'s>) -> VecCollection<'s, Time, (Id, Id)> {
+    outputs
+        .inner
+        .flat_map(|(o, t, d)| match o {
+            Output::Offered { order, rider, .. } => Some(((order, rider), t, d)),
+            Output::Withdrawn { order, rider, .. } => Some(((order, rider), t, -d)),
+            Output::GrabDecided { order, rider, outcome: GrabOutcome::Won, .. } => Some(((order, rider), t, -d)),
+            _ => None,
+        })
+        .as_collection()
+}
+
+/// Orders not yet closed and their states, from the transitions.
+pub fn live_orders<'s>(outputs: Outputs<'s>) -> VecCollection<'s, Time, (Id, OrderState)> {
+    outputs
+        .inner
+        .flat_map(|(o, t, d)| {
+            let Output::Transition { order, from, to, .. } = o else { return Vec::new() };
+            let mut changes = Vec::with_capacity(2);
+            if let Some(from) = from {
+                changes.push(((order.clone(), from), t, -d));
+            }
+            if to != OrderState::Closed {
+                changes.push(((order, to), t, d));
+            }
+            changes
+        })
+        .as_collection()
+}

@@ -1,0 +1,128 @@
+//! Per-rider tracking: positions, shifts and the silence timeout.
+//!
+//! [`RiderTracker`] runs in the `track_riders` operator, partitioned by rider
+//! across workers; this is where the bulk of the traffic (location pings)
+//! is absorbed. For each millisecond it turns pings and shifts into changes
+//! of the index collection: a rider is indexed while on shift, with a known
+//! position, and pinged within `rider_ttl`.
+
+use crate::geo_index::cell_of;
+use crate::IndexEntry;
+use grabflow_api::{Coord, EventKind, Id, Time};
+use rustc_hash::FxHashMap;
+use std::collections::BTreeMap;
+
+#[derive(Debug, Default)]
+struct Track {
+    at: Option<Coord>,
+    last_ping: Time,
+    online: bool,
+    /// The index entry last emitted for this rider.
+    indexed: Option<(u64, Coord)>,
+    /// Whether a silence check is scheduled.
+    check_pending: bool,
+}
+
+/// The riders of one worker's partition.
+#[derive(Debug)]
+pub struct RiderTracker {
+    ttl: Time,
+    riders: FxHashMap<Id, Track>,
+    /// Silence checks by time; at most one pending per rider.
+    checks: BTreeMap<Time, Vec<Id>>,
+    /// Riders touched in the current millisecond.
+    touched: Vec<Id>,
+    new_check_times: Vec<Time>,
+}
+
+impl RiderTracker {
+    /// A tracker that drops riders silent for `ttl` milliseconds.
+    pub fn new(ttl: Time) -> Self {
+        RiderTracker {
+            ttl,
+            riders: FxHashMap::default(),
+            checks: BTreeMap::new(),
+            touched: Vec::new(),
+            new_check_times: Vec::new(),
+        }
+    }
+
+    /// Applies one ping or shift of millisecond `t` (call in offset order).
+    pub fn apply(&mut self, kind: &EventKind, t: Time) {
+        let Some(rider) = kind.rider() else { return };
+        let track = match self.riders.get_mut(rider) {
+            Some(track) => track,
+            None => self.riders.entry(rider.clone()).or_default(),
+        };
+        match kind {
+            EventKind::LocationPinged { at, .. } => {
+                track.at = Some(*at);
+                track.last_ping = t;
+                if !track.check_pending {
+                    track.check_pending = true;
+                    self.checks.entry(t + self.ttl).or_default().push(rider.clone());
+                    self.new_check_times.push(t + self.ttl);
+                }
+            }
+            EventKind::ShiftChanged { online, .. } => track.online = *online,
+            _ => {}
+        }
+        self.touched.push(rider.clone());
+    }
+
+    /// Ends millisecond `t`: emits the index changes of the riders touched,
+    /// then runs the silence checks due at `t`.
+    pub fn settle(&mut self, t: Time, out: &mut Vec<(IndexEntry, isize)>) {
+        for rider in std::mem::take(&mut self.touched) {
+            let track = self.riders.get_mut(&rider).expect("touched riders exist");
+            let fresh = track.last_ping + self.ttl > t;
+            let want = match (track.online && fresh, track.at, track.indexed) {
+                (true, Some(at), Some((cell, old))) if old == at => Some((cell, at)),
+                (true, Some(at), _) => Some((cell_of(at), at)),
+                _ => None,
+            };
+            if want != track.indexed {
+                if let Some((cell, at)) = track.indexed {
+                    out.push((IndexEntry { cell, rider: rider.clone(), at }, -1));
+                }
+                if let Some((cell, at)) = want {
+                    out.push((IndexEntry { cell, rider: rider.clone(), at }, 1));
+                }
+                track.indexed = want;
+            }
+        }
+        let Some(due) = self.checks.remove(&t) else { return };
+        for rider in due {
+            let track = self.riders.get_mut(&rider).expect("checked riders exist");
+            let expires = track.last_ping + self.ttl;
+            if expires > t {
+                self.checks.entry(expires).or_default().push(rider);
+                self.new_check_times.push(expires);
+                continue;
+            }
+            track.check_pending = false;
+            if let Some((cell, at)) = track.indexed.take() {
+                out.push((IndexEntry { cell, rider: rider.clone(), at }, -1));
+            }
+            if !track.online {
+                // Off shift and silent: nothing left worth keeping.
+                self.riders.remove(&rider);
+            }
+        }
+    }
+
+    /// Check times scheduled since the last call.
+    pub fn take_new_check_times(&mut self) -> Vec<Time> {
+        std::mem::take(&mut self.new_check_times)
+    }
+
+    /// Riders tracked by this partition.
+    pub fn len(&self) -> usize {
+        self.riders.len()
+    }
+
+    /// Whether this partition tracks no rider.
+    pub fn is_empty(&self) -> bool {
+        self.riders.is_empty()
+    }
+}
