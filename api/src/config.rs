@@ -89,7 +89,10 @@ mod tests {
         assert_eq!(c.radius_for_round(2), 6000.0);
         assert_eq!(c.radius_for_round(1000), 6000.0);
         assert!(c.validate().is_ok());
-        let bad = DispatchConfig { max_radius_m: 10.0, ..c };
+        let bad = DispatchConfig {
+            max_radius_m: 10.0,
+            ..c
+        };
         assert_eq!(bad.validate().unwrap_err().0, "max_radius_m");
     }
 }

@@ -110,13 +110,18 @@ pub enum EventKind {
 impl EventKind {
     /// Whether the event changes rider state (position, shift) rather than an order.
     pub fn is_rider_state(&self) -> bool {
-        matches!(self, EventKind::ShiftChanged { .. } | EventKind::LocationPinged { .. })
+        matches!(
+            self,
+            EventKind::ShiftChanged { .. } | EventKind::LocationPinged { .. }
+        )
     }
 
     /// The rider whose state the event changes, for rider-state events.
     pub fn rider(&self) -> Option<&Id> {
         match self {
-            EventKind::ShiftChanged { rider, .. } | EventKind::LocationPinged { rider, .. } => Some(rider),
+            EventKind::ShiftChanged { rider, .. } | EventKind::LocationPinged { rider, .. } => {
+                Some(rider)
+            }
             _ => None,
         }
     }
@@ -140,7 +145,9 @@ impl EventKind {
     pub fn entity(&self) -> &Id {
         match self {
             EventKind::MerchantUpserted { merchant, .. } => merchant,
-            EventKind::ShiftChanged { rider, .. } | EventKind::LocationPinged { rider, .. } => rider,
+            EventKind::ShiftChanged { rider, .. } | EventKind::LocationPinged { rider, .. } => {
+                rider
+            }
             other => other.order().expect("every other kind names an order"),
         }
     }

@@ -4,8 +4,9 @@
 //! [`Deduper`] remembers ids for a window of log time and lets only the first
 //! occurrence (lowest time, then lowest offset) through. Forgetting is driven
 //! by log time, so the result is a pure function of the log. Location pings
-//! are not remembered: applying one twice changes nothing, and remembering
-//! every ping would cost more memory than the whole rider index.
+//! never reach it (see [`crate::graph::dedup`]): applying one twice changes
+//! nothing, and remembering every ping would cost more memory than the whole
+//! rider index.
 
 use grabflow_api::{Event, Id, Time};
 use rustc_hash::FxHashSet;
@@ -23,7 +24,11 @@ pub struct Deduper {
 impl Deduper {
     /// A deduper remembering ids for `window` ms.
     pub fn new(window: Time) -> Self {
-        Deduper { window, seen: FxHashSet::default(), by_time: VecDeque::new() }
+        Deduper {
+            window,
+            seen: FxHashSet::default(),
+            by_time: VecDeque::new(),
+        }
     }
 
     /// Keeps the first occurrence of each id among `events`, all of

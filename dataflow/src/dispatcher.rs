@@ -27,13 +27,14 @@ use grabflow_api::{
 use rustc_hash::{FxHashMap, FxHashSet};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// A timer the dispatcher set for itself.
+/// A timer the dispatcher set for itself, on an order. Timers due in the
+/// same millisecond fire ordered by order id, then deadline before timeout.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
-    /// The promised delivery time of an order.
-    Deadline(Id),
-    /// The end of offer round number `.1` (an offer sequence number) of an order.
-    GrabTimeout(Id, u32),
+    /// The promised delivery time.
+    Deadline,
+    /// The end of the offer round with this offer sequence number.
+    GrabTimeout(u32),
 }
 
 /// A rider as the decision core sees it.
@@ -90,7 +91,7 @@ pub struct Dispatcher {
     orders: FxHashMap<Id, Order>,
     /// Cell → waiting (`created`) orders whose search radius reaches the cell.
     watch: FxHashMap<u64, FxHashSet<Id>>,
-    timers: BTreeMap<Time, Vec<Timer>>,
+    timers: BTreeMap<Time, Vec<(Id, Timer)>>,
     /// Timer times set since the last [`Dispatcher::take_new_timer_times`].
     new_timer_times: Vec<Time>,
     /// Orders to try offering in this millisecond's offer pass.
@@ -116,20 +117,21 @@ impl Dispatcher {
         }
     }
 
-    /// Step 1a: the index's changes in one millisecond. A rider with an
-    /// insertion takes its new place; a rider with only a retraction leaves.
+    /// Step 1a: the index's changes in one millisecond. Insertions take
+    /// effect first; a retraction then removes a rider only if the index still
+    /// holds exactly the retracted entry (otherwise the rider moved). A rider
+    /// that appears or moves wakes the waiting orders watching its cell.
     pub fn apply_index(&mut self, updates: &[(IndexEntry, isize)]) {
-        let mut placed = FxHashSet::default();
         for (e, diff) in updates {
-            if *diff > 0 {
-                if self.index.upsert(&e.rider, e.cell, e.at) {
-                    self.woken.insert(e.rider.clone());
-                }
-                placed.insert(&e.rider);
+            if *diff > 0
+                && self.index.upsert(&e.rider, e.cell, e.at)
+                && self.watch.contains_key(&e.cell)
+            {
+                self.woken.insert(e.rider.clone());
             }
         }
         for (e, diff) in updates {
-            if *diff < 0 && !placed.contains(&e.rider) {
+            if *diff < 0 && self.index.get(&e.rider) == Some((e.cell, e.at)) {
                 self.index.remove(&e.rider);
             }
         }
@@ -147,12 +149,14 @@ impl Dispatcher {
 
     /// Step 2: the timers due at `t`.
     pub fn fire_timers(&mut self, t: Time, out: &mut Vec<Output>) {
-        let Some(mut due) = self.timers.remove(&t) else { return };
+        let Some(mut due) = self.timers.remove(&t) else {
+            return;
+        };
         due.sort();
-        for timer in due {
+        for (id, timer) in due {
             match timer {
-                Timer::Deadline(id) => self.on_deadline(&id, out),
-                Timer::GrabTimeout(id, seq) => self.on_grab_timeout(&id, seq, out),
+                Timer::Deadline => self.on_deadline(&id, out),
+                Timer::GrabTimeout(seq) => self.on_grab_timeout(&id, seq, out),
             }
         }
     }
@@ -161,20 +165,37 @@ impl Dispatcher {
     /// Location pings and shifts arrive through steps 1a/1b instead.
     pub fn apply_event(&mut self, event: &Event, t: Time, out: &mut Vec<Output>) {
         let reject = |reason, order: Option<&Id>, out: &mut Vec<Output>| {
-            out.push(Output::Rejected { event: event.id.clone(), order: order.cloned(), reason })
+            out.push(Output::Rejected {
+                event: event.id.clone(),
+                order: order.cloned(),
+                reason,
+            })
         };
         match &event.kind {
             EventKind::MerchantUpserted { merchant, at, open } => {
-                self.merchants.insert(merchant.clone(), Merchant { at: *at, open: *open });
+                self.merchants.insert(
+                    merchant.clone(),
+                    Merchant {
+                        at: *at,
+                        open: *open,
+                    },
+                );
             }
             EventKind::ShiftChanged { .. } | EventKind::LocationPinged { .. } => {}
-            EventKind::OrderPlaced { order, merchant, promised_minutes, .. } => {
+            EventKind::OrderPlaced {
+                order,
+                merchant,
+                promised_minutes,
+                ..
+            } => {
                 if self.orders.contains_key(order) {
                     return reject(RejectReason::DuplicateOrder, Some(order), out);
                 }
                 let at = match self.merchants.get(merchant) {
                     None => return reject(RejectReason::UnknownMerchant, Some(order), out),
-                    Some(m) if !m.open => return reject(RejectReason::MerchantClosed, Some(order), out),
+                    Some(m) if !m.open => {
+                        return reject(RejectReason::MerchantClosed, Some(order), out)
+                    }
                     Some(m) => m.at,
                 };
                 self.orders.insert(
@@ -202,7 +223,7 @@ impl Dispatcher {
                     rider: None,
                 });
                 let deadline = t + u64::from((*promised_minutes).max(1)) * 60_000;
-                self.set_timer(deadline, Timer::Deadline(order.clone()));
+                self.set_timer(deadline, order.clone(), Timer::Deadline);
                 self.dirty.insert(order.clone());
             }
             EventKind::GrabAttempted { order, rider } => {
@@ -259,7 +280,12 @@ impl Dispatcher {
                             let late = o.ever_overtime;
                             self.transition(id, OrderState::Received, Why::Delivered, out);
                             if late {
-                                self.transition(id, OrderState::Compensating, Why::CompensationDue, out);
+                                self.transition(
+                                    id,
+                                    OrderState::Compensating,
+                                    Why::CompensationDue,
+                                    out,
+                                );
                             } else {
                                 self.transition(id, OrderState::Closed, Why::Completed, out);
                             }
@@ -313,13 +339,17 @@ impl Dispatcher {
             }
         }
         for id in std::mem::take(&mut self.dirty) {
-            let Some(o) = self.orders.get(&id) else { continue };
+            let Some(o) = self.orders.get(&id) else {
+                continue;
+            };
             if o.state != OrderState::Created {
                 continue;
             }
             let radius = self.cfg.radius_for_round(o.round);
             let (at, merchant) = (o.at, o.merchant.clone());
-            let candidates = self.index.nearest(at, radius, self.cfg.offers, |r| self.is_free(r));
+            let candidates = self
+                .index
+                .nearest(at, radius, self.cfg.offers, |r| self.is_free(r));
             if candidates.is_empty() {
                 self.watch_order(&id, at, radius);
                 continue;
@@ -340,7 +370,7 @@ impl Dispatcher {
                 });
             }
             self.transition(&id, OrderState::Notified, Why::Offered, out);
-            self.set_timer(expires_at, Timer::GrabTimeout(id, seq));
+            self.set_timer(expires_at, id, Timer::GrabTimeout(seq));
         }
     }
 
@@ -354,12 +384,19 @@ impl Dispatcher {
     /// nearest first, with distances in metres (the merchant→rider index).
     pub fn riders_near(&self, merchant: &Id, k: usize) -> Option<Vec<(Id, f64)>> {
         let at = self.merchants.get(merchant)?.at;
-        Some(self.index.nearest(at, self.cfg.radius_m, k, |r| self.is_free(r)))
+        Some(
+            self.index
+                .nearest(at, self.cfg.radius_m, k, |r| self.is_free(r)),
+        )
     }
 
     /// How many riders are in the index, orders are known, and orders wait.
     pub fn sizes(&self) -> (usize, usize, usize) {
-        let waiting = self.orders.values().filter(|o| o.state == OrderState::Created).count();
+        let waiting = self
+            .orders
+            .values()
+            .filter(|o| o.state == OrderState::Created)
+            .count();
         (self.index.len(), self.orders.len(), waiting)
     }
 
@@ -369,27 +406,36 @@ impl Dispatcher {
 
     fn rider_mut(&mut self, rider: &Id) -> &mut RiderLoad {
         let capacity = self.cfg.default_capacity;
-        self.riders.entry(rider.clone()).or_insert(RiderLoad { capacity, load: 0 })
+        self.riders
+            .entry(rider.clone())
+            .or_insert(RiderLoad { capacity, load: 0 })
     }
 
     fn order_mut(&mut self, id: &Id) -> &mut Order {
         self.orders.get_mut(id).expect("order exists")
     }
 
-    fn set_timer(&mut self, at: Time, timer: Timer) {
-        self.timers.entry(at).or_default().push(timer);
+    fn set_timer(&mut self, at: Time, order: Id, timer: Timer) {
+        self.timers.entry(at).or_default().push((order, timer));
         self.new_timer_times.push(at);
     }
 
     fn judge_grab(&self, id: &Id, rider: &Id) -> GrabOutcome {
         use LossReason::*;
-        let Some(o) = self.orders.get(id) else { return GrabOutcome::Lost(UnknownOrder) };
-        let not_offered = if o.past_offers.contains(rider) { OfferExpired } else { NotOffered };
+        let Some(o) = self.orders.get(id) else {
+            return GrabOutcome::Lost(UnknownOrder);
+        };
+        let not_offered = if o.past_offers.contains(rider) {
+            OfferExpired
+        } else {
+            NotOffered
+        };
         let reason = match o.state {
             OrderState::Closed => OrderClosed,
-            OrderState::Delivering | OrderState::Overtime | OrderState::Received | OrderState::Compensating => {
-                AlreadyTaken
-            }
+            OrderState::Delivering
+            | OrderState::Overtime
+            | OrderState::Received
+            | OrderState::Compensating => AlreadyTaken,
             OrderState::Created => not_offered,
             OrderState::Notified if !o.offers.contains(rider) => not_offered,
             OrderState::Notified if !self.is_free(rider) => OverCapacity,
@@ -421,7 +467,13 @@ impl Dispatcher {
             o.past_offers = FxHashSet::default();
         }
         let rider = o.rider.clone();
-        out.push(Output::Transition { order: id.clone(), from: Some(from), to, reason, rider });
+        out.push(Output::Transition {
+            order: id.clone(),
+            from: Some(from),
+            to,
+            reason,
+            rider,
+        });
     }
 
     fn watch_order(&mut self, id: &Id, at: Coord, radius: f64) {
@@ -435,11 +487,21 @@ impl Dispatcher {
         }
     }
 
-    fn withdraw_offers(&mut self, id: &Id, reason: WithdrawReason, keep: Option<&Id>, out: &mut Vec<Output>) {
+    fn withdraw_offers(
+        &mut self,
+        id: &Id,
+        reason: WithdrawReason,
+        keep: Option<&Id>,
+        out: &mut Vec<Output>,
+    ) {
         let o = self.orders.get_mut(id).expect("order exists");
         for rider in std::mem::take(&mut o.offers) {
             if Some(&rider) != keep {
-                out.push(Output::Withdrawn { order: id.clone(), rider: rider.clone(), reason });
+                out.push(Output::Withdrawn {
+                    order: id.clone(),
+                    rider: rider.clone(),
+                    reason,
+                });
             }
             o.past_offers.insert(rider);
         }
@@ -449,7 +511,10 @@ impl Dispatcher {
         self.rider_mut(rider).load += 1;
         self.order_mut(id).rider = Some(rider.clone());
         self.transition(id, OrderState::Delivering, reason, out);
-        out.push(Output::Assigned { order: id.clone(), rider: rider.clone() });
+        out.push(Output::Assigned {
+            order: id.clone(),
+            rider: rider.clone(),
+        });
         let o = self.order_mut(id);
         if o.overdue {
             o.ever_overtime = true;
@@ -460,7 +525,11 @@ impl Dispatcher {
     fn unassign(&mut self, id: &Id, reason: WithdrawReason, out: &mut Vec<Output>) {
         if let Some(rider) = self.order_mut(id).rider.take() {
             self.release(&rider);
-            out.push(Output::Unassigned { order: id.clone(), rider, reason });
+            out.push(Output::Unassigned {
+                order: id.clone(),
+                rider,
+                reason,
+            });
         }
     }
 
@@ -471,7 +540,9 @@ impl Dispatcher {
     }
 
     fn on_deadline(&mut self, id: &Id, out: &mut Vec<Output>) {
-        let Some(o) = self.orders.get_mut(id) else { return };
+        let Some(o) = self.orders.get_mut(id) else {
+            return;
+        };
         match o.state {
             OrderState::Created | OrderState::Notified => o.overdue = true,
             OrderState::Delivering => {
@@ -484,7 +555,9 @@ impl Dispatcher {
     }
 
     fn on_grab_timeout(&mut self, id: &Id, seq: u32, out: &mut Vec<Output>) {
-        let Some(o) = self.orders.get_mut(id) else { return };
+        let Some(o) = self.orders.get_mut(id) else {
+            return;
+        };
         if o.state != OrderState::Notified || o.offer_seq != seq {
             return;
         }

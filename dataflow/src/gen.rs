@@ -49,7 +49,12 @@ pub fn random_log(seed: u64, n: usize) -> (DispatchConfig, Vec<Event>, Time) {
     let mut log: Vec<Event> = Vec::new();
     let mut t: Time = 1_700_000_000_000;
     let mut pos: Vec<Coord> = (0..n_riders)
-        .map(|_| centre.offset_m(rng.random_range(-1500.0..1500.0), rng.random_range(-1500.0..1500.0)))
+        .map(|_| {
+            centre.offset_m(
+                rng.random_range(-1500.0..1500.0),
+                rng.random_range(-1500.0..1500.0),
+            )
+        })
         .collect();
     let mut orders = 0usize;
     let mut pending: Vec<Event> = Vec::new();
@@ -71,11 +76,18 @@ pub fn random_log(seed: u64, n: usize) -> (DispatchConfig, Vec<Event>, Time) {
             t += gap;
         }
         let rider = rng.random_range(0..n_riders);
-        let order = if orders == 0 { 0 } else { rng.random_range(0..orders) };
+        let order = if orders == 0 {
+            0
+        } else {
+            rng.random_range(0..orders)
+        };
         let kind = match rng.random_range(0..100) {
             0..=4 => EventKind::MerchantUpserted {
                 merchant: id("m", rng.random_range(0..n_merchants)),
-                at: centre.offset_m(rng.random_range(-1000.0..1000.0), rng.random_range(-1000.0..1000.0)),
+                at: centre.offset_m(
+                    rng.random_range(-1000.0..1000.0),
+                    rng.random_range(-1000.0..1000.0),
+                ),
                 open: rng.random_bool(0.85),
             },
             5..=10 => EventKind::ShiftChanged {
@@ -84,8 +96,14 @@ pub fn random_log(seed: u64, n: usize) -> (DispatchConfig, Vec<Event>, Time) {
                 capacity: rng.random_bool(0.5).then(|| rng.random_range(1..4)),
             },
             11..=44 => {
-                pos[rider] = pos[rider].offset_m(rng.random_range(-400.0..400.0), rng.random_range(-400.0..400.0));
-                EventKind::LocationPinged { rider: id("r", rider), at: pos[rider] }
+                pos[rider] = pos[rider].offset_m(
+                    rng.random_range(-400.0..400.0),
+                    rng.random_range(-400.0..400.0),
+                );
+                EventKind::LocationPinged {
+                    rider: id("r", rider),
+                    at: pos[rider],
+                }
             }
             45..=56 => {
                 orders += 1;
@@ -105,9 +123,12 @@ pub fn random_log(seed: u64, n: usize) -> (DispatchConfig, Vec<Event>, Time) {
                 } else {
                     id("r", rider)
                 };
-                EventKind::GrabAttempted { order: if rng.random_bool(0.03) { id("x", 0) } else { o }, rider: r }
+                EventKind::GrabAttempted {
+                    order: if rng.random_bool(0.03) { id("x", 0) } else { o },
+                    rider: r,
+                }
             }
-            75..=82 | 83..=89 => {
+            75..=89 => {
                 let o = id("o", order);
                 let r = match model.assigned_rider(&o) {
                     Some(r) if rng.random_bool(0.85) => r,
@@ -119,18 +140,38 @@ pub fn random_log(seed: u64, n: usize) -> (DispatchConfig, Vec<Event>, Time) {
                     EventKind::Delivered { order: o, rider: r }
                 }
             }
-            90..=92 => EventKind::OrderCancelled { order: id("o", order) },
-            93..=94 => EventKind::CompensationSettled { order: id("o", order), amount_cents: 500 },
-            95..=96 => EventKind::Redispatched { order: id("o", order) },
-            _ => EventKind::Reassigned { order: id("o", order), rider: id("r", rider) },
+            90..=92 => EventKind::OrderCancelled {
+                order: id("o", order),
+            },
+            93..=94 => EventKind::CompensationSettled {
+                order: id("o", order),
+                amount_cents: 500,
+            },
+            95..=96 => EventKind::Redispatched {
+                order: id("o", order),
+            },
+            _ => EventKind::Reassigned {
+                order: id("o", order),
+                rider: id("r", rider),
+            },
         };
         let offset = log.len() as u64;
         let event = if rng.random_bool(0.03) && !log.is_empty() {
             // A redelivery: an earlier event's id and content, appended again.
             let old = &log[rng.random_range(0..log.len())];
-            Event { id: old.id.clone(), offset, time: t, kind: old.kind.clone() }
+            Event {
+                id: old.id.clone(),
+                offset,
+                time: t,
+                kind: old.kind.clone(),
+            }
         } else {
-            Event { id: id("e", log.len()), offset, time: t, kind }
+            Event {
+                id: id("e", log.len()),
+                offset,
+                time: t,
+                kind,
+            }
         };
         pending.push(event.clone());
         log.push(event);
@@ -161,25 +202,54 @@ impl City {
         let riders: Vec<Coord> = (0..riders).map(|_| place(&mut rng)).collect();
         let merchants: Vec<Coord> = (0..merchants).map(|_| place(&mut rng)).collect();
         let zipf = Zipf::new(merchants_len(&merchants), 1.0).expect("at least one merchant");
-        City { riders, merchants, rng, zipf, next_event: 0, next_order: 0 }
+        City {
+            riders,
+            merchants,
+            rng,
+            zipf,
+            next_event: 0,
+            next_order: 0,
+        }
     }
 
     fn event(&mut self, time: Time, kind: EventKind) -> Event {
         let n = self.next_event;
         self.next_event += 1;
-        Event { id: id("e", n), offset: n as u64, time, kind }
+        Event {
+            id: id("e", n),
+            offset: n as u64,
+            time,
+            kind,
+        }
     }
 
     /// Every merchant opens and every rider starts a shift and pings, at `t`.
     pub fn opening(&mut self, t: Time) -> Vec<Event> {
         let mut out = Vec::new();
         for m in 0..self.merchants.len() {
-            let kind = EventKind::MerchantUpserted { merchant: id("m", m), at: self.merchants[m], open: true };
+            let kind = EventKind::MerchantUpserted {
+                merchant: id("m", m),
+                at: self.merchants[m],
+                open: true,
+            };
             out.push(self.event(t, kind));
         }
         for r in 0..self.riders.len() {
-            out.push(self.event(t, EventKind::ShiftChanged { rider: id("r", r), online: true, capacity: None }));
-            out.push(self.event(t, EventKind::LocationPinged { rider: id("r", r), at: self.riders[r] }));
+            out.push(self.event(
+                t,
+                EventKind::ShiftChanged {
+                    rider: id("r", r),
+                    online: true,
+                    capacity: None,
+                },
+            ));
+            out.push(self.event(
+                t,
+                EventKind::LocationPinged {
+                    rider: id("r", r),
+                    at: self.riders[r],
+                },
+            ));
         }
         out
     }
@@ -190,11 +260,20 @@ impl City {
         let n = self.riders.len();
         let mut out = Vec::with_capacity(n);
         for r in 0..n {
-            let (dn, de) = (self.rng.random_range(-1.0..1.0), self.rng.random_range(-1.0..1.0));
+            let (dn, de) = (
+                self.rng.random_range(-1.0..1.0),
+                self.rng.random_range(-1.0..1.0),
+            );
             let scale = max_move_m / f64::hypot(dn, de).max(1.0);
             self.riders[r] = self.riders[r].offset_m(dn * scale, de * scale);
             let at_time = t + (r as Time * period) / n as Time;
-            out.push(self.event(at_time, EventKind::LocationPinged { rider: id("r", r), at: self.riders[r] }));
+            out.push(self.event(
+                at_time,
+                EventKind::LocationPinged {
+                    rider: id("r", r),
+                    at: self.riders[r],
+                },
+            ));
         }
         out
     }
@@ -206,8 +285,14 @@ impl City {
                 let m = self.zipf.sample(&mut self.rng) as usize - 1;
                 let o = self.next_order;
                 self.next_order += 1;
-                let dropoff = self.merchants[m].offset_m(self.rng.random_range(-3000.0..3000.0), 0.0);
-                let kind = EventKind::OrderPlaced { order: id("o", o), merchant: id("m", m), dropoff, promised_minutes: 30 };
+                let dropoff =
+                    self.merchants[m].offset_m(self.rng.random_range(-3000.0..3000.0), 0.0);
+                let kind = EventKind::OrderPlaced {
+                    order: id("o", o),
+                    merchant: id("m", m),
+                    dropoff,
+                    promised_minutes: 30,
+                };
                 self.event(t + (i as Time * period) / count.max(1) as Time, kind)
             })
             .collect()

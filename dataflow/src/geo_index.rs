@@ -35,6 +35,65 @@ pub fn cell_of(at: Coord) -> u64 {
     u64::from(ll.to_cell(RESOLUTION))
 }
 
+/// A cell's outline in a local planar frame (metres), to tell cheaply that
+/// a nearby point is still inside it: H3 resolution 8 `cell_of` costs about
+/// 0.4 µs, the test below about 20 ns, and riders mostly ping from the cell
+/// they were in.
+#[derive(Clone, Debug)]
+pub struct CellShape {
+    /// The cell.
+    pub cell: u64,
+    cos_lat: f64,
+    /// Vertices, counter-clockwise, in the planar frame.
+    verts: Vec<(f64, f64)>,
+}
+
+/// A point closer than this to the outline is decided by `cell_of` itself.
+/// (The planar outline differs from the true one by millimetres at this size.)
+const EDGE_MARGIN_M: f64 = 0.5;
+
+const M_PER_DEG: f64 = 111_194.93;
+
+impl CellShape {
+    /// The outline of the cell containing `at`.
+    pub fn of(at: Coord) -> CellShape {
+        let cell = cell_of(at);
+        let cos_lat = at.lat().to_radians().cos();
+        let mut verts: Vec<(f64, f64)> = cell_index(cell)
+            .boundary()
+            .iter()
+            .map(|ll| (ll.lng() * cos_lat * M_PER_DEG, ll.lat() * M_PER_DEG))
+            .collect();
+        let area2: f64 = (0..verts.len())
+            .map(|i| {
+                let (a, b) = (verts[i], verts[(i + 1) % verts.len()]);
+                a.0 * b.1 - b.0 * a.1
+            })
+            .sum();
+        if area2 < 0.0 {
+            verts.reverse();
+        }
+        CellShape {
+            cell,
+            cos_lat,
+            verts,
+        }
+    }
+
+    /// Whether `at` is certainly inside this cell (false means "ask `cell_of`").
+    pub fn surely_contains(&self, at: Coord) -> bool {
+        let p = (at.lon() * self.cos_lat * M_PER_DEG, at.lat() * M_PER_DEG);
+        let n = self.verts.len();
+        n >= 3
+            && (0..n).all(|i| {
+                let (a, b) = (self.verts[i], self.verts[(i + 1) % n]);
+                let (ex, ey) = (b.0 - a.0, b.1 - a.1);
+                let cross = ex * (p.1 - a.1) - ey * (p.0 - a.0);
+                cross > EDGE_MARGIN_M * (ex * ex + ey * ey).sqrt()
+            })
+    }
+}
+
 fn cell_index(cell: u64) -> CellIndex {
     CellIndex::try_from(cell).expect("cells in the index come from cell_of")
 }
@@ -47,7 +106,11 @@ fn center(cell: CellIndex) -> Coord {
 /// Cells at grid distance `d` from `origin`, each with a lower bound on the
 /// distance from `p` to any point inside it, and the ring's overall bound.
 fn ring(origin: CellIndex, d: u32, p: Coord) -> (Vec<(u64, f64)>, f64) {
-    let cells: Vec<CellIndex> = if d == 0 { vec![origin] } else { origin.grid_ring(d) };
+    let cells: Vec<CellIndex> = if d == 0 {
+        vec![origin]
+    } else {
+        origin.grid_ring(d)
+    };
     let mut lower = f64::INFINITY;
     let cells = cells
         .into_iter()
@@ -69,7 +132,12 @@ pub fn cells_within(p: Coord, radius_m: f64) -> Vec<u64> {
         if lower > radius_m {
             break;
         }
-        out.extend(cells.into_iter().filter(|&(_, lb)| lb <= radius_m).map(|(c, _)| c));
+        out.extend(
+            cells
+                .into_iter()
+                .filter(|&(_, lb)| lb <= radius_m)
+                .map(|(c, _)| c),
+        );
     }
     out
 }
@@ -174,7 +242,9 @@ impl GeoIndex {
                 if lb > radius_m {
                     continue;
                 }
-                let Some(members) = self.cells.get(&cell) else { continue };
+                let Some(members) = self.cells.get(&cell) else {
+                    continue;
+                };
                 for rider in members {
                     let at = self.riders[rider].1;
                     let dist = distance_m(p, at);
@@ -203,7 +273,11 @@ mod tests {
     fn every_point_is_within_the_cell_radius_bound() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
         for _ in 0..200_000 {
-            let p = Coord::from_degrees(rng.random_range(-85.0..85.0), rng.random_range(-180.0..180.0)).unwrap();
+            let p = Coord::from_degrees(
+                rng.random_range(-85.0..85.0),
+                rng.random_range(-180.0..180.0),
+            )
+            .unwrap();
             let c = cell_index(cell_of(p));
             assert!(distance_m(p, center(c)) <= MAX_CELL_RADIUS_M, "{p:?}");
         }
@@ -219,13 +293,19 @@ mod tests {
             let n = rng.random_range(0..400);
             for i in 0..n {
                 let spread = if round % 2 == 0 { 4000.0 } else { 12000.0 };
-                let at = base.offset_m(rng.random_range(-spread..spread), rng.random_range(-spread..spread));
+                let at = base.offset_m(
+                    rng.random_range(-spread..spread),
+                    rng.random_range(-spread..spread),
+                );
                 let r = id(format!("r{i}"));
                 index.upsert(&r, cell_of(at), at);
                 all.push((r, at));
             }
             for _ in 0..30 {
-                let p = base.offset_m(rng.random_range(-6000.0..6000.0), rng.random_range(-6000.0..6000.0));
+                let p = base.offset_m(
+                    rng.random_range(-6000.0..6000.0),
+                    rng.random_range(-6000.0..6000.0),
+                );
                 let radius = rng.random_range(100.0..7000.0);
                 let k = rng.random_range(1..25);
                 let skip = rng.random_range(0..5);
@@ -237,10 +317,40 @@ mod tests {
                     .collect();
                 brute.sort_by(|a, b| a.0.total_cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
                 brute.truncate(k);
-                let got: Vec<(f64, Id)> = index.nearest(p, radius, k, keep).into_iter().map(|(r, d)| (d, r)).collect();
+                let got: Vec<(f64, Id)> = index
+                    .nearest(p, radius, k, keep)
+                    .into_iter()
+                    .map(|(r, d)| (d, r))
+                    .collect();
                 assert_eq!(got, brute);
             }
         }
+    }
+
+    #[test]
+    fn the_cell_shape_shortcut_never_disagrees_with_h3() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut shortcut = 0;
+        for _ in 0..2_000 {
+            let start = Coord::from_degrees(
+                rng.random_range(-80.0..80.0),
+                rng.random_range(-179.0..179.0),
+            )
+            .unwrap();
+            let shape = CellShape::of(start);
+            let mut at = start;
+            for _ in 0..200 {
+                at = at.offset_m(rng.random_range(-40.0..40.0), rng.random_range(-40.0..40.0));
+                if shape.surely_contains(at) {
+                    shortcut += 1;
+                    assert_eq!(cell_of(at), shape.cell, "{at:?}");
+                }
+            }
+        }
+        assert!(
+            shortcut > 100_000,
+            "the shortcut should decide most nearby moves: {shortcut}"
+        );
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The dispatch dataflow: pure functions from collections to collections.
 //!
 //! ```text
-//! events ──dedup──┬─(pings, shifts)── track_riders ──▶ index ─┐
-//!                 └─(all but pings)──────────────────────────┴─ decide ──▶ outputs
+//! events ─┬─(pings)──────────────┬─ track_riders ──▶ index ─┐
+//!         └─(the rest)── dedup ──┴─(shifts)                  │
+//!                               └─(all but pings)────────────┴─ decide ──▶ outputs
 //!                                                                   ├─▶ offers (open offers)
 //!                                                                   └─▶ live_orders (order → state)
 //! ```
@@ -53,10 +54,11 @@ pub struct Dispatch<'s> {
 
 /// Builds the whole dispatch computation over the event log.
 pub fn dispatch<'s>(events: Events<'s>, cfg: &DispatchConfig) -> Dispatch<'s> {
-    let events = dedup(events, cfg.dedup_window_ms);
-    let rider_events = events.clone().filter(|e| e.kind.is_rider_state());
-    let order_events = events.filter(|e| !matches!(e.kind, EventKind::LocationPinged { .. }));
-    let index = track_riders(rider_events, cfg.rider_ttl_ms);
+    let is_ping = |e: &Event| matches!(e.kind, EventKind::LocationPinged { .. });
+    let pings = events.clone().filter(is_ping);
+    let order_events = dedup(events.filter(move |e| !is_ping(e)), cfg.dedup_window_ms);
+    let shifts = order_events.clone().filter(|e| e.kind.is_rider_state());
+    let index = track_riders(pings.concat(shifts), cfg.rider_ttl_ms);
     let outputs = decide(index.clone(), order_events, cfg.clone());
     Dispatch {
         offers: open_offers(outputs.clone()),
@@ -73,40 +75,67 @@ fn route<K: Hash + ?Sized>(key: &K) -> u64 {
     h.finish()
 }
 
-/// Work buffered per log millisecond, each with the capability to emit at it.
+/// Work buffered per log millisecond, and one capability at or before the
+/// earliest of them. Records carry their own millisecond and may be sent
+/// under an earlier capability, so a whole batch of milliseconds goes out
+/// under one: progress tracking sees one timestamp per batch, not per
+/// millisecond.
 struct Pending<W> {
-    by_time: BTreeMap<Time, (Capability<Time>, W)>,
+    work: BTreeMap<Time, W>,
+    cap: Option<Capability<Time>>,
 }
 
 impl<W: Default> Pending<W> {
     fn new() -> Self {
-        Pending { by_time: BTreeMap::new() }
+        Pending {
+            work: BTreeMap::new(),
+            cap: None,
+        }
     }
 
     /// The work slot of millisecond `t`, received under `cap`.
     fn slot(&mut self, cap: &InputCapability<Time>, t: Time) -> &mut W {
-        &mut self.by_time.entry(t).or_insert_with(|| (cap.delayed(&t, 0), W::default())).1
+        let earlier = match (&self.cap, cap.least()) {
+            (None, _) => true,
+            (Some(held), Some(c)) => c < held.time(),
+            (Some(_), None) => false,
+        };
+        if earlier {
+            self.cap = cap.retain_least(0).or(self.cap.take());
+        }
+        self.work.entry(t).or_default()
     }
 
-    /// Makes sure millisecond `t` is visited (for a timer), from a capability at or before it.
-    fn wake_at(&mut self, cap: &Capability<Time>, t: Time) {
-        self.by_time.entry(t).or_insert_with(|| (cap.delayed(&t), W::default()));
+    /// Makes sure millisecond `t` is visited (for a timer); `t` is later than
+    /// the millisecond being handled, so the held capability covers it.
+    fn wake_at(&mut self, t: Time) {
+        self.work.entry(t).or_default();
     }
 
     /// The earliest buffered millisecond, if `ready` says its input is complete.
-    fn pop_ready(&mut self, ready: impl Fn(&Time) -> bool) -> Option<(Time, Capability<Time>, W)> {
-        let entry = self.by_time.first_entry()?;
+    fn pop_ready(&mut self, ready: impl Fn(&Time) -> bool) -> Option<(Time, W)> {
+        let entry = self.work.first_entry()?;
         if !ready(entry.key()) {
             return None;
         }
-        let (t, (cap, work)) = entry.remove_entry();
-        Some((t, cap, work))
+        Some(entry.remove_entry())
+    }
+
+    /// After a batch: hold the capability only as far back as still needed.
+    fn downgrade(&mut self) {
+        match (self.work.keys().next(), &mut self.cap) {
+            (Some(t), Some(cap)) => cap.downgrade(t),
+            (None, cap) => *cap = None,
+            (Some(_), None) => unreachable!("pending work always has a capability"),
+        }
     }
 }
 
 type Builder<D> = CapacityContainerBuilder<Vec<(D, Time, isize)>>;
 
-/// Drops events whose id was already seen within the window (see [`Deduper`]).
+/// Drops events whose id was already seen within the window (see
+/// [`Deduper`]). Pings do not come through here: applying one twice changes
+/// nothing, and they are most of the traffic.
 pub fn dedup<'s>(events: Events<'s>, window: Time) -> Events<'s> {
     let pact = Exchange::new(|(e, _, _): &(Event, Time, isize)| route(&e.id));
     events
@@ -124,13 +153,15 @@ pub fn dedup<'s>(events: Events<'s>, window: Time) -> Events<'s> {
                         }
                     }
                 });
-                while let Some((t, cap, batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
-                    let (pings, others): (Vec<_>, Vec<_>) =
-                        batch.into_iter().partition(|e| matches!(e.kind, EventKind::LocationPinged { .. }));
-                    let mut session = output.session(&cap);
-                    session.give_iterator(pings.into_iter().map(|e| (e, t, 1)));
-                    session.give_iterator(deduper.admit(t, others).into_iter().map(|e| (e, t, 1)));
+                let Some(cap) = pending.cap.clone() else {
+                    return;
+                };
+                let mut session = output.session(&cap);
+                while let Some((t, batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
+                    session.give_iterator(deduper.admit(t, batch).into_iter().map(|e| (e, t, 1)));
                 }
+                drop(session);
+                pending.downgrade();
             }
         })
         .as_collection()
@@ -153,17 +184,23 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time) -> Index<'s> {
                         }
                     }
                 });
-                while let Some((t, cap, mut batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
+                let Some(cap) = pending.cap.clone() else {
+                    return;
+                };
+                let mut session = output.session(&cap);
+                while let Some((t, mut batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
                     batch.sort_by_key(|e| e.offset);
                     for event in &batch {
                         tracker.apply(&event.kind, t);
                     }
                     tracker.settle(t, &mut changes);
                     for at in tracker.take_new_check_times() {
-                        pending.wake_at(&cap, at);
+                        pending.wake_at(at);
                     }
-                    output.session(&cap).give_iterator(changes.drain(..).map(|(e, d)| (e, t, d)));
+                    session.give_iterator(changes.drain(..).map(|(e, d)| (e, t, d)));
                 }
+                drop(session);
+                pending.downgrade();
             }
         })
         .as_collection()
@@ -182,46 +219,62 @@ pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> 
     let to_one_too = Exchange::new(|_: &(Event, Time, isize)| 0);
     index
         .inner
-        .binary_frontier::<_, Builder<Output>, _, _, _, _>(events.inner, to_one, to_one_too, "Decide", move |_, _| {
-            let mut pending = Pending::<DecideWork>::new();
-            let mut core = Dispatcher::new(cfg);
-            let mut out = Vec::new();
-            move |(index, index_frontier), (events, event_frontier), output| {
-                index.for_each_stamp(|cap, data| {
-                    for batch in data {
-                        for (entry, t, diff) in batch.drain(..) {
-                            pending.slot(&cap, t).index.push((entry, diff));
+        .binary_frontier::<_, Builder<Output>, _, _, _, _>(
+            events.inner,
+            to_one,
+            to_one_too,
+            "Decide",
+            move |_, _| {
+                let mut pending = Pending::<DecideWork>::new();
+                let mut core = Dispatcher::new(cfg);
+                let mut out = Vec::new();
+                move |(index, index_frontier), (events, event_frontier), output| {
+                    index.for_each_stamp(|cap, data| {
+                        for batch in data {
+                            for (entry, t, diff) in batch.drain(..) {
+                                pending.slot(&cap, t).index.push((entry, diff));
+                            }
                         }
-                    }
-                });
-                events.for_each_stamp(|cap, data| {
-                    for batch in data {
-                        for (event, t, _) in batch.drain(..) {
-                            pending.slot(&cap, t).events.push(event);
+                    });
+                    events.for_each_stamp(|cap, data| {
+                        for batch in data {
+                            for (event, t, _) in batch.drain(..) {
+                                pending.slot(&cap, t).events.push(event);
+                            }
                         }
-                    }
-                });
-                let ready = |t: &Time| !index_frontier.less_equal(t) && !event_frontier.less_equal(t);
-                while let Some((t, cap, mut work)) = pending.pop_ready(ready) {
-                    work.events.sort_by_key(|e| e.offset);
-                    core.apply_index(&work.index);
-                    for e in &work.events {
-                        if let EventKind::ShiftChanged { rider, capacity, .. } = &e.kind {
-                            core.apply_capacity(rider, *capacity);
+                    });
+                    let ready =
+                        |t: &Time| !index_frontier.less_equal(t) && !event_frontier.less_equal(t);
+                    let Some(cap) = pending.cap.clone() else {
+                        return;
+                    };
+                    let mut session = output.session(&cap);
+                    while let Some((t, mut work)) = pending.pop_ready(ready) {
+                        work.events.sort_by_key(|e| e.offset);
+                        core.apply_index(&work.index);
+                        for e in &work.events {
+                            if let EventKind::ShiftChanged {
+                                rider, capacity, ..
+                            } = &e.kind
+                            {
+                                core.apply_capacity(rider, *capacity);
+                            }
                         }
+                        core.fire_timers(t, &mut out);
+                        for e in &work.events {
+                            core.apply_event(e, t, &mut out);
+                        }
+                        core.offer_pass(t, &mut out);
+                        for at in core.take_new_timer_times() {
+                            pending.wake_at(at);
+                        }
+                        session.give_iterator(out.drain(..).map(|o| (o, t, 1)));
                     }
-                    core.fire_timers(t, &mut out);
-                    for e in &work.events {
-                        core.apply_event(e, t, &mut out);
-                    }
-                    core.offer_pass(t, &mut out);
-                    for at in core.take_new_timer_times() {
-                        pending.wake_at(&cap, at);
-                    }
-                    output.session(&cap).give_iterator(out.drain(..).map(|o| (o, t, 1)));
+                    drop(session);
+                    pending.downgrade();
                 }
-            }
-        })
+            },
+        )
         .as_collection()
 }
 
@@ -233,7 +286,12 @@ pub fn open_offers<'s>(outputs: Outputs<'s>) -> VecCollection<'s, Time, (Id, Id)
         .flat_map(|(o, t, d)| match o {
             Output::Offered { order, rider, .. } => Some(((order, rider), t, d)),
             Output::Withdrawn { order, rider, .. } => Some(((order, rider), t, -d)),
-            Output::GrabDecided { order, rider, outcome: GrabOutcome::Won, .. } => Some(((order, rider), t, -d)),
+            Output::GrabDecided {
+                order,
+                rider,
+                outcome: GrabOutcome::Won,
+                ..
+            } => Some(((order, rider), t, -d)),
             _ => None,
         })
         .as_collection()
@@ -244,7 +302,12 @@ pub fn live_orders<'s>(outputs: Outputs<'s>) -> VecCollection<'s, Time, (Id, Ord
     outputs
         .inner
         .flat_map(|(o, t, d)| {
-            let Output::Transition { order, from, to, .. } = o else { return Vec::new() };
+            let Output::Transition {
+                order, from, to, ..
+            } = o
+            else {
+                return Vec::new();
+            };
             let mut changes = Vec::with_capacity(2);
             if let Some(from) = from {
                 changes.push(((order.clone(), from), t, -d));

@@ -26,7 +26,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 const BUCKET_DEG: f64 = 0.01;
 
 fn bucket(at: Coord) -> (i32, i32) {
-    ((at.lat() / BUCKET_DEG).floor() as i32, (at.lon() / BUCKET_DEG).floor() as i32)
+    (
+        (at.lat() / BUCKET_DEG).floor() as i32,
+        (at.lon() / BUCKET_DEG).floor() as i32,
+    )
 }
 
 #[derive(Default)]
@@ -135,9 +138,16 @@ impl Reference {
                     }
                     r.at = Some(*at);
                     r.last_ping = t;
-                    self.grid.entry(bucket(*at)).or_default().insert(rider.clone());
+                    self.grid
+                        .entry(bucket(*at))
+                        .or_default()
+                        .insert(rider.clone());
                 }
-                EventKind::ShiftChanged { rider, online, capacity } => {
+                EventKind::ShiftChanged {
+                    rider,
+                    online,
+                    capacity,
+                } => {
                     let r = self.riders.entry(rider.clone()).or_default();
                     r.online = *online;
                     r.capacity = *capacity;
@@ -159,7 +169,10 @@ impl Reference {
     }
 
     fn capacity(&self, rider: &Id) -> u32 {
-        self.riders.get(rider).and_then(|r| r.capacity).unwrap_or(self.cfg.default_capacity)
+        self.riders
+            .get(rider)
+            .and_then(|r| r.capacity)
+            .unwrap_or(self.cfg.default_capacity)
     }
 
     fn load(&self, rider: &Id) -> u32 {
@@ -167,20 +180,35 @@ impl Reference {
     }
 
     fn available(&self, rider: &Id, t: Time) -> bool {
-        let Some(r) = self.riders.get(rider) else { return false };
-        r.online && r.at.is_some() && r.last_ping + self.cfg.rider_ttl_ms > t && r.load < self.capacity(rider)
+        let Some(r) = self.riders.get(rider) else {
+            return false;
+        };
+        r.online
+            && r.at.is_some()
+            && r.last_ping + self.cfg.rider_ttl_ms > t
+            && r.load < self.capacity(rider)
     }
 
     fn candidates(&self, at: Coord, radius: f64, t: Time) -> Vec<(f64, Id)> {
         let dlat = radius / 111_000.0;
         let dlon = radius / (111_000.0 * at.lat().to_radians().cos().max(0.01));
-        let lo = bucket(Coord::from_degrees((at.lat() - dlat).max(-90.0), (at.lon() - dlon).max(-180.0)).unwrap());
-        let hi = bucket(Coord::from_degrees((at.lat() + dlat).min(90.0), (at.lon() + dlon).min(180.0)).unwrap());
+        let lo = bucket(
+            Coord::from_degrees((at.lat() - dlat).max(-90.0), (at.lon() - dlon).max(-180.0))
+                .unwrap(),
+        );
+        let hi = bucket(
+            Coord::from_degrees((at.lat() + dlat).min(90.0), (at.lon() + dlon).min(180.0)).unwrap(),
+        );
         let mut found = Vec::new();
         for bl in lo.0..=hi.0 {
             for bo in lo.1..=hi.1 {
                 for rider in self.grid.get(&(bl, bo)).into_iter().flatten() {
-                    let d = distance_m(at, self.riders[rider].at.expect("gridded riders have a position"));
+                    let d = distance_m(
+                        at,
+                        self.riders[rider]
+                            .at
+                            .expect("gridded riders have a position"),
+                    );
                     if d <= radius && self.available(rider, t) {
                         found.push((d, rider.clone()));
                     }
@@ -196,14 +224,30 @@ impl Reference {
         let o = self.orders.get_mut(id).unwrap();
         let from = o.state;
         o.state = to;
-        out.push(Output::Transition { order: id.clone(), from: Some(from), to, reason, rider: o.rider.clone() });
+        out.push(Output::Transition {
+            order: id.clone(),
+            from: Some(from),
+            to,
+            reason,
+            rider: o.rider.clone(),
+        });
     }
 
-    fn withdraw(&mut self, id: &Id, reason: WithdrawReason, except: Option<&Id>, out: &mut Vec<Output>) {
+    fn withdraw(
+        &mut self,
+        id: &Id,
+        reason: WithdrawReason,
+        except: Option<&Id>,
+        out: &mut Vec<Output>,
+    ) {
         let o = self.orders.get_mut(id).unwrap();
         for r in std::mem::take(&mut o.offers) {
             if Some(&r) != except {
-                out.push(Output::Withdrawn { order: id.clone(), rider: r.clone(), reason });
+                out.push(Output::Withdrawn {
+                    order: id.clone(),
+                    rider: r.clone(),
+                    reason,
+                });
             }
             o.past_offers.insert(r);
         }
@@ -213,7 +257,10 @@ impl Reference {
         self.riders.entry(rider.clone()).or_default().load += 1;
         self.orders.get_mut(id).unwrap().rider = Some(rider.clone());
         self.set_state(id, OrderState::Delivering, reason, out);
-        out.push(Output::Assigned { order: id.clone(), rider: rider.clone() });
+        out.push(Output::Assigned {
+            order: id.clone(),
+            rider: rider.clone(),
+        });
         if self.orders[id].overdue {
             self.orders.get_mut(id).unwrap().ever_overtime = true;
             self.set_state(id, OrderState::Overtime, Why::DeadlinePassed, out);
@@ -224,12 +271,18 @@ impl Reference {
         if let Some(r) = self.orders.get_mut(id).unwrap().rider.take() {
             let rider = self.riders.entry(r.clone()).or_default();
             rider.load = rider.load.saturating_sub(1);
-            out.push(Output::Unassigned { order: id.clone(), rider: r, reason });
+            out.push(Output::Unassigned {
+                order: id.clone(),
+                rider: r,
+                reason,
+            });
         }
     }
 
     fn on_timer(&mut self, id: &Id, timer: Timer, out: &mut Vec<Output>) {
-        let Some(o) = self.orders.get_mut(id) else { return };
+        let Some(o) = self.orders.get_mut(id) else {
+            return;
+        };
         match timer {
             Timer::Deadline => match o.state {
                 OrderState::Created | OrderState::Notified => o.overdue = true,
@@ -252,7 +305,11 @@ impl Reference {
 
     fn on_event(&mut self, e: &Event, t: Time, out: &mut Vec<Output>) {
         let reject = |order: &Id, reason, out: &mut Vec<Output>| {
-            out.push(Output::Rejected { event: e.id.clone(), order: Some(order.clone()), reason })
+            out.push(Output::Rejected {
+                event: e.id.clone(),
+                order: Some(order.clone()),
+                reason,
+            })
         };
         use OrderState::*;
         match &e.kind {
@@ -260,7 +317,12 @@ impl Reference {
                 self.merchants.insert(merchant.clone(), (*at, *open));
             }
             EventKind::LocationPinged { .. } | EventKind::ShiftChanged { .. } => {}
-            EventKind::OrderPlaced { order, merchant, promised_minutes, .. } => {
+            EventKind::OrderPlaced {
+                order,
+                merchant,
+                promised_minutes,
+                ..
+            } => {
                 if self.orders.contains_key(order) {
                     return reject(order, RejectReason::DuplicateOrder, out);
                 }
@@ -286,28 +348,48 @@ impl Reference {
                         ever_overtime: false,
                     },
                 );
-                out.push(Output::Transition { order: order.clone(), from: None, to: Created, reason: Why::Placed, rider: None });
+                out.push(Output::Transition {
+                    order: order.clone(),
+                    from: None,
+                    to: Created,
+                    reason: Why::Placed,
+                    rider: None,
+                });
                 let due = t + 60_000 * u64::from((*promised_minutes).max(1));
-                self.timers.entry(due).or_default().push((order.clone(), Timer::Deadline));
+                self.timers
+                    .entry(due)
+                    .or_default()
+                    .push((order.clone(), Timer::Deadline));
             }
             EventKind::GrabAttempted { order, rider } => {
                 let outcome = match self.orders.get(order) {
                     None => GrabOutcome::Lost(LossReason::UnknownOrder),
                     Some(o) => match o.state {
                         Closed => GrabOutcome::Lost(LossReason::OrderClosed),
-                        Delivering | Overtime | Received | Compensating => GrabOutcome::Lost(LossReason::AlreadyTaken),
-                        Created | Notified if !(o.state == Notified && o.offers.contains(rider)) => {
+                        Delivering | Overtime | Received | Compensating => {
+                            GrabOutcome::Lost(LossReason::AlreadyTaken)
+                        }
+                        Created | Notified
+                            if !(o.state == Notified && o.offers.contains(rider)) =>
+                        {
                             if o.past_offers.contains(rider) {
                                 GrabOutcome::Lost(LossReason::OfferExpired)
                             } else {
                                 GrabOutcome::Lost(LossReason::NotOffered)
                             }
                         }
-                        _ if self.load(rider) >= self.capacity(rider) => GrabOutcome::Lost(LossReason::OverCapacity),
+                        _ if self.load(rider) >= self.capacity(rider) => {
+                            GrabOutcome::Lost(LossReason::OverCapacity)
+                        }
                         _ => GrabOutcome::Won,
                     },
                 };
-                out.push(Output::GrabDecided { attempt: e.id.clone(), order: order.clone(), rider: rider.clone(), outcome });
+                out.push(Output::GrabDecided {
+                    attempt: e.id.clone(),
+                    order: order.clone(),
+                    rider: rider.clone(),
+                    outcome,
+                });
                 if outcome == GrabOutcome::Won {
                     self.withdraw(order, WithdrawReason::Taken, Some(rider), out);
                     self.give_to(order, rider, Why::Grabbed, out);
@@ -395,8 +477,12 @@ impl Reference {
     }
 
     fn offer_waiting(&mut self, t: Time, out: &mut Vec<Output>) {
-        let mut waiting: Vec<Id> =
-            self.orders.iter().filter(|(_, o)| o.state == OrderState::Created).map(|(id, _)| id.clone()).collect();
+        let mut waiting: Vec<Id> = self
+            .orders
+            .iter()
+            .filter(|(_, o)| o.state == OrderState::Created)
+            .map(|(id, _)| id.clone())
+            .collect();
         waiting.sort();
         for id in waiting {
             let o = &self.orders[&id];
@@ -420,7 +506,10 @@ impl Reference {
             }
             let seq = o.offer_seq;
             self.set_state(&id, OrderState::Notified, Why::Offered, out);
-            self.timers.entry(expires_at).or_default().push((id, Timer::GrabTimeout(seq)));
+            self.timers
+                .entry(expires_at)
+                .or_default()
+                .push((id, Timer::GrabTimeout(seq)));
         }
     }
 }
@@ -428,7 +517,10 @@ impl Reference {
 impl Reference {
     /// Riders holding an offer of `order` in its current round.
     pub fn offered_riders(&self, order: &Id) -> Vec<Id> {
-        self.orders.get(order).map(|o| o.offers.clone()).unwrap_or_default()
+        self.orders
+            .get(order)
+            .map(|o| o.offers.clone())
+            .unwrap_or_default()
     }
 
     /// The rider `order` is assigned to.

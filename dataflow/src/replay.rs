@@ -25,8 +25,13 @@ pub struct ReplayPlan {
 }
 
 /// Replays `log` (sorted by time, then offset) and returns every decision
-/// made before `plan.end`, sorted by time and then by value.
-pub fn replay(log: Arc<Vec<Event>>, cfg: &DispatchConfig, plan: &ReplayPlan) -> Vec<(Time, Output)> {
+/// made before `plan.end`, by time and, within a millisecond, in the order
+/// made (all decisions come from the one `decide` operator, in order).
+pub fn replay(
+    log: Arc<Vec<Event>>,
+    cfg: &DispatchConfig,
+    plan: &ReplayPlan,
+) -> Vec<(Time, Output)> {
     let cfg = cfg.clone();
     let plan2 = plan.clone();
     let guards = timely::execute(timely::Config::process(plan.workers), move |worker| {
@@ -71,6 +76,6 @@ pub fn replay(log: Arc<Vec<Event>>, cfg: &DispatchConfig, plan: &ReplayPlan) -> 
         .flat_map(|r| r.expect("worker finishes"))
         .filter(|(t, _)| *t < plan.end)
         .collect();
-    all.sort();
+    all.sort_by_key(|(t, _)| *t);
     all
 }

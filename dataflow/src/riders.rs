@@ -6,7 +6,7 @@
 //! of the index collection: a rider is indexed while on shift, with a known
 //! position, and pinged within `rider_ttl`.
 
-use crate::geo_index::cell_of;
+use crate::geo_index::CellShape;
 use crate::IndexEntry;
 use grabflow_api::{Coord, EventKind, Id, Time};
 use rustc_hash::FxHashMap;
@@ -19,6 +19,8 @@ struct Track {
     online: bool,
     /// The index entry last emitted for this rider.
     indexed: Option<(u64, Coord)>,
+    /// The outline of the cell of the last position, to skip `cell_of`.
+    shape: Option<Box<CellShape>>,
     /// Whether a silence check is scheduled.
     check_pending: bool,
 }
@@ -60,7 +62,10 @@ impl RiderTracker {
                 track.last_ping = t;
                 if !track.check_pending {
                     track.check_pending = true;
-                    self.checks.entry(t + self.ttl).or_default().push(rider.clone());
+                    self.checks
+                        .entry(t + self.ttl)
+                        .or_default()
+                        .push(rider.clone());
                     self.new_check_times.push(t + self.ttl);
                 }
             }
@@ -76,22 +81,45 @@ impl RiderTracker {
         for rider in std::mem::take(&mut self.touched) {
             let track = self.riders.get_mut(&rider).expect("touched riders exist");
             let fresh = track.last_ping + self.ttl > t;
-            let want = match (track.online && fresh, track.at, track.indexed) {
-                (true, Some(at), Some((cell, old))) if old == at => Some((cell, at)),
-                (true, Some(at), _) => Some((cell_of(at), at)),
+            let want = match (track.online && fresh, track.at) {
+                (true, Some(at)) => match &track.shape {
+                    Some(shape) if shape.surely_contains(at) => Some((shape.cell, at)),
+                    _ => {
+                        let shape = CellShape::of(at);
+                        let cell = shape.cell;
+                        track.shape = Some(Box::new(shape));
+                        Some((cell, at))
+                    }
+                },
                 _ => None,
             };
             if want != track.indexed {
                 if let Some((cell, at)) = track.indexed {
-                    out.push((IndexEntry { cell, rider: rider.clone(), at }, -1));
+                    out.push((
+                        IndexEntry {
+                            cell,
+                            rider: rider.clone(),
+                            at,
+                        },
+                        -1,
+                    ));
                 }
                 if let Some((cell, at)) = want {
-                    out.push((IndexEntry { cell, rider: rider.clone(), at }, 1));
+                    out.push((
+                        IndexEntry {
+                            cell,
+                            rider: rider.clone(),
+                            at,
+                        },
+                        1,
+                    ));
                 }
                 track.indexed = want;
             }
         }
-        let Some(due) = self.checks.remove(&t) else { return };
+        let Some(due) = self.checks.remove(&t) else {
+            return;
+        };
         for rider in due {
             let track = self.riders.get_mut(&rider).expect("checked riders exist");
             let expires = track.last_ping + self.ttl;
@@ -102,7 +130,14 @@ impl RiderTracker {
             }
             track.check_pending = false;
             if let Some((cell, at)) = track.indexed.take() {
-                out.push((IndexEntry { cell, rider: rider.clone(), at }, -1));
+                out.push((
+                    IndexEntry {
+                        cell,
+                        rider: rider.clone(),
+                        at,
+                    },
+                    -1,
+                ));
             }
             if !track.online {
                 // Off shift and silent: nothing left worth keeping.
