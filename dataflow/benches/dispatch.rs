@@ -90,6 +90,14 @@ fn memory() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// With `BENCH_PHASES` set, reports the RSS after each phase on stderr.
+fn phase_memory(phase: &str) {
+    if std::env::var_os("BENCH_PHASES").is_some() {
+        let (rss, peak) = memory();
+        eprintln!("{phase}: rss {} MiB, peak {} MiB", rss >> 20, peak >> 20);
+    }
+}
+
 struct Measured {
     pings_s: f64,
     orders_s: f64,
@@ -164,12 +172,20 @@ fn run_dataflow(w: Arc<Workload>, cfg: &DispatchConfig, workers: usize) -> Measu
             worker.step_while(|| probe.less_than(&until));
         };
         feed(&w.opening, T0 + 1);
+        phase_memory("opening");
         let start = Instant::now();
         feed(&w.pings, w.ping_end);
+        phase_memory("pings");
         let pings_s = w.pings.len() as f64 / start.elapsed().as_secs_f64();
         let start = Instant::now();
         feed(&w.orders, w.order_end);
         let orders_s = w.orders.len() as f64 / start.elapsed().as_secs_f64();
+        phase_memory("orders");
+        // Stop here, as a live service would: closing the input would let the
+        // clock run to infinity and fire every pending timer.
+        for dataflow in worker.installed_dataflows() {
+            worker.drop_dataflow(dataflow);
+        }
         if me == 0 {
             *sink.lock().unwrap() = Some((pings_s, orders_s, offers.get()));
         }

@@ -66,6 +66,11 @@ pub fn replay(
         input.advance_to(plan2.end);
         input.flush();
         worker.step_while(|| probe.less_than(&plan2.end));
+        // Stop here: closing the input would let the clock run to infinity
+        // and fire every pending timer, long past `end`.
+        for dataflow in worker.installed_dataflows() {
+            worker.drop_dataflow(dataflow);
+        }
         let out = captured.borrow().clone();
         out
     })
