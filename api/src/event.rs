@@ -152,3 +152,12 @@ impl EventKind {
         }
     }
 }
+
+/// What the log hands the dataflow, in log order.
+#[derive(Clone, Debug)]
+pub enum Feed {
+    /// Durable events, in offset order.
+    Events(Vec<Event>),
+    /// No event from now on will have a time before this one: the clock.
+    Tick(Time),
+}

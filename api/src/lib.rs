@@ -24,7 +24,7 @@ pub mod id;
 pub mod output;
 
 pub use config::DispatchConfig;
-pub use event::{Event, EventKind};
+pub use event::{Event, EventKind, Feed};
 pub use geo::Coord;
 pub use id::{Id, IdError};
 pub use output::{GrabOutcome, LossReason, OrderState, Output, RejectReason, WithdrawReason};

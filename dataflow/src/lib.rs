@@ -20,6 +20,8 @@
 //! - [`dedup`]: dropping redelivered events by id.
 //! - [`reference`]: the sequential reference model (HashMaps, one loop).
 //! - [`replay`]: running a finished log through the dataflow at N workers.
+//! - [`runtime`]: the live workers, fed from the log, reporting to an observer.
+//! - [`stats`]: per-operator figures from timely's logging.
 //! - [`gen`]: seeded random logs (for property tests) and a generated city
 //!   (for the benchmark).
 
@@ -31,6 +33,8 @@ pub mod graph;
 pub mod reference;
 pub mod replay;
 pub mod riders;
+pub mod runtime;
+pub mod stats;
 
 use grabflow_api::{Coord, Id};
 use serde::{Deserialize, Serialize};

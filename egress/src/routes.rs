@@ -1,0 +1,467 @@
+//! The egress routes: rider streams (WebSocket, SSE), queries, ops figures,
+//! health, and the composed service router.
+
+use crate::view::Egress;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRef, Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures_util::stream::Stream;
+use grabflow_api::Id;
+use grabflow_dataflow::stats::DataflowStats;
+use grabflow_ingress::auth::{Auth, Claims, Role, Secret};
+use grabflow_ingress::error::ApiError;
+use grabflow_ingress::routes::Ingress;
+use grabflow_ingress::wire;
+use serde::Deserialize;
+use serde_json::json;
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+use utoipa::OpenApi;
+
+/// The egress state handed to the routes.
+#[derive(Clone)]
+pub struct EgressState {
+    /// The live view.
+    pub egress: Arc<Egress>,
+    /// Verifies tokens.
+    pub secret: Secret,
+    /// Per-operator figures from timely's logging.
+    pub stats: DataflowStats,
+}
+
+impl FromRef<EgressState> for Secret {
+    fn from_ref(s: &EgressState) -> Secret {
+        s.secret.clone()
+    }
+}
+
+/// The whole HTTP service: ingress, egress, docs and health.
+pub fn app(ingress: Ingress, state: EgressState) -> Router {
+    grabflow_ingress::routes::routes(ingress).merge(routes(state))
+}
+
+/// The egress router.
+pub fn routes(state: EgressState) -> Router {
+    Router::new()
+        .route("/v1/riders/{rider_id}/ws", get(rider_ws))
+        .route("/v1/riders/{rider_id}/stream", get(rider_sse))
+        .route("/v1/orders/{order_id}", get(get_order))
+        .route(
+            "/v1/merchants/{merchant_id}/riders",
+            get(get_merchant_riders),
+        )
+        .route("/v1/riders/{rider_id}", get(get_rider))
+        .route("/v1/ops/metrics", get(ops_metrics))
+        .route("/v1/ops/dataflow", get(ops_dataflow))
+        .route("/metrics", get(prometheus))
+        .route("/openapi.json", get(openapi))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// `?after=SEQ` (and `access_token` for clients that cannot set headers).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StreamQuery {
+    /// Resume after this seq.
+    pub after: Option<u64>,
+    /// A token, for clients that cannot send `Authorization`.
+    pub access_token: Option<String>,
+}
+
+fn stream_auth(
+    s: &EgressState,
+    headers: &HeaderMap,
+    q: &StreamQuery,
+    rider: &Id,
+) -> Result<(), ApiError> {
+    let from_header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::to_string);
+    let token = from_header
+        .or(q.access_token.clone())
+        .ok_or_else(|| ApiError::unauthorized("send a bearer token"))?;
+    let claims = s
+        .secret
+        .verify(token.trim())
+        .ok_or_else(|| ApiError::unauthorized("the token is not valid"))?;
+    claims.require(&[Role::Rider], Some(rider))
+}
+
+fn resume_point(headers: &HeaderMap, q: &StreamQuery) -> u64 {
+    q.after
+        .or_else(|| {
+            headers
+                .get("last-event-id")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The rider's messages over a WebSocket.
+#[utoipa::path(get, path = "/v1/riders/{rider_id}/ws", params(("rider_id" = String, Path), ("after" = Option<u64>, Query)),
+    responses((status = 101, description = "offer / withdrawn / grab_result / assigned messages, one JSON object each")))]
+pub async fn rider_ws(
+    State(s): State<EgressState>,
+    Path(rider_id): Path<String>,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let rider = wire::id(&rider_id, "rider_id")?;
+    stream_auth(&s, &headers, &q, &rider)?;
+    let after = resume_point(&headers, &q);
+    Ok(ws.on_upgrade(move |socket| pump_ws(socket, s.egress, rider, after)))
+}
+
+async fn pump_ws(mut socket: WebSocket, egress: Arc<Egress>, rider: Id, mut cursor: u64) {
+    let notify = egress.notifier(&rider);
+    loop {
+        let wait = notify.notified();
+        tokio::pin!(wait);
+        wait.as_mut().enable();
+        let (messages, _) = egress.messages_after(&rider, cursor);
+        for (seq, text) in messages {
+            if socket
+                .send(Message::Text(text.as_ref().into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            cursor = seq;
+        }
+        tokio::select! {
+            _ = &mut wait => {}
+            _ = egress.closed() => {
+                let _ = socket.send(Message::Close(None)).await;
+                return;
+            }
+            incoming = socket.recv() => match incoming {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            },
+        }
+    }
+}
+
+/// The rider's messages as Server-Sent Events (`id` is the seq).
+#[utoipa::path(get, path = "/v1/riders/{rider_id}/stream", params(("rider_id" = String, Path), ("after" = Option<u64>, Query)),
+    responses((status = 200, description = "text/event-stream of rider messages")))]
+pub async fn rider_sse(
+    State(s): State<EgressState>,
+    Path(rider_id): Path<String>,
+    Query(q): Query<StreamQuery>,
+    headers: HeaderMap,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>>, ApiError> {
+    let rider = wire::id(&rider_id, "rider_id")?;
+    stream_auth(&s, &headers, &q, &rider)?;
+    let cursor = resume_point(&headers, &q);
+    let notify = s.egress.notifier(&rider);
+    let init = (
+        s.egress,
+        rider,
+        cursor,
+        VecDeque::<(u64, Arc<str>)>::new(),
+        notify,
+    );
+    let stream = futures_util::stream::unfold(
+        init,
+        |(egress, rider, mut cursor, mut queue, notify)| async move {
+            loop {
+                if let Some((seq, text)) = queue.pop_front() {
+                    cursor = seq;
+                    let event = SseEvent::default().id(seq.to_string()).data(text.as_ref());
+                    return Some((Ok(event), (egress, rider, cursor, queue, notify)));
+                }
+                let wait = notify.notified();
+                tokio::pin!(wait);
+                wait.as_mut().enable();
+                let (messages, _) = egress.messages_after(&rider, cursor);
+                if messages.is_empty() {
+                    tokio::select! {
+                        _ = wait => {}
+                        _ = egress.closed() => return None,
+                    }
+                } else {
+                    queue.extend(messages);
+                }
+            }
+        },
+    );
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// An order with its history.
+#[utoipa::path(get, path = "/v1/orders/{order_id}", params(("order_id" = String, Path)),
+    responses((status = 200, description = "order_id, state, rider_id?, merchant_id, history[{state, at, reason}]"), (status = 404)),
+    security(("bearer" = [])))]
+pub async fn get_order(
+    State(s): State<EgressState>,
+    Auth(claims): Auth,
+    Path(order_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    claims.require(&[Role::App], None)?;
+    let id = wire::id(&order_id, "order_id")?;
+    let o = s
+        .egress
+        .order(&id)
+        .ok_or_else(|| ApiError::not_found("order_id", format!("no order {id}")))?;
+    let mut body =
+        json!({"order_id": id, "state": o.state, "merchant_id": o.merchant, "history": o.history});
+    if let Some(r) = o.rider {
+        body["rider_id"] = json!(r);
+    }
+    Ok(Json(body))
+}
+
+/// `?limit=K` for the merchant→rider index.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitQuery {
+    /// How many riders (1–200, default 20).
+    pub limit: Option<usize>,
+}
+
+/// The available riders nearest to a merchant, within the base radius.
+#[utoipa::path(get, path = "/v1/merchants/{merchant_id}/riders", params(("merchant_id" = String, Path), ("limit" = Option<usize>, Query)),
+    responses((status = 200, description = "merchant_id, riders[{rider_id, distance_m}] nearest first"), (status = 404)),
+    security(("bearer" = [])))]
+pub async fn get_merchant_riders(
+    State(s): State<EgressState>,
+    Auth(claims): Auth,
+    Path(merchant_id): Path<String>,
+    Query(q): Query<LimitQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    claims.require(&[Role::App], None)?;
+    let id = wire::id(&merchant_id, "merchant_id")?;
+    let limit = q.limit.unwrap_or(20);
+    if !(1..=200).contains(&limit) {
+        return Err(ApiError::invalid_field(
+            "limit",
+            "limit must be from 1 to 200",
+        ));
+    }
+    let riders = s
+        .egress
+        .riders_near(&id, limit)
+        .ok_or_else(|| ApiError::not_found("merchant_id", format!("no merchant {id}")))?;
+    let riders: Vec<_> = riders
+        .into_iter()
+        .map(|(r, d)| json!({"rider_id": r, "distance_m": d.round() as u64}))
+        .collect();
+    Ok(Json(json!({"merchant_id": id, "riders": riders})))
+}
+
+/// A rider's position, shift and load.
+#[utoipa::path(get, path = "/v1/riders/{rider_id}", params(("rider_id" = String, Path)),
+    responses((status = 200, description = "rider_id, lat, lon, online, load, capacity"), (status = 404)), security(("bearer" = [])))]
+pub async fn get_rider(
+    State(s): State<EgressState>,
+    Auth(claims): Auth,
+    Path(rider_id): Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let id = wire::id(&rider_id, "rider_id")?;
+    claims.require(&[Role::App, Role::Rider], Some(&id))?;
+    let r = s
+        .egress
+        .rider(&id)
+        .ok_or_else(|| ApiError::not_found("rider_id", format!("no rider {id}")))?;
+    Ok(Json(json!({
+        "rider_id": id,
+        "lat": r.at.map(|c| c.lat()),
+        "lon": r.at.map(|c| c.lon()),
+        "online": r.online,
+        "load": r.load,
+        "capacity": r.capacity.unwrap_or(s.egress.cfg.default_capacity),
+    })))
+}
+
+fn ops(claims: &Claims) -> Result<(), ApiError> {
+    claims.require(&[Role::Ops], None)
+}
+
+/// Live business and dataflow figures.
+#[utoipa::path(get, path = "/v1/ops/metrics", responses((status = 200, description = "JSON figures")), security(("bearer" = [])))]
+pub async fn ops_metrics(
+    State(s): State<EgressState>,
+    Auth(claims): Auth,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ops(&claims)?;
+    let c = s.egress.counters();
+    let (riders, indexed, merchants, orders) = s.egress.sizes();
+    let (progress, last_event) = s.egress.progress();
+    Ok(Json(json!({
+        "ready": s.egress.is_ready(),
+        "riders": riders, "riders_indexed": indexed, "merchants": merchants, "orders": orders,
+        "orders_by_state": c.orders_by_state,
+        "events": c.events, "decisions": c.decisions,
+        "grabs_won": c.grabs_won, "grabs_lost": c.grabs_lost,
+        "dataflow": {"frontier_ms": progress, "last_event_ms": last_event,
+                     "lag_ms": last_event.saturating_sub(progress.min(last_event))},
+    })))
+}
+
+/// Per-operator figures from timely's own logging.
+#[utoipa::path(get, path = "/v1/ops/dataflow", responses((status = 200, description = "per-operator figures")), security(("bearer" = [])))]
+pub async fn ops_dataflow(
+    State(s): State<EgressState>,
+    Auth(claims): Auth,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    ops(&claims)?;
+    let (progress, last_event) = s.egress.progress();
+    Ok(Json(json!({
+        "operators": s.stats.snapshot(),
+        "frontier_ms": progress,
+        "frontier_lag_ms": last_event.saturating_sub(progress.min(last_event)),
+    })))
+}
+
+/// Prometheus text format.
+#[utoipa::path(get, path = "/metrics", responses((status = 200, description = "Prometheus text")), security(("bearer" = [])))]
+pub async fn prometheus(
+    State(s): State<EgressState>,
+    Auth(claims): Auth,
+) -> Result<Response, ApiError> {
+    ops(&claims)?;
+    let c = s.egress.counters();
+    let (riders, indexed, merchants, orders) = s.egress.sizes();
+    let (progress, last_event) = s.egress.progress();
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
+        for (labels, v) in samples {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    gauge(
+        "grabflow_riders",
+        "Riders known.",
+        vec![(String::new(), riders as f64)],
+    );
+    gauge(
+        "grabflow_riders_indexed",
+        "Riders on shift and fresh.",
+        vec![(String::new(), indexed as f64)],
+    );
+    gauge(
+        "grabflow_merchants",
+        "Merchants known.",
+        vec![(String::new(), merchants as f64)],
+    );
+    gauge(
+        "grabflow_orders",
+        "Orders known.",
+        vec![(String::new(), orders as f64)],
+    );
+    gauge(
+        "grabflow_orders_by_state",
+        "Orders by current state.",
+        c.orders_by_state
+            .iter()
+            .map(|(k, v)| (format!("{{state=\"{k}\"}}"), *v as f64))
+            .collect(),
+    );
+    gauge(
+        "grabflow_events_total",
+        "Events into the dataflow.",
+        c.events
+            .iter()
+            .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), *v as f64))
+            .collect(),
+    );
+    gauge(
+        "grabflow_decisions_total",
+        "Dispatch decisions.",
+        c.decisions
+            .iter()
+            .map(|(k, v)| (format!("{{kind=\"{k}\"}}"), *v as f64))
+            .collect(),
+    );
+    gauge(
+        "grabflow_dataflow_lag_ms",
+        "Newest event time minus the dataflow frontier.",
+        vec![(
+            String::new(),
+            last_event.saturating_sub(progress.min(last_event)) as f64,
+        )],
+    );
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// Ready once replay has caught up.
+#[utoipa::path(get, path = "/readyz", responses((status = 200), (status = 503)))]
+pub async fn readyz(State(s): State<EgressState>) -> Response {
+    if s.egress.is_ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::unavailable("replaying the log").into_response()
+    }
+}
+
+/// The HTTP contract, machine-readable, generated from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "grabflow",
+        description = "Real-time dispatch for on-demand food delivery"
+    ),
+    paths(
+        grabflow_ingress::routes::put_merchant,
+        grabflow_ingress::routes::put_shift,
+        grabflow_ingress::routes::post_location,
+        grabflow_ingress::routes::post_batch,
+        grabflow_ingress::routes::post_order,
+        grabflow_ingress::routes::post_cancel,
+        grabflow_ingress::routes::post_grab,
+        grabflow_ingress::routes::post_pickup,
+        grabflow_ingress::routes::post_delivered,
+        grabflow_ingress::routes::post_compensation,
+        grabflow_ingress::routes::post_redispatch,
+        grabflow_ingress::routes::post_reassign,
+        rider_ws,
+        rider_sse,
+        get_order,
+        get_merchant_riders,
+        get_rider,
+        ops_metrics,
+        ops_dataflow,
+        prometheus,
+        readyz
+    ),
+    components(schemas(
+        grabflow_ingress::wire::MerchantBody,
+        grabflow_ingress::wire::ShiftBody,
+        grabflow_ingress::wire::LocationBody,
+        grabflow_ingress::wire::BatchPing,
+        grabflow_ingress::wire::OrderBody,
+        grabflow_ingress::wire::LatLon,
+        grabflow_ingress::wire::CancelBody,
+        grabflow_ingress::wire::EmptyBody,
+        grabflow_ingress::wire::CompensationBody,
+        grabflow_ingress::wire::ReassignBody,
+        grabflow_ingress::routes::Accepted,
+        grabflow_ingress::routes::BatchAccepted,
+        grabflow_ingress::routes::GrabAnswer,
+        grabflow_ingress::routes::GrabPending
+    ))
+)]
+pub struct ApiDoc;
+
+async fn openapi() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi().to_json().unwrap_or_default(),
+    )
+        .into_response()
+}

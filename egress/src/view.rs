@@ -1,0 +1,466 @@
+//! The live view egress serves, kept from what the dataflow emits.
+//!
+//! [`Egress`] implements the dataflow runtime's `Observer` (events, decisions,
+//! index changes, progress) and ingress's `GrabWaiter`. It keeps:
+//! - each order's state and history, each rider's position, shift and load,
+//!   and the rider index by cell (for merchant→rider queries);
+//! - per rider, the stream of messages with a monotonically increasing `seq`
+//!   (offers, withdrawals, grab results, assignments), so a reconnecting client
+//!   that passes `after=SEQ` misses nothing; the seqs are a function of the
+//!   log, so they survive a restart.
+
+use grabflow_api::output::TransitionReason;
+use grabflow_api::{
+    Coord, DispatchConfig, Event, EventKind, GrabOutcome, Id, OrderState, Output, Time,
+};
+use grabflow_dataflow::geo_index::GeoIndex;
+use grabflow_dataflow::runtime::Observer;
+use grabflow_dataflow::IndexEntry;
+use grabflow_ingress::routes::GrabWaiter;
+use serde::Serialize;
+use serde_json::json;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use tokio::sync::{oneshot, Notify};
+
+/// Messages kept per rider for reconnecting clients.
+pub const STREAM_KEEP: usize = 2_000;
+
+/// A rider as queried.
+#[derive(Clone, Debug, Default)]
+pub struct RiderView {
+    /// Last reported position.
+    pub at: Option<Coord>,
+    /// On shift.
+    pub online: bool,
+    /// Capacity from the last shift (default when absent).
+    pub capacity: Option<u32>,
+    /// Orders assigned and not delivered.
+    pub load: u32,
+}
+
+/// One step of an order's history.
+#[derive(Clone, Debug, Serialize)]
+pub struct HistoryItem {
+    /// The state entered.
+    pub state: OrderState,
+    /// When (log ms).
+    pub at: Time,
+    /// Why.
+    pub reason: TransitionReason,
+}
+
+/// An order as queried.
+#[derive(Clone, Debug)]
+pub struct OrderView {
+    /// Current state.
+    pub state: OrderState,
+    /// Assigned rider.
+    pub rider: Option<Id>,
+    /// The merchant.
+    pub merchant: Id,
+    /// Every transition.
+    pub history: Vec<HistoryItem>,
+}
+
+/// One rider's message stream.
+#[derive(Default)]
+struct Stream {
+    next_seq: u64,
+    messages: VecDeque<(u64, Arc<str>)>,
+    notify: Arc<Notify>,
+}
+
+#[derive(Default)]
+struct View {
+    riders: HashMap<Id, RiderView>,
+    merchants: HashMap<Id, (Coord, bool)>,
+    orders: HashMap<Id, OrderView>,
+    index: GeoIndex,
+    streams: HashMap<Id, Stream>,
+    /// Merchant of each placed order, known from the event before any decision.
+    placed: HashMap<Id, Id>,
+}
+
+/// Business counters for `/v1/ops/metrics` and `/metrics`.
+#[derive(Default, Clone, Serialize)]
+pub struct Counters {
+    /// Events that entered the dataflow, by kind.
+    pub events: BTreeMap<&'static str, u64>,
+    /// Decisions, by kind.
+    pub decisions: BTreeMap<&'static str, u64>,
+    /// Grabs won.
+    pub grabs_won: u64,
+    /// Grabs lost, by reason.
+    pub grabs_lost: BTreeMap<String, u64>,
+    /// Orders by current state.
+    pub orders_by_state: BTreeMap<String, i64>,
+}
+
+/// The egress state, shared by the dataflow's observer side and the routes.
+pub struct Egress {
+    /// The dispatch configuration (radius for merchant queries, default capacity).
+    pub cfg: DispatchConfig,
+    view: RwLock<View>,
+    counters: Mutex<Counters>,
+    waiters: Mutex<HashMap<Id, oneshot::Sender<GrabOutcome>>>,
+    /// The dataflow has delivered every decision before this log time.
+    progress: AtomicU64,
+    /// Ready once progress passes the end of the replayed log.
+    ready: AtomicBool,
+    replay_until: AtomicU64,
+    /// Time of the newest event seen.
+    last_event: AtomicU64,
+    /// Set on shutdown: open streams end.
+    closed: AtomicBool,
+    closing: Notify,
+}
+
+fn event_name(k: &EventKind) -> &'static str {
+    match k {
+        EventKind::MerchantUpserted { .. } => "merchant_upserted",
+        EventKind::ShiftChanged { .. } => "shift_changed",
+        EventKind::LocationPinged { .. } => "location_pinged",
+        EventKind::OrderPlaced { .. } => "order_placed",
+        EventKind::OrderCancelled { .. } => "order_cancelled",
+        EventKind::GrabAttempted { .. } => "grab_attempted",
+        EventKind::PickedUp { .. } => "picked_up",
+        EventKind::Delivered { .. } => "delivered",
+        EventKind::CompensationSettled { .. } => "compensation_settled",
+        EventKind::Redispatched { .. } => "redispatched",
+        EventKind::Reassigned { .. } => "reassigned",
+    }
+}
+
+fn state_name(s: OrderState) -> String {
+    serde_json::to_value(s)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default()
+}
+
+impl Egress {
+    /// An empty view; ready once the dataflow passes `replay_until` (the last
+    /// replayed event's time; 0 for an empty log).
+    pub fn new(cfg: DispatchConfig, replay_until: Time) -> Arc<Egress> {
+        Arc::new(Egress {
+            cfg,
+            view: RwLock::default(),
+            counters: Mutex::default(),
+            waiters: Mutex::default(),
+            progress: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            replay_until: AtomicU64::new(replay_until),
+            last_event: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+            closing: Notify::new(),
+        })
+    }
+
+    /// Ends every open rider stream (graceful shutdown).
+    pub fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        self.closing.notify_waiters();
+    }
+
+    /// Resolves once [`Egress::close`] has been called.
+    pub async fn closed(&self) {
+        let wait = self.closing.notified();
+        tokio::pin!(wait);
+        wait.as_mut().enable();
+        if !self.closed.load(Ordering::Acquire) {
+            wait.await;
+        }
+    }
+
+    /// Whether replay has caught up.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// The dataflow's progress (log ms) and the newest event's time.
+    pub fn progress(&self) -> (Time, Time) {
+        (
+            self.progress.load(Ordering::Acquire),
+            self.last_event.load(Ordering::Acquire),
+        )
+    }
+
+    /// A copy of the business counters.
+    pub fn counters(&self) -> Counters {
+        self.counters.lock().expect("counters").clone()
+    }
+
+    /// Sizes: riders known, riders indexed, merchants, orders.
+    pub fn sizes(&self) -> (usize, usize, usize, usize) {
+        let v = self.view.read().expect("view");
+        (
+            v.riders.len(),
+            v.index.len(),
+            v.merchants.len(),
+            v.orders.len(),
+        )
+    }
+
+    /// An order, if the dataflow has seen it placed.
+    pub fn order(&self, id: &Id) -> Option<OrderView> {
+        self.view.read().expect("view").orders.get(id).cloned()
+    }
+
+    /// A rider, if any event named it.
+    pub fn rider(&self, id: &Id) -> Option<RiderView> {
+        self.view.read().expect("view").riders.get(id).cloned()
+    }
+
+    /// The `limit` available riders nearest to a merchant within the base
+    /// radius, nearest first; `None` for an unknown merchant.
+    pub fn riders_near(&self, merchant: &Id, limit: usize) -> Option<Vec<(Id, f64)>> {
+        let v = self.view.read().expect("view");
+        let (at, _) = *v.merchants.get(merchant)?;
+        let free = |r: &Id| {
+            v.riders
+                .get(r)
+                .is_none_or(|x| x.load < x.capacity.unwrap_or(self.cfg.default_capacity))
+        };
+        Some(v.index.nearest(at, self.cfg.radius_m, limit, free))
+    }
+
+    /// Messages of `rider` with seq above `after`, and the notifier that fires
+    /// when more arrive. Create the wait (`notified()`) before calling.
+    pub fn messages_after(&self, rider: &Id, after: u64) -> (Vec<(u64, Arc<str>)>, Arc<Notify>) {
+        {
+            let v = self.view.read().expect("view");
+            if let Some(s) = v.streams.get(rider) {
+                let msgs = s
+                    .messages
+                    .iter()
+                    .filter(|(seq, _)| *seq > after)
+                    .cloned()
+                    .collect();
+                return (msgs, Arc::clone(&s.notify));
+            }
+        }
+        let mut v = self.view.write().expect("view");
+        let s = v.streams.entry(rider.clone()).or_default();
+        (Vec::new(), Arc::clone(&s.notify))
+    }
+
+    /// The notifier of a rider's stream.
+    pub fn notifier(&self, rider: &Id) -> Arc<Notify> {
+        let mut v = self.view.write().expect("view");
+        Arc::clone(&v.streams.entry(rider.clone()).or_default().notify)
+    }
+
+    fn push(v: &mut View, rider: &Id, mut msg: serde_json::Value, woken: &mut Vec<Arc<Notify>>) {
+        let s = v.streams.entry(rider.clone()).or_default();
+        s.next_seq += 1;
+        msg["seq"] = json!(s.next_seq);
+        s.messages
+            .push_back((s.next_seq, Arc::from(msg.to_string())));
+        while s.messages.len() > STREAM_KEEP {
+            s.messages.pop_front();
+        }
+        woken.push(Arc::clone(&s.notify));
+    }
+}
+
+impl Observer for Egress {
+    fn events(&self, events: &[Event]) {
+        let mut v = self.view.write().expect("view");
+        let mut c = self.counters.lock().expect("counters");
+        for e in events {
+            *c.events.entry(event_name(&e.kind)).or_default() += 1;
+            match &e.kind {
+                EventKind::MerchantUpserted { merchant, at, open } => {
+                    v.merchants.insert(merchant.clone(), (*at, *open));
+                }
+                EventKind::ShiftChanged {
+                    rider,
+                    online,
+                    capacity,
+                } => {
+                    let r = v.riders.entry(rider.clone()).or_default();
+                    r.online = *online;
+                    r.capacity = *capacity;
+                }
+                EventKind::LocationPinged { rider, at } => {
+                    v.riders.entry(rider.clone()).or_default().at = Some(*at);
+                }
+                EventKind::OrderPlaced {
+                    order, merchant, ..
+                } => {
+                    v.placed
+                        .entry(order.clone())
+                        .or_insert_with(|| merchant.clone());
+                }
+                _ => {}
+            }
+        }
+        if let Some(last) = events.last() {
+            self.last_event.fetch_max(last.time, Ordering::AcqRel);
+        }
+    }
+
+    fn decisions(&self, decisions: Vec<(Time, Output)>) {
+        let mut woken = Vec::new();
+        let mut resolved = Vec::new();
+        {
+            let mut v = self.view.write().expect("view");
+            let mut c = self.counters.lock().expect("counters");
+            for (t, o) in decisions {
+                let kind = match &o {
+                    Output::Offered { .. } => "offered",
+                    Output::Withdrawn { .. } => "withdrawn",
+                    Output::Unassigned { .. } => "unassigned",
+                    Output::GrabDecided { .. } => "grab_decided",
+                    Output::Assigned { .. } => "assigned",
+                    Output::Transition { .. } => "transition",
+                    Output::Rejected { .. } => "rejected",
+                };
+                *c.decisions.entry(kind).or_default() += 1;
+                match o {
+                    Output::Offered {
+                        order,
+                        rider,
+                        merchant,
+                        distance_m,
+                        expires_at,
+                        ..
+                    } => {
+                        let msg = json!({"type": "offer", "order_id": order, "merchant_id": merchant,
+                            "distance_m": distance_m, "expires_at": expires_at});
+                        Self::push(&mut v, &rider, msg, &mut woken);
+                    }
+                    Output::Withdrawn {
+                        order,
+                        rider,
+                        reason,
+                    }
+                    | Output::Unassigned {
+                        order,
+                        rider,
+                        reason,
+                    } => {
+                        if matches!(kind, "unassigned") {
+                            let r = v.riders.entry(rider.clone()).or_default();
+                            r.load = r.load.saturating_sub(1);
+                        }
+                        let msg = json!({"type": "withdrawn", "order_id": order, "reason": reason});
+                        Self::push(&mut v, &rider, msg, &mut woken);
+                    }
+                    Output::GrabDecided {
+                        attempt,
+                        order,
+                        rider,
+                        outcome,
+                    } => {
+                        let msg = match outcome {
+                            GrabOutcome::Won => {
+                                c.grabs_won += 1;
+                                json!({"type": "grab_result", "order_id": order, "result": "won"})
+                            }
+                            GrabOutcome::Lost(reason) => {
+                                let name = serde_json::to_value(reason)
+                                    .ok()
+                                    .and_then(|x| x.as_str().map(str::to_string));
+                                *c.grabs_lost.entry(name.unwrap_or_default()).or_default() += 1;
+                                json!({"type": "grab_result", "order_id": order, "result": "lost", "reason": reason})
+                            }
+                        };
+                        Self::push(&mut v, &rider, msg, &mut woken);
+                        resolved.push((attempt, outcome));
+                    }
+                    Output::Assigned { order, rider } => {
+                        v.riders.entry(rider.clone()).or_default().load += 1;
+                        Self::push(
+                            &mut v,
+                            &rider,
+                            json!({"type": "assigned", "order_id": order}),
+                            &mut woken,
+                        );
+                    }
+                    Output::Transition {
+                        order,
+                        from,
+                        to,
+                        reason,
+                        rider,
+                    } => {
+                        if let Some(from) = from {
+                            *c.orders_by_state.entry(state_name(from)).or_default() -= 1;
+                        }
+                        *c.orders_by_state.entry(state_name(to)).or_default() += 1;
+                        if to == OrderState::Received {
+                            if let Some(r) = &rider {
+                                let r = v.riders.entry(r.clone()).or_default();
+                                r.load = r.load.saturating_sub(1);
+                            }
+                        }
+                        let merchant = v.placed.get(&order).cloned();
+                        let entry = v.orders.entry(order).or_insert_with(|| OrderView {
+                            state: to,
+                            rider: None,
+                            merchant: merchant
+                                .expect("an order is placed before its first transition"),
+                            history: Vec::new(),
+                        });
+                        entry.state = to;
+                        entry.rider = rider;
+                        entry.history.push(HistoryItem {
+                            state: to,
+                            at: t,
+                            reason,
+                        });
+                    }
+                    Output::Rejected { .. } => {}
+                }
+            }
+        }
+        let mut waiters = self.waiters.lock().expect("waiters");
+        for (attempt, outcome) in resolved {
+            if let Some(tx) = waiters.remove(&attempt) {
+                let _ = tx.send(outcome);
+            }
+        }
+        drop(waiters);
+        for n in woken {
+            n.notify_waiters();
+        }
+    }
+
+    fn index(&self, changes: Vec<(IndexEntry, Time, isize)>) {
+        let mut v = self.view.write().expect("view");
+        for (e, _, d) in changes.iter().filter(|c| c.2 > 0) {
+            let _ = d;
+            v.index.upsert(&e.rider, e.cell, e.at);
+        }
+        for (e, _, _) in changes.iter().filter(|c| c.2 < 0) {
+            if v.index.get(&e.rider) == Some((e.cell, e.at)) {
+                v.index.remove(&e.rider);
+            }
+        }
+    }
+
+    fn progress(&self, time: Time) {
+        self.progress.fetch_max(time, Ordering::AcqRel);
+        if time > self.replay_until.load(Ordering::Acquire) {
+            self.ready.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl GrabWaiter for Egress {
+    fn expect(&self, attempt: &Id) -> oneshot::Receiver<GrabOutcome> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters
+            .lock()
+            .expect("waiters")
+            .insert(attempt.clone(), tx);
+        rx
+    }
+
+    fn forget(&self, attempt: &Id) {
+        self.waiters.lock().expect("waiters").remove(attempt);
+    }
+}

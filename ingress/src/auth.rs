@@ -1,0 +1,197 @@
+//! Signed bearer tokens with a role (API.md "Auth").
+//!
+//! A token is `base64url(claims JSON) "." base64url(HMAC-SHA256(secret,
+//! claims))`. The secret is 32 random bytes kept in `<data-dir>/secret.key`,
+//! created on first start; `grabflow token` signs with the same file.
+
+use crate::error::ApiError;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use base64::Engine;
+use grabflow_api::Id;
+use hmac::{Hmac, Mac};
+use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Who a token speaks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Order service, rider app backend, merchant app.
+    App,
+    /// One rider (the token names which).
+    Rider,
+    /// Operations: everything.
+    Ops,
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "app" => Ok(Role::App),
+            "rider" => Ok(Role::Rider),
+            "ops" => Ok(Role::Ops),
+            other => Err(format!("role must be app, rider or ops, not {other:?}")),
+        }
+    }
+}
+
+/// What a valid token says.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Claims {
+    /// The role.
+    pub role: Role,
+    /// For riders, the rider id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<Id>,
+}
+
+impl Claims {
+    /// Allows `roles`; a rider is allowed only for its own id when `rider` is given.
+    pub fn require(&self, roles: &[Role], rider: Option<&Id>) -> Result<(), ApiError> {
+        if self.role == Role::Ops {
+            return Ok(());
+        }
+        if !roles.contains(&self.role) {
+            let role = format!("{:?}", self.role).to_lowercase();
+            return Err(ApiError::forbidden(format!(
+                "this call is not allowed with a token of role {role}"
+            )));
+        }
+        if self.role == Role::Rider {
+            if let Some(rider) = rider {
+                if self.id.as_ref() != Some(rider) {
+                    return Err(ApiError::forbidden(
+                        "a rider token may only act for its own rider",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The server's signing secret.
+#[derive(Clone)]
+pub struct Secret(Arc<[u8; 32]>);
+
+/// Errors loading the secret.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretError {
+    /// The file could not be read or created.
+    #[error("secret file: {0}")]
+    Io(#[from] std::io::Error),
+    /// The file exists but is not 32 bytes.
+    #[error("secret file {0} is damaged (expected 32 bytes)")]
+    Damaged(String),
+}
+
+impl Secret {
+    /// Loads `<dir>/secret.key`, creating it with fresh random bytes if missing.
+    pub fn load_or_create(dir: &Path) -> Result<Secret, SecretError> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join("secret.key");
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let key: [u8; 32] = bytes
+                    .try_into()
+                    .map_err(|_| SecretError::Damaged(path.display().to_string()))?;
+                Ok(Secret(Arc::new(key)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let key: [u8; 32] = rand::random();
+                std::fs::write(&path, key)?;
+                Ok(Secret(Arc::new(key)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn mac(&self, data: &[u8]) -> Hmac<Sha256> {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0[..]).expect("any key length works");
+        mac.update(data);
+        mac
+    }
+
+    /// A token for `claims`.
+    pub fn sign(&self, claims: &Claims) -> String {
+        let payload = B64.encode(serde_json::to_vec(claims).expect("claims serialize"));
+        let tag = B64.encode(self.mac(payload.as_bytes()).finalize().into_bytes());
+        format!("{payload}.{tag}")
+    }
+
+    /// The claims of a token signed with this secret.
+    pub fn verify(&self, token: &str) -> Option<Claims> {
+        let (payload, tag) = token.split_once('.')?;
+        let tag = B64.decode(tag).ok()?;
+        self.mac(payload.as_bytes()).verify_slice(&tag).ok()?;
+        serde_json::from_slice(&B64.decode(payload).ok()?).ok()
+    }
+}
+
+/// Extractor: the verified claims of the request's bearer token.
+pub struct Auth(pub Claims);
+
+impl<S: Send + Sync> FromRequestParts<S> for Auth
+where
+    Secret: axum::extract::FromRef<S>,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let secret = <Secret as axum::extract::FromRef<S>>::from_ref(state);
+        let header = parts
+            .headers
+            .get(axum::http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(|| ApiError::unauthorized("send Authorization: Bearer <token>"))?;
+        let token = header
+            .strip_prefix("Bearer ")
+            .ok_or_else(|| ApiError::unauthorized("expected a Bearer token"))?;
+        secret
+            .verify(token.trim())
+            .map(Auth)
+            .ok_or_else(|| ApiError::unauthorized("the token is not valid"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_verify_only_with_their_secret_and_unchanged() {
+        let dir = std::env::temp_dir().join(format!("grabflow-secret-{}", rand::random::<u64>()));
+        let secret = Secret::load_or_create(&dir).unwrap();
+        let again = Secret::load_or_create(&dir).unwrap();
+        let claims = Claims {
+            role: Role::Rider,
+            id: Some(Id::new("R1").unwrap()),
+        };
+        let token = secret.sign(&claims);
+        assert_eq!(again.verify(&token), Some(claims.clone()));
+        let other = Secret::load_or_create(&dir.join("other")).unwrap();
+        assert_eq!(other.verify(&token), None);
+        let forged = token.replacen('e', "f", 1);
+        assert!(forged == token || secret.verify(&forged).is_none());
+        assert!(claims
+            .require(&[Role::Rider], Some(&Id::new("R1").unwrap()))
+            .is_ok());
+        assert_eq!(
+            claims
+                .require(&[Role::Rider], Some(&Id::new("R2").unwrap()))
+                .unwrap_err()
+                .code,
+            "forbidden"
+        );
+        assert_eq!(
+            claims.require(&[Role::App], None).unwrap_err().code,
+            "forbidden"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,22 @@
+//! # grabflow-ingress — the way in
+//!
+//! HTTP requests become durable events: axum routes validate every body
+//! (naming the field at fault), check the bearer token's role, append the
+//! event to the log, and answer `202` only once it is on disk.
+//!
+//! ## Layout
+//!
+//! - [`routes`]: `routes(Ingress) -> Router`, one handler per ingress path of
+//!   API.md, and the grab call that waits for its decision.
+//! - [`wire`]: request bodies and the JSON extractor that maps every bad body
+//!   to a 4xx naming the field.
+//! - [`log`]: the embedded append-only log (checksums, group commit, torn-tail
+//!   repair, idempotency keys, replay).
+//! - [`auth`]: signed role tokens.
+//! - [`error`]: [`ApiError`](error::ApiError), the one error shape.
+
+pub mod auth;
+pub mod error;
+pub mod log;
+pub mod routes;
+pub mod wire;

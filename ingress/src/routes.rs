@@ -1,0 +1,531 @@
+//! The ingress routes: validate, authorize, append durably, answer.
+
+use crate::auth::{Auth, Role, Secret};
+use crate::error::ApiError;
+use crate::log::{Appended, LogHandle};
+use crate::wire::{self, *};
+use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{post, put};
+use axum::{Json, Router};
+use grabflow_api::{EventKind, GrabOutcome, Id};
+use serde::Serialize;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use utoipa::ToSchema;
+
+/// How long a grab call waits for its decision before answering 202.
+pub const GRAB_WAIT: Duration = Duration::from_secs(2);
+/// The most pings one batch request may carry.
+pub const MAX_BATCH: usize = 10_000;
+
+/// Lets the grab call wait for its decision (implemented by egress).
+pub trait GrabWaiter: Send + Sync + 'static {
+    /// Registers interest in the decision on `attempt` (before it is appended).
+    fn expect(&self, attempt: &Id) -> oneshot::Receiver<GrabOutcome>;
+    /// Drops the interest (the caller stopped waiting).
+    fn forget(&self, attempt: &Id);
+}
+
+/// Ids the log already holds, to answer 404 for unknown ones.
+#[derive(Default)]
+pub struct Known {
+    /// Placed orders.
+    pub orders: HashSet<Id>,
+    /// Registered merchants.
+    pub merchants: HashSet<Id>,
+}
+
+/// The ingress state.
+#[derive(Clone)]
+pub struct Ingress {
+    /// Where events go.
+    pub log: LogHandle,
+    /// Verifies tokens.
+    pub secret: Secret,
+    /// Ids already in the log.
+    pub known: Arc<Mutex<Known>>,
+    /// Waits for grab decisions.
+    pub grabs: Arc<dyn GrabWaiter>,
+}
+
+impl FromRef<Ingress> for Secret {
+    fn from_ref(state: &Ingress) -> Secret {
+        state.secret.clone()
+    }
+}
+
+/// `202` answer to an accepted event.
+#[derive(Serialize, ToSchema)]
+pub struct Accepted {
+    /// The event's id.
+    pub event_id: String,
+    /// Its position in the log.
+    pub offset: u64,
+}
+
+/// `202` answer to an accepted batch.
+#[derive(Serialize, ToSchema)]
+pub struct BatchAccepted {
+    /// How many pings were appended.
+    pub accepted: usize,
+}
+
+/// `200` answer to a decided grab.
+#[derive(Serialize, ToSchema)]
+pub struct GrabAnswer {
+    /// `won` or `lost`.
+    pub result: &'static str,
+    /// Why it lost: already_taken, not_offered, order_closed, unknown_order, over_capacity, offer_expired.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub reason: Option<grabflow_api::LossReason>,
+}
+
+/// `202` answer to a grab still undecided after two seconds.
+#[derive(Serialize, ToSchema)]
+pub struct GrabPending {
+    /// The attempt's event id; its result arrives on the rider's stream.
+    pub attempt_id: String,
+}
+
+/// The ingress router.
+pub fn routes(state: Ingress) -> Router {
+    Router::new()
+        .route("/v1/merchants/{merchant_id}", put(put_merchant))
+        .route("/v1/riders/{rider_id}/shift", put(put_shift))
+        .route("/v1/riders/{rider_id}/location", post(post_location))
+        .route(
+            "/v1/locations:batch",
+            post(post_batch).layer(DefaultBodyLimit::max(4 << 20)),
+        )
+        .route("/v1/orders", post(post_order))
+        .route("/v1/orders/{order_id}/cancel", post(post_cancel))
+        .route("/v1/orders/{order_id}/grab", post(post_grab))
+        .route("/v1/orders/{order_id}/pickup", post(post_pickup))
+        .route("/v1/orders/{order_id}/delivered", post(post_delivered))
+        .route(
+            "/v1/orders/{order_id}/compensation",
+            post(post_compensation),
+        )
+        .route(
+            "/v1/ops/orders/{order_id}/redispatch",
+            post(post_redispatch),
+        )
+        .route("/v1/ops/orders/{order_id}/reassign", post(post_reassign))
+        .layer(DefaultBodyLimit::max(64 << 10))
+        .with_state(state)
+}
+
+/// A fresh event id.
+pub fn new_event_id() -> Id {
+    let (a, b): (u64, u64) = (rand::random(), rand::random());
+    Id::new(&format!("ev-{a:016x}{b:016x}")).expect("hex ids are valid")
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    let key = v
+        .to_str()
+        .map_err(|_| ApiError::invalid_field("Idempotency-Key", "must be printable ASCII"))?;
+    if key.is_empty() || key.len() > 128 {
+        return Err(ApiError::invalid_field(
+            "Idempotency-Key",
+            "must be 1 to 128 characters",
+        ));
+    }
+    Ok(Some(key.to_string()))
+}
+
+impl Ingress {
+    async fn append_one(&self, headers: &HeaderMap, kind: EventKind) -> Result<Response, ApiError> {
+        self.append_with_id(headers, new_event_id(), kind).await
+    }
+
+    async fn append_with_id(
+        &self,
+        headers: &HeaderMap,
+        id: Id,
+        kind: EventKind,
+    ) -> Result<Response, ApiError> {
+        let key = idempotency_key(headers)?;
+        let placed = match &kind {
+            EventKind::OrderPlaced { order, .. } => Some((true, order.clone())),
+            EventKind::MerchantUpserted { merchant, .. } => Some((false, merchant.clone())),
+            _ => None,
+        };
+        let answer = self.log.append(key, vec![(id, kind)]).await?;
+        if let Some((is_order, id)) = placed {
+            let mut known = self.known.lock().expect("known lock");
+            if is_order {
+                known.orders.insert(id)
+            } else {
+                known.merchants.insert(id)
+            };
+        }
+        Ok(accepted(answer))
+    }
+
+    fn order(&self, order_id: &str) -> Result<Id, ApiError> {
+        let order = wire::id(order_id, "order_id")?;
+        if !self
+            .known
+            .lock()
+            .expect("known lock")
+            .orders
+            .contains(&order)
+        {
+            return Err(ApiError::not_found("order_id", format!("no order {order}")));
+        }
+        Ok(order)
+    }
+
+    fn rider_of(claims: &crate::auth::Claims) -> Result<Id, ApiError> {
+        claims
+            .id
+            .clone()
+            .ok_or_else(|| ApiError::forbidden("this call needs a rider token"))
+    }
+}
+
+fn accepted(answer: Appended) -> Response {
+    match answer {
+        Appended::One { event_id, offset } => (
+            StatusCode::ACCEPTED,
+            Json(Accepted {
+                event_id: event_id.to_string(),
+                offset,
+            }),
+        )
+            .into_response(),
+        Appended::Batch { accepted } => {
+            (StatusCode::ACCEPTED, Json(BatchAccepted { accepted })).into_response()
+        }
+    }
+}
+
+/// Register or move a merchant, open or close it.
+#[utoipa::path(put, path = "/v1/merchants/{merchant_id}", request_body = MerchantBody,
+    params(("merchant_id" = String, Path)), responses((status = 202, body = Accepted)), security(("bearer" = [])))]
+pub async fn put_merchant(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    Path(merchant_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<MerchantBody>,
+) -> Result<Response, ApiError> {
+    claims.require(&[Role::App], None)?;
+    let merchant = wire::id(&merchant_id, "merchant_id")?;
+    let at = wire::coord(b.lat, b.lon, "")?;
+    s.append_one(
+        &headers,
+        EventKind::MerchantUpserted {
+            merchant,
+            at,
+            open: b.open,
+        },
+    )
+    .await
+}
+
+/// A rider starts or ends a shift.
+#[utoipa::path(put, path = "/v1/riders/{rider_id}/shift", request_body = ShiftBody,
+    params(("rider_id" = String, Path)), responses((status = 202, body = Accepted)), security(("bearer" = [])))]
+pub async fn put_shift(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    Path(rider_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<ShiftBody>,
+) -> Result<Response, ApiError> {
+    let rider = wire::id(&rider_id, "rider_id")?;
+    claims.require(&[Role::Rider], Some(&rider))?;
+    if let Some(c) = b.capacity {
+        if !(1..=50).contains(&c) {
+            return Err(ApiError::invalid_field(
+                "capacity",
+                "capacity must be from 1 to 50",
+            ));
+        }
+    }
+    s.append_one(
+        &headers,
+        EventKind::ShiftChanged {
+            rider,
+            online: b.online,
+            capacity: b.capacity,
+        },
+    )
+    .await
+}
+
+/// One location ping.
+#[utoipa::path(post, path = "/v1/riders/{rider_id}/location", request_body = LocationBody,
+    params(("rider_id" = String, Path)), responses((status = 202, body = Accepted)), security(("bearer" = [])))]
+pub async fn post_location(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    Path(rider_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<LocationBody>,
+) -> Result<Response, ApiError> {
+    let rider = wire::id(&rider_id, "rider_id")?;
+    claims.require(&[Role::App, Role::Rider], Some(&rider))?;
+    let at = wire::coord(b.lat, b.lon, "")?;
+    s.append_one(&headers, EventKind::LocationPinged { rider, at })
+        .await
+}
+
+/// Many pings in one request (one fsync).
+#[utoipa::path(post, path = "/v1/locations:batch", request_body = Vec<BatchPing>,
+    responses((status = 202, body = BatchAccepted)), security(("bearer" = [])))]
+pub async fn post_batch(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    headers: HeaderMap,
+    JsonBody(items): JsonBody<Vec<BatchPing>>,
+) -> Result<Response, ApiError> {
+    claims.require(&[Role::App], None)?;
+    if items.is_empty() || items.len() > MAX_BATCH {
+        return Err(ApiError::invalid_field(
+            "",
+            format!("a batch holds 1 to {MAX_BATCH} pings"),
+        ));
+    }
+    let mut events = Vec::with_capacity(items.len());
+    for (i, p) in items.iter().enumerate() {
+        let rider = wire::id(&p.rider_id, &format!("[{i}].rider_id"))?;
+        let at = wire::coord(p.lat, p.lon, &format!("[{i}]"))?;
+        events.push((new_event_id(), EventKind::LocationPinged { rider, at }));
+    }
+    let answer = s.log.append(idempotency_key(&headers)?, events).await?;
+    let accepted = match answer {
+        Appended::Batch { accepted } => accepted,
+        Appended::One { .. } => 1,
+    };
+    Ok((StatusCode::ACCEPTED, Json(BatchAccepted { accepted })).into_response())
+}
+
+/// A paid order enters dispatch.
+#[utoipa::path(post, path = "/v1/orders", request_body = OrderBody,
+    responses((status = 202, body = Accepted), (status = 404), (status = 409)), security(("bearer" = [])))]
+pub async fn post_order(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<OrderBody>,
+) -> Result<Response, ApiError> {
+    claims.require(&[Role::App], None)?;
+    let order = wire::id(&b.order_id, "order_id")?;
+    let merchant = wire::id(&b.merchant_id, "merchant_id")?;
+    let dropoff = wire::coord(b.dropoff.lat, b.dropoff.lon, "dropoff")?;
+    if !(1..=1440).contains(&b.promised_minutes) {
+        return Err(ApiError::invalid_field(
+            "promised_minutes",
+            "promised_minutes must be from 1 to 1440",
+        ));
+    }
+    {
+        let known = s.known.lock().expect("known lock");
+        if !known.merchants.contains(&merchant) {
+            return Err(ApiError::not_found(
+                "merchant_id",
+                format!("no merchant {merchant}"),
+            ));
+        }
+        if known.orders.contains(&order) && idempotency_key(&headers)?.is_none() {
+            return Err(ApiError {
+                field: Some("order_id".into()),
+                ..ApiError::conflict(format!("order {order} exists"))
+            });
+        }
+    }
+    let kind = EventKind::OrderPlaced {
+        order,
+        merchant,
+        dropoff,
+        promised_minutes: b.promised_minutes,
+    };
+    s.append_one(&headers, kind).await
+}
+
+/// Cancel before pick-up.
+#[utoipa::path(post, path = "/v1/orders/{order_id}/cancel", request_body = CancelBody,
+    params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
+pub async fn post_cancel(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(_b): JsonBody<CancelBody>,
+) -> Result<Response, ApiError> {
+    claims.require(&[Role::App], None)?;
+    let order = s.order(&order_id)?;
+    s.append_one(&headers, EventKind::OrderCancelled { order })
+        .await
+}
+
+/// A grab attempt; waits up to 2 s for the decision.
+#[utoipa::path(post, path = "/v1/orders/{order_id}/grab", request_body = EmptyBody,
+    params(("order_id" = String, Path)), responses((status = 200, body = GrabAnswer), (status = 202, body = GrabPending)),
+    security(("bearer" = [])))]
+pub async fn post_grab(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(_b): JsonBody<EmptyBody>,
+) -> Result<Response, ApiError> {
+    claims.require(&[Role::Rider], None)?;
+    let rider = Ingress::rider_of(&claims)?;
+    let order = wire::id(&order_id, "order_id")?;
+    let attempt = new_event_id();
+    let decision = s.grabs.expect(&attempt);
+    let answer = s
+        .log
+        .append(
+            idempotency_key(&headers)?,
+            vec![(attempt.clone(), EventKind::GrabAttempted { order, rider })],
+        )
+        .await;
+    let answer = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            s.grabs.forget(&attempt);
+            return Err(e.into());
+        }
+    };
+    let Appended::One { event_id, .. } = answer else {
+        unreachable!("one event")
+    };
+    if event_id != attempt {
+        // A retried request (same Idempotency-Key): the decision was given before.
+        s.grabs.forget(&attempt);
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(GrabPending {
+                attempt_id: event_id.to_string(),
+            }),
+        )
+            .into_response());
+    }
+    match tokio::time::timeout(GRAB_WAIT, decision).await {
+        Ok(Ok(outcome)) => {
+            let body = match outcome {
+                GrabOutcome::Won => GrabAnswer {
+                    result: "won",
+                    reason: None,
+                },
+                GrabOutcome::Lost(reason) => GrabAnswer {
+                    result: "lost",
+                    reason: Some(reason),
+                },
+            };
+            Ok((StatusCode::OK, Json(body)).into_response())
+        }
+        _ => {
+            s.grabs.forget(&attempt);
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(GrabPending {
+                    attempt_id: attempt.to_string(),
+                }),
+            )
+                .into_response())
+        }
+    }
+}
+
+/// The assigned rider picked the food up.
+#[utoipa::path(post, path = "/v1/orders/{order_id}/pickup", request_body = EmptyBody,
+    params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
+pub async fn post_pickup(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(_b): JsonBody<EmptyBody>,
+) -> Result<Response, ApiError> {
+    claims.require(&[Role::Rider], None)?;
+    let rider = Ingress::rider_of(&claims)?;
+    let order = s.order(&order_id)?;
+    s.append_one(&headers, EventKind::PickedUp { order, rider })
+        .await
+}
+
+/// The assigned rider delivered.
+#[utoipa::path(post, path = "/v1/orders/{order_id}/delivered", request_body = EmptyBody,
+    params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
+pub async fn post_delivered(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(_b): JsonBody<EmptyBody>,
+) -> Result<Response, ApiError> {
+    claims.require(&[Role::Rider], None)?;
+    let rider = Ingress::rider_of(&claims)?;
+    let order = s.order(&order_id)?;
+    s.append_one(&headers, EventKind::Delivered { order, rider })
+        .await
+}
+
+/// Ops settled compensation for an overtime order.
+#[utoipa::path(post, path = "/v1/orders/{order_id}/compensation", request_body = CompensationBody,
+    params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
+pub async fn post_compensation(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<CompensationBody>,
+) -> Result<Response, ApiError> {
+    claims.require(&[Role::App], None)?;
+    let order = s.order(&order_id)?;
+    s.append_one(
+        &headers,
+        EventKind::CompensationSettled {
+            order,
+            amount_cents: b.amount_cents,
+        },
+    )
+    .await
+}
+
+/// Ops: take the order back and offer it again.
+#[utoipa::path(post, path = "/v1/ops/orders/{order_id}/redispatch", request_body = EmptyBody,
+    params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
+pub async fn post_redispatch(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(_b): JsonBody<EmptyBody>,
+) -> Result<Response, ApiError> {
+    claims.require(&[Role::Ops], None)?;
+    let order = s.order(&order_id)?;
+    s.append_one(&headers, EventKind::Redispatched { order })
+        .await
+}
+
+/// Ops: assign the order to a rider directly.
+#[utoipa::path(post, path = "/v1/ops/orders/{order_id}/reassign", request_body = ReassignBody,
+    params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
+pub async fn post_reassign(
+    State(s): State<Ingress>,
+    Auth(claims): Auth,
+    Path(order_id): Path<String>,
+    headers: HeaderMap,
+    JsonBody(b): JsonBody<ReassignBody>,
+) -> Result<Response, ApiError> {
+    claims.require(&[Role::Ops], None)?;
+    let order = s.order(&order_id)?;
+    let rider = wire::id(&b.rider_id, "rider_id")?;
+    s.append_one(&headers, EventKind::Reassigned { order, rider })
+        .await
+}

@@ -1,0 +1,243 @@
+//! Request bodies of the ingress API and the JSON extractor that turns every
+//! malformed body into an [`ApiError`] naming the field.
+
+use crate::error::ApiError;
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use grabflow_api::geo::CoordError;
+use grabflow_api::{Coord, Id};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+/// Extractor: a JSON body of type `T`, or a 4xx in API.md's error shape.
+/// An empty body reads as `{}`.
+pub struct JsonBody<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::too_large("the body is larger than this endpoint takes")
+            } else {
+                ApiError::invalid_json(e.body_text())
+            }
+        })?;
+        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            &bytes
+        };
+        parse(bytes).map(JsonBody)
+    }
+}
+
+/// Parses `bytes` as `T`, naming the offending field on failure.
+pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(bytes);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let message = inner.to_string();
+        let message = message
+            .split(" at line ")
+            .next()
+            .unwrap_or(&message)
+            .to_string();
+        if !inner.is_data() {
+            return ApiError::invalid_json(message);
+        }
+        let join = |name: &str| {
+            if path == "." || path.is_empty() {
+                name.to_string()
+            } else if path == name || path.ends_with(&format!(".{name}")) {
+                path.clone()
+            } else {
+                format!("{path}.{name}")
+            }
+        };
+        let quoted = |prefix: &str| {
+            message
+                .strip_prefix(prefix)
+                .and_then(|rest| rest.split('`').next())
+                .map(str::to_string)
+        };
+        if let Some(name) = quoted("unknown field `") {
+            ApiError::unknown_field(join(&name))
+        } else if let Some(name) = quoted("missing field `") {
+            ApiError::invalid_field(join(&name), message)
+        } else {
+            ApiError::invalid_field(path, message)
+        }
+    })
+}
+
+/// A position in WGS84 degrees.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LatLon {
+    /// Latitude, −90 to 90.
+    pub lat: f64,
+    /// Longitude, −180 to 180.
+    pub lon: f64,
+}
+
+/// `PUT /v1/merchants/{merchant_id}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantBody {
+    /// Latitude.
+    pub lat: f64,
+    /// Longitude.
+    pub lon: f64,
+    /// Whether it takes orders (default true).
+    #[serde(default = "yes")]
+    pub open: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `PUT /v1/riders/{rider_id}/shift`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ShiftBody {
+    /// On shift or not.
+    pub online: bool,
+    /// Orders the rider may carry at once (1–50); the server default if absent.
+    pub capacity: Option<u32>,
+}
+
+/// `POST /v1/riders/{rider_id}/location`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct LocationBody {
+    /// Latitude.
+    pub lat: f64,
+    /// Longitude.
+    pub lon: f64,
+    /// The device's clock, ms (informational; the log assigns event time).
+    pub at: Option<u64>,
+}
+
+/// One item of `POST /v1/locations:batch`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BatchPing {
+    /// The rider.
+    pub rider_id: String,
+    /// Latitude.
+    pub lat: f64,
+    /// Longitude.
+    pub lon: f64,
+    /// The device's clock, ms.
+    pub at: Option<u64>,
+}
+
+/// `POST /v1/orders`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct OrderBody {
+    /// The order's id.
+    pub order_id: String,
+    /// The merchant preparing it.
+    pub merchant_id: String,
+    /// Where it goes.
+    pub dropoff: LatLon,
+    /// Promised delivery time, minutes (1–1440, default 30).
+    #[serde(default = "thirty")]
+    pub promised_minutes: u32,
+}
+
+fn thirty() -> u32 {
+    30
+}
+
+/// `POST /v1/orders/{order_id}/cancel`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CancelBody {
+    /// Why (kept with the request log only).
+    pub reason: Option<String>,
+}
+
+/// A body that must be empty or `{}`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct EmptyBody {}
+
+/// `POST /v1/orders/{order_id}/compensation`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompensationBody {
+    /// What was paid, cents.
+    pub amount_cents: u64,
+}
+
+/// `POST /v1/ops/orders/{order_id}/reassign`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReassignBody {
+    /// The rider to give the order to.
+    pub rider_id: String,
+}
+
+/// A validated id, or a 422 naming `field`.
+pub fn id(value: &str, field: &str) -> Result<Id, ApiError> {
+    Id::new(value).map_err(|e| ApiError::invalid_field(field, e.to_string()))
+}
+
+/// A validated position, or a 422 naming `prefix.lat` / `prefix.lon`.
+pub fn coord(lat: f64, lon: f64, prefix: &str) -> Result<Coord, ApiError> {
+    Coord::from_degrees(lat, lon).map_err(|e| {
+        let name = match e {
+            CoordError::Lat => "lat",
+            CoordError::Lon => "lon",
+        };
+        let field = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        ApiError::invalid_field(field, e.to_string())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn malformed_bodies_name_the_field() {
+        let e = parse::<OrderBody>(
+            br#"{"order_id":"o","merchant_id":"m","dropoff":{"lat":1,"lon":2,"x":3}}"#,
+        )
+        .unwrap_err();
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("unknown_field", Some("dropoff.x"))
+        );
+        let e = parse::<LocationBody>(br#"{"lat":1,"lon":2,"x":3}"#).unwrap_err();
+        assert_eq!((e.code, e.field.as_deref()), ("unknown_field", Some("x")));
+        let e = parse::<OrderBody>(br#"{"order_id":"o","merchant_id":"m"}"#).unwrap_err();
+        assert_eq!(
+            (e.code, e.field.as_deref()),
+            ("invalid_field", Some("dropoff"))
+        );
+        let e = parse::<LocationBody>(br#"{"lat":"north","lon":2}"#).unwrap_err();
+        assert_eq!((e.code, e.field.as_deref()), ("invalid_field", Some("lat")));
+        let e = parse::<LocationBody>(br#"{"lat":1,"#).unwrap_err();
+        assert_eq!(e.code, "invalid_json");
+        assert_eq!(
+            coord(91.0, 0.0, "dropoff").unwrap_err().field.as_deref(),
+            Some("dropoff.lat")
+        );
+        assert_eq!(
+            id("a b", "rider_id").unwrap_err().field.as_deref(),
+            Some("rider_id")
+        );
+    }
+}
