@@ -483,7 +483,17 @@ async fn bad_requests_get_a_4xx_naming_the_field_and_reach_no_log() {
         r.json::<Value>().await.unwrap()["error"]["code"],
         "invalid_json"
     );
-    let cases: Vec<(&str, &str, &str, Option<Value>, u16, &str, Option<&str>)> = vec![
+    /// method, path, who, body, status, code, field
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        &'a str,
+        Option<Value>,
+        u16,
+        &'a str,
+        Option<&'a str>,
+    );
+    let cases: Vec<Case> = vec![
         (
             "POST",
             "/v1/orders",
