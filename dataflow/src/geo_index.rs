@@ -175,6 +175,27 @@ impl GeoIndex {
         }
     }
 
+    /// Applies one millisecond of changes of the index collection: insertions
+    /// take effect first; a retraction then removes a rider only if the index
+    /// still holds exactly the retracted entry (otherwise the rider moved).
+    /// Calls `placed` for every rider that appeared or moved.
+    pub fn apply<'a>(
+        &mut self,
+        changes: impl Iterator<Item = (&'a crate::IndexEntry, isize)> + Clone,
+        mut placed: impl FnMut(&'a crate::IndexEntry),
+    ) {
+        for (e, diff) in changes.clone() {
+            if diff > 0 && self.upsert(&e.rider, e.cell, e.at) {
+                placed(e);
+            }
+        }
+        for (e, diff) in changes {
+            if diff < 0 && self.get(&e.rider) == Some((e.cell, e.at)) {
+                self.remove(&e.rider);
+            }
+        }
+    }
+
     /// Takes `rider` out of the index.
     pub fn remove(&mut self, rider: &Id) {
         if let Some((cell, _)) = self.riders.remove(rider) {

@@ -431,15 +431,8 @@ impl Observer for Egress {
 
     fn index(&self, changes: Vec<(IndexEntry, Time, isize)>) {
         let mut v = self.view.write().expect("view");
-        for (e, _, d) in changes.iter().filter(|c| c.2 > 0) {
-            let _ = d;
-            v.index.upsert(&e.rider, e.cell, e.at);
-        }
-        for (e, _, _) in changes.iter().filter(|c| c.2 < 0) {
-            if v.index.get(&e.rider) == Some((e.cell, e.at)) {
-                v.index.remove(&e.rider);
-            }
-        }
+        v.index
+            .apply(changes.iter().map(|(e, _, d)| (e, *d)), |_| {});
     }
 
     fn progress(&self, time: Time) {

@@ -228,12 +228,21 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
                 file,
                 keys,
                 last_time,
+                last_event: last_time,
                 next_offset,
                 feed,
                 buf: Vec::new(),
             };
+            let mut told = 0;
             loop {
-                match rx.recv_timeout(tick) {
+                // Events of the last committed millisecond stay open until a
+                // tick passes it: tick again as soon as the clock does.
+                let wait = if told <= writer.last_event {
+                    tick.min(Duration::from_millis(1))
+                } else {
+                    tick
+                };
+                match rx.recv_timeout(wait) {
                     Ok(first) => {
                         let mut batch = vec![first];
                         batch.extend(rx.try_iter());
@@ -242,7 +251,7 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-                writer.tick();
+                told = writer.tick();
             }
         })?;
     Ok(Opened {
@@ -259,16 +268,21 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
 struct Writer {
     file: File,
     keys: HashMap<String, Appended>,
+    /// No event or tick from now on may be earlier than this.
     last_time: Time,
+    /// The time of the newest committed event.
+    last_event: Time,
     next_offset: u64,
     feed: mpsc::Sender<Feed>,
     buf: Vec<u8>,
 }
 
 impl Writer {
-    fn tick(&mut self) {
+    /// Tells the dataflow no event will come before `max(now, last time)`; returns it.
+    fn tick(&mut self) -> Time {
         self.last_time = self.last_time.max(now_ms());
         let _ = self.feed.send(Feed::Tick(self.last_time));
+        self.last_time
     }
 
     fn commit(&mut self, batch: Vec<Command>) {
@@ -291,6 +305,7 @@ impl Writer {
             }
             let time = self.last_time.max(now_ms());
             self.last_time = time;
+            self.last_event = time;
             let count = new.len();
             let mut first = None;
             for (id, kind) in new {

@@ -1,6 +1,6 @@
 //! The ingress routes: validate, authorize, append durably, answer.
 
-use crate::auth::{Auth, Role, Secret};
+use crate::auth::{Auth, Claims, Role, Secret};
 use crate::error::ApiError;
 use crate::log::{Appended, LogHandle};
 use crate::wire::{self, *};
@@ -185,7 +185,22 @@ impl Ingress {
         Ok(order)
     }
 
-    fn rider_of(claims: &crate::auth::Claims) -> Result<Id, ApiError> {
+    /// The common path of an event on an existing order: authorize `roles`,
+    /// find the order (404 if unknown), build the event, append it.
+    async fn order_event(
+        &self,
+        claims: &Claims,
+        roles: &[Role],
+        order_id: &str,
+        headers: &HeaderMap,
+        kind: impl FnOnce(Id) -> Result<EventKind, ApiError>,
+    ) -> Result<Response, ApiError> {
+        claims.require(roles, None)?;
+        let order = self.order(order_id)?;
+        self.append_one(headers, kind(order)?).await
+    }
+
+    fn rider_of(claims: &Claims) -> Result<Id, ApiError> {
         claims
             .id
             .clone()
@@ -364,10 +379,10 @@ pub async fn post_cancel(
     headers: HeaderMap,
     JsonBody(_b): JsonBody<CancelBody>,
 ) -> Result<Response, ApiError> {
-    claims.require(&[Role::App], None)?;
-    let order = s.order(&order_id)?;
-    s.append_one(&headers, EventKind::OrderCancelled { order })
-        .await
+    s.order_event(&claims, &[Role::App], &order_id, &headers, |order| {
+        Ok(EventKind::OrderCancelled { order })
+    })
+    .await
 }
 
 /// A grab attempt; waits up to 2 s for the decision.
@@ -451,11 +466,14 @@ pub async fn post_pickup(
     headers: HeaderMap,
     JsonBody(_b): JsonBody<EmptyBody>,
 ) -> Result<Response, ApiError> {
-    claims.require(&[Role::Rider], None)?;
-    let rider = Ingress::rider_of(&claims)?;
-    let order = s.order(&order_id)?;
-    s.append_one(&headers, EventKind::PickedUp { order, rider })
-        .await
+    let rider = || Ingress::rider_of(&claims);
+    s.order_event(&claims, &[Role::Rider], &order_id, &headers, |order| {
+        Ok(EventKind::PickedUp {
+            order,
+            rider: rider()?,
+        })
+    })
+    .await
 }
 
 /// The assigned rider delivered.
@@ -468,11 +486,14 @@ pub async fn post_delivered(
     headers: HeaderMap,
     JsonBody(_b): JsonBody<EmptyBody>,
 ) -> Result<Response, ApiError> {
-    claims.require(&[Role::Rider], None)?;
-    let rider = Ingress::rider_of(&claims)?;
-    let order = s.order(&order_id)?;
-    s.append_one(&headers, EventKind::Delivered { order, rider })
-        .await
+    let rider = || Ingress::rider_of(&claims);
+    s.order_event(&claims, &[Role::Rider], &order_id, &headers, |order| {
+        Ok(EventKind::Delivered {
+            order,
+            rider: rider()?,
+        })
+    })
+    .await
 }
 
 /// Ops settled compensation for an overtime order.
@@ -485,15 +506,13 @@ pub async fn post_compensation(
     headers: HeaderMap,
     JsonBody(b): JsonBody<CompensationBody>,
 ) -> Result<Response, ApiError> {
-    claims.require(&[Role::App], None)?;
-    let order = s.order(&order_id)?;
-    s.append_one(
-        &headers,
-        EventKind::CompensationSettled {
+    let amount_cents = b.amount_cents;
+    s.order_event(&claims, &[Role::App], &order_id, &headers, |order| {
+        Ok(EventKind::CompensationSettled {
             order,
-            amount_cents: b.amount_cents,
-        },
-    )
+            amount_cents,
+        })
+    })
     .await
 }
 
@@ -507,10 +526,10 @@ pub async fn post_redispatch(
     headers: HeaderMap,
     JsonBody(_b): JsonBody<EmptyBody>,
 ) -> Result<Response, ApiError> {
-    claims.require(&[Role::Ops], None)?;
-    let order = s.order(&order_id)?;
-    s.append_one(&headers, EventKind::Redispatched { order })
-        .await
+    s.order_event(&claims, &[Role::Ops], &order_id, &headers, |order| {
+        Ok(EventKind::Redispatched { order })
+    })
+    .await
 }
 
 /// Ops: assign the order to a rider directly.
@@ -523,9 +542,11 @@ pub async fn post_reassign(
     headers: HeaderMap,
     JsonBody(b): JsonBody<ReassignBody>,
 ) -> Result<Response, ApiError> {
-    claims.require(&[Role::Ops], None)?;
-    let order = s.order(&order_id)?;
-    let rider = wire::id(&b.rider_id, "rider_id")?;
-    s.append_one(&headers, EventKind::Reassigned { order, rider })
-        .await
+    s.order_event(&claims, &[Role::Ops], &order_id, &headers, |order| {
+        Ok(EventKind::Reassigned {
+            order,
+            rider: wire::id(&b.rider_id, "rider_id")?,
+        })
+    })
+    .await
 }

@@ -1,0 +1,350 @@
+//! Service benchmark: the real `grabflow serve` over loopback HTTP/WebSocket.
+//!
+//! `cargo bench --bench service` prints, in one run:
+//! - location pings/s over HTTP, one per request and 100 per batch request,
+//!   against a bare axum handler (its own process) that only parses the same
+//!   JSON and answers 202 — the ceiling of an axum service on this machine;
+//! - order → offer-on-WebSocket and grab → result latency (p50/p99) while a
+//!   steady 10 000 pings/s and 200 orders/s flow (500 riders on WebSockets).
+//!
+//! The load generator shares the machine's cores with the server.
+//! `BENCH_SECS` sets each phase's length (default 5).
+
+use axum::routing::post;
+use axum::{Json, Router};
+use futures_util::StreamExt;
+use grabflow_api::Id;
+use grabflow_ingress::auth::{Claims, Role, Secret};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct Ping {
+    lat: f64,
+    lon: f64,
+    at: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+#[allow(dead_code)]
+struct BatchPing {
+    rider_id: String,
+    lat: f64,
+    lon: f64,
+    at: Option<u64>,
+}
+
+fn secs() -> u64 {
+    std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5)
+}
+
+/// The baseline: a bare axum server that parses the same bodies.
+async fn bare_server() {
+    let app = Router::new()
+        .route(
+            "/v1/riders/{rider_id}/location",
+            post(|Json(_p): Json<Ping>| async { (axum::http::StatusCode::ACCEPTED, "{}") }),
+        )
+        .route(
+            "/v1/locations:batch",
+            post(|Json(p): Json<Vec<BatchPing>>| async move {
+                (
+                    axum::http::StatusCode::ACCEPTED,
+                    Json(json!({"accepted": p.len()})),
+                )
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    println!("listening on http://{}", listener.local_addr().unwrap());
+    axum::serve(listener, app).await.unwrap();
+}
+
+fn spawn(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("server starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    (child, url)
+}
+
+fn token(dir: &std::path::Path, role: &str, id: Option<&str>) -> String {
+    let secret = Secret::load_or_create(dir).expect("secret");
+    let role: Role = role.parse().expect("role");
+    secret.sign(&Claims {
+        role,
+        id: id.map(|i| Id::new(i).expect("id")),
+    })
+}
+
+/// Pings/s with `clients` concurrent clients for the phase length.
+async fn ping_rate(url: &str, token: &str, batch: usize, clients: usize) -> f64 {
+    let done = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs(secs());
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let (url, token, done) = (url.to_string(), token.to_string(), Arc::clone(&done));
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut n = 0u64;
+            while Instant::now() < end {
+                n += 1;
+                let lat = 31.23 + (n % 100) as f64 * 1e-5;
+                let ok = if batch == 1 {
+                    let r = http
+                        .post(format!("{url}/v1/riders/B{c}/location"))
+                        .bearer_auth(&token)
+                        .json(&json!({"lat": lat, "lon": 121.47}));
+                    r.send()
+                        .await
+                        .map(|r| r.status().as_u16() == 202)
+                        .unwrap_or(false)
+                } else {
+                    let items: Vec<Value> = (0..batch)
+                        .map(
+                            |i| json!({"rider_id": format!("B{c}x{i}"), "lat": lat, "lon": 121.47}),
+                        )
+                        .collect();
+                    let r = http
+                        .post(format!("{url}/v1/locations:batch"))
+                        .bearer_auth(&token)
+                        .json(&items);
+                    r.send()
+                        .await
+                        .map(|r| r.status().as_u16() == 202)
+                        .unwrap_or(false)
+                };
+                if ok {
+                    done.fetch_add(batch as u64, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    done.load(Ordering::Relaxed) as f64 / secs() as f64
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[((v.len() - 1) as f64 * p).round() as usize]
+}
+
+/// Latencies under a steady load of pings and orders.
+async fn latencies(url: &str, dir: &std::path::Path) -> (Vec<f64>, Vec<f64>, usize) {
+    let app = token(dir, "app", None);
+    let http = reqwest::Client::new();
+    for m in 0..50 {
+        let body = json!({"lat": 31.23 + (m / 10) as f64 * 0.002, "lon": 121.47 + (m % 10) as f64 * 0.002});
+        http.put(format!("{url}/v1/merchants/M{m}"))
+            .bearer_auth(&app)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+    }
+    let riders = 500;
+    let placed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let offer_ms: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let grab_ms: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let mut sockets = Vec::new();
+    for r in 0..riders {
+        let rider = format!("R{r}");
+        let tok = token(dir, "rider", Some(&rider));
+        http.put(format!("{url}/v1/riders/{rider}/shift"))
+            .bearer_auth(&tok)
+            .json(&json!({"online": true, "capacity": 50}))
+            .send()
+            .await
+            .unwrap();
+        let ws_url = format!(
+            "{}/v1/riders/{rider}/ws?access_token={tok}",
+            url.replace("http", "ws")
+        );
+        let (ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
+        sockets.push((tok, ws));
+    }
+    let end = Instant::now() + Duration::from_secs(secs());
+    let mut tasks = Vec::new();
+    for (tok, mut ws) in sockets {
+        let (placed, offer_ms, grab_ms, url) = (
+            Arc::clone(&placed),
+            Arc::clone(&offer_ms),
+            Arc::clone(&grab_ms),
+            url.to_string(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(end.into(), ws.next()).await {
+                let Ok(text) = msg.into_text() else { continue };
+                let v: Value = serde_json::from_str(&text).unwrap_or_default();
+                if v["type"] != "offer" {
+                    continue;
+                }
+                let order = v["order_id"].as_str().unwrap_or_default().to_string();
+                let first = placed.lock().unwrap().remove(&order);
+                if let Some(t0) = first {
+                    offer_ms
+                        .lock()
+                        .unwrap()
+                        .push(t0.elapsed().as_secs_f64() * 1e3);
+                    // The first rider to hear of an order grabs it.
+                    let t1 = Instant::now();
+                    let r = http
+                        .post(format!("{url}/v1/orders/{order}/grab"))
+                        .bearer_auth(&tok)
+                        .send()
+                        .await;
+                    if r.map(|r| r.status().as_u16() == 200).unwrap_or(false) {
+                        grab_ms
+                            .lock()
+                            .unwrap()
+                            .push(t1.elapsed().as_secs_f64() * 1e3);
+                    }
+                }
+            }
+        }));
+    }
+    // 10 000 pings/s: every 10 ms a batch of 100; 200 orders/s: every 5 ms one order.
+    let pinger = {
+        let (url, app) = (url.to_string(), app.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut tick = tokio::time::interval(Duration::from_millis(10));
+            let mut round = 0u64;
+            while Instant::now() < end {
+                tick.tick().await;
+                round += 1;
+                let items: Vec<Value> = (0..100)
+                    .map(|i| {
+                        let r = (round * 100 + i) % riders as u64;
+                        let (dy, dx) = ((r / 25) as f64 * 0.0005, (r % 25) as f64 * 0.0005);
+                        json!({"rider_id": format!("R{r}"), "lat": 31.225 + dy, "lon": 121.465 + dx})
+                    })
+                    .collect();
+                let (http, url, app) = (http.clone(), url.clone(), app.clone());
+                tokio::spawn(async move {
+                    http.post(format!("{url}/v1/locations:batch"))
+                        .bearer_auth(&app)
+                        .json(&items)
+                        .send()
+                        .await
+                });
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut tick = tokio::time::interval(Duration::from_millis(5));
+    let mut n = 0;
+    while Instant::now() + Duration::from_millis(500) < end {
+        tick.tick().await;
+        n += 1;
+        let order = format!("O{n}");
+        let body = json!({"order_id": order, "merchant_id": format!("M{}", n % 50), "dropoff": {"lat": 31.22, "lon": 121.48}});
+        placed.lock().unwrap().insert(order, Instant::now());
+        let (http, url, app) = (http.clone(), url.to_string(), app.clone());
+        tokio::spawn(async move {
+            http.post(format!("{url}/v1/orders"))
+                .bearer_auth(&app)
+                .json(&body)
+                .send()
+                .await
+        });
+    }
+    pinger.await.unwrap();
+    for t in tasks {
+        let _ = t.await;
+    }
+    let offers = std::mem::take(&mut *offer_ms.lock().unwrap());
+    let grabs = std::mem::take(&mut *grab_ms.lock().unwrap());
+    (offers, grabs, n)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if args.iter().any(|a| a == "--bare-server") {
+        return rt.block_on(bare_server());
+    }
+    if args.iter().any(|a| a == "--list") {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("grabflow-bench-{}", std::process::id()));
+    let (mut bare, bare_url) =
+        spawn(Command::new(std::env::current_exe().unwrap()).arg("--bare-server"));
+    let (mut server, url) = spawn(
+        Command::new(env!("CARGO_BIN_EXE_grabflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir),
+    );
+    let app = token(&dir, "app", None);
+    rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let clients = 64;
+        println!(
+            "HTTP ingress, {clients} concurrent clients, {} s per phase:",
+            secs()
+        );
+        let bare1 = ping_rate(&bare_url, &app, 1, clients).await;
+        let ours1 = ping_rate(&url, &app, 1, clients).await;
+        let bare100 = ping_rate(&bare_url, &app, 100, clients).await;
+        let ours100 = ping_rate(&url, &app, 100, clients).await;
+        println!("| pings | bare axum (parse only) | grabflow (validated, fsynced) | ratio |");
+        println!("|---|---:|---:|---:|");
+        println!(
+            "| one per request | {bare1:.0}/s | {ours1:.0}/s | {:.2} |",
+            ours1 / bare1
+        );
+        println!(
+            "| 100 per batch | {bare100:.0}/s | {ours100:.0}/s | {:.2} |",
+            ours100 / bare100
+        );
+    });
+    let _ = bare.kill();
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    // A fresh server for the latency phase.
+    let (mut server, url) = spawn(
+        Command::new(env!("CARGO_BIN_EXE_grabflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir),
+    );
+    rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let (mut offers, mut grabs, orders) = latencies(&url, &dir).await;
+        println!("\nsteady load: 10 000 pings/s + 200 orders/s, 500 riders on WebSockets, {orders} orders:");
+        println!("| latency | p50 | p99 | samples |");
+        println!("|---|---:|---:|---:|");
+        let (n1, n2) = (offers.len(), grabs.len());
+        println!("| order POST → first offer on a rider's WebSocket | {:.2} ms | {:.2} ms | {n1} |", percentile(&mut offers, 0.5), percentile(&mut offers, 0.99));
+        println!("| grab POST → decided answer | {:.2} ms | {:.2} ms | {n2} |", percentile(&mut grabs, 0.5), percentile(&mut grabs, 0.99));
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
