@@ -740,3 +740,49 @@ async fn ops_see_metrics_dataflow_figures_and_the_contract() {
     assert_eq!(near["riders"][0]["rider_id"], "R1");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_streams_and_exits_cleanly() {
+    let dir = temp_dir();
+    let mut s = Server::start(&dir, &[]);
+    s.wait_ready().await;
+    let (app, r1) = (s.token("app", None), s.token("rider", Some("R1")));
+    s.city(&app, &[("R1", &r1, 100.0)]).await;
+    let mut ws = s.ws("R1", &r1, 0).await;
+    let pid = s.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // The open stream is closed by the server...
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some(Ok(msg)) = ws.next().await {
+            if let Message::Close(_) = msg {
+                return true;
+            }
+        }
+        true
+    })
+    .await;
+    assert_eq!(closed, Ok(true), "the stream ends on shutdown");
+    // ...and the process exits on its own, successfully.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = s.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the server did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    // Everything acknowledged before the signal is there after a restart.
+    let s = Server::start(&dir, &[]);
+    s.wait_ready().await;
+    let (_, rider) = s.call("GET", "/v1/riders/R1", &r1, None).await;
+    assert_eq!(rider["online"], true);
+    let _ = std::fs::remove_dir_all(&dir);
+}
