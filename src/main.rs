@@ -5,6 +5,7 @@
 //!
 //! - `serve`: ingress, dataflow and egress in one process over the embedded log.
 //! - `token`: mints a signed token with the secret kept in the data dir.
+//! - `sim`: drives a running server like a city's traffic (see `grabflow-sim`).
 //! - `replay`: runs a JSON-lines event log through the dataflow and prints
 //!   every decision as a JSON line.
 //!
@@ -53,6 +54,8 @@ enum Command {
         #[arg(long, env = "GRABFLOW_DATA_DIR", default_value = "./grabflow-data")]
         data_dir: PathBuf,
     },
+    /// Drive a running grabflow like a city's traffic and report what happened.
+    Sim(SimArgs),
     /// Replay an event log (one JSON event per line) and print every decision.
     Replay {
         /// The log file; `-` reads standard input.
@@ -65,6 +68,45 @@ enum Command {
         #[arg(long, default_value = "1h", value_parser = parse_duration)]
         settle: Duration,
     },
+}
+
+/// `sim` settings.
+#[derive(Args)]
+struct SimArgs {
+    /// The server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The server's data dir (its secret signs the simulator's tokens).
+    #[arg(long, env = "GRABFLOW_DATA_DIR", default_value = "./grabflow-data")]
+    data_dir: PathBuf,
+    /// Simulated seconds per real second. Run the server with timings scaled
+    /// alike (e.g. `--grab-timeout 3s --rider-ttl 6s` at `--speed 10`).
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Seed of the city and of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Riders.
+    #[arg(long, default_value_t = 200)]
+    riders: usize,
+    /// Merchants.
+    #[arg(long, default_value_t = 100)]
+    merchants: usize,
+    /// Orders per minute at the day's base (the lunch peak is ~5× that).
+    #[arg(long, default_value_t = 5.0)]
+    orders_per_min: f64,
+    /// Simulated start time, HH:MM.
+    #[arg(long, default_value = "11:00")]
+    start: String,
+    /// Simulated minutes to run.
+    #[arg(long, default_value_t = 120.0)]
+    minutes: f64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write PNG charts (orders.png, latency.png) into this directory.
+    #[arg(long)]
+    plot: Option<PathBuf>,
 }
 
 /// `serve` settings; every one is also `GRABFLOW_<NAME>` and a TOML key.
@@ -304,6 +346,40 @@ fn main() -> anyhow::Result<()> {
                 .enable_all()
                 .build()?
                 .block_on(serve(s))
+        }
+        Command::Sim(a) => {
+            let (h, m) = a.start.split_once(':').context("--start is HH:MM")?;
+            let start_hour = h.parse::<f64>().context("--start hour")?
+                + m.parse::<f64>().context("--start minute")? / 60.0;
+            let positive = |x: f64| x.is_finite() && x > 0.0;
+            if !positive(a.speed) || a.riders == 0 || a.merchants == 0 || !positive(a.minutes) {
+                bail!("--speed, --riders, --merchants and --minutes must be positive");
+            }
+            let cfg = grabflow_sim::SimConfig {
+                url: a.url.trim_end_matches('/').to_string(),
+                data_dir: a.data_dir,
+                speed: a.speed,
+                seed: a.seed,
+                riders: a.riders,
+                merchants: a.merchants,
+                orders_per_min: a.orders_per_min,
+                start_hour,
+                minutes: a.minutes,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            };
+            let report = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(grabflow_sim::run(cfg))?;
+            print!("{}", report.render());
+            if let Some(path) = a.json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            if let Some(dir) = a.plot {
+                grabflow_sim::plot::write(&dir, &report.minutes).map_err(anyhow::Error::msg)?;
+            }
+            Ok(())
         }
         Command::Token { role, id, data_dir } => {
             let id = id.map(|i| Id::new(&i)).transpose().context("--id")?;

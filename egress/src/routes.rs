@@ -264,7 +264,7 @@ pub async fn get_merchant_riders(
 
 /// A rider's position, shift and load.
 #[utoipa::path(get, path = "/v1/riders/{rider_id}", params(("rider_id" = String, Path)),
-    responses((status = 200, description = "rider_id, lat, lon, online, load, capacity"), (status = 404)), security(("bearer" = [])))]
+    responses((status = 200, description = "rider_id, lat, lon, online, load, capacity, indexed {lat, lon} or null"), (status = 404)), security(("bearer" = [])))]
 pub async fn get_rider(
     State(s): State<EgressState>,
     Auth(claims): Auth,
@@ -272,11 +272,12 @@ pub async fn get_rider(
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let id = wire::id(&rider_id, "rider_id")?;
     claims.require(&[Role::App, Role::Rider], Some(&id))?;
-    let r = s
+    let (r, indexed) = s
         .egress
         .rider(&id)
         .ok_or_else(|| ApiError::not_found("rider_id", format!("no rider {id}")))?;
     Ok(Json(json!({
+        "indexed": indexed.map(|c| json!({"lat": c.lat(), "lon": c.lon()})),
         "rider_id": id,
         "lat": r.at.map(|c| c.lat()),
         "lon": r.at.map(|c| c.lon()),

@@ -208,9 +208,12 @@ impl Egress {
         self.view.read().expect("view").orders.get(id).cloned()
     }
 
-    /// A rider, if any event named it.
-    pub fn rider(&self, id: &Id) -> Option<RiderView> {
-        self.view.read().expect("view").riders.get(id).cloned()
+    /// A rider, if any event named it, and its entry in the dispatch index
+    /// (position), if it is indexed (on shift and fresh).
+    pub fn rider(&self, id: &Id) -> Option<(RiderView, Option<Coord>)> {
+        let v = self.view.read().expect("view");
+        let rider = v.riders.get(id).cloned()?;
+        Some((rider, v.index.get(id).map(|(_, at)| at)))
     }
 
     /// The `limit` available riders nearest to a merchant within the base
