@@ -224,8 +224,17 @@ async fn order_states(s: &Server, app: &str, order: &str) -> Vec<(String, String
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_order_life_cycle_over_http_and_websocket() {
+    life_cycle(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_order_life_cycle_at_two_timely_workers() {
+    life_cycle(&["--workers", "2"]).await;
+}
+
+async fn life_cycle(args: &[&str]) {
     let dir = temp_dir();
-    let s = Server::start(&dir, &[]);
+    let s = Server::start(&dir, args);
     s.wait_ready().await;
     let (app, r1) = (s.token("app", None), s.token("rider", Some("R1")));
     s.city(&app, &[("R1", &r1, 100.0)]).await;

@@ -38,26 +38,31 @@ pub fn spawn(
     stats: crate::stats::DataflowStats,
 ) -> std::thread::JoinHandle<()> {
     let workers = workers.max(1);
-    let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::channel::<Feed>()).unzip();
-    let rxs: Vec<_> = rxs
-        .into_iter()
-        .map(|rx| std::sync::Mutex::new(Some(rx)))
-        .collect();
+    // One worker reads the log's feed itself; several get it fanned out by a
+    // feeder thread (each inserts its share and follows every tick).
+    let rxs: Vec<std::sync::Mutex<Option<mpsc::Receiver<Feed>>>> = if workers == 1 {
+        vec![std::sync::Mutex::new(Some(feed))]
+    } else {
+        let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::channel::<Feed>()).unzip();
+        let feeder_observer = Arc::clone(&observer);
+        std::thread::Builder::new()
+            .name("grabflow-feeder".into())
+            .spawn(move || {
+                for item in feed {
+                    if let Feed::Events(events) = &item {
+                        feeder_observer.events(events);
+                    }
+                    for tx in &txs {
+                        let _ = tx.send(item.clone());
+                    }
+                }
+            })
+            .expect("spawn feeder");
+        rxs.into_iter()
+            .map(|rx| std::sync::Mutex::new(Some(rx)))
+            .collect()
+    };
     let rxs = Arc::new(rxs);
-    let feeder_observer = Arc::clone(&observer);
-    std::thread::Builder::new()
-        .name("grabflow-feeder".into())
-        .spawn(move || {
-            for item in feed {
-                if let Feed::Events(events) = &item {
-                    feeder_observer.events(events);
-                }
-                for tx in &txs {
-                    let _ = tx.send(item.clone());
-                }
-            }
-        })
-        .expect("spawn feeder");
     std::thread::Builder::new()
         .name("grabflow-dataflow".into())
         .spawn(move || {
@@ -91,6 +96,9 @@ pub fn spawn(
                     loop {
                         match got {
                             Ok(Feed::Events(events)) => {
+                                if peers == 1 {
+                                    observer.events(&events);
+                                }
                                 for e in events {
                                     if e.offset as usize % peers == me {
                                         let t = e.time.max(*input.time());
