@@ -57,7 +57,11 @@ pub fn replay(
                 epoch = e.time;
                 input.advance_to(epoch);
                 input.flush();
-                worker.step_while(|| probe.less_than(input.time()));
+                while probe.less_than(input.time()) {
+                    // Park rather than spin while other workers finish: with
+                    // more workers than cores, spinning starves them.
+                    worker.step_or_park(None);
+                }
             }
             if i % peers == me {
                 input.update_at(e.clone(), e.time, 1);
@@ -65,7 +69,9 @@ pub fn replay(
         }
         input.advance_to(plan2.end);
         input.flush();
-        worker.step_while(|| probe.less_than(&plan2.end));
+        while probe.less_than(&plan2.end) {
+            worker.step_or_park(None);
+        }
         // Stop here: closing the input would let the clock run to infinity
         // and fire every pending timer, long past `end`.
         for dataflow in worker.installed_dataflows() {
