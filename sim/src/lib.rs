@@ -94,11 +94,12 @@ struct Stats {
 }
 
 impl Stats {
-    fn minute(&mut self, m: usize, hour: f64) -> &mut Minute {
+    /// Minute `m` of the run (which starts at `start_hour`).
+    fn minute(&mut self, m: usize, start_hour: f64) -> &mut Minute {
         while self.minutes.len() <= m {
-            let n = self.minutes.len();
+            let hour = start_hour + self.minutes.len() as f64 / 60.0;
             self.minutes.push(Minute {
-                hour: hour - (m - n) as f64 / 60.0,
+                hour,
                 ..Minute::default()
             });
         }
@@ -266,7 +267,7 @@ async fn rider(world: Arc<World>, n: usize, seed: u64) {
                             if r.is_some_and(|r| r.0 == 202) {
                                 let mut s = world.stats.lock().expect("stats");
                                 let m = world.minute();
-                                let h = world.hour();
+                                let h = world.cfg.start_hour;
                                 s.minute(m, h).delivered += 1;
                             }
                         }
@@ -318,7 +319,7 @@ async fn rider(world: Arc<World>, n: usize, seed: u64) {
                     continue;
                 }
                 let mut s = world.stats.lock().expect("stats");
-                let (m, h) = (world.minute(), world.hour());
+                let (m, h) = (world.minute(), world.cfg.start_hour);
                 s.minute(m, h).grabbed += 1;
                 if let Some(p) = s.orders.get_mut(&order) {
                     p.wins += 1;
@@ -378,7 +379,7 @@ async fn orders(world: Arc<World>, seed: u64) {
         let body = json!({"order_id": order, "merchant_id": format!("sim-m{m}"),
             "dropoff": {"lat": dropoff.lat(), "lon": dropoff.lon()}, "promised_minutes": promised});
         let placed_at = Instant::now();
-        let (minute, hour) = (world.minute(), world.hour());
+        let (minute, hour) = (world.minute(), world.cfg.start_hour);
         {
             let mut s = world.stats.lock().expect("stats");
             s.orders.insert(
@@ -427,7 +428,7 @@ async fn orders(world: Arc<World>, seed: u64) {
                         .await;
                     if r.is_some_and(|r| r.0 == 202) {
                         let mut s = w.stats.lock().expect("stats");
-                        let (m, h) = (w.minute(), w.hour());
+                        let (m, h) = (w.minute(), w.cfg.start_hour);
                         s.minute(m, h).cancelled += 1;
                     }
                 }

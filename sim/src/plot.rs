@@ -23,6 +23,7 @@ fn font() -> bool {
 type Series<'a> = (&'a str, RGBColor, Vec<(f64, f64)>);
 
 fn chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<(), String> {
+    let title = title.to_string();
     let labels = font();
     let root = BitMapBackend::new(path, (1000, 500)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| e.to_string())?;
@@ -40,7 +41,7 @@ fn chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<(
         .x_label_area_size(40)
         .y_label_area_size(60);
     if labels {
-        builder.caption(title, ("sans-serif", 24));
+        builder.caption(&title, ("sans-serif", 24));
     }
     let mut chart = builder
         .build_cartesian_2d(x0..x1, 0.0..y1)
@@ -86,15 +87,27 @@ fn chart(path: &Path, title: &str, y_label: &str, series: &[Series]) -> Result<(
 /// `latency.png` (median order → first offer per minute) into `dir`.
 pub fn write(dir: &Path, minutes: &[Minute]) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+    // Long runs are averaged over wider windows (about 60 points in all) so
+    // the day's shape shows through minute-to-minute noise.
+    let window = (minutes.len() / 60).max(1);
     let line = |f: fn(&Minute) -> u64| {
         minutes
-            .iter()
-            .map(|m| (m.hour, f(m) as f64))
+            .chunks(window)
+            .map(|c| {
+                (
+                    c[0].hour,
+                    c.iter().map(|m| f(m) as f64).sum::<f64>() / c.len() as f64,
+                )
+            })
             .collect::<Vec<_>>()
     };
     chart(
         &dir.join("orders.png"),
-        "orders per minute",
+        &if window > 1 {
+            format!("orders per minute ({window}-minute averages)")
+        } else {
+            "orders per minute".to_string()
+        },
         "orders",
         &[
             ("placed", BLUE, line(|m| m.placed)),
