@@ -101,6 +101,14 @@ pub fn spawn(
                                 }
                                 for e in events {
                                     if e.offset as usize % peers == me {
+                                        // The log never sends an event older than a
+                                        // tick it sent (ticks are `max(now, last time)`);
+                                        // the clamp only keeps a broken promise from
+                                        // panicking a live service.
+                                        debug_assert!(
+                                            e.time >= *input.time(),
+                                            "the log sends events in time order"
+                                        );
                                         let t = e.time.max(*input.time());
                                         input.update_at(e, t, 1);
                                     }
