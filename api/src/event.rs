@@ -108,6 +108,23 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    /// The kind's name, as in the JSON `type` tag.
+    pub fn name(&self) -> &'static str {
+        match self {
+            EventKind::MerchantUpserted { .. } => "merchant_upserted",
+            EventKind::ShiftChanged { .. } => "shift_changed",
+            EventKind::LocationPinged { .. } => "location_pinged",
+            EventKind::OrderPlaced { .. } => "order_placed",
+            EventKind::OrderCancelled { .. } => "order_cancelled",
+            EventKind::GrabAttempted { .. } => "grab_attempted",
+            EventKind::PickedUp { .. } => "picked_up",
+            EventKind::Delivered { .. } => "delivered",
+            EventKind::CompensationSettled { .. } => "compensation_settled",
+            EventKind::Redispatched { .. } => "redispatched",
+            EventKind::Reassigned { .. } => "reassigned",
+        }
+    }
+
     /// Whether the event changes rider state (position, shift) rather than an order.
     pub fn is_rider_state(&self) -> bool {
         matches!(

@@ -24,6 +24,21 @@ pub enum OrderState {
     Closed,
 }
 
+impl OrderState {
+    /// The state's name, as in JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            OrderState::Created => "created",
+            OrderState::Notified => "notified",
+            OrderState::Delivering => "delivering",
+            OrderState::Received => "received",
+            OrderState::Overtime => "overtime",
+            OrderState::Compensating => "compensating",
+            OrderState::Closed => "closed",
+        }
+    }
+}
+
 /// Why an order changed state.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -199,6 +214,19 @@ pub enum Output {
 }
 
 impl Output {
+    /// The record's kind, as in the JSON `type` tag.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Output::Offered { .. } => "offered",
+            Output::Withdrawn { .. } => "withdrawn",
+            Output::Unassigned { .. } => "unassigned",
+            Output::GrabDecided { .. } => "grab_decided",
+            Output::Assigned { .. } => "assigned",
+            Output::Transition { .. } => "transition",
+            Output::Rejected { .. } => "rejected",
+        }
+    }
+
     /// The rider this record is for, when it goes to a rider's stream.
     pub fn rider(&self) -> Option<&Id> {
         match self {
@@ -208,6 +236,133 @@ impl Output {
             | Output::Unassigned { rider, .. }
             | Output::Assigned { rider, .. } => Some(rider),
             _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Coord, Event, EventKind};
+
+    fn tag(v: serde_json::Value) -> String {
+        v.get("type")
+            .map_or(v.clone(), |t| t.clone())
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    #[test]
+    fn names_are_the_json_tags() {
+        let id = || Id::new("x").unwrap();
+        let at = Coord::from_degrees(1.0, 2.0).unwrap();
+        for s in [
+            OrderState::Created,
+            OrderState::Notified,
+            OrderState::Delivering,
+            OrderState::Received,
+            OrderState::Overtime,
+            OrderState::Compensating,
+            OrderState::Closed,
+        ] {
+            assert_eq!(tag(serde_json::to_value(s).unwrap()), s.name());
+        }
+        let outputs = [
+            Output::Offered {
+                order: id(),
+                rider: id(),
+                merchant: id(),
+                distance_m: 1,
+                round: 0,
+                expires_at: 1,
+            },
+            Output::Withdrawn {
+                order: id(),
+                rider: id(),
+                reason: WithdrawReason::Taken,
+            },
+            Output::Unassigned {
+                order: id(),
+                rider: id(),
+                reason: WithdrawReason::Cancelled,
+            },
+            Output::GrabDecided {
+                attempt: id(),
+                order: id(),
+                rider: id(),
+                outcome: GrabOutcome::Won,
+            },
+            Output::Assigned {
+                order: id(),
+                rider: id(),
+            },
+            Output::Transition {
+                order: id(),
+                from: None,
+                to: OrderState::Created,
+                reason: TransitionReason::Placed,
+                rider: None,
+            },
+            Output::Rejected {
+                event: id(),
+                order: None,
+                reason: RejectReason::UnknownOrder,
+            },
+        ];
+        for o in outputs {
+            assert_eq!(tag(serde_json::to_value(&o).unwrap()), o.name());
+        }
+        let kinds = [
+            EventKind::MerchantUpserted {
+                merchant: id(),
+                at,
+                open: true,
+            },
+            EventKind::ShiftChanged {
+                rider: id(),
+                online: true,
+                capacity: None,
+            },
+            EventKind::LocationPinged { rider: id(), at },
+            EventKind::OrderPlaced {
+                order: id(),
+                merchant: id(),
+                dropoff: at,
+                promised_minutes: 1,
+            },
+            EventKind::OrderCancelled { order: id() },
+            EventKind::GrabAttempted {
+                order: id(),
+                rider: id(),
+            },
+            EventKind::PickedUp {
+                order: id(),
+                rider: id(),
+            },
+            EventKind::Delivered {
+                order: id(),
+                rider: id(),
+            },
+            EventKind::CompensationSettled {
+                order: id(),
+                amount_cents: 1,
+            },
+            EventKind::Redispatched { order: id() },
+            EventKind::Reassigned {
+                order: id(),
+                rider: id(),
+            },
+        ];
+        for k in kinds {
+            let name = k.name();
+            let e = Event {
+                id: id(),
+                offset: 0,
+                time: 0,
+                kind: k,
+            };
+            assert_eq!(tag(serde_json::to_value(&e).unwrap()["kind"].clone()), name);
         }
     }
 }

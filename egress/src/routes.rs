@@ -129,7 +129,7 @@ async fn pump_ws(mut socket: WebSocket, egress: Arc<Egress>, rider: Id, mut curs
         let wait = notify.notified();
         tokio::pin!(wait);
         wait.as_mut().enable();
-        let (messages, _) = egress.messages_after(&rider, cursor);
+        let messages = egress.messages_after(&rider, cursor);
         for (seq, text) in messages {
             if socket
                 .send(Message::Text(text.as_ref().into()))
@@ -186,7 +186,7 @@ pub async fn rider_sse(
                 let wait = notify.notified();
                 tokio::pin!(wait);
                 wait.as_mut().enable();
-                let (messages, _) = egress.messages_after(&rider, cursor);
+                let messages = egress.messages_after(&rider, cursor);
                 if messages.is_empty() {
                     tokio::select! {
                         _ = wait => {}

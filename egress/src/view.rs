@@ -95,7 +95,7 @@ pub struct Counters {
     /// Grabs lost, by reason.
     pub grabs_lost: BTreeMap<String, u64>,
     /// Orders by current state.
-    pub orders_by_state: BTreeMap<String, i64>,
+    pub orders_by_state: BTreeMap<&'static str, i64>,
 }
 
 /// The egress state, shared by the dataflow's observer side and the routes.
@@ -115,29 +115,6 @@ pub struct Egress {
     /// Set on shutdown: open streams end.
     closed: AtomicBool,
     closing: Notify,
-}
-
-fn event_name(k: &EventKind) -> &'static str {
-    match k {
-        EventKind::MerchantUpserted { .. } => "merchant_upserted",
-        EventKind::ShiftChanged { .. } => "shift_changed",
-        EventKind::LocationPinged { .. } => "location_pinged",
-        EventKind::OrderPlaced { .. } => "order_placed",
-        EventKind::OrderCancelled { .. } => "order_cancelled",
-        EventKind::GrabAttempted { .. } => "grab_attempted",
-        EventKind::PickedUp { .. } => "picked_up",
-        EventKind::Delivered { .. } => "delivered",
-        EventKind::CompensationSettled { .. } => "compensation_settled",
-        EventKind::Redispatched { .. } => "redispatched",
-        EventKind::Reassigned { .. } => "reassigned",
-    }
-}
-
-fn state_name(s: OrderState) -> String {
-    serde_json::to_value(s)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
 }
 
 impl Egress {
@@ -229,24 +206,20 @@ impl Egress {
         Some(v.index.nearest(at, self.cfg.radius_m, limit, free))
     }
 
-    /// Messages of `rider` with seq above `after`, and the notifier that fires
-    /// when more arrive. Create the wait (`notified()`) before calling.
-    pub fn messages_after(&self, rider: &Id, after: u64) -> (Vec<(u64, Arc<str>)>, Arc<Notify>) {
-        {
-            let v = self.view.read().expect("view");
-            if let Some(s) = v.streams.get(rider) {
-                let msgs = s
-                    .messages
+    /// Messages of `rider` with seq above `after`. To miss nothing, a caller
+    /// enables its wait on [`Egress::notifier`] before calling.
+    pub fn messages_after(&self, rider: &Id, after: u64) -> Vec<(u64, Arc<str>)> {
+        let v = self.view.read().expect("view");
+        v.streams
+            .get(rider)
+            .map(|s| {
+                s.messages
                     .iter()
                     .filter(|(seq, _)| *seq > after)
                     .cloned()
-                    .collect();
-                return (msgs, Arc::clone(&s.notify));
-            }
-        }
-        let mut v = self.view.write().expect("view");
-        let s = v.streams.entry(rider.clone()).or_default();
-        (Vec::new(), Arc::clone(&s.notify))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// The notifier of a rider's stream.
@@ -273,7 +246,7 @@ impl Observer for Egress {
         let mut v = self.view.write().expect("view");
         let mut c = self.counters.lock().expect("counters");
         for e in events {
-            *c.events.entry(event_name(&e.kind)).or_default() += 1;
+            *c.events.entry(e.kind.name()).or_default() += 1;
             match &e.kind {
                 EventKind::MerchantUpserted { merchant, at, open } => {
                     v.merchants.insert(merchant.clone(), (*at, *open));
@@ -312,16 +285,7 @@ impl Observer for Egress {
             let mut v = self.view.write().expect("view");
             let mut c = self.counters.lock().expect("counters");
             for (t, o) in decisions {
-                let kind = match &o {
-                    Output::Offered { .. } => "offered",
-                    Output::Withdrawn { .. } => "withdrawn",
-                    Output::Unassigned { .. } => "unassigned",
-                    Output::GrabDecided { .. } => "grab_decided",
-                    Output::Assigned { .. } => "assigned",
-                    Output::Transition { .. } => "transition",
-                    Output::Rejected { .. } => "rejected",
-                };
-                *c.decisions.entry(kind).or_default() += 1;
+                *c.decisions.entry(o.name()).or_default() += 1;
                 match o {
                     Output::Offered {
                         order,
@@ -339,16 +303,17 @@ impl Observer for Egress {
                         order,
                         rider,
                         reason,
+                    } => {
+                        let msg = json!({"type": "withdrawn", "order_id": order, "reason": reason});
+                        Self::push(&mut v, &rider, msg, &mut woken);
                     }
-                    | Output::Unassigned {
+                    Output::Unassigned {
                         order,
                         rider,
                         reason,
                     } => {
-                        if matches!(kind, "unassigned") {
-                            let r = v.riders.entry(rider.clone()).or_default();
-                            r.load = r.load.saturating_sub(1);
-                        }
+                        let r = v.riders.entry(rider.clone()).or_default();
+                        r.load = r.load.saturating_sub(1);
                         let msg = json!({"type": "withdrawn", "order_id": order, "reason": reason});
                         Self::push(&mut v, &rider, msg, &mut woken);
                     }
@@ -391,9 +356,9 @@ impl Observer for Egress {
                         rider,
                     } => {
                         if let Some(from) = from {
-                            *c.orders_by_state.entry(state_name(from)).or_default() -= 1;
+                            *c.orders_by_state.entry(from.name()).or_default() -= 1;
                         }
-                        *c.orders_by_state.entry(state_name(to)).or_default() += 1;
+                        *c.orders_by_state.entry(to.name()).or_default() += 1;
                         if to == OrderState::Received {
                             if let Some(r) = &rider {
                                 let r = v.riders.entry(r.clone()).or_default();
