@@ -380,26 +380,6 @@ impl Dispatcher {
         std::mem::take(&mut self.new_timer_times)
     }
 
-    /// The `k` available riders nearest to a merchant within the base radius,
-    /// nearest first, with distances in metres (the merchant→rider index).
-    pub fn riders_near(&self, merchant: &Id, k: usize) -> Option<Vec<(Id, f64)>> {
-        let at = self.merchants.get(merchant)?.at;
-        Some(
-            self.index
-                .nearest(at, self.cfg.radius_m, k, |r| self.is_free(r)),
-        )
-    }
-
-    /// How many riders are in the index, orders are known, and orders wait.
-    pub fn sizes(&self) -> (usize, usize, usize) {
-        let waiting = self
-            .orders
-            .values()
-            .filter(|o| o.state == OrderState::Created)
-            .count();
-        (self.index.len(), self.orders.len(), waiting)
-    }
-
     fn is_free(&self, rider: &Id) -> bool {
         self.riders.get(rider).is_none_or(|l| l.load < l.capacity)
     }

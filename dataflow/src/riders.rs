@@ -25,6 +25,15 @@ struct Track {
     check_pending: bool,
 }
 
+/// The index entry of `rider` at `(cell, position)`.
+fn entry(rider: &Id, (cell, at): (u64, Coord)) -> IndexEntry {
+    IndexEntry {
+        cell,
+        rider: rider.clone(),
+        at,
+    }
+}
+
 /// The riders of one worker's partition.
 #[derive(Debug)]
 pub struct RiderTracker {
@@ -94,25 +103,11 @@ impl RiderTracker {
                 _ => None,
             };
             if want != track.indexed {
-                if let Some((cell, at)) = track.indexed {
-                    out.push((
-                        IndexEntry {
-                            cell,
-                            rider: rider.clone(),
-                            at,
-                        },
-                        -1,
-                    ));
+                if let Some(old) = track.indexed {
+                    out.push((entry(&rider, old), -1));
                 }
-                if let Some((cell, at)) = want {
-                    out.push((
-                        IndexEntry {
-                            cell,
-                            rider: rider.clone(),
-                            at,
-                        },
-                        1,
-                    ));
+                if let Some(new) = want {
+                    out.push((entry(&rider, new), 1));
                 }
                 track.indexed = want;
             }
@@ -129,15 +124,8 @@ impl RiderTracker {
                 continue;
             }
             track.check_pending = false;
-            if let Some((cell, at)) = track.indexed.take() {
-                out.push((
-                    IndexEntry {
-                        cell,
-                        rider: rider.clone(),
-                        at,
-                    },
-                    -1,
-                ));
+            if let Some(old) = track.indexed.take() {
+                out.push((entry(&rider, old), -1));
             }
             if !track.online {
                 // Off shift and silent: nothing left worth keeping.
