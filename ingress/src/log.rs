@@ -165,7 +165,15 @@ pub fn read_records(path: &Path) -> Result<(Vec<Record>, u64), LogError> {
     Ok((records, 0))
 }
 
-fn encode(record: &Record, out: &mut Vec<u8>) {
+/// A [`Record`] by reference, for writing without copying the event.
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
+    event: &'a Event,
+}
+
+fn encode(record: &RecordRef<'_>, out: &mut Vec<u8>) {
     let payload = serde_json::to_vec(record).expect("records serialize");
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
@@ -318,9 +326,9 @@ impl Writer {
                 self.next_offset += 1;
                 first.get_or_insert_with(|| (event.id.clone(), event.offset));
                 encode(
-                    &Record {
-                        key: key.clone(),
-                        event: event.clone(),
+                    &RecordRef {
+                        key: key.as_deref(),
+                        event: &event,
                     },
                     &mut self.buf,
                 );
