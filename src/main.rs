@@ -3,7 +3,11 @@
 //!
 //! ## Layout
 //!
-//! - `serve`: ingress, dataflow and egress in one process over the embedded log.
+//! - `serve`: ingress, dataflow and egress in one process, over the embedded
+//!   log, or over Kafka with `--kafka` (and a Redis mirror with `--redis`).
+//! - `ingress`, `dataflow`, `egress`: the same parts as separate processes
+//!   over Kafka (split roles); `dataflow` also runs as a timely cluster
+//!   (`--processes`, `--process`, `--hosts`).
 //! - `token`: mints a signed token with the secret kept in the data dir.
 //! - `sim`: drives a running server like a city's traffic (see `grabflow-sim`).
 //! - `replay`: runs a JSON-lines event log through the dataflow and prints
@@ -17,7 +21,12 @@ use clap::{Args, Parser, Subcommand};
 use grabflow_api::{DispatchConfig, Event, Id, Time};
 use grabflow_dataflow::replay::{replay, ReplayPlan};
 use grabflow_dataflow::stats::DataflowStats;
+use grabflow_dataflow::runtime::{self, Fanout, Observer};
+use grabflow_egress::kafka::{follow, OutputSink};
+use grabflow_egress::redis::RedisMirror;
 use grabflow_egress::routes::{app, EgressState};
+use grabflow_ingress::kafka::{ensure_topics, Follower, GrabResults, KafkaConfig, KafkaLog, KafkaSources};
+use grabflow_ingress::log::{Appended, LogHandle};
 use grabflow_egress::view::Egress;
 use grabflow_ingress::auth::{Claims, Role, Secret};
 use grabflow_ingress::routes::{Ingress, Known};
@@ -26,6 +35,9 @@ use std::io::{BufRead, Write};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Idempotency keys and their first answers.
+type KeyAnswers = Arc<Mutex<std::collections::HashMap<String, Appended>>>;
 
 #[derive(Parser)]
 #[command(
@@ -40,8 +52,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run ingress, dataflow and egress in one process (embedded log).
+    /// Run ingress, dataflow and egress in one process (embedded log, or Kafka).
     Serve(ServeArgs),
+    /// Run only ingress (HTTP → Kafka); needs `--kafka`.
+    Ingress(ServeArgs),
+    /// Run only the dataflow (Kafka → Kafka, Redis); needs `--kafka`.
+    Dataflow(ServeArgs),
+    /// Run only egress (Kafka → rider streams, queries); needs `--kafka`.
+    Egress(ServeArgs),
     /// Print a token signed with the secret in the data dir.
     Token {
         /// app, rider or ops.
@@ -148,6 +166,43 @@ struct ServeArgs {
     /// Clock tick when no events arrive [default: 50ms].
     #[arg(long, env = "GRABFLOW_TICK", value_parser = parse_duration)]
     tick: Option<Duration>,
+    /// Kafka bootstrap servers, HOST:PORT[,…]: production mode.
+    #[arg(long, env = "GRABFLOW_KAFKA")]
+    kafka: Option<String>,
+    /// Prefix of the Kafka topic names [default: grabflow.].
+    #[arg(long, env = "GRABFLOW_KAFKA_PREFIX")]
+    kafka_prefix: Option<String>,
+    /// Prefix of the output topics when not --kafka-prefix (a shadow
+    /// dataflow reading the same log) [default: the --kafka-prefix].
+    #[arg(long, env = "GRABFLOW_KAFKA_OUTPUT_PREFIX")]
+    kafka_output_prefix: Option<String>,
+    /// Partitions of the topics grabflow creates [default: 4].
+    #[arg(long, env = "GRABFLOW_KAFKA_PARTITIONS")]
+    kafka_partitions: Option<i32>,
+    /// Replicas of the topics grabflow creates [default: 1].
+    #[arg(long, env = "GRABFLOW_KAFKA_REPLICATION")]
+    kafka_replication: Option<i32>,
+    /// An idle input partition gets a clock tick this often [default: 5ms].
+    #[arg(long, env = "GRABFLOW_KAFKA_TICK", value_parser = parse_duration)]
+    kafka_tick: Option<Duration>,
+    /// How long an append waits for the broker before 503 [default: 5s].
+    #[arg(long, env = "GRABFLOW_KAFKA_ACK_TIMEOUT", value_parser = parse_duration)]
+    kafka_ack_timeout: Option<Duration>,
+    /// Redis URL (redis://HOST:PORT/DB) of the mirror of the index and live orders.
+    #[arg(long, env = "GRABFLOW_REDIS")]
+    redis: Option<String>,
+    /// Prefix of the mirror's Redis keys [default: grabflow:].
+    #[arg(long, env = "GRABFLOW_REDIS_PREFIX")]
+    redis_prefix: Option<String>,
+    /// Dataflow processes of a timely cluster [default: 1].
+    #[arg(long, env = "GRABFLOW_PROCESSES")]
+    processes: Option<usize>,
+    /// This process's index in the cluster, from 0 [default: 0].
+    #[arg(long, env = "GRABFLOW_PROCESS")]
+    process: Option<usize>,
+    /// The cluster's processes, HOST:PORT for each, comma-separated, in order.
+    #[arg(long, env = "GRABFLOW_HOSTS")]
+    hosts: Option<String>,
 }
 
 /// The TOML file's shape: the same settings, durations as strings.
@@ -165,6 +220,18 @@ struct FileConfig {
     rider_ttl: Option<String>,
     capacity: Option<u32>,
     tick: Option<String>,
+    kafka: Option<String>,
+    kafka_prefix: Option<String>,
+    kafka_output_prefix: Option<String>,
+    kafka_partitions: Option<i32>,
+    kafka_replication: Option<i32>,
+    kafka_tick: Option<String>,
+    kafka_ack_timeout: Option<String>,
+    redis: Option<String>,
+    redis_prefix: Option<String>,
+    processes: Option<usize>,
+    process: Option<usize>,
+    hosts: Option<String>,
 }
 
 /// `30s`, `2m`, `500ms`, `1h`, or plain milliseconds.
@@ -193,6 +260,38 @@ struct Settings {
     workers: usize,
     tick: Duration,
     dispatch: DispatchConfig,
+    kafka: Option<KafkaConfig>,
+    redis: Option<(String, String)>,
+    /// Process index, and the cluster's addresses (empty: one process).
+    cluster: (usize, Vec<String>),
+}
+
+impl Settings {
+    /// The timely configuration: threads of this process, or a cluster.
+    fn timely(&self) -> timely::Config {
+        let (process, hosts) = &self.cluster;
+        let communication = if hosts.len() > 1 {
+            timely::CommunicationConfig::Cluster {
+                threads: self.workers,
+                process: *process,
+                addresses: hosts.clone(),
+                report: false,
+                zerocopy: false,
+            }
+        } else {
+            timely::CommunicationConfig::Process(self.workers)
+        };
+        timely::Config {
+            communication,
+            worker: timely::WorkerConfig::default(),
+        }
+    }
+
+    fn kafka(&self) -> anyhow::Result<&KafkaConfig> {
+        self.kafka
+            .as_ref()
+            .context("this role runs over Kafka: give --kafka HOST:PORT")
+    }
 }
 
 fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
@@ -244,7 +343,54 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
     if let Err((field, why)) = dispatch.validate() {
         bail!("setting {field} {why}");
     }
+    let kafka = match a.kafka.or(file.kafka) {
+        Some(brokers) => {
+            let mut k = KafkaConfig::new(&brokers);
+            if let Some(p) = a.kafka_prefix.or(file.kafka_prefix) {
+                k.prefix = p;
+            }
+            k.output_prefix = a.kafka_output_prefix.or(file.kafka_output_prefix);
+            k.partitions = a
+                .kafka_partitions
+                .or(file.kafka_partitions)
+                .unwrap_or(k.partitions);
+            k.replication = a
+                .kafka_replication
+                .or(file.kafka_replication)
+                .unwrap_or(k.replication);
+            k.tick = dur(a.kafka_tick, file.kafka_tick, k.tick)?;
+            k.ack_timeout = dur(a.kafka_ack_timeout, file.kafka_ack_timeout, k.ack_timeout)?;
+            if k.partitions < 1 || k.replication < 1 || k.tick.is_zero() {
+                bail!("--kafka-partitions, --kafka-replication and --kafka-tick must be positive");
+            }
+            Some(k)
+        }
+        None => None,
+    };
+    let redis = a.redis.or(file.redis).map(|url| {
+        let prefix = a
+            .redis_prefix
+            .or(file.redis_prefix)
+            .unwrap_or_else(|| "grabflow:".into());
+        (url, prefix)
+    });
+    let processes = a.processes.or(file.processes).unwrap_or(1).max(1);
+    let process = a.process.or(file.process).unwrap_or(0);
+    let hosts: Vec<String> = a
+        .hosts
+        .or(file.hosts)
+        .map(|h| h.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+        .unwrap_or_default();
+    if processes > 1 && hosts.len() != processes {
+        bail!("--hosts must list {processes} HOST:PORT addresses, one per process");
+    }
+    if process >= processes {
+        bail!("--process must be below --processes");
+    }
     Ok(Settings {
+        kafka,
+        redis,
+        cluster: (process, if processes > 1 { hosts } else { Vec::new() }),
         listen: a
             .listen
             .or(file.listen)
@@ -274,7 +420,29 @@ async fn shutdown_signal() {
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
+/// The Redis mirror, when `--redis` is given.
+fn mirror(s: &Settings) -> anyhow::Result<Option<Arc<dyn Observer>>> {
+    Ok(match &s.redis {
+        Some((url, prefix)) => Some(
+            RedisMirror::start(url, prefix, s.dispatch.radius_m).context("--redis")?
+                as Arc<dyn Observer>,
+        ),
+        None => None,
+    })
+}
+
+async fn listen(s: &Settings) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(&s.listen)
+        .await
+        .with_context(|| format!("listening on {}", s.listen))?;
+    println!("grabflow listening on http://{}", listener.local_addr()?);
+    Ok(listener)
+}
+
 async fn serve(s: Settings) -> anyhow::Result<()> {
+    if s.kafka.is_some() {
+        return serve_kafka(s).await;
+    }
     let secret = Secret::load_or_create(&s.data_dir)?;
     let (feed_tx, feed_rx) = std::sync::mpsc::channel();
     let opened =
@@ -286,11 +454,13 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     );
     let egress = Egress::new(s.dispatch.clone(), opened.last_time);
     let stats = DataflowStats::default();
-    let dataflow = grabflow_dataflow::runtime::spawn(
-        s.dispatch,
-        s.workers,
-        feed_rx,
-        egress.clone(),
+    let mut observers: Vec<Arc<dyn Observer>> = vec![egress.clone()];
+    observers.extend(mirror(&s)?);
+    let dataflow = runtime::spawn(
+        s.dispatch.clone(),
+        s.timely(),
+        runtime::feed_sources(feed_rx, s.workers),
+        Arc::new(Fanout(observers)),
         stats.clone(),
     );
     let ingress = Ingress {
@@ -310,10 +480,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
             stats,
         },
     );
-    let listener = tokio::net::TcpListener::bind(&s.listen)
-        .await
-        .with_context(|| format!("listening on {}", s.listen))?;
-    println!("grabflow listening on http://{}", listener.local_addr()?);
+    let listener = listen(&s).await?;
     let closing = egress.clone();
     axum::serve(listener, router)
         .with_graceful_shutdown(async move {
@@ -332,6 +499,188 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts this process's dataflow workers over Kafka, reporting to `observer`.
+fn kafka_dataflow(
+    s: &Settings,
+    observer: Arc<dyn Observer>,
+    stats: DataflowStats,
+) -> anyhow::Result<(std::thread::JoinHandle<()>, Arc<std::sync::atomic::AtomicBool>)> {
+    let sources = KafkaSources::new(s.kafka()?).context("kafka sources")?;
+    let stop = Arc::clone(&sources.stop);
+    let (process, hosts) = &s.cluster;
+    let peers = s.workers * hosts.len().max(1);
+    let mut made = std::collections::HashMap::new();
+    for local in 0..s.workers {
+        let index = process * s.workers + local;
+        made.insert(index, sources.source(index, peers).context("kafka source")?);
+    }
+    let made = Mutex::new(made);
+    let factory: runtime::Sources = Arc::new(move |me, _| {
+        Box::new(
+            made.lock()
+                .expect("sources")
+                .remove(&me)
+                .expect("a source per local worker"),
+        )
+    });
+    let handle = runtime::spawn(s.dispatch.clone(), s.timely(), factory, observer, stats);
+    Ok((handle, stop))
+}
+
+/// Ids and idempotency keys ingress must know, read from the input topics.
+async fn follow_inputs(
+    k: &KafkaConfig,
+    grabs: Option<Arc<GrabResults>>,
+) -> anyhow::Result<(Arc<Mutex<Known>>, KeyAnswers)> {
+    let known = Arc::new(Mutex::new(Known::default()));
+    let keys = KeyAnswers::default();
+    let (k, kn, ks) = (k.clone(), Arc::clone(&known), Arc::clone(&keys));
+    tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+        let follower = Follower::start(&k, kn, ks, grabs)?;
+        if !follower.wait_caught_up(Duration::from_secs(120)) {
+            bail!("the input topics could not be read to their end in 2 minutes");
+        }
+        Ok(())
+    })
+    .await??;
+    Ok((known, keys))
+}
+
+async fn serve_kafka(s: Settings) -> anyhow::Result<()> {
+    let k = s.kafka()?.clone();
+    ensure_topics(&k).await.context("creating the topics")?;
+    let secret = Secret::load_or_create(&s.data_dir)?;
+    let (known, keys) = follow_inputs(&k, None).await?;
+    let egress = Egress::new(s.dispatch.clone(), now_ms());
+    let sink = {
+        let k = k.clone();
+        tokio::task::spawn_blocking(move || OutputSink::new(&k)).await??
+    };
+    let stats = DataflowStats::default();
+    let mut observers: Vec<Arc<dyn Observer>> = vec![egress.clone(), sink.clone()];
+    observers.extend(mirror(&s)?);
+    let (dataflow, stop) = kafka_dataflow(&s, Arc::new(Fanout(observers)), stats.clone())?;
+    let ingress = Ingress {
+        log: LogHandle::kafka(Arc::new(KafkaLog::new(&k, keys)?)),
+        secret: secret.clone(),
+        known,
+        grabs: egress.clone(),
+    };
+    let router = app(
+        ingress,
+        EgressState {
+            egress: egress.clone(),
+            secret,
+            stats,
+        },
+    );
+    let listener = listen(&s).await?;
+    let closing = egress.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            closing.close();
+        })
+        .await?;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    tokio::task::spawn_blocking(move || {
+        let _ = dataflow.join();
+        sink.close(Duration::from_secs(10));
+    })
+    .await?;
+    Ok(())
+}
+
+async fn run_ingress(s: Settings) -> anyhow::Result<()> {
+    let k = s.kafka()?.clone();
+    ensure_topics(&k).await.context("creating the topics")?;
+    let secret = Secret::load_or_create(&s.data_dir)?;
+    let grabs = Arc::new(GrabResults::default());
+    let (known, keys) = follow_inputs(&k, Some(Arc::clone(&grabs))).await?;
+    let ingress = Ingress {
+        log: LogHandle::kafka(Arc::new(KafkaLog::new(&k, keys)?)),
+        secret,
+        known,
+        grabs,
+    };
+    let router = grabflow_ingress::routes::routes(ingress)
+        .route("/healthz", axum::routing::get(|| async { "ok" }));
+    let listener = listen(&s).await?;
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn run_dataflow(s: Settings) -> anyhow::Result<()> {
+    let k = s.kafka()?.clone();
+    if s.cluster.0 == 0 {
+        ensure_topics(&k).await.context("creating the topics")?;
+    }
+    // Decisions and the gathered index reach worker 0, in process 0: only
+    // it writes the output topics and the mirror.
+    let mut observers: Vec<Arc<dyn Observer>> = Vec::new();
+    let mut sink = None;
+    if s.cluster.0 == 0 {
+        let k = k.clone();
+        let out = tokio::task::spawn_blocking(move || OutputSink::new(&k)).await??;
+        observers.push(out.clone());
+        sink = Some(out);
+        observers.extend(mirror(&s)?);
+    }
+    let (dataflow, stop) =
+        kafka_dataflow(&s, Arc::new(Fanout(observers)), DataflowStats::default())?;
+    println!("grabflow dataflow process {} running", s.cluster.0);
+    shutdown_signal().await;
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    tokio::task::spawn_blocking(move || {
+        let _ = dataflow.join();
+        if let Some(sink) = sink {
+            sink.close(Duration::from_secs(10));
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+async fn run_egress(s: Settings) -> anyhow::Result<()> {
+    let k = s.kafka()?.clone();
+    ensure_topics(&k).await.context("creating the topics")?;
+    let secret = Secret::load_or_create(&s.data_dir)?;
+    let egress = Egress::new(s.dispatch.clone(), 0);
+    let _following = {
+        let (k, e) = (k.clone(), egress.clone());
+        tokio::task::spawn_blocking(move || follow(&k, e)).await??
+    };
+    let router = grabflow_egress::routes::routes(EgressState {
+        egress: egress.clone(),
+        secret,
+        stats: DataflowStats::default(),
+    });
+    let listener = listen(&s).await?;
+    let closing = egress.clone();
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            closing.close();
+        })
+        .await?;
+    Ok(())
+}
+
+fn now_ms() -> Time {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Time)
+}
+
+fn block_on(f: impl std::future::Future<Output = anyhow::Result<()>>) -> anyhow::Result<()> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(f)
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -340,13 +689,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
-        Command::Serve(args) => {
-            let s = settings(args)?;
-            tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()?
-                .block_on(serve(s))
-        }
+        Command::Serve(args) => block_on(serve(settings(args)?)),
+        Command::Ingress(args) => block_on(run_ingress(settings(args)?)),
+        Command::Dataflow(args) => block_on(run_dataflow(settings(args)?)),
+        Command::Egress(args) => block_on(run_egress(settings(args)?)),
         Command::Sim(a) => {
             let (h, m) = a.start.split_once(':').context("--start is HH:MM")?;
             let start_hour = h.parse::<f64>().context("--start hour")?

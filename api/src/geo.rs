@@ -50,6 +50,12 @@ impl Coord {
         })
     }
 
+    /// Whether it lies within ±90° latitude and ±180° longitude (a decoded
+    /// value is not checked by serde).
+    pub fn is_valid(self) -> bool {
+        self.lat_e7.unsigned_abs() <= 900_000_000 && self.lon_e7.unsigned_abs() <= 1_800_000_000
+    }
+
     /// Latitude in degrees.
     pub fn lat(self) -> f64 {
         f64::from(self.lat_e7) / SCALE

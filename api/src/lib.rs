@@ -15,6 +15,7 @@
 //! - [`event`]: [`Event`] and [`EventKind`], what the log holds.
 //! - [`output`]: [`Output`], what dispatch decides: offers, withdrawals, grab
 //!   results, assignments, order transitions and rejections.
+//! - [`topics`]: production mode's Kafka topics and record values.
 //! - [`config`]: [`DispatchConfig`], the tunables of the dispatch rules.
 
 pub mod config;
@@ -22,6 +23,7 @@ pub mod event;
 pub mod geo;
 pub mod id;
 pub mod output;
+pub mod topics;
 
 pub use config::DispatchConfig;
 pub use event::{Event, EventKind, Feed};

@@ -1,10 +1,16 @@
 //! The live worker runtime: the dispatch dataflow fed from the log.
 //!
-//! [`spawn`] starts timely workers on their own threads. A feeder thread
-//! hands every [`Feed`] item (durable events, clock ticks) to each worker;
-//! each worker inserts its share of the events and advances its input to
-//! each tick, so timers fire as the clock passes them. Decisions, index
-//! changes and progress go to an [`Observer`] (the egress side).
+//! [`spawn`] starts timely workers (threads of this process, or a cluster of
+//! processes: whatever the `timely::Config` says). Each worker reads its share
+//! of the log from its own [`Source`] (the embedded log's feed, or its Kafka
+//! partitions), inserts the events at their log times and advances its input
+//! to the source's frontier, so timers fire as the clock passes them.
+//!
+//! Everything the [`Observer`] hears is gathered at worker 0 (the one that
+//! runs `decide`): events, index changes from every worker, decisions and
+//! progress. A decision at time `t` is handed over only once every event of
+//! `t` has been, so the observer always sees an order placed before it sees
+//! the order's first transition.
 
 use crate::graph::dispatch;
 use crate::IndexEntry;
@@ -13,15 +19,15 @@ use grabflow_api::{DispatchConfig, Event, Feed, Output, Time};
 use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use timely::dataflow::operators::{Inspect, Probe};
+use timely::dataflow::operators::{Exchange, Inspect, Probe};
 
-/// Receives what the dataflow produces. Called from worker threads.
+/// Receives what the dataflow produces. Called from worker 0's thread.
 pub trait Observer: Send + Sync + 'static {
     /// Events as they enter the dataflow (before any decision on them).
     fn events(&self, events: &[Event]);
-    /// Decisions of worker 0's `decide`, in time and decision order.
+    /// Decisions of `decide`, in time and decision order.
     fn decisions(&self, decisions: Vec<(Time, Output)>);
     /// Changes of the rider index (from every worker).
     fn index(&self, changes: Vec<(IndexEntry, Time, isize)>);
@@ -29,118 +35,190 @@ pub trait Observer: Send + Sync + 'static {
     fn progress(&self, time: Time);
 }
 
-/// Starts `workers` timely workers reading `feed` until it closes.
-pub fn spawn(
-    cfg: DispatchConfig,
-    workers: usize,
-    feed: mpsc::Receiver<Feed>,
-    observer: Arc<dyn Observer>,
-    stats: crate::stats::DataflowStats,
-) -> std::thread::JoinHandle<()> {
-    let workers = workers.max(1);
-    // One worker reads the log's feed itself; several get it fanned out by a
-    // feeder thread (each inserts its share and follows every tick).
-    let rxs: Vec<std::sync::Mutex<Option<mpsc::Receiver<Feed>>>> = if workers == 1 {
-        vec![std::sync::Mutex::new(Some(feed))]
+/// Hands every call to each observer in turn.
+pub struct Fanout(pub Vec<Arc<dyn Observer>>);
+
+impl Observer for Fanout {
+    fn events(&self, events: &[Event]) {
+        self.0.iter().for_each(|o| o.events(events));
+    }
+    fn decisions(&self, decisions: Vec<(Time, Output)>) {
+        if let Some((last, rest)) = self.0.split_last() {
+            rest.iter().for_each(|o| o.decisions(decisions.clone()));
+            last.decisions(decisions);
+        }
+    }
+    fn index(&self, changes: Vec<(IndexEntry, Time, isize)>) {
+        if let Some((last, rest)) = self.0.split_last() {
+            rest.iter().for_each(|o| o.index(changes.clone()));
+            last.index(changes);
+        }
+    }
+    fn progress(&self, time: Time) {
+        self.0.iter().for_each(|o| o.progress(time));
+    }
+}
+
+/// Where one worker's events come from.
+pub trait Source {
+    /// Moves the events that arrived into `out`, waiting up to `wait` when
+    /// none has, and returns the frontier: no event still to come has an
+    /// earlier time. `None` once the source has ended.
+    fn poll(&mut self, out: &mut Vec<Event>, wait: Duration) -> Option<Time>;
+}
+
+/// Makes worker `index` of `peers` its source.
+pub type Sources = Arc<dyn Fn(usize, usize) -> Box<dyn Source> + Send + Sync>;
+
+/// A worker's share of the embedded log's feed: the events whose offset maps
+/// to it, and every tick.
+struct FeedSource {
+    rx: mpsc::Receiver<Feed>,
+    me: usize,
+    peers: usize,
+    frontier: Time,
+}
+
+impl Source for FeedSource {
+    fn poll(&mut self, out: &mut Vec<Event>, wait: Duration) -> Option<Time> {
+        let mut got = self.rx.recv_timeout(wait);
+        loop {
+            match got {
+                Ok(Feed::Events(events)) => {
+                    let (me, peers) = (self.me, self.peers);
+                    out.extend(
+                        events
+                            .into_iter()
+                            .filter(|e| e.offset as usize % peers == me),
+                    );
+                }
+                Ok(Feed::Tick(t)) => self.frontier = self.frontier.max(t),
+                Err(mpsc::RecvTimeoutError::Timeout) => return Some(self.frontier),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+            }
+            got = self.rx.try_recv().map_err(|e| match e {
+                mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
+                mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
+            });
+        }
+    }
+}
+
+/// Sources for `workers` in-process workers reading the embedded log's feed.
+/// One worker reads it directly; several get it fanned out by a feeder thread.
+pub fn feed_sources(feed: mpsc::Receiver<Feed>, workers: usize) -> Sources {
+    let rxs: Vec<Mutex<Option<mpsc::Receiver<Feed>>>> = if workers <= 1 {
+        vec![Mutex::new(Some(feed))]
     } else {
         let (txs, rxs): (Vec<_>, Vec<_>) = (0..workers).map(|_| mpsc::channel::<Feed>()).unzip();
-        let feeder_observer = Arc::clone(&observer);
         std::thread::Builder::new()
             .name("grabflow-feeder".into())
             .spawn(move || {
                 for item in feed {
-                    if let Feed::Events(events) = &item {
-                        feeder_observer.events(events);
-                    }
                     for tx in &txs {
                         let _ = tx.send(item.clone());
                     }
                 }
             })
             .expect("spawn feeder");
-        rxs.into_iter()
-            .map(|rx| std::sync::Mutex::new(Some(rx)))
-            .collect()
+        rxs.into_iter().map(|rx| Mutex::new(Some(rx))).collect()
     };
-    let rxs = Arc::new(rxs);
+    Arc::new(move |me, peers| {
+        let rx = rxs[me]
+            .lock()
+            .expect("feed lock")
+            .take()
+            .expect("one receiver per worker");
+        Box::new(FeedSource {
+            rx,
+            me,
+            peers,
+            frontier: 0,
+        })
+    })
+}
+
+/// Starts the workers `timely` describes, each reading its [`Source`] until
+/// it ends; returns the thread that waits for them.
+pub fn spawn(
+    cfg: DispatchConfig,
+    timely: timely::Config,
+    sources: Sources,
+    observer: Arc<dyn Observer>,
+    stats: crate::stats::DataflowStats,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("grabflow-dataflow".into())
         .spawn(move || {
-            let guards = timely::execute(timely::Config::process(workers), move |worker| {
+            let run = timely::execute(timely, move |worker| {
                 let (me, peers) = (worker.index(), worker.peers());
-                let rx = rxs[me]
-                    .lock()
-                    .expect("feed lock")
-                    .take()
-                    .expect("one receiver per worker");
+                let mut source = sources(me, peers);
                 stats.register(worker);
+                let seen = Rc::new(RefCell::new(Vec::new()));
                 let decided = Rc::new(RefCell::new(Vec::new()));
                 let indexed = Rc::new(RefCell::new(Vec::new()));
-                let (d, i) = (Rc::clone(&decided), Rc::clone(&indexed));
-                let (mut input, probe) = worker.dataflow::<Time, _, _>(|scope| {
+                let (s, d, i) = (Rc::clone(&seen), Rc::clone(&decided), Rc::clone(&indexed));
+                let (mut input, probe, seen_probe) = worker.dataflow::<Time, _, _>(|scope| {
                     let (input, events) = scope.new_collection::<Event, isize>();
-                    let out = dispatch(events, &cfg);
+                    let out = dispatch(events.clone(), &cfg);
+                    // Gather what the observer hears at worker 0 (a no-op
+                    // exchange when there is one worker).
+                    let (seen_probe, _) = events
+                        .inner
+                        .exchange(|_| 0)
+                        .inspect(move |(e, _, _)| s.borrow_mut().push(e.clone()))
+                        .probe();
                     out.index
                         .inner
+                        .exchange(|_| 0)
                         .inspect(move |x| i.borrow_mut().push(x.clone()));
                     let (probe, _) = out
                         .outputs
                         .inner
                         .inspect(move |(o, t, _)| d.borrow_mut().push((*t, o.clone())))
                         .probe();
-                    (input, probe)
+                    (input, probe, seen_probe)
                 });
+                let frontier = |p: &timely::dataflow::ProbeHandle<Time>| {
+                    p.with_frontier(|f| f.first().copied().unwrap_or(Time::MAX))
+                };
                 let mut reported = 0;
-                'run: loop {
-                    let mut got = rx.recv_timeout(Duration::from_millis(1));
-                    loop {
-                        match got {
-                            Ok(Feed::Events(events)) => {
-                                if peers == 1 {
-                                    observer.events(&events);
-                                }
-                                for e in events {
-                                    if e.offset as usize % peers == me {
-                                        // The log never sends an event older than a
-                                        // tick it sent (ticks are `max(now, last time)`);
-                                        // the clamp only keeps a broken promise from
-                                        // panicking a live service.
-                                        debug_assert!(
-                                            e.time >= *input.time(),
-                                            "the log sends events in time order"
-                                        );
-                                        let t = e.time.max(*input.time());
-                                        input.update_at(e, t, 1);
-                                    }
-                                }
-                            }
-                            Ok(Feed::Tick(t)) => {
-                                if t > *input.time() {
-                                    input.advance_to(t);
-                                }
-                                input.flush();
-                            }
-                            Err(mpsc::RecvTimeoutError::Timeout) => break,
-                            Err(mpsc::RecvTimeoutError::Disconnected) => break 'run,
-                        }
-                        got = rx.try_recv().map_err(|e| match e {
-                            mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
-                            mpsc::TryRecvError::Disconnected => {
-                                mpsc::RecvTimeoutError::Disconnected
-                            }
-                        });
+                let mut held: Vec<(Time, Output)> = Vec::new();
+                let deliver = |held: &mut Vec<(Time, Output)>, upto: Time| {
+                    let events: Vec<Event> = seen.borrow_mut().drain(..).collect();
+                    if !events.is_empty() {
+                        observer.events(&events);
                     }
-                    worker.step();
                     let changes: Vec<_> = indexed.borrow_mut().drain(..).collect();
                     if !changes.is_empty() {
                         observer.index(changes);
                     }
-                    let decisions: Vec<_> = decided.borrow_mut().drain(..).collect();
-                    if !decisions.is_empty() {
-                        observer.decisions(decisions);
+                    held.extend(decided.borrow_mut().drain(..));
+                    // Decisions go out once every event of their time has.
+                    let ready = held.partition_point(|(t, _)| *t < upto);
+                    if ready > 0 {
+                        observer.decisions(held.drain(..ready).collect());
                     }
+                };
+                let mut batch = Vec::new();
+                while let Some(at) = source.poll(&mut batch, Duration::from_millis(1)) {
+                    for e in batch.drain(..) {
+                        // Sources promise events no older than the frontier
+                        // they gave; the clamp only keeps a broken promise
+                        // from panicking a live service.
+                        debug_assert!(e.time >= *input.time(), "events in time order");
+                        let t = e.time.max(*input.time());
+                        input.update_at(e, t, 1);
+                    }
+                    if at > *input.time() {
+                        input.advance_to(at);
+                    }
+                    input.flush();
+                    worker.step();
                     if me == 0 {
-                        let at = probe.with_frontier(|f| f.first().copied().unwrap_or(Time::MAX));
+                        let seen_upto = frontier(&seen_probe);
+                        deliver(&mut held, seen_upto);
+                        let at = frontier(&probe).min(seen_upto);
                         if at > reported {
                             reported = at;
                             observer.progress(at);
@@ -151,17 +229,24 @@ pub fn spawn(
                 // time run to infinity (which would fire every pending timer).
                 input.flush();
                 let until = *input.time();
-                worker.step_while(|| probe.less_than(&until));
-                let decisions: Vec<_> = decided.borrow_mut().drain(..).collect();
-                if !decisions.is_empty() {
-                    observer.decisions(decisions);
+                if until < Time::MAX {
+                    worker.step_while(|| probe.less_than(&until));
+                }
+                if me == 0 {
+                    deliver(&mut held, until);
                 }
                 for dataflow in worker.installed_dataflows() {
                     worker.drop_dataflow(dataflow);
                 }
-            })
-            .expect("timely starts");
-            drop(guards.join());
+            });
+            match run {
+                Ok(guards) => drop(guards.join()),
+                Err(e) => tracing_error(&e),
+            }
         })
         .expect("spawn dataflow")
+}
+
+fn tracing_error(e: &str) {
+    eprintln!("grabflow: the dataflow could not start: {e}");
 }

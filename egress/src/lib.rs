@@ -12,6 +12,12 @@
 //!   runtime (it implements the runtime's `Observer` and ingress's `GrabWaiter`).
 //! - [`routes`]: `routes(EgressState) -> Router`, `app(Ingress, EgressState)`
 //!   composing the whole service, and the OpenAPI document.
+//! - [`kafka`]: the output topics: the sink writing decisions and the index
+//!   (exactly once across restarts), and the follower that feeds a split
+//!   egress process's view from the topics.
+//! - [`redis`]: the Redis mirror of the index and live orders.
 
+pub mod kafka;
+pub mod redis;
 pub mod routes;
 pub mod view;

@@ -12,11 +12,15 @@
 //!   to a 4xx naming the field.
 //! - [`log`]: the embedded append-only log (checksums, group commit, torn-tail
 //!   repair, idempotency keys, replay).
+//! - [`kafka`]: production mode's log: the producer, the dataflow's
+//!   partition sources (time from the log, ticks), the follower of known ids
+//!   and grab results.
 //! - [`auth`]: signed role tokens.
 //! - [`error`]: [`ApiError`](error::ApiError), the one error shape.
 
 pub mod auth;
 pub mod error;
+pub mod kafka;
 pub mod log;
 pub mod routes;
 pub mod wire;

@@ -59,6 +59,9 @@ pub enum LogError {
     /// A record in the middle of the log is unreadable (not a torn tail).
     #[error("log record at byte {0} is corrupt")]
     Corrupt(u64),
+    /// The broker did not take the event.
+    #[error("{0}")]
+    Unavailable(String),
     /// The writer has stopped (shutting down).
     #[error("the log is closed")]
     Closed,
@@ -72,13 +75,26 @@ enum Command {
     },
 }
 
-/// A handle to the log writer; cheap to clone.
+/// A handle to the log (the embedded writer, or Kafka); cheap to clone.
 #[derive(Clone)]
 pub struct LogHandle {
-    tx: mpsc::Sender<Command>,
+    inner: Inner,
+}
+
+#[derive(Clone)]
+enum Inner {
+    Embedded(mpsc::Sender<Command>),
+    Kafka(std::sync::Arc<crate::kafka::KafkaLog>),
 }
 
 impl LogHandle {
+    /// A handle appending to Kafka.
+    pub fn kafka(log: std::sync::Arc<crate::kafka::KafkaLog>) -> LogHandle {
+        LogHandle {
+            inner: Inner::Kafka(log),
+        }
+    }
+
     /// Appends `events` durably (one batch, one fsync) and answers once they
     /// are on disk. With an idempotency `key` already used, appends nothing
     /// and returns the first answer.
@@ -87,8 +103,17 @@ impl LogHandle {
         key: Option<String>,
         events: Vec<(Id, EventKind)>,
     ) -> Result<Appended, LogError> {
+        let tx = match &self.inner {
+            Inner::Embedded(tx) => tx,
+            Inner::Kafka(log) => {
+                return log
+                    .append(key, events)
+                    .await
+                    .map_err(|e| LogError::Unavailable(e.to_string()))
+            }
+        };
         let (reply, rx) = oneshot::channel();
-        self.tx
+        tx
             .send(Command::Append { key, events, reply })
             .map_err(|_| LogError::Closed)?;
         match rx.await {
@@ -263,7 +288,9 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
             }
         })?;
     Ok(Opened {
-        handle: LogHandle { tx },
+        handle: LogHandle {
+            inner: Inner::Embedded(tx),
+        },
         replayed,
         cut,
         last_time: log_last_time,

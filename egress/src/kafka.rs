@@ -1,0 +1,370 @@
+//! Kafka: decisions out to topics, and (split egress) back in.
+//!
+//! - [`OutputSink`] is an `Observer` of the dataflow: every decision goes to
+//!   its output topic with its global `seq`, the index to `{prefix}index`.
+//!   On start it reads the last record of every output partition, so a
+//!   restarted dataflow, which replays the log from the start, produces only
+//!   the decisions not yet delivered: no loss, no duplicate. Once a second
+//!   it waits for every produced record's ack and then commits, for every
+//!   input partition, the offset where the delivered time ends (progress for
+//!   lag monitoring; a restart rebuilds state from the log's start).
+//! - [`follow`] feeds a split egress process's view from the topics: input
+//!   events, the index, and the decisions put back in `seq` order, each one
+//!   only after every input event of its time.
+
+use grabflow_api::topics::{partition_for, IndexRecord, InputRecord, OutputRecord, Topics};
+use grabflow_api::{Event, Output, Time};
+use grabflow_dataflow::runtime::Observer;
+use grabflow_dataflow::IndexEntry;
+use grabflow_ingress::kafka::{partitions, KafkaConfig, KafkaError};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The key of a decision on the output topics: its order (or, for a
+/// rejection naming none, the event).
+pub fn output_key(o: &Output) -> &str {
+    match o {
+        Output::Offered { order, .. }
+        | Output::Withdrawn { order, .. }
+        | Output::GrabDecided { order, .. }
+        | Output::Unassigned { order, .. }
+        | Output::Assigned { order, .. }
+        | Output::Transition { order, .. } => order.as_str(),
+        Output::Rejected { event, order, .. } => order.as_ref().unwrap_or(event).as_str(),
+    }
+}
+
+/// Writes decisions and index changes to Kafka.
+pub struct OutputSink {
+    topics: Topics,
+    producer: ThreadedProducer<DefaultProducerContext>,
+    /// Partitions per output topic.
+    counts: HashMap<String, i32>,
+    /// The highest `seq` already on each output partition.
+    delivered: HashMap<(String, i32), u64>,
+    next_seq: Mutex<u64>,
+    /// Every decision before this time has been handed to the producer.
+    progress: AtomicU64,
+    /// Decisions skipped as already delivered (a restart's replay).
+    pub skipped: AtomicU64,
+    stop: Arc<AtomicBool>,
+}
+
+/// Reads the last `OutputRecord` of `(topic, partition)`, if any.
+fn last_seq(cfg: &KafkaConfig, topic: &str, partition: i32) -> Result<Option<u64>, KafkaError> {
+    let c: BaseConsumer = cfg.consumer(&format!("{}tail", cfg.outputs())).create()?;
+    let (_, high) = c.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    // Look back past records that are not decisions (should there be any).
+    let mut from = high;
+    while from > 0 {
+        let start = (from - 64).max(0);
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
+        c.assign(&tpl)?;
+        let mut best = None;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut next = start;
+        while next < from && Instant::now() < deadline {
+            if let Some(Ok(m)) = c.poll(Duration::from_millis(100)) {
+                next = m.offset() + 1;
+                if let Some(r) = m
+                    .payload()
+                    .and_then(|v| serde_json::from_slice::<OutputRecord>(v).ok())
+                {
+                    best = Some(r.seq);
+                }
+            }
+        }
+        if next < from {
+            return Err(KafkaError::Timeout(Duration::from_secs(10)));
+        }
+        if best.is_some() {
+            return Ok(best);
+        }
+        from = start;
+    }
+    Ok(None)
+}
+
+impl OutputSink {
+    /// Reads where every output partition ends and starts the committer.
+    pub fn new(cfg: &KafkaConfig) -> Result<Arc<OutputSink>, KafkaError> {
+        let topics = cfg.topics();
+        let probe: BaseConsumer = cfg.client().create()?;
+        let mut counts = HashMap::new();
+        let mut delivered = HashMap::new();
+        for t in topics.outputs().into_iter().chain([topics.index.as_str()]) {
+            let n = partitions(&probe, t)?;
+            counts.insert(t.to_string(), n);
+            if t == topics.index {
+                continue;
+            }
+            for p in 0..n {
+                if let Some(seq) = last_seq(cfg, t, p)? {
+                    delivered.insert((t.to_string(), p), seq);
+                }
+            }
+        }
+        let producer = cfg
+            .producer()
+            // Decisions are never dropped: while the broker is away they wait
+            // and are retried (idempotence keeps them in order, once each).
+            .set("message.timeout.ms", "0")
+            .create()?;
+        let sink = Arc::new(OutputSink {
+            topics,
+            producer,
+            counts,
+            delivered,
+            next_seq: Mutex::new(0),
+            progress: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            stop: Arc::new(AtomicBool::new(false)),
+        });
+        let committer = Arc::clone(&sink);
+        let consumer: BaseConsumer = cfg.consumer(&format!("{}dataflow", cfg.outputs())).create()?;
+        let inputs: Vec<(String, i32)> = committer
+            .topics
+            .inputs()
+            .iter()
+            .map(|t| partitions(&probe, t).map(|n| (t.to_string(), n)))
+            .collect::<Result<_, _>>()?;
+        std::thread::Builder::new()
+            .name("grabflow-commit".into())
+            .spawn(move || committer.commit_loop(&consumer, &inputs))
+            .expect("spawn committer");
+        Ok(sink)
+    }
+
+    fn commit_loop(&self, consumer: &BaseConsumer, inputs: &[(String, i32)]) {
+        let mut committed = 0;
+        while !self.stop.load(Ordering::Acquire) {
+            std::thread::sleep(Duration::from_secs(1));
+            let t = self.progress.load(Ordering::Acquire);
+            if t <= committed || self.producer.flush(Duration::from_secs(10)).is_err() {
+                continue;
+            }
+            // Every decision before `t` is acked: commit, per input partition,
+            // the first offset at or after `t`.
+            let mut tpl = TopicPartitionList::new();
+            for (topic, n) in inputs {
+                for p in 0..*n {
+                    let _ = tpl.add_partition_offset(topic, p, Offset::Offset(t as i64));
+                }
+            }
+            match consumer.offsets_for_times(tpl, Duration::from_secs(5)) {
+                Ok(offsets) => {
+                    let mut commit = TopicPartitionList::new();
+                    for e in offsets.elements() {
+                        if let Offset::Offset(o) = e.offset() {
+                            let _ = commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
+                        }
+                    }
+                    if commit.count() > 0 && consumer.commit(&commit, CommitMode::Sync).is_ok() {
+                        committed = t;
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "offsets for times"),
+            }
+        }
+    }
+
+    /// Stops the committer and waits (up to `timeout`) for every record's ack.
+    pub fn close(&self, timeout: Duration) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.producer.flush(timeout);
+    }
+
+    fn send(&self, topic: &str, partition: i32, key: &str, value: &[u8], time: Time) {
+        let mut record = BaseRecord::to(topic)
+            .partition(partition)
+            .key(key)
+            .payload(value)
+            .timestamp(time as i64);
+        loop {
+            match self.producer.send(record) {
+                Ok(()) => return,
+                // The queue is full (the broker is slow or away): wait, which
+                // holds the dataflow back instead of dropping the decision.
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+        }
+    }
+}
+
+impl Observer for OutputSink {
+    fn events(&self, _: &[Event]) {}
+
+    fn decisions(&self, decisions: Vec<(Time, Output)>) {
+        let mut next = self.next_seq.lock().expect("seq");
+        for (time, output) in decisions {
+            let seq = *next;
+            *next += 1;
+            let topic = self.topics.output_for(&output);
+            let key = output_key(&output);
+            let partition = partition_for(key.as_bytes(), self.counts[topic]);
+            if self
+                .delivered
+                .get(&(topic.to_string(), partition))
+                .is_some_and(|&last| seq <= last)
+            {
+                self.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let key = key.to_string();
+            let value = serde_json::to_vec(&OutputRecord { seq, time, output })
+                .expect("outputs serialize");
+            self.send(topic, partition, &key, &value, time);
+        }
+    }
+
+    fn index(&self, changes: Vec<(IndexEntry, Time, isize)>) {
+        // The last state of each rider in this batch, as one upsert.
+        let mut changes = changes;
+        changes.sort_by_key(|(e, t, d)| (e.rider.clone(), *t, *d));
+        let mut last: BTreeMap<_, IndexRecord> = BTreeMap::new();
+        for (e, time, d) in changes {
+            let rec = IndexRecord {
+                rider: e.rider.clone(),
+                time,
+                cell: (d > 0).then_some(e.cell),
+                at: (d > 0).then_some(e.at),
+            };
+            last.insert(e.rider, rec);
+        }
+        let n = self.counts[&self.topics.index];
+        for (rider, rec) in last {
+            let value = serde_json::to_vec(&rec).expect("index records serialize");
+            let p = partition_for(rider.as_str().as_bytes(), n);
+            self.send(&self.topics.index, p, rider.as_str(), &value, rec.time);
+        }
+    }
+
+    fn progress(&self, time: Time) {
+        self.progress.fetch_max(time, Ordering::AcqRel);
+    }
+}
+
+/// What [`follow`] has read, for readiness.
+pub struct Following {
+    caught_up: Arc<AtomicBool>,
+}
+
+impl Following {
+    /// Whether the topics were read to where they ended at start.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
+    }
+}
+
+/// Feeds `observer` (a split egress's view) from the topics, on its own
+/// thread: input events as read, index upserts as changes, and decisions in
+/// `seq` order once every input partition has passed their time.
+pub fn follow(cfg: &KafkaConfig, observer: Arc<dyn Observer>) -> Result<Following, KafkaError> {
+    let topics = cfg.topics();
+    let consumer: BaseConsumer = cfg.consumer(&format!("{}egress", cfg.outputs())).create()?;
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = HashMap::new();
+    let mut input_parts = HashMap::new();
+    let all: Vec<&str> = topics
+        .inputs()
+        .into_iter()
+        .chain(topics.outputs())
+        .chain([topics.index.as_str()])
+        .collect();
+    for (ti, t) in all.iter().enumerate() {
+        for p in 0..partitions(&consumer, t)? {
+            tpl.add_partition_offset(t, p, Offset::Beginning)?;
+            if ti < 3 {
+                input_parts.insert((t.to_string(), p), (ti, 0 as Time));
+            } else {
+                let (_, high) = consumer.fetch_watermarks(t, p, Duration::from_secs(10))?;
+                if high > 0 {
+                    ends.insert((t.to_string(), p), high);
+                }
+            }
+        }
+    }
+    consumer.assign(&tpl)?;
+    let caught_up = Arc::new(AtomicBool::new(ends.is_empty()));
+    let done = Arc::clone(&caught_up);
+    std::thread::Builder::new()
+        .name("grabflow-egress-follow".into())
+        .spawn(move || {
+            let mut pending: BTreeMap<u64, (Time, Output)> = BTreeMap::new();
+            let mut next_seq = 0u64;
+            let mut ready: Vec<(Time, Output)> = Vec::new();
+            let mut current: HashMap<grabflow_api::Id, IndexRecord> = HashMap::new();
+            let mut events = Vec::new();
+            let mut changes = Vec::new();
+            loop {
+                let mut timeout = Duration::from_millis(50);
+                for _ in 0..10_000 {
+                    let Some(Ok(m)) = consumer.poll(timeout) else { break };
+                    timeout = Duration::ZERO;
+                    let at = (m.topic().to_string(), m.partition());
+                    if let Some((ti, time)) = input_parts.get_mut(&at) {
+                        let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as Time;
+                        *time = (*time).max(ts);
+                        if let Some(v) = m.payload() {
+                            if let Ok(e) = InputRecord::decode(v, *ti, m.partition(), m.offset(), *time) {
+                                events.push(e);
+                            }
+                        }
+                    } else if m.topic() == topics.index {
+                        if let Some(r) = m.payload().and_then(|v| serde_json::from_slice::<IndexRecord>(v).ok()) {
+                            let old = current.get(&r.rider);
+                            if old.is_some_and(|o| o.time > r.time) {
+                                continue;
+                            }
+                            if let Some(IndexRecord { cell: Some(cell), at: Some(at), time, .. }) = old {
+                                changes.push((IndexEntry { cell: *cell, rider: r.rider.clone(), at: *at }, *time, -1));
+                            }
+                            if let (Some(cell), Some(at)) = (r.cell, r.at) {
+                                changes.push((IndexEntry { cell, rider: r.rider.clone(), at }, r.time, 1));
+                            }
+                            current.insert(r.rider.clone(), r);
+                        }
+                    } else if let Some(r) = m.payload().and_then(|v| serde_json::from_slice::<OutputRecord>(v).ok()) {
+                        if r.seq >= next_seq {
+                            pending.insert(r.seq, (r.time, r.output));
+                        }
+                    }
+                    if ends.get(&at).is_some_and(|&high| m.offset() + 1 >= high) {
+                        ends.remove(&at);
+                    }
+                }
+                while let Some(d) = pending.remove(&next_seq) {
+                    ready.push(d);
+                    next_seq += 1;
+                }
+                if !events.is_empty() {
+                    observer.events(&std::mem::take(&mut events));
+                }
+                if !changes.is_empty() {
+                    observer.index(std::mem::take(&mut changes));
+                }
+                let inputs_at = input_parts.values().map(|(_, t)| *t).min().unwrap_or(0);
+                let n = ready.partition_point(|(t, _)| *t < inputs_at);
+                if n > 0 {
+                    let last = ready[n - 1].0;
+                    observer.decisions(ready.drain(..n).collect());
+                    observer.progress(last);
+                }
+                if ends.is_empty() && ready.is_empty() && pending.is_empty() {
+                    done.store(true, Ordering::Release);
+                }
+            }
+        })
+        .expect("spawn follower");
+    Ok(Following { caught_up })
+}

@@ -1,0 +1,624 @@
+//! Production mode against a real Kafka-protocol broker (`tansu`, started
+//! here on a free loopback port with in-memory storage) and real Redis (the
+//! service on 127.0.0.1:6379 when there is one, else `redis-server` started
+//! here), with the real binary in every role and plain rdkafka and Redis
+//! clients reading what it wrote.
+
+mod common;
+
+use common::*;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::{json, Value};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_port(port: u16, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "{what} never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A `tansu` broker on a free port, stopped on drop.
+struct Broker {
+    child: Child,
+    addr: String,
+}
+
+fn tansu() -> PathBuf {
+    let home = std::env::var("CARGO_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(std::env::var("HOME").unwrap()).join(".cargo"));
+    let installed = home.join("bin/tansu");
+    if installed.exists() {
+        installed
+    } else {
+        PathBuf::from("tansu")
+    }
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let port = free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu())
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu runs (scripts/test installs it)");
+        wait_port(port, "tansu");
+        Broker {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A Redis: the machine's on 6379, or one started here on `port`.
+struct Redis {
+    child: Option<Child>,
+    port: u16,
+    prefix: String,
+}
+
+impl Redis {
+    /// The machine's Redis if it has one, else a fresh `redis-server`.
+    fn any() -> Redis {
+        if TcpStream::connect("127.0.0.1:6379").is_ok() {
+            Redis {
+                child: None,
+                port: 6379,
+                prefix: format!("gftest{}:", rand_suffix()),
+            }
+        } else {
+            Redis::own(free_port())
+        }
+    }
+
+    /// A `redis-server` of this test on `port`.
+    fn own(port: u16) -> Redis {
+        Redis::own_with_prefix(port, format!("gftest{}:", rand_suffix()))
+    }
+
+    fn own_with_prefix(port: u16, prefix: String) -> Redis {
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server runs (scripts/test installs it)");
+        wait_port(port, "redis-server");
+        Redis {
+            child: Some(child),
+            port,
+            prefix,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    fn con(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.stop();
+        } else if let Ok(c) = redis::Client::open(self.url()) {
+            if let Ok(mut c) = c.get_connection() {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{}*", self.prefix))
+                    .query(&mut c)
+                    .unwrap_or_default();
+                if !keys.is_empty() {
+                    let _ = redis::cmd("DEL").arg(keys).query::<()>(&mut c);
+                }
+            }
+        }
+    }
+}
+
+/// Every record of `topics`, as (topic, key, JSON value), read until the
+/// topics have been quiet for `quiet`.
+fn read_topics(broker: &str, topics: &[String], quiet: Duration) -> Vec<(String, String, Value)> {
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker)
+        .set("group.id", format!("reader{}", rand_suffix()))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        let md = c
+            .fetch_metadata(Some(t), Duration::from_secs(5))
+            .unwrap();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition_offset(t, p.id(), Offset::Beginning)
+                .unwrap();
+        }
+    }
+    c.assign(&tpl).unwrap();
+    let mut out = Vec::new();
+    let mut last = Instant::now();
+    while last.elapsed() < quiet {
+        if let Some(Ok(m)) = c.poll(Duration::from_millis(50)) {
+            last = Instant::now();
+            if let Some(v) = m.payload() {
+                let key = m
+                    .key()
+                    .map(|k| String::from_utf8_lossy(k).to_string())
+                    .unwrap_or_default();
+                out.push((m.topic().to_string(), key, serde_json::from_slice(v).unwrap()));
+            }
+        }
+    }
+    out
+}
+
+/// The decisions on the output topics under `prefix`, by `seq`; asserts
+/// each seq is there exactly once and none is missing.
+fn decisions(broker: &str, prefix: &str) -> Vec<Value> {
+    let topics: Vec<String> = ["offers", "grabs", "transitions"]
+        .iter()
+        .map(|t| format!("{prefix}{t}"))
+        .collect();
+    let mut by_seq: BTreeMap<u64, Value> = BTreeMap::new();
+    for (_, _, v) in read_topics(broker, &topics, Duration::from_secs(2)) {
+        let seq = v["seq"].as_u64().expect("a seq");
+        assert!(by_seq.insert(seq, v).is_none(), "seq {seq} is duplicated");
+    }
+    let n = by_seq.len() as u64;
+    assert_eq!(by_seq.keys().last().map_or(0, |l| l + 1), n, "seqs have a gap");
+    by_seq.into_values().collect()
+}
+
+/// Waits until `f` holds (20 s at most).
+async fn eventually<F: std::future::Future<Output = Result<(), String>>>(mut f: impl FnMut() -> F) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        match f().await {
+            Ok(()) => return,
+            Err(why) if Instant::now() > deadline => panic!("never held: {why}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+fn kafka_args<'a>(broker: &'a Broker, more: &[&'a str]) -> Vec<&'a str> {
+    let mut a = vec!["--kafka", broker.addr.as_str(), "--kafka-partitions", "2"];
+    a.extend_from_slice(more);
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_order_life_cycle_through_kafka_with_its_outputs_on_topics() {
+    let broker = Broker::start();
+    let redis = Redis::any();
+    let dir = temp_dir();
+    let url = redis.url();
+    let s = Server::start(&dir, &kafka_args(&broker, &["--redis", &url, "--redis-prefix", &redis.prefix]));
+    s.wait_ready().await;
+    life_cycle_on(&s, &s).await;
+
+    // Other services read the decisions from the topics, in seq order.
+    let all = decisions(&broker.addr, "grabflow.");
+    let kinds: Vec<(&str, &str)> = all
+        .iter()
+        .filter(|v| v["type"] == "transition")
+        .map(|v| (v["to"].as_str().unwrap(), v["reason"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            ("created", "placed"),
+            ("notified", "offered"),
+            ("delivering", "grabbed"),
+            ("delivering", "picked_up"),
+            ("received", "delivered"),
+            ("closed", "completed")
+        ]
+    );
+    assert!(all.iter().any(|v| v["type"] == "grab_decided" && v["outcome"] == "won"));
+    // The input topics hold the events as JSON keyed by entity.
+    let inputs = read_topics(
+        &broker.addr,
+        &["grabflow.orders".to_string()],
+        Duration::from_millis(500),
+    );
+    assert!(inputs
+        .iter()
+        .any(|(_, k, v)| k == "O1" && v["type"] == "order_placed" && v["merchant"] == "M1"));
+    // Redis: the closed order left the live set; the rider is indexed.
+    let mut r = redis.con();
+    let p = &redis.prefix;
+    let live: Vec<String> = redis::cmd("SMEMBERS").arg(format!("{p}orders")).query(&mut r).unwrap();
+    assert!(live.is_empty(), "{live:?}");
+    let pos: Vec<Option<(f64, f64)>> = redis::cmd("GEOPOS")
+        .arg(format!("{p}riders"))
+        .arg("R1")
+        .query(&mut r)
+        .unwrap();
+    let (lon, lat) = pos[0].expect("R1 is in the GEO set");
+    assert!((lat - 31.2309).abs() < 1e-3 && (lon - 121.47).abs() < 1e-3);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_produced_straight_to_the_topics_are_dispatched() {
+    let broker = Broker::start();
+    let dir = temp_dir();
+    let s = Server::start(&dir, &kafka_args(&broker, &[]));
+    s.wait_ready().await;
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .create()
+        .unwrap();
+    let produce = |topic: &'static str, key: &'static str, value: Value| {
+        let producer = producer.clone();
+        async move {
+            let body = value.to_string();
+            producer
+                .send(
+                    FutureRecord::to(topic).key(key).payload(&body),
+                    Duration::from_secs(5),
+                )
+                .await
+                .expect("the broker acks");
+        }
+    };
+    produce("grabflow.merchants", "M9", json!({"id": "ext-1", "type": "merchant_upserted", "merchant": "M9", "at": {"lat_e7": 312300000, "lon_e7": 1214700000}, "open": true})).await;
+    // No id: the record's position is its id.
+    produce("grabflow.riders", "R9", json!({"type": "shift_changed", "rider": "R9", "online": true, "capacity": null})).await;
+    produce("grabflow.riders", "R9", json!({"type": "location_pinged", "rider": "R9", "at": {"lat_e7": 312310000, "lon_e7": 1214700000}})).await;
+    // Not an event: skipped, nothing breaks.
+    produce("grabflow.riders", "R9", json!({"type": "teleported"})).await;
+    let r9 = s.token("rider", Some("R9"));
+    let mut ws = s.ws("R9", &r9, 0).await;
+    produce("grabflow.orders", "O9", json!({"id": "ext-2", "type": "order_placed", "order": "O9", "merchant": "M9", "dropoff": {"lat_e7": 312200000, "lon_e7": 1214800000}, "promised_minutes": 30})).await;
+    let offer = expect_msg(&mut ws, is("offer", "O9")).await;
+    assert_eq!(offer["merchant_id"], "M9");
+    // Ingress learned of the order from the topic: the grab is accepted.
+    let (status, body) = s.call("POST", "/v1/orders/O9/grab", &r9, None).await;
+    assert_eq!((status, body), (200, json!({"result": "won"})));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Riders and merchants of a small city, and orders that stay waiting.
+async fn city_with_waiting_orders(s: &Server, app: &str, riders: usize) -> Vec<String> {
+    for (m, lat) in [("M1", 31.23), ("M2", 31.25), ("M3", 31.60)] {
+        let (st, _) = s
+            .call("PUT", &format!("/v1/merchants/{m}"), app, Some(json!({"lat": lat, "lon": 121.47})))
+            .await;
+        assert_eq!(st, 202);
+    }
+    let mut ids = Vec::new();
+    for i in 0..riders {
+        let id = format!("R{i}");
+        let tok = s.token("rider", Some(&id));
+        let online = i % 7 != 3;
+        s.call("PUT", &format!("/v1/riders/{id}/shift"), &tok, Some(json!({"online": online})))
+            .await;
+        let (north, east) = (((i * 37) % 50) as f64 * 100.0, ((i * 53) % 40) as f64 * 100.0 - 2000.0);
+        let body = json!({"lat": 31.22 + north / 111_195.0, "lon": 121.47 + east / 95_000.0});
+        let (st, _) = s.call("POST", &format!("/v1/riders/{id}/location"), &tok, Some(body)).await;
+        assert_eq!(st, 202);
+        ids.push(id);
+    }
+    for (o, m) in [("W1", "M1"), ("W2", "M2"), ("W3", "M3")] {
+        let body = json!({"order_id": o, "merchant_id": m, "dropoff": {"lat": 31.22, "lon": 121.48}, "promised_minutes": 60});
+        assert_eq!(s.call("POST", "/v1/orders", app, Some(body)).await.0, 202);
+    }
+    ids
+}
+
+/// Whether the Redis mirror under `prefix` equals the server's in-memory view.
+async fn mirror_matches(s: &Server, r: &Redis, app: &str, riders: &[String]) -> Result<(), String> {
+    let mut c = r.con();
+    let p = &r.prefix;
+    let geo: BTreeSet<String> = redis::cmd("ZRANGE")
+        .arg(format!("{p}riders"))
+        .arg(0)
+        .arg(-1)
+        .query::<Vec<String>>(&mut c)
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .collect();
+    let mut indexed = BTreeSet::new();
+    for id in riders {
+        let (_, v) = s.call("GET", &format!("/v1/riders/{id}"), app, None).await;
+        let h: HashMap<String, String> = redis::cmd("HGETALL")
+            .arg(format!("{p}rider:{id}"))
+            .query(&mut c)
+            .map_err(|e| e.to_string())?;
+        if v["indexed"].is_null() {
+            if !h.is_empty() {
+                return Err(format!("{id} is not indexed but Redis has {h:?}"));
+            }
+            continue;
+        }
+        indexed.insert(id.clone());
+        let lat: f64 = h.get("lat").and_then(|x| x.parse().ok()).ok_or(format!("{id}: no lat"))?;
+        let lon: f64 = h.get("lon").and_then(|x| x.parse().ok()).ok_or(format!("{id}: no lon"))?;
+        if (lat - v["indexed"]["lat"].as_f64().unwrap()).abs() > 1e-9
+            || (lon - v["indexed"]["lon"].as_f64().unwrap()).abs() > 1e-9
+        {
+            return Err(format!("{id}: Redis at {lat},{lon}, memory at {}", v["indexed"]));
+        }
+    }
+    if geo != indexed {
+        return Err(format!("GEO set {geo:?} != indexed {indexed:?}"));
+    }
+    for m in ["M1", "M2", "M3"] {
+        let (_, v) = s
+            .call("GET", &format!("/v1/merchants/{m}/riders?limit=200"), app, None)
+            .await;
+        let want: BTreeMap<String, i64> = v["riders"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| (x["rider_id"].as_str().unwrap().to_string(), x["distance_m"].as_f64().unwrap().round() as i64))
+            .collect();
+        let got: BTreeMap<String, i64> = redis::cmd("ZRANGE")
+            .arg(format!("{p}merchant:{m}:riders"))
+            .arg(0)
+            .arg(-1)
+            .arg("WITHSCORES")
+            .query::<Vec<(String, i64)>>(&mut c)
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .collect();
+        if got != want {
+            return Err(format!("{m}: Redis {got:?} != memory {want:?}"));
+        }
+    }
+    for o in ["W1", "W2", "W3"] {
+        let (_, v) = s.call("GET", &format!("/v1/orders/{o}"), app, None).await;
+        let state: Option<String> = redis::cmd("HGET")
+            .arg(format!("{p}order:{o}"))
+            .arg("state")
+            .query(&mut c)
+            .map_err(|e| e.to_string())?;
+        if state.as_deref() != v["state"].as_str() {
+            return Err(format!("{o}: Redis {state:?} != memory {}", v["state"]));
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_index_read_with_plain_commands_equals_the_in_memory_one() {
+    let broker = Broker::start();
+    let redis = Redis::any();
+    let dir = temp_dir();
+    let url = redis.url();
+    let s = Server::start(&dir, &kafka_args(&broker, &["--redis", &url, "--redis-prefix", &redis.prefix]));
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let riders = city_with_waiting_orders(&s, &app, 40).await;
+    eventually(|| mirror_matches(&s, &redis, &app, &riders)).await;
+    // The merchants with waiting orders near riders have non-empty sets; the
+    // one far from every rider has none.
+    let mut c = redis.con();
+    let n: usize = redis::cmd("ZCARD").arg(format!("{}merchant:M1:riders", redis.prefix)).query(&mut c).unwrap();
+    assert!(n > 5, "M1 has {n} riders in Redis");
+    let far: usize = redis::cmd("EXISTS").arg(format!("{}merchant:M3:riders", redis.prefix)).query(&mut c).unwrap();
+    assert_eq!(far, 0);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_run_and_the_mirror_converges() {
+    let broker = Broker::start();
+    let port = free_port();
+    let mut redis = Redis::own(port);
+    let dir = temp_dir();
+    let url = redis.url();
+    let s = Server::start(&dir, &kafka_args(&broker, &["--redis", &url, "--redis-prefix", &redis.prefix]));
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let riders = city_with_waiting_orders(&s, &app, 20).await;
+    eventually(|| mirror_matches(&s, &redis, &app, &riders)).await;
+    // Redis goes away (with everything it held); dispatch goes on.
+    redis.stop();
+    let r0 = s.token("rider", Some("R0"));
+    let mut ws = s.ws("R0", &r0, 0).await;
+    for i in 0..20 {
+        let tok = s.token("rider", Some(&riders[i]));
+        let body = json!({"lat": 31.2301 + i as f64 * 1e-4, "lon": 121.4701});
+        let (st, _) = s.call("POST", &format!("/v1/riders/{}/location", riders[i]), &tok, Some(body)).await;
+        assert_eq!(st, 202);
+    }
+    let body = json!({"order_id": "X1", "merchant_id": "M1", "dropoff": {"lat": 31.22, "lon": 121.48}, "promised_minutes": 60});
+    assert_eq!(s.call("POST", "/v1/orders", &app, Some(body)).await.0, 202);
+    expect_msg(&mut ws, is("offer", "X1")).await;
+    // It comes back empty; the mirror writes everything again.
+    let back = Redis::own_with_prefix(port, redis.prefix.clone());
+    eventually(|| mirror_matches(&s, &back, &app, &riders)).await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Busy traffic through `ingress`: riders on streams from `egress` grab
+/// what they are offered (races included), pick up and deliver.
+async fn traffic(ingress: &Server, egress: &Server, orders: usize) {
+    let app = ingress.token("app", None);
+    let (st, _) = ingress
+        .call("PUT", "/v1/merchants/M1", &app, Some(json!({"lat": 31.23, "lon": 121.47})))
+        .await;
+    assert_eq!(st, 202);
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let id = format!("T{i}");
+        let tok = ingress.token("rider", Some(&id));
+        ingress.call("PUT", &format!("/v1/riders/{id}/shift"), &tok, Some(json!({"online": true, "capacity": 2}))).await;
+        let body = json!({"lat": 31.23 + i as f64 * 2e-3, "lon": 121.47});
+        assert_eq!(ingress.call("POST", &format!("/v1/riders/{id}/location"), &tok, Some(body)).await.0, 202);
+        let mut ws = egress.ws(&id, &tok, 0).await;
+        let (url, http) = (ingress.url.clone(), ingress.http.clone());
+        tasks.push(tokio::spawn(async move {
+            use futures_util::StreamExt;
+            let post = |path: String| {
+                let (url, http, tok) = (url.clone(), http.clone(), tok.clone());
+                async move {
+                    let _ = http.post(format!("{url}{path}")).bearer_auth(tok).send().await;
+                }
+            };
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while let Ok(Some(Ok(m))) = tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), ws.next()).await {
+                let Ok(v) = serde_json::from_str::<Value>(&m.into_text().unwrap_or_default()) else { continue };
+                let order = v["order_id"].as_str().unwrap_or_default().to_string();
+                match v["type"].as_str() {
+                    Some("offer") if (order.len() + i) % 3 != 0 => post(format!("/v1/orders/{order}/grab")).await,
+                    Some("assigned") => {
+                        post(format!("/v1/orders/{order}/pickup")).await;
+                        post(format!("/v1/orders/{order}/delivered")).await;
+                    }
+                    _ => {}
+                }
+            }
+        }));
+    }
+    for k in 0..orders {
+        let body = json!({"order_id": format!("K{k}"), "merchant_id": "M1", "dropoff": {"lat": 31.22, "lon": 121.48}, "promised_minutes": 30});
+        assert_eq!(ingress.call("POST", "/v1/orders", &app, Some(body)).await.0, 202);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for t in tasks {
+        t.abort();
+    }
+}
+
+/// A `grabflow dataflow` process.
+fn dataflow(broker: &Broker, extra: &[&str]) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_grabflow"))
+        .arg("dataflow")
+        .args(kafka_args(broker, extra))
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("the binary starts")
+}
+
+/// Decisions of two runs over the same log agree on every time both passed.
+fn same_decisions(a: &[Value], b: &[Value]) {
+    let last = |d: &[Value]| d.last().map_or(0, |v| v["time"].as_u64().unwrap());
+    let upto = last(a).min(last(b));
+    let before = |d: &[Value]| -> Vec<Value> {
+        d.iter().filter(|v| v["time"].as_u64().unwrap() < upto).cloned().collect()
+    };
+    let (a, b) = (before(a), before(b));
+    assert!(a.len() > 30, "only {} decisions to compare", a.len());
+    assert_eq!(a, b);
+}
+
+/// Waits until the output topics under `prefix` hold at least `n` decisions.
+fn wait_decisions(broker: &str, prefix: &str, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let d = decisions(broker, prefix);
+        if d.len() >= n || Instant::now() > deadline {
+            return d;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_roles_and_a_killed_dataflow_lose_and_duplicate_nothing() {
+    let broker = Broker::start();
+    let dir = temp_dir();
+    let slow = ["--grab-timeout", "3s", "--rider-ttl", "20s"];
+    let ingress = Server::start_role("ingress", &dir, &kafka_args(&broker, &[]));
+    let mut flow = dataflow(&broker, &slow);
+    let egress = Server::start_role("egress", &dir, &kafka_args(&broker, &slow));
+    life_cycle_on(&ingress, &egress).await;
+    // Traffic, with the dataflow killed and restarted in the middle of it.
+    let busy = traffic(&ingress, &egress, 40);
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        flow.kill().unwrap();
+        flow.wait().unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        dataflow(&broker, &slow)
+    };
+    let ((), restarted) = tokio::join!(busy, killer);
+    let mut restarted = restarted;
+    // Every seq once, none missing (asserted by `decisions`).
+    let live = decisions(&broker.addr, "grabflow.");
+    let app = ingress.token("app", None);
+    let (_, k39) = egress.call("GET", "/v1/orders/K39", &app, None).await;
+    assert!(k39["state"].is_string(), "the last order reached egress: {k39}");
+    // A fresh dataflow on the same log decides exactly the same.
+    let mut shadow = dataflow(&broker, &[&slow[..], &["--kafka-output-prefix", "ref."]].concat());
+    let reference = wait_decisions(&broker.addr, "ref.", live.len());
+    same_decisions(&live, &reference);
+    for c in [&mut restarted, &mut shadow] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_process_cluster_decides_as_one_process_does() {
+    let broker = Broker::start();
+    let dir = temp_dir();
+    let slow = ["--grab-timeout", "3s", "--rider-ttl", "20s"];
+    let s = Server::start(&dir, &kafka_args(&broker, &slow));
+    s.wait_ready().await;
+    traffic(&s, &s, 30).await;
+    let one = decisions(&broker.addr, "grabflow.");
+    let hosts = format!("127.0.0.1:{},127.0.0.1:{}", free_port(), free_port());
+    let cluster = |i: &'static str| {
+        let mut args = slow.to_vec();
+        args.extend(["--kafka-output-prefix", "two.", "--processes", "2", "--process", i, "--hosts", &hosts]);
+        dataflow(&broker, &args)
+    };
+    let (mut p0, mut p1) = (cluster("0"), cluster("1"));
+    let two = wait_decisions(&broker.addr, "two.", one.len());
+    same_decisions(&one, &two);
+    for c in [&mut p0, &mut p1] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
