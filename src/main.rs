@@ -20,15 +20,17 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use grabflow_api::{DispatchConfig, Event, Id, Time};
 use grabflow_dataflow::replay::{replay, ReplayPlan};
-use grabflow_dataflow::stats::DataflowStats;
 use grabflow_dataflow::runtime::{self, Fanout, Observer};
+use grabflow_dataflow::stats::DataflowStats;
 use grabflow_egress::kafka::{follow, OutputSink};
 use grabflow_egress::redis::RedisMirror;
 use grabflow_egress::routes::{app, EgressState};
-use grabflow_ingress::kafka::{ensure_topics, Follower, GrabResults, KafkaConfig, KafkaLog, KafkaSources};
-use grabflow_ingress::log::{Appended, LogHandle};
 use grabflow_egress::view::Egress;
 use grabflow_ingress::auth::{Claims, Role, Secret};
+use grabflow_ingress::kafka::{
+    ensure_topics, Follower, GrabResults, KafkaConfig, KafkaLog, KafkaSources,
+};
+use grabflow_ingress::log::{Appended, LogHandle};
 use grabflow_ingress::routes::{Ingress, Known};
 use serde::Deserialize;
 use std::io::{BufRead, Write};
@@ -379,7 +381,12 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
     let hosts: Vec<String> = a
         .hosts
         .or(file.hosts)
-        .map(|h| h.split(',').map(|x| x.trim().to_string()).filter(|x| !x.is_empty()).collect())
+        .map(|h| {
+            h.split(',')
+                .map(|x| x.trim().to_string())
+                .filter(|x| !x.is_empty())
+                .collect()
+        })
         .unwrap_or_default();
     if processes > 1 && hosts.len() != processes {
         bail!("--hosts must list {processes} HOST:PORT addresses, one per process");
@@ -504,7 +511,10 @@ fn kafka_dataflow(
     s: &Settings,
     observer: Arc<dyn Observer>,
     stats: DataflowStats,
-) -> anyhow::Result<(std::thread::JoinHandle<()>, Arc<std::sync::atomic::AtomicBool>)> {
+) -> anyhow::Result<(
+    std::thread::JoinHandle<()>,
+    Arc<std::sync::atomic::AtomicBool>,
+)> {
     let sources = KafkaSources::new(s.kafka()?).context("kafka sources")?;
     let stop = Arc::clone(&sources.stop);
     let (process, hosts) = &s.cluster;

@@ -17,7 +17,34 @@ pub struct Event {
     /// Log time in Unix milliseconds; the dataflow timestamp.
     pub time: Time,
     /// What happened.
+    #[serde(with = "kind_codec")]
     pub kind: EventKind,
+}
+
+/// The kind's encoding: its tagged JSON form for JSON (the log, the topics);
+/// for binary formats (timely's exchange between processes, which cannot
+/// decode internally tagged enums) that same JSON as one string.
+mod kind_codec {
+    use super::EventKind;
+    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer>(kind: &EventKind, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            kind.serialize(s)
+        } else {
+            let json = serde_json::to_string(kind).map_err(serde::ser::Error::custom)?;
+            s.serialize_str(&json)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<EventKind, D::Error> {
+        if d.is_human_readable() {
+            EventKind::deserialize(d)
+        } else {
+            let json = String::deserialize(d)?;
+            serde_json::from_str(&json).map_err(D::Error::custom)
+        }
+    }
 }
 
 /// The kinds of event dispatch reacts to.

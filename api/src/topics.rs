@@ -181,8 +181,9 @@ impl InputRecord {
         }
         let id = match r.id {
             Some(id) => id,
-            None => Id::new(&format!("k:{topic}:{partition}:{offset}"))
-                .expect("position ids are valid"),
+            None => {
+                Id::new(&format!("k:{topic}:{partition}:{offset}")).expect("position ids are valid")
+            }
         };
         Ok(Event {
             id,
@@ -247,9 +248,16 @@ mod tests {
             kind: e.kind.clone(),
         };
         let bytes = serde_json::to_vec(&rec).unwrap();
-        assert_eq!(InputRecord::decode(&bytes, 0, 3, 17, 99).unwrap().id.as_str(), "ev-1");
+        assert_eq!(
+            InputRecord::decode(&bytes, 0, 3, 17, 99)
+                .unwrap()
+                .id
+                .as_str(),
+            "ev-1"
+        );
         assert!(InputRecord::decode(br#"{"type":"nope"}"#, 0, 0, 0, 0).is_err());
-        let far = br#"{"type":"location_pinged","rider":"r1","at":{"lat_e7":910000000,"lon_e7":0}}"#;
+        let far =
+            br#"{"type":"location_pinged","rider":"r1","at":{"lat_e7":910000000,"lon_e7":0}}"#;
         assert!(matches!(
             InputRecord::decode(far, 0, 0, 0, 0),
             Err(DecodeError::Coord)

@@ -19,7 +19,7 @@ use grabflow_dataflow::IndexEntry;
 use grabflow_ingress::kafka::{partitions, KafkaConfig, KafkaError};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -40,10 +40,28 @@ pub fn output_key(o: &Output) -> &str {
     }
 }
 
+/// Logs records the broker refused (they are retried only by librdkafka).
+pub struct Deliveries {
+    /// Records refused for good.
+    pub failed: AtomicU64,
+}
+
+impl rdkafka::ClientContext for Deliveries {}
+
+impl rdkafka::producer::ProducerContext for Deliveries {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            self.failed.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(topic = m.topic(), partition = m.partition(), error = %e, "a decision was not delivered");
+        }
+    }
+}
+
 /// Writes decisions and index changes to Kafka.
 pub struct OutputSink {
     topics: Topics,
-    producer: ThreadedProducer<DefaultProducerContext>,
+    producer: ThreadedProducer<Deliveries>,
     /// Partitions per output topic.
     counts: HashMap<String, i32>,
     /// The highest `seq` already on each output partition.
@@ -98,25 +116,51 @@ impl OutputSink {
         let topics = cfg.topics();
         let probe: BaseConsumer = cfg.client().create()?;
         let mut counts = HashMap::new();
-        let mut delivered = HashMap::new();
         for t in topics.outputs().into_iter().chain([topics.index.as_str()]) {
-            let n = partitions(&probe, t)?;
-            counts.insert(t.to_string(), n);
-            if t == topics.index {
-                continue;
-            }
-            for p in 0..n {
-                if let Some(seq) = last_seq(cfg, t, p)? {
-                    delivered.insert((t.to_string(), p), seq);
+            counts.insert(t.to_string(), partitions(&probe, t)?);
+        }
+        // A process killed a moment ago may still have produce requests on
+        // their way through the broker: read the tails until they stay put
+        // for a second.
+        let tails = || -> Result<HashMap<(String, i32), u64>, KafkaError> {
+            let mut tails = HashMap::new();
+            for t in topics.outputs() {
+                for p in 0..counts[t] {
+                    if let Some(seq) = last_seq(cfg, t, p)? {
+                        tails.insert((t.to_string(), p), seq);
+                    }
                 }
             }
+            Ok(tails)
+        };
+        let mut delivered = tails()?;
+        for _ in 0..10 {
+            if delivered.is_empty() {
+                break;
+            }
+            std::thread::sleep(Duration::from_secs(1));
+            let again = tails()?;
+            if again == delivered {
+                break;
+            }
+            delivered = again;
         }
         let producer = cfg
             .producer()
             // Decisions are never dropped: while the broker is away they wait
-            // and are retried (idempotence keeps them in order, once each).
+            // and are retried.
             .set("message.timeout.ms", "0")
-            .create()?;
+            // One request in flight per broker keeps each partition in seq
+            // order across retries without the idempotent producer, whose
+            // sequence tracking a young topic on tansu 0.6 can wedge for a
+            // partition (seen: every decision for one partition held back).
+            // A retry may write a record twice; `seq` tells consumers, and a
+            // restart reads the tails, so nothing is applied twice.
+            .set("enable.idempotence", "false")
+            .set("max.in.flight.requests.per.connection", "1")
+            .create_with_context(Deliveries {
+                failed: AtomicU64::new(0),
+            })?;
         let sink = Arc::new(OutputSink {
             topics,
             producer,
@@ -128,7 +172,9 @@ impl OutputSink {
             stop: Arc::new(AtomicBool::new(false)),
         });
         let committer = Arc::clone(&sink);
-        let consumer: BaseConsumer = cfg.consumer(&format!("{}dataflow", cfg.outputs())).create()?;
+        let consumer: BaseConsumer = cfg
+            .consumer(&format!("{}dataflow", cfg.outputs()))
+            .create()?;
         let inputs: Vec<(String, i32)> = committer
             .topics
             .inputs()
@@ -163,7 +209,11 @@ impl OutputSink {
                     let mut commit = TopicPartitionList::new();
                     for e in offsets.elements() {
                         if let Offset::Offset(o) = e.offset() {
-                            let _ = commit.add_partition_offset(e.topic(), e.partition(), Offset::Offset(o));
+                            let _ = commit.add_partition_offset(
+                                e.topic(),
+                                e.partition(),
+                                Offset::Offset(o),
+                            );
                         }
                     }
                     if commit.count() > 0 && consumer.commit(&commit, CommitMode::Sync).is_ok() {
@@ -221,8 +271,8 @@ impl Observer for OutputSink {
                 continue;
             }
             let key = key.to_string();
-            let value = serde_json::to_vec(&OutputRecord { seq, time, output })
-                .expect("outputs serialize");
+            let value =
+                serde_json::to_vec(&OutputRecord { seq, time, output }).expect("outputs serialize");
             self.send(topic, partition, &key, &value, time);
         }
     }
@@ -309,32 +359,64 @@ pub fn follow(cfg: &KafkaConfig, observer: Arc<dyn Observer>) -> Result<Followin
             loop {
                 let mut timeout = Duration::from_millis(50);
                 for _ in 0..10_000 {
-                    let Some(Ok(m)) = consumer.poll(timeout) else { break };
+                    let Some(Ok(m)) = consumer.poll(timeout) else {
+                        break;
+                    };
                     timeout = Duration::ZERO;
                     let at = (m.topic().to_string(), m.partition());
                     if let Some((ti, time)) = input_parts.get_mut(&at) {
                         let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as Time;
                         *time = (*time).max(ts);
                         if let Some(v) = m.payload() {
-                            if let Ok(e) = InputRecord::decode(v, *ti, m.partition(), m.offset(), *time) {
+                            if let Ok(e) =
+                                InputRecord::decode(v, *ti, m.partition(), m.offset(), *time)
+                            {
                                 events.push(e);
                             }
                         }
                     } else if m.topic() == topics.index {
-                        if let Some(r) = m.payload().and_then(|v| serde_json::from_slice::<IndexRecord>(v).ok()) {
+                        if let Some(r) = m
+                            .payload()
+                            .and_then(|v| serde_json::from_slice::<IndexRecord>(v).ok())
+                        {
                             let old = current.get(&r.rider);
                             if old.is_some_and(|o| o.time > r.time) {
                                 continue;
                             }
-                            if let Some(IndexRecord { cell: Some(cell), at: Some(at), time, .. }) = old {
-                                changes.push((IndexEntry { cell: *cell, rider: r.rider.clone(), at: *at }, *time, -1));
+                            if let Some(IndexRecord {
+                                cell: Some(cell),
+                                at: Some(at),
+                                time,
+                                ..
+                            }) = old
+                            {
+                                changes.push((
+                                    IndexEntry {
+                                        cell: *cell,
+                                        rider: r.rider.clone(),
+                                        at: *at,
+                                    },
+                                    *time,
+                                    -1,
+                                ));
                             }
                             if let (Some(cell), Some(at)) = (r.cell, r.at) {
-                                changes.push((IndexEntry { cell, rider: r.rider.clone(), at }, r.time, 1));
+                                changes.push((
+                                    IndexEntry {
+                                        cell,
+                                        rider: r.rider.clone(),
+                                        at,
+                                    },
+                                    r.time,
+                                    1,
+                                ));
                             }
                             current.insert(r.rider.clone(), r);
                         }
-                    } else if let Some(r) = m.payload().and_then(|v| serde_json::from_slice::<OutputRecord>(v).ok()) {
+                    } else if let Some(r) = m
+                        .payload()
+                        .and_then(|v| serde_json::from_slice::<OutputRecord>(v).ok())
+                    {
                         if r.seq >= next_seq {
                             pending.insert(r.seq, (r.time, r.output));
                         }

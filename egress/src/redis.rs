@@ -227,7 +227,9 @@ impl Mirror {
                 for e in events {
                     match e.kind {
                         EventKind::MerchantUpserted { merchant, at, .. } => {
-                            if self.hot.get(&merchant).is_some() && self.merchants.get(&merchant) != Some(&at) {
+                            if self.hot.get(&merchant).is_some()
+                                && self.merchants.get(&merchant) != Some(&at)
+                            {
                                 self.merchants.insert(merchant.clone(), at);
                                 self.cool(&merchant);
                                 self.heat(&merchant);
@@ -235,7 +237,9 @@ impl Mirror {
                                 self.merchants.insert(merchant, at);
                             }
                         }
-                        EventKind::OrderPlaced { order, merchant, .. } => {
+                        EventKind::OrderPlaced {
+                            order, merchant, ..
+                        } => {
                             self.placed.insert(order, merchant);
                         }
                         _ => {}
@@ -244,7 +248,10 @@ impl Mirror {
             }
             Msg::Decisions(ds) => {
                 for (t, o) in ds {
-                    if let Output::Transition { order, to, rider, .. } = o {
+                    if let Output::Transition {
+                        order, to, rider, ..
+                    } = o
+                    {
                         self.transition(order, to, rider, t);
                     }
                 }
@@ -318,7 +325,13 @@ impl Mirror {
             .arg(row.updated_at)
             .ignore();
         match &row.rider {
-            Some(r) => self.ops.cmd("HSET").arg(&okey).arg("rider").arg(r.as_str()).ignore(),
+            Some(r) => self
+                .ops
+                .cmd("HSET")
+                .arg(&okey)
+                .arg("rider")
+                .arg(r.as_str())
+                .ignore(),
             None => self.ops.cmd("HDEL").arg(&okey).arg("rider").ignore(),
         };
         self.ops.cmd("SADD").arg(&live).arg(order.as_str()).ignore();
@@ -370,11 +383,11 @@ impl Mirror {
                 } else {
                     self.ops
                         .cmd("GEOADD")
-                    .arg(&geo)
-                    .arg(at.lon())
-                    .arg(at.lat())
-                    .arg(rider.as_str())
-                    .ignore();
+                        .arg(&geo)
+                        .arg(at.lon())
+                        .arg(at.lat())
+                        .arg(rider.as_str())
+                        .ignore();
                 }
                 self.ops
                     .cmd("HSET")
@@ -457,7 +470,11 @@ impl Mirror {
         for m in hot {
             self.heat(&m);
         }
-        let orders: Vec<(Id, OrderRow)> = self.orders.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let orders: Vec<(Id, OrderRow)> = self
+            .orders
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         for (o, row) in orders {
             self.write_order(&o, &row);
         }

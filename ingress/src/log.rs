@@ -113,8 +113,7 @@ impl LogHandle {
             }
         };
         let (reply, rx) = oneshot::channel();
-        tx
-            .send(Command::Append { key, events, reply })
+        tx.send(Command::Append { key, events, reply })
             .map_err(|_| LogError::Closed)?;
         match rx.await {
             Ok(Ok(a)) => Ok(a),

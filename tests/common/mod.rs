@@ -277,4 +277,3 @@ pub async fn life_cycle_on(s: &Server, e: &Server) {
         (Some(0), Some(true))
     );
 }
-
