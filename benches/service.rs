@@ -328,6 +328,7 @@ fn main() {
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    let mut embedded_p99 = None;
     // A fresh server for the latency phase.
     let (mut server, url) = spawn(
         Command::new(env!("CARGO_BIN_EXE_grabflow"))
@@ -337,6 +338,7 @@ fn main() {
     rt.block_on(async {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let (mut offers, mut grabs, orders) = latencies(&url, &dir).await;
+        embedded_p99 = Some(percentile(&mut offers.clone(), 0.99));
         println!("\nsteady load: 10 000 pings/s + 200 orders/s, 500 riders on WebSockets, {orders} orders:");
         println!("| latency | p50 | p99 | samples |");
         println!("|---|---:|---:|---:|");
@@ -346,5 +348,99 @@ fn main() {
     });
     let _ = server.kill();
     let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    kafka_phase(&rt, ours100_rate(&rt, &app), embedded_p99);
+}
+
+/// The embedded server's batched rate again, measured just before Kafka's.
+fn ours100_rate(rt: &tokio::runtime::Runtime, _app: &str) -> f64 {
+    let dir = std::env::temp_dir().join(format!("grabflow-bench-e-{}", std::process::id()));
+    let (mut server, url) = spawn(
+        Command::new(env!("CARGO_BIN_EXE_grabflow"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&dir),
+    );
+    let app = token(&dir, "app", None);
+    let rate = rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        ping_rate(&url, &app, 100, 64).await
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    rate
+}
+
+/// Production mode on this machine: tansu (in-memory storage) on loopback,
+/// `serve --kafka`, the same load as the embedded figures above.
+fn kafka_phase(rt: &tokio::runtime::Runtime, embedded_rate: f64, embedded_p99: Option<f64>) {
+    let home = std::env::var("CARGO_HOME")
+        .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
+    let tansu = std::path::PathBuf::from(home).join("bin/tansu");
+    if !tansu.exists() {
+        println!("\n(tansu is not installed: no Kafka figures; scripts/test installs it)");
+        return;
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let listener = format!("tcp://127.0.0.1:{port}");
+    let mut broker = Command::new(tansu)
+        .args([
+            "broker",
+            "--listener-url",
+            &listener,
+            "--advertised-listener-url",
+            &listener,
+            "--storage-engine",
+            "memory://tansu/",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let dir = std::env::temp_dir().join(format!("grabflow-bench-k-{}", std::process::id()));
+    let kafka = format!("127.0.0.1:{port}");
+    let (mut server, url) = spawn(
+        Command::new(env!("CARGO_BIN_EXE_grabflow"))
+            .args([
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--kafka",
+                &kafka,
+                "--data-dir",
+            ])
+            .arg(&dir),
+    );
+    let app = token(&dir, "app", None);
+    rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let rate = ping_rate(&url, &app, 100, 64).await;
+        let (mut offers, _, orders) = latencies(&url, &dir).await;
+        let p99 = percentile(&mut offers, 0.99);
+        println!(
+            "\nKafka (tansu 0.6, in-memory, loopback) against the embedded log, same machine:"
+        );
+        println!("| | embedded | kafka | ratio |");
+        println!("|---|---:|---:|---:|");
+        println!(
+            "| pings acked/s, 100 per batch | {embedded_rate:.0} | {rate:.0} | {:.2} |",
+            rate / embedded_rate
+        );
+        if let Some(e) = embedded_p99 {
+            println!(
+                "| order → offer p99 ({orders} orders) | {e:.2} ms | {p99:.2} ms | {:.2} |",
+                p99 / e
+            );
+        }
+    });
+    let _ = server.kill();
+    let _ = server.wait();
+    let _ = broker.kill();
+    let _ = broker.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -580,13 +580,13 @@ async fn redis_restarted_mid_run_and_the_mirror_converges() {
     redis.stop();
     let r0 = s.token("rider", Some("R0"));
     let mut ws = s.ws("R0", &r0, 0).await;
-    for i in 0..20 {
-        let tok = s.token("rider", Some(&riders[i]));
+    for (i, rider) in riders.iter().enumerate() {
+        let tok = s.token("rider", Some(rider));
         let body = json!({"lat": 31.2301 + i as f64 * 1e-4, "lon": 121.4701});
         let (st, _) = s
             .call(
                 "POST",
-                &format!("/v1/riders/{}/location", riders[i]),
+                &format!("/v1/riders/{rider}/location"),
                 &tok,
                 Some(body),
             )

@@ -446,7 +446,10 @@ impl Source for KafkaSource {
             let m = match self.consumer.poll(timeout) {
                 None => break,
                 Some(Err(e)) => {
-                    tracing::warn!(error = %e, "kafka consumer");
+                    // The broker is away: wait instead of spinning; time
+                    // stands still until it is back.
+                    tracing::debug!(error = %e, "kafka consumer");
+                    std::thread::sleep(Duration::from_millis(50));
                     break;
                 }
                 Some(Ok(m)) => m,
