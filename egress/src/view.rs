@@ -16,6 +16,7 @@ use grabflow_api::{
 use grabflow_dataflow::geo_index::GeoIndex;
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
+use grabflow_ingress::kafka::GrabResults;
 use grabflow_ingress::routes::GrabWaiter;
 use serde::Serialize;
 use serde_json::json;
@@ -104,7 +105,7 @@ pub struct Egress {
     pub cfg: DispatchConfig,
     view: RwLock<View>,
     counters: Mutex<Counters>,
-    waiters: Mutex<HashMap<Id, oneshot::Sender<GrabOutcome>>>,
+    waiters: GrabResults,
     /// The dataflow has delivered every decision before this log time.
     progress: AtomicU64,
     /// Ready once progress passes the end of the replayed log.
@@ -125,7 +126,7 @@ impl Egress {
             cfg,
             view: RwLock::default(),
             counters: Mutex::default(),
-            waiters: Mutex::default(),
+            waiters: GrabResults::default(),
             progress: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             replay_until: AtomicU64::new(replay_until),
@@ -385,13 +386,9 @@ impl Observer for Egress {
                 }
             }
         }
-        let mut waiters = self.waiters.lock().expect("waiters");
         for (attempt, outcome) in resolved {
-            if let Some(tx) = waiters.remove(&attempt) {
-                let _ = tx.send(outcome);
-            }
+            self.waiters.resolve(&attempt, outcome);
         }
-        drop(waiters);
         for n in woken {
             n.notify_waiters();
         }
@@ -413,15 +410,10 @@ impl Observer for Egress {
 
 impl GrabWaiter for Egress {
     fn expect(&self, attempt: &Id) -> oneshot::Receiver<GrabOutcome> {
-        let (tx, rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .expect("waiters")
-            .insert(attempt.clone(), tx);
-        rx
+        self.waiters.expect(attempt)
     }
 
     fn forget(&self, attempt: &Id) {
-        self.waiters.lock().expect("waiters").remove(attempt);
+        self.waiters.forget(attempt);
     }
 }

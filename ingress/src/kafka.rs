@@ -477,10 +477,20 @@ impl Source for KafkaSource {
     }
 }
 
-/// Grab calls waiting for results read from the grabs topic (split ingress).
+/// Grab calls waiting for their decisions: fed from the grabs topic (split
+/// ingress) or by egress's view (one process).
 #[derive(Default)]
 pub struct GrabResults {
     waiters: Mutex<HashMap<Id, oneshot::Sender<GrabOutcome>>>,
+}
+
+impl GrabResults {
+    /// Answers the call waiting on `attempt`, if one is.
+    pub fn resolve(&self, attempt: &Id, outcome: GrabOutcome) {
+        if let Some(tx) = self.waiters.lock().expect("waiters").remove(attempt) {
+            let _ = tx.send(outcome);
+        }
+    }
 }
 
 impl GrabWaiter for GrabResults {
@@ -553,11 +563,7 @@ impl Follower {
                                 ..
                             }) = serde_json::from_slice(v)
                             {
-                                if let Some(tx) =
-                                    g.waiters.lock().expect("waiters").remove(&attempt)
-                                {
-                                    let _ = tx.send(outcome);
-                                }
+                                g.resolve(&attempt, outcome);
                             }
                         }
                         continue;
