@@ -446,6 +446,24 @@ async fn listen(s: &Settings) -> anyhow::Result<tokio::net::TcpListener> {
     Ok(listener)
 }
 
+/// Serves `router` until SIGTERM/Ctrl-C, then ends `egress`'s rider streams.
+async fn serve_until_shutdown(
+    s: &Settings,
+    router: axum::Router,
+    egress: &Arc<Egress>,
+) -> anyhow::Result<()> {
+    let listener = listen(s).await?;
+    let closing = Arc::clone(egress);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("shutting down: no new events; draining the dataflow");
+            closing.close();
+        })
+        .await?;
+    Ok(())
+}
+
 async fn serve(s: Settings) -> anyhow::Result<()> {
     if s.kafka.is_some() {
         return serve_kafka(s).await;
@@ -487,15 +505,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
             stats,
         },
     );
-    let listener = listen(&s).await?;
-    let closing = egress.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("shutting down: no new events; draining the dataflow");
-            closing.close();
-        })
-        .await?;
+    serve_until_shutdown(&s, router, &egress).await?;
     // The router (and with it every log handle) is gone: the writer stops,
     // the feed closes, and the dataflow drains what the clock has passed.
     tokio::task::spawn_blocking(move || {
@@ -584,14 +594,7 @@ async fn serve_kafka(s: Settings) -> anyhow::Result<()> {
             stats,
         },
     );
-    let listener = listen(&s).await?;
-    let closing = egress.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            closing.close();
-        })
-        .await?;
+    serve_until_shutdown(&s, router, &egress).await?;
     stop.store(true, std::sync::atomic::Ordering::Release);
     tokio::task::spawn_blocking(move || {
         let _ = dataflow.join();
@@ -667,14 +670,7 @@ async fn run_egress(s: Settings) -> anyhow::Result<()> {
         secret,
         stats: DataflowStats::default(),
     });
-    let listener = listen(&s).await?;
-    let closing = egress.clone();
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            closing.close();
-        })
-        .await?;
+    serve_until_shutdown(&s, router, &egress).await?;
     Ok(())
 }
 

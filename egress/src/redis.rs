@@ -195,13 +195,7 @@ impl Mirror {
                     status.resyncs.fetch_add(1, Ordering::Relaxed);
                 })
             } else {
-                let meta = self.key(&["meta"]);
-                self.ops
-                    .cmd("HSET")
-                    .arg(meta)
-                    .arg("progress")
-                    .arg(self.progress)
-                    .ignore();
+                self.write_progress();
                 self.ops.query::<()>(c)
             };
             match result {
@@ -335,6 +329,16 @@ impl Mirror {
             None => self.ops.cmd("HDEL").arg(&okey).arg("rider").ignore(),
         };
         self.ops.cmd("SADD").arg(&live).arg(order.as_str()).ignore();
+    }
+
+    fn write_progress(&mut self) {
+        let meta = self.key(&["meta"]);
+        self.ops
+            .cmd("HSET")
+            .arg(meta)
+            .arg("progress")
+            .arg(self.progress)
+            .ignore();
     }
 
     /// A merchant got its first waiting order: compute its rider set.
@@ -478,13 +482,7 @@ impl Mirror {
         for (o, row) in orders {
             self.write_order(&o, &row);
         }
-        let meta = self.key(&["meta"]);
-        self.ops
-            .cmd("HSET")
-            .arg(meta)
-            .arg("progress")
-            .arg(self.progress)
-            .ignore();
+        self.write_progress();
         std::mem::replace(&mut self.ops, redis::pipe()).query::<()>(c)
     }
 }
