@@ -369,34 +369,94 @@ fn main() {
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    kafka_phase(&rt, ours100_rate(&rt, &app));
+    kafka_phase(&rt);
 }
 
-/// The embedded server's batched rate and its order→offer p99 at the light
-/// load, measured just before Kafka's.
-fn ours100_rate(rt: &tokio::runtime::Runtime, _app: &str) -> (f64, f64) {
-    let dir = std::env::temp_dir().join(format!("grabflow-bench-e-{}", std::process::id()));
+/// Batched pings for the phase length: acked per second, and end to end
+/// (acked, then read by the dataflow: `/v1/ops/metrics` counts them) per
+/// second from the phase's start until the dataflow has them all.
+async fn end_to_end(url: &str, dir: &std::path::Path) -> (f64, f64) {
+    let (app, ops) = (token(dir, "app", None), token(dir, "ops", None));
+    let t0 = Instant::now();
+    let acked = ping_rate(url, &app, 100, 64).await * secs() as f64;
+    let http = reqwest::Client::new();
+    let mut seen = 0.0;
+    while seen < acked && t0.elapsed() < Duration::from_secs(secs() * 20 + 30) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if let Ok(r) = http
+            .get(format!("{url}/v1/ops/metrics"))
+            .bearer_auth(&ops)
+            .send()
+            .await
+        {
+            let v: Value = r.json().await.unwrap_or_default();
+            seen = v["events"]["location_pinged"].as_f64().unwrap_or(0.0);
+        }
+    }
+    (acked / secs() as f64, seen / t0.elapsed().as_secs_f64())
+}
+
+/// Runs `phase` against a fresh `grabflow serve` with `extra` flags.
+fn with_server<T>(
+    rt: &tokio::runtime::Runtime,
+    extra: &[&str],
+    phase: impl AsyncFnOnce(&str, &std::path::Path) -> T,
+) -> T {
+    static RUN: AtomicU64 = AtomicU64::new(0);
+    let n = RUN.fetch_add(1, Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("grabflow-bench-{}-{n}", std::process::id()));
     let (mut server, url) = spawn(
         Command::new(env!("CARGO_BIN_EXE_grabflow"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--data-dir")
             .arg(&dir),
     );
-    let app = token(&dir, "app", None);
-    let rate = rt.block_on(async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let rate = ping_rate(&url, &app, 100, 64).await;
-        let (mut offers, _, _) = latencies(&url, &dir, LIGHT).await;
-        (rate, percentile(&mut offers, 0.99))
+    let out = rt.block_on(async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        phase(&url, &dir).await
     });
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
-    rate
+    out
 }
 
-/// Production mode on this machine: tansu (in-memory storage) on loopback,
-/// `serve --kafka`, the same load as the embedded figures above.
-fn kafka_phase(rt: &tokio::runtime::Runtime, (embedded_rate, embedded_p99): (f64, f64)) {
+/// A tansu broker (in-memory storage) on a free loopback port, for one phase.
+struct Broker(Child, String);
+
+impl Broker {
+    fn start(tansu: &std::path::Path) -> Broker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listener = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(tansu)
+            .args(["broker", "--listener-url", &listener])
+            .args(["--advertised-listener-url", &listener])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        Broker(child, format!("127.0.0.1:{port}"))
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Production mode on this machine: tansu (in-memory storage) on loopback
+/// and `serve --kafka`, against the embedded log under the same loads. Each
+/// phase has a fresh broker and server, so one's backlog never slows the next.
+fn kafka_phase(rt: &tokio::runtime::Runtime) {
     let home = std::env::var("CARGO_HOME")
         .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
     let tansu = std::path::PathBuf::from(home).join("bin/tansu");
@@ -404,64 +464,42 @@ fn kafka_phase(rt: &tokio::runtime::Runtime, (embedded_rate, embedded_p99): (f64
         println!("\n(tansu is not installed: no Kafka figures; scripts/test installs it)");
         return;
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listener = format!("tcp://127.0.0.1:{port}");
-    let mut broker = Command::new(tansu)
-        .args([
-            "broker",
-            "--listener-url",
-            &listener,
-            "--advertised-listener-url",
-            &listener,
-            "--storage-engine",
-            "memory://tansu/",
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    let dir = std::env::temp_dir().join(format!("grabflow-bench-k-{}", std::process::id()));
-    let kafka = format!("127.0.0.1:{port}");
-    let (mut server, url) = spawn(
-        Command::new(env!("CARGO_BIN_EXE_grabflow"))
-            .args([
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--kafka",
-                &kafka,
-                "--data-dir",
-            ])
-            .arg(&dir),
+    let light = async |url: &str, dir: &std::path::Path| {
+        let (mut offers, _, orders) = latencies(url, dir, LIGHT).await;
+        (percentile(&mut offers, 0.5), percentile(&mut offers, 0.99), offers.len(), orders)
+    };
+    let (e_acked, e_e2e) = with_server(rt, &[], end_to_end);
+    let e_light = with_server(rt, &[], light);
+    let (k_acked, k_e2e) = {
+        let broker = Broker::start(&tansu);
+        with_server(rt, &["--kafka", &broker.1], end_to_end)
+    };
+    let k_light = {
+        let broker = Broker::start(&tansu);
+        with_server(rt, &["--kafka", &broker.1], light)
+    };
+    println!("\nKafka (tansu 0.6, in-memory, loopback) against the embedded log, same machine:");
+    println!("| | embedded | kafka | ratio |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| pings acked/s, 100 per batch, 64 clients | {e_acked:.0} | {k_acked:.0} | {:.3} |",
+        k_acked / e_acked
     );
-    let app = token(&dir, "app", None);
-    rt.block_on(async {
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let rate = ping_rate(&url, &app, 100, 64).await;
-        let (mut offers, _, orders) = latencies(&url, &dir, LIGHT).await;
-        let p99 = percentile(&mut offers, 0.99);
+    println!(
+        "| pings/s end to end (acked and read by the dataflow) | {e_e2e:.0} | {k_e2e:.0} | {:.3} |",
+        k_e2e / e_e2e
+    );
+    for (name, i) in [("p50", 0), ("p99", 1)] {
+        let (e, k) = if i == 0 { (e_light.0, k_light.0) } else { (e_light.1, k_light.1) };
         println!(
-            "\nKafka (tansu 0.6, in-memory, loopback) against the embedded log, same machine:"
+            "| order → offer {name}, {} pings/s + {} orders/s | {e:.2} ms | {k:.2} ms | {:.2} |",
+            LIGHT.pings * 1000 / LIGHT.ping_every.as_millis() as u64,
+            1000 / LIGHT.order_every.as_millis(),
+            k / e
         );
-        println!("| | embedded | kafka | ratio |");
-        println!("|---|---:|---:|---:|");
-        println!(
-            "| pings acked/s, 100 per batch | {embedded_rate:.0} | {rate:.0} | {:.2} |",
-            rate / embedded_rate
-        );
-        println!(
-            "| order → offer p99, 100 pings/s + 5 orders/s ({orders} orders) | {embedded_p99:.2} ms | {p99:.2} ms | {:.2} |",
-            p99 / embedded_p99
-        );
-    });
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = broker.kill();
-    let _ = broker.wait();
-    let _ = std::fs::remove_dir_all(&dir);
+    }
+    println!(
+        "(offers seen: embedded {} of {} orders, kafka {} of {})",
+        e_light.2, e_light.3, k_light.2, k_light.3
+    );
 }

@@ -184,7 +184,8 @@ struct ServeArgs {
     /// Replicas of the topics grabflow creates [default: 1].
     #[arg(long, env = "GRABFLOW_KAFKA_REPLICATION")]
     kafka_replication: Option<i32>,
-    /// An idle input partition gets a clock tick this often [default: 5ms].
+    /// An input partition holding back a newer event gets a clock tick
+    /// after this long [default: 5ms]; other idle partitions every --tick.
     #[arg(long, env = "GRABFLOW_KAFKA_TICK", value_parser = parse_duration)]
     kafka_tick: Option<Duration>,
     /// How long an append waits for the broker before 503 [default: 5s].
@@ -361,9 +362,10 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
                 .or(file.kafka_replication)
                 .unwrap_or(k.replication);
             k.tick = dur(a.kafka_tick, file.kafka_tick, k.tick)?;
+            k.idle_tick = dur(a.tick, file.tick.clone(), k.idle_tick)?;
             k.ack_timeout = dur(a.kafka_ack_timeout, file.kafka_ack_timeout, k.ack_timeout)?;
-            if k.partitions < 1 || k.replication < 1 || k.tick.is_zero() {
-                bail!("--kafka-partitions, --kafka-replication and --kafka-tick must be positive");
+            if k.partitions < 1 || k.replication < 1 || k.tick.is_zero() || k.idle_tick.is_zero() {
+                bail!("--kafka-partitions, --kafka-replication, --kafka-tick and --tick must be positive");
             }
             Some(k)
         }

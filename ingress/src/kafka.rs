@@ -8,7 +8,8 @@
 //! - [`KafkaSource`]: one timely worker's input partitions. Time comes from
 //!   the log: a record's time is its Kafka timestamp made monotonic per
 //!   partition, and the worker's frontier is the least time over its
-//!   partitions. Idle partitions get tick records (no value) so time moves on.
+//!   partitions. Partitions that hold time back get tick records (no
+//!   value): soon when a newer event waits on them, rarely otherwise.
 //! - [`Follower`]: reads the input topics for the ids and idempotency keys
 //!   ingress must know, and the grab results for waiting grab calls.
 
@@ -27,7 +28,7 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, FutureProducer, Futu
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
@@ -53,13 +54,17 @@ pub struct KafkaConfig {
     pub replication: i32,
     /// How long an append waits for the broker's ack before answering 503.
     pub ack_timeout: Duration,
-    /// An input partition with no record for this long gets a tick.
+    /// An input partition holding back a newer event gets a tick after this
+    /// long without a record.
     pub tick: Duration,
+    /// Any input partition without a record for this long gets a tick, so
+    /// timers fire when nothing happens.
+    pub idle_tick: Duration,
 }
 
 impl KafkaConfig {
     /// Defaults for `brokers`: prefix `grabflow.`, 4 partitions, 1 replica,
-    /// 5 s ack timeout, 5 ms tick.
+    /// 5 s ack timeout, 5 ms tick, 50 ms idle tick.
     pub fn new(brokers: &str) -> KafkaConfig {
         KafkaConfig {
             brokers: brokers.to_string(),
@@ -69,6 +74,7 @@ impl KafkaConfig {
             replication: 1,
             ack_timeout: Duration::from_secs(5),
             tick: Duration::from_millis(5),
+            idle_tick: Duration::from_millis(50),
         }
     }
 
@@ -312,8 +318,8 @@ struct Part {
     partition: i32,
     /// Time of the partition's latest record (0 before any).
     time: Time,
-    /// When a tick was last sent into it.
-    ticked: Option<Instant>,
+    /// The time of the last tick sent into it (it may not be back yet).
+    sent: Time,
 }
 
 /// One timely worker's input partitions (`(topic, partition)` number
@@ -324,6 +330,9 @@ pub struct KafkaSource {
     lookup: HashMap<(String, i32), usize>,
     ticker: Arc<ThreadedProducer<DefaultProducerContext>>,
     tick: Duration,
+    idle_tick: Duration,
+    /// The newest event time any worker of this process has read.
+    newest: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     /// Records that were not events (logged and skipped).
     pub skipped: u64,
@@ -334,6 +343,7 @@ pub struct KafkaSources {
     cfg: KafkaConfig,
     counts: Vec<i32>,
     ticker: Arc<ThreadedProducer<DefaultProducerContext>>,
+    newest: Arc<AtomicU64>,
     /// Set to end every source (shutdown).
     pub stop: Arc<AtomicBool>,
 }
@@ -361,6 +371,7 @@ impl KafkaSources {
             cfg: cfg.clone(),
             counts,
             ticker: Arc::new(ticker),
+            newest: Arc::default(),
             stop: Arc::default(),
         })
     }
@@ -384,7 +395,7 @@ impl KafkaSources {
                         name: name.to_string(),
                         partition: p,
                         time: 0,
-                        ticked: None,
+                        sent: 0,
                     });
                 }
                 n += 1;
@@ -402,6 +413,8 @@ impl KafkaSources {
             lookup,
             ticker: Arc::clone(&self.ticker),
             tick: self.cfg.tick,
+            idle_tick: self.cfg.idle_tick,
+            newest: Arc::clone(&self.newest),
             stop: Arc::clone(&self.stop),
             skipped: 0,
         })
@@ -412,21 +425,34 @@ impl KafkaSources {
 const POLL_BATCH: usize = 20_000;
 
 impl KafkaSource {
+    /// Ticks the partitions that hold time back. A partition behind an
+    /// event this process has read (the event waits for every partition to
+    /// pass its time) gets a tick once quiet for `tick`; any other only after
+    /// `idle_tick`, so timers fire when nothing happens. A tick still on its
+    /// way counts as read; one lost is sent again after `idle_tick`. Ticks of
+    /// one round share a produce request.
     fn tick_idle(&mut self) {
         let now = now_ms();
-        let tick_ms = self.tick.as_millis() as Time;
+        let newest = self.newest.load(Ordering::Acquire);
         for p in &mut self.parts {
-            let idle = now.saturating_sub(p.time) >= tick_ms;
-            let due = p.ticked.is_none_or(|at| at.elapsed() >= self.tick);
-            if idle && due {
-                let record = BaseRecord::<[u8], [u8]>::to(&p.name)
-                    .partition(p.partition)
-                    .timestamp(now as i64);
-                // A full queue (broker away) only delays time; the next
-                // round tries again.
-                if self.ticker.send(record).is_ok() {
-                    p.ticked = Some(Instant::now());
-                }
+            let ahead = p.time.max(p.sent);
+            let every = if newest > ahead {
+                self.tick
+            } else {
+                self.idle_tick
+            };
+            if now.saturating_sub(ahead) < every.as_millis() as Time {
+                continue;
+            }
+            // Never behind the event it is for, whatever the clocks say.
+            let at = now.max(newest);
+            let record = BaseRecord::<[u8], [u8]>::to(&p.name)
+                .partition(p.partition)
+                .timestamp(at as i64);
+            // A full queue (broker away) only delays time; the next round
+            // tries again.
+            if self.ticker.send(record).is_ok() {
+                p.sent = at;
             }
         }
     }
@@ -464,7 +490,10 @@ impl Source for KafkaSource {
             if let Some(value) = m.payload() {
                 match InputRecord::decode(value, part.topic, part.partition, m.offset(), part.time)
                 {
-                    Ok(e) => out.push(e),
+                    Ok(e) => {
+                        self.newest.fetch_max(part.time, Ordering::AcqRel);
+                        out.push(e)
+                    }
                     Err(e) => {
                         self.skipped += 1;
                         tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "skipped a record that is not an event");
