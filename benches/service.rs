@@ -174,7 +174,19 @@ const LIGHT: Load = Load {
     order_every: Duration::from_millis(200),
 };
 
-async fn latencies(url: &str, dir: &std::path::Path, load: Load) -> (Vec<f64>, Vec<f64>, usize) {
+/// What a latency phase measured (milliseconds).
+struct Latencies {
+    /// Order POST → first offer on a rider's WebSocket.
+    offers: Vec<f64>,
+    /// Grab POST → decided answer.
+    grabs: Vec<f64>,
+    /// Order POST → its 202 (durable in the log).
+    acks: Vec<f64>,
+    /// Orders placed.
+    orders: usize,
+}
+
+async fn latencies(url: &str, dir: &std::path::Path, load: Load) -> Latencies {
     let app = token(dir, "app", None);
     let http = reqwest::Client::new();
     for m in 0..50 {
@@ -190,6 +202,7 @@ async fn latencies(url: &str, dir: &std::path::Path, load: Load) -> (Vec<f64>, V
     let placed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
     let offer_ms: Arc<Mutex<Vec<f64>>> = Arc::default();
     let grab_ms: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let ack_ms: Arc<Mutex<Vec<f64>>> = Arc::default();
     let mut sockets = Vec::new();
     for r in 0..riders {
         let rider = format!("R{r}");
@@ -284,14 +297,19 @@ async fn latencies(url: &str, dir: &std::path::Path, load: Load) -> (Vec<f64>, V
         n += 1;
         let order = format!("O{n}");
         let body = json!({"order_id": order, "merchant_id": format!("M{}", n % 50), "dropoff": {"lat": 31.22, "lon": 121.48}});
-        placed.lock().unwrap().insert(order, Instant::now());
-        let (http, url, app) = (http.clone(), url.to_string(), app.clone());
+        let t0 = Instant::now();
+        placed.lock().unwrap().insert(order, t0);
+        let (http, url, app, ack_ms) = (http.clone(), url.to_string(), app.clone(), Arc::clone(&ack_ms));
         tokio::spawn(async move {
-            http.post(format!("{url}/v1/orders"))
+            let r = http
+                .post(format!("{url}/v1/orders"))
                 .bearer_auth(&app)
                 .json(&body)
                 .send()
-                .await
+                .await;
+            if r.is_ok_and(|r| r.status().as_u16() == 202) {
+                ack_ms.lock().unwrap().push(t0.elapsed().as_secs_f64() * 1e3);
+            }
         });
     }
     pinger.await.unwrap();
@@ -300,7 +318,13 @@ async fn latencies(url: &str, dir: &std::path::Path, load: Load) -> (Vec<f64>, V
     }
     let offers = std::mem::take(&mut *offer_ms.lock().unwrap());
     let grabs = std::mem::take(&mut *grab_ms.lock().unwrap());
-    (offers, grabs, n)
+    let acks = std::mem::take(&mut *ack_ms.lock().unwrap());
+    Latencies {
+        offers,
+        grabs,
+        acks,
+        orders: n,
+    }
 }
 
 fn main() {
@@ -315,61 +339,71 @@ fn main() {
     if args.iter().any(|a| a == "--list") {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("grabflow-bench-{}", std::process::id()));
-    let (mut bare, bare_url) =
-        spawn(Command::new(std::env::current_exe().unwrap()).arg("--bare-server"));
-    let (mut server, url) = spawn(
-        Command::new(env!("CARGO_BIN_EXE_grabflow"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&dir),
-    );
-    let app = token(&dir, "app", None);
-    rt.block_on(async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let clients = 64;
-        println!(
-            "HTTP ingress, {clients} concurrent clients, {} s per phase:",
-            secs()
-        );
-        let bare1 = ping_rate(&bare_url, &app, 1, clients).await;
-        let ours1 = ping_rate(&url, &app, 1, clients).await;
-        let bare100 = ping_rate(&bare_url, &app, 100, clients).await;
-        let ours100 = ping_rate(&url, &app, 100, clients).await;
-        println!("| pings | bare axum (parse only) | grabflow (validated, fsynced) | ratio |");
-        println!("|---|---:|---:|---:|");
-        println!(
-            "| one per request | {bare1:.0}/s | {ours1:.0}/s | {:.2} |",
-            ours1 / bare1
-        );
-        println!(
-            "| 100 per batch | {bare100:.0}/s | {ours100:.0}/s | {:.2} |",
-            ours100 / bare100
-        );
-    });
-    let _ = bare.kill();
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = std::fs::remove_dir_all(&dir);
-    // A fresh server for the latency phase.
-    let (mut server, url) = spawn(
-        Command::new(env!("CARGO_BIN_EXE_grabflow"))
-            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(&dir),
-    );
-    rt.block_on(async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let (mut offers, mut grabs, orders) = latencies(&url, &dir, FULL).await;
+    // `cargo bench --bench service -- ingress|latency|kafka` runs one part.
+    let only: Vec<&str> = args[1..]
+        .iter()
+        .map(String::as_str)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    let part = |name: &str| only.is_empty() || only.contains(&name);
+    if part("ingress") {
+        ingress_phase(&rt);
+    }
+    if part("latency") {
+        let l = with_server(&rt, &[], async |url, dir| latencies(url, dir, FULL).await);
+        let Latencies {
+            mut offers,
+            mut grabs,
+            mut acks,
+            orders,
+        } = l;
         println!("\nsteady load: 10 000 pings/s + 200 orders/s, 500 riders on WebSockets, {orders} orders:");
         println!("| latency | p50 | p99 | samples |");
         println!("|---|---:|---:|---:|");
-        let (n1, n2) = (offers.len(), grabs.len());
-        println!("| order POST → first offer on a rider's WebSocket | {:.2} ms | {:.2} ms | {n1} |", percentile(&mut offers, 0.5), percentile(&mut offers, 0.99));
-        println!("| grab POST → decided answer | {:.2} ms | {:.2} ms | {n2} |", percentile(&mut grabs, 0.5), percentile(&mut grabs, 0.99));
+        for (name, v) in [
+            ("order POST → first offer on a rider's WebSocket", &mut offers),
+            ("grab POST → decided answer", &mut grabs),
+            ("order POST → 202 (durable)", &mut acks),
+        ] {
+            let n = v.len();
+            let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));
+            println!("| {name} | {p50:.2} ms | {p99:.2} ms | {n} |");
+        }
+    }
+    if part("kafka") {
+        kafka_phase(&rt);
+    }
+}
+
+/// Single and batched pings/s: the bare axum handler against `grabflow serve`.
+fn ingress_phase(rt: &tokio::runtime::Runtime) {
+    let (mut bare, bare_url) =
+        spawn(Command::new(std::env::current_exe().unwrap()).arg("--bare-server"));
+    let clients = 64;
+    println!(
+        "HTTP ingress, {clients} concurrent clients, {} s per phase:",
+        secs()
+    );
+    let (bare1, ours1, bare100, ours100) = with_server(rt, &[], async |url, dir| {
+        let app = token(dir, "app", None);
+        let bare1 = ping_rate(&bare_url, &app, 1, clients).await;
+        let ours1 = ping_rate(url, &app, 1, clients).await;
+        let bare100 = ping_rate(&bare_url, &app, 100, clients).await;
+        let ours100 = ping_rate(url, &app, 100, clients).await;
+        (bare1, ours1, bare100, ours100)
     });
-    let _ = server.kill();
-    let _ = server.wait();
-    let _ = std::fs::remove_dir_all(&dir);
-    kafka_phase(&rt);
+    let _ = bare.kill();
+    let _ = bare.wait();
+    println!("| pings | bare axum (parse only) | grabflow (validated, fsynced) | ratio |");
+    println!("|---|---:|---:|---:|");
+    println!(
+        "| one per request | {bare1:.0}/s | {ours1:.0}/s | {:.2} |",
+        ours1 / bare1
+    );
+    println!(
+        "| 100 per batch | {bare100:.0}/s | {ours100:.0}/s | {:.2} |",
+        ours100 / bare100
+    );
 }
 
 /// Batched pings for the phase length: acked per second, and end to end
@@ -465,8 +499,9 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
         return;
     }
     let light = async |url: &str, dir: &std::path::Path| {
-        let (mut offers, _, orders) = latencies(url, dir, LIGHT).await;
-        (percentile(&mut offers, 0.5), percentile(&mut offers, 0.99), offers.len(), orders)
+        let mut l = latencies(url, dir, LIGHT).await;
+        let (p50, p99) = (percentile(&mut l.offers, 0.5), percentile(&mut l.offers, 0.99));
+        (p50, p99, l.offers.len(), l.orders)
     };
     let (e_acked, e_e2e) = with_server(rt, &[], end_to_end);
     let e_light = with_server(rt, &[], light);

@@ -201,7 +201,8 @@ pub fn spawn(
                     }
                 };
                 let mut batch = Vec::new();
-                while let Some(at) = source.poll(&mut batch, Duration::from_millis(1)) {
+                let mut wait = Duration::ZERO;
+                while let Some(at) = source.poll(&mut batch, wait) {
                     for e in batch.drain(..) {
                         // Sources promise events no older than the frontier
                         // they gave; the clamp only keeps a broken promise
@@ -224,6 +225,14 @@ pub fn spawn(
                             observer.progress(at);
                         }
                     }
+                    // While the outputs are behind the input, step again at
+                    // once (a change crosses the graph in several steps);
+                    // once caught up, wait for the source.
+                    wait = if probe.less_than(input.time()) || seen_probe.less_than(input.time()) {
+                        Duration::ZERO
+                    } else {
+                        Duration::from_millis(1)
+                    };
                 }
                 // Drain what the clock has passed, then stop without letting
                 // time run to infinity (which would fire every pending timer).
