@@ -43,6 +43,11 @@ struct BatchPing {
     at: Option<u64>,
 }
 
+/// The same allocator as the server, so the baseline differs only in what
+/// its handler does.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn secs() -> u64 {
     std::env::var("BENCH_SECS")
         .ok()

@@ -41,11 +41,10 @@ impl Id {
         if s.len() > MAX_ID_LEN {
             return Err(IdError::TooLong);
         }
-        if let Some(c) = s
-            .chars()
-            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | ':' | '-')))
-        {
-            return Err(IdError::BadChar(c));
+        let ok = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b':' | b'-');
+        if !s.as_bytes().iter().all(ok) {
+            let c = s.chars().find(|c| !c.is_ascii() || !ok(&(*c as u8)));
+            return Err(IdError::BadChar(c.expect("a byte failed")));
         }
         Ok(Id(CompactString::from(s)))
     }

@@ -51,6 +51,14 @@ impl ApiError {
             ..Self::new(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", message)
         }
     }
+    /// The same error about the `i`th item of a JSON array (`[i].field`).
+    pub fn in_item(mut self, i: usize) -> Self {
+        self.field = Some(match self.field {
+            Some(f) => format!("[{i}].{f}"),
+            None => format!("[{i}]"),
+        });
+        self
+    }
     /// 400 `unknown_field`: the body has a field the contract does not know.
     pub fn unknown_field(field: impl Into<String>) -> Self {
         let field = field.into();

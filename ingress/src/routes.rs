@@ -120,10 +120,17 @@ pub fn routes(state: Ingress) -> Router {
         .with_state(state)
 }
 
-/// A fresh event id.
+/// A fresh event id: `ev-` and 120 random bits in 20 URL-safe base64
+/// characters (23 in all, short enough to be kept inline by [`Id`]).
 pub fn new_event_id() -> Id {
-    let (a, b): (u64, u64) = (rand::random(), rand::random());
-    Id::new(&format!("ev-{a:016x}{b:016x}")).expect("hex ids are valid")
+    const DIGITS: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+    let mut bits: u128 = rand::random();
+    let mut id = *b"ev-____________________";
+    for c in &mut id[3..] {
+        *c = DIGITS[(bits & 63) as usize];
+        bits >>= 6;
+    }
+    Id::new(std::str::from_utf8(&id).expect("ascii")).expect("base64url ids are valid")
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -314,8 +321,8 @@ pub async fn post_batch(
     }
     let mut events = Vec::with_capacity(items.len());
     for (i, p) in items.iter().enumerate() {
-        let rider = wire::id(&p.rider_id, &format!("[{i}].rider_id"))?;
-        let at = wire::coord(p.lat, p.lon, &format!("[{i}]"))?;
+        let rider = wire::id(&p.rider_id, "rider_id").map_err(|e| e.in_item(i))?;
+        let at = wire::coord(p.lat, p.lon, "").map_err(|e| e.in_item(i))?;
         events.push((new_event_id(), EventKind::LocationPinged { rider, at }));
     }
     let answer = s.log.append(idempotency_key(&headers)?, events).await?;

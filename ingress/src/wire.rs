@@ -34,10 +34,15 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     }
 }
 
-/// Parses `bytes` as `T`, naming the offending field on failure.
+/// Parses `bytes` as `T`, naming the offending field on failure. Good
+/// bodies take the plain parser; only a failed one is parsed again with
+/// path tracking, to find the field at fault.
 pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    if let Ok(value) = serde_json::from_slice(bytes) {
+        return Ok(value);
+    }
     let de = &mut serde_json::Deserializer::from_slice(bytes);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let value = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         let message = inner.to_string();
@@ -71,7 +76,11 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
         } else {
             ApiError::invalid_field(path, message)
         }
-    })
+    })?;
+    // What the plain parser refused after a whole value: trailing bytes.
+    de.end()
+        .map_err(|e| ApiError::invalid_json(e.to_string()))?;
+    Ok(value)
 }
 
 /// A position in WGS84 degrees.
