@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -380,35 +380,81 @@ fn main() {
     }
 }
 
-/// Single and batched pings/s: the bare axum handler against `grabflow serve`.
+/// Rounds of the ingress comparison; each alternates the two servers, so a
+/// slow spell of the (shared, virtual) machine hits both.
+const ROUNDS: usize = 3;
+
+/// Single and batched pings/s: the bare axum handler against `grabflow
+/// serve`, in alternating rounds; prints each round and the medians.
 fn ingress_phase(rt: &tokio::runtime::Runtime) {
     let (mut bare, bare_url) =
         spawn(Command::new(std::env::current_exe().unwrap()).arg("--bare-server"));
     let clients = 64;
     println!(
-        "HTTP ingress, {clients} concurrent clients, {} s per phase:",
+        "HTTP ingress, {clients} concurrent clients, {ROUNDS} rounds of {} s per server and phase:",
         secs()
     );
-    let (bare1, ours1, bare100, ours100) = with_server(rt, &[], async |url, dir| {
+    let bare_pid = bare.id();
+    // Per round: [rate, server CPU µs per ping] of bare and ours, single then batched.
+    let rounds = with_server(rt, &[], async |url, dir| {
         let app = token(dir, "app", None);
-        let bare1 = ping_rate(&bare_url, &app, 1, clients).await;
-        let ours1 = ping_rate(url, &app, 1, clients).await;
-        let bare100 = ping_rate(&bare_url, &app, 100, clients).await;
-        let ours100 = ping_rate(url, &app, 100, clients).await;
-        (bare1, ours1, bare100, ours100)
+        let ours_pid = SERVER_PID.load(Ordering::Relaxed);
+        let mut rounds = Vec::new();
+        for _ in 0..ROUNDS {
+            let mut round = [(0.0, 0.0); 4];
+            for (i, batch) in [1, 100].into_iter().enumerate() {
+                for (j, (url, pid)) in [(bare_url.as_str(), bare_pid), (url, ours_pid)]
+                    .into_iter()
+                    .enumerate()
+                {
+                    let cpu = cpu_secs(pid);
+                    let rate = ping_rate(url, &app, batch, clients).await;
+                    let per_ping = (cpu_secs(pid) - cpu) / (rate * secs() as f64) * 1e6;
+                    round[2 * i + j] = (rate, per_ping);
+                }
+            }
+            rounds.push(round);
+        }
+        rounds
     });
     let _ = bare.kill();
     let _ = bare.wait();
-    println!("| pings | bare axum (parse only) | grabflow (validated, fsynced) | ratio |");
-    println!("|---|---:|---:|---:|");
-    println!(
-        "| one per request | {bare1:.0}/s | {ours1:.0}/s | {:.2} |",
-        ours1 / bare1
-    );
-    println!(
-        "| 100 per batch | {bare100:.0}/s | {ours100:.0}/s | {:.2} |",
-        ours100 / bare100
-    );
+    println!("| pings | bare axum (parse only) | grabflow (validated, fsynced) | ratio | server CPU µs/ping, bare / grabflow |");
+    println!("|---|---:|---:|---:|---:|");
+    for (i, name) in ["one per request", "100 per batch"].into_iter().enumerate() {
+        for r in &rounds {
+            let ((b, bc), (o, oc)) = (r[2 * i], r[2 * i + 1]);
+            println!("| {name} | {b:.0}/s | {o:.0}/s | {:.2} | {bc:.2} / {oc:.2} |", o / b);
+        }
+        let median = |f: &dyn Fn(&[(f64, f64); 4]) -> f64| {
+            let mut v: Vec<f64> = rounds.iter().map(f).collect();
+            percentile(&mut v, 0.5)
+        };
+        let mut ratios: Vec<f64> = rounds.iter().map(|r| r[2 * i + 1].0 / r[2 * i].0).collect();
+        let (lo, hi) = (percentile(&mut ratios, 0.0), percentile(&mut ratios, 1.0));
+        println!(
+            "| **{name}, median** | **{:.0}/s** | **{:.0}/s** | **{:.2}** ({lo:.2}–{hi:.2}) | {:.2} / {:.2} |",
+            median(&|r| r[2 * i].0),
+            median(&|r| r[2 * i + 1].0),
+            percentile(&mut ratios, 0.5),
+            median(&|r| r[2 * i].1),
+            median(&|r| r[2 * i + 1].1),
+        );
+    }
+}
+
+/// CPU time (user + system) a process has used, in seconds.
+fn cpu_secs(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the `(comm)`: state is 3rd, utime 14th, stime 15th.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(2)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    f.iter().sum::<f64>() / 100.0
 }
 
 /// Batched pings for the phase length: acked per second, and end to end
@@ -435,6 +481,9 @@ async fn end_to_end(url: &str, dir: &std::path::Path) -> (f64, f64) {
     (acked / secs() as f64, seen / t0.elapsed().as_secs_f64())
 }
 
+/// The process id of the server [`with_server`] runs.
+static SERVER_PID: AtomicU32 = AtomicU32::new(0);
+
 /// Runs `phase` against a fresh `grabflow serve` with `extra` flags.
 fn with_server<T>(
     rt: &tokio::runtime::Runtime,
@@ -451,6 +500,7 @@ fn with_server<T>(
             .arg("--data-dir")
             .arg(&dir),
     );
+    SERVER_PID.store(server.id(), Ordering::Relaxed);
     let out = rt.block_on(async {
         tokio::time::sleep(Duration::from_millis(500)).await;
         phase(&url, &dir).await

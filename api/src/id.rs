@@ -49,6 +49,21 @@ impl Id {
         Ok(Id(CompactString::from(s)))
     }
 
+    /// A fresh random event id: `ev-` and 120 random bits in 20 URL-safe
+    /// base64 characters (23 in all, short enough to be kept inline).
+    pub fn new_event() -> Self {
+        const DIGITS: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut bits: u128 = rand::random();
+        let mut id = CompactString::with_capacity(23);
+        id.push_str("ev-");
+        for _ in 0..20 {
+            id.push(DIGITS[(bits & 63) as usize] as char);
+            bits >>= 6;
+        }
+        Id(id)
+    }
+
     /// The id as a string slice.
     pub fn as_str(&self) -> &str {
         &self.0
@@ -96,5 +111,16 @@ mod tests {
         assert_eq!(Id::new("é"), Err(IdError::BadChar('é')));
         assert!(serde_json::from_str::<Id>("\"a/b\"").is_err());
         assert_eq!(serde_json::from_str::<Id>("\"ok\"").unwrap().as_str(), "ok");
+    }
+
+    #[test]
+    fn event_ids_are_valid_and_distinct() {
+        let ids: std::collections::HashSet<Id> = (0..1000).map(|_| Id::new_event()).collect();
+        assert_eq!(ids.len(), 1000);
+        for id in &ids {
+            assert_eq!(Id::new(id.as_str()).as_ref(), Ok(id));
+            assert_eq!(id.as_str().len(), 23);
+            assert!(id.as_str().starts_with("ev-"));
+        }
     }
 }

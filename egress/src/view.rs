@@ -20,7 +20,8 @@ use grabflow_ingress::kafka::GrabResults;
 use grabflow_ingress::routes::GrabWaiter;
 use serde::Serialize;
 use serde_json::json;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use foldhash::HashMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{oneshot, Notify};
@@ -246,8 +247,18 @@ impl Observer for Egress {
     fn events(&self, events: &[Event]) {
         let mut v = self.view.write().expect("view");
         let mut c = self.counters.lock().expect("counters");
+        // Counted per run of one kind (a batch of pings is one run).
+        let mut run: Option<(&'static str, u64)> = None;
         for e in events {
-            *c.events.entry(e.kind.name()).or_default() += 1;
+            let kind = e.kind.name();
+            match &mut run {
+                Some((k, n)) if *k == kind => *n += 1,
+                _ => {
+                    if let Some((k, n)) = run.replace((kind, 1)) {
+                        *c.events.entry(k).or_default() += n;
+                    }
+                }
+            }
             match &e.kind {
                 EventKind::MerchantUpserted { merchant, at, open } => {
                     v.merchants.insert(merchant.clone(), (*at, *open));
@@ -273,6 +284,9 @@ impl Observer for Egress {
                 }
                 _ => {}
             }
+        }
+        if let Some((k, n)) = run {
+            *c.events.entry(k).or_default() += n;
         }
         if let Some(last) = events.last() {
             self.last_event.fetch_max(last.time, Ordering::AcqRel);

@@ -197,11 +197,15 @@ struct RecordRef<'a> {
     event: &'a Event,
 }
 
+/// Appends `record` to `out` in the log's framing, serialized in place.
 fn encode(record: &RecordRef<'_>, out: &mut Vec<u8>) {
-    let payload = serde_json::to_vec(record).expect("records serialize");
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&crc32fast::hash(&payload).to_le_bytes());
-    out.extend_from_slice(&payload);
+    let head = out.len();
+    out.extend_from_slice(&[0; 8]);
+    serde_json::to_writer(&mut *out, record).expect("records serialize");
+    let payload = &out[head + 8..];
+    let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
+    out[head..head + 4].copy_from_slice(&len.to_le_bytes());
+    out[head + 4..head + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// Opens (or creates) the log in `dir`, replays what it holds into `feed`,
@@ -263,6 +267,7 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
                 last_event: last_time,
                 next_offset,
                 feed,
+                told: 0,
                 buf: Vec::new(),
             };
             let mut told = 0;
@@ -308,14 +313,20 @@ struct Writer {
     last_event: Time,
     next_offset: u64,
     feed: mpsc::Sender<Feed>,
+    /// The last tick sent.
+    told: Time,
     buf: Vec<u8>,
 }
 
 impl Writer {
-    /// Tells the dataflow no event will come before `max(now, last time)`; returns it.
+    /// Tells the dataflow no event will come before `max(now, last time)`
+    /// (when that is news: each message wakes the dataflow); returns it.
     fn tick(&mut self) -> Time {
         self.last_time = self.last_time.max(now_ms());
-        let _ = self.feed.send(Feed::Tick(self.last_time));
+        if self.last_time > self.told {
+            self.told = self.last_time;
+            let _ = self.feed.send(Feed::Tick(self.last_time));
+        }
         self.last_time
     }
 

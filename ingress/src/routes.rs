@@ -120,17 +120,9 @@ pub fn routes(state: Ingress) -> Router {
         .with_state(state)
 }
 
-/// A fresh event id: `ev-` and 120 random bits in 20 URL-safe base64
-/// characters (23 in all, short enough to be kept inline by [`Id`]).
+/// A fresh event id.
 pub fn new_event_id() -> Id {
-    const DIGITS: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut bits: u128 = rand::random();
-    let mut id = *b"ev-____________________";
-    for c in &mut id[3..] {
-        *c = DIGITS[(bits & 63) as usize];
-        bits >>= 6;
-    }
-    Id::new(std::str::from_utf8(&id).expect("ascii")).expect("base64url ids are valid")
+    Id::new_event()
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
