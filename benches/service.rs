@@ -508,6 +508,9 @@ fn with_server<T>(
     let _ = server.kill();
     let _ = server.wait();
     let _ = std::fs::remove_dir_all(&dir);
+    // Let the disk and the machine settle before the next phase.
+    let _ = Command::new("sync").status();
+    std::thread::sleep(Duration::from_secs(2));
     out
 }
 
