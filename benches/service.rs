@@ -304,7 +304,12 @@ async fn latencies(url: &str, dir: &std::path::Path, load: Load) -> Latencies {
         let body = json!({"order_id": order, "merchant_id": format!("M{}", n % 50), "dropoff": {"lat": 31.22, "lon": 121.48}});
         let t0 = Instant::now();
         placed.lock().unwrap().insert(order, t0);
-        let (http, url, app, ack_ms) = (http.clone(), url.to_string(), app.clone(), Arc::clone(&ack_ms));
+        let (http, url, app, ack_ms) = (
+            http.clone(),
+            url.to_string(),
+            app.clone(),
+            Arc::clone(&ack_ms),
+        );
         tokio::spawn(async move {
             let r = http
                 .post(format!("{url}/v1/orders"))
@@ -313,7 +318,10 @@ async fn latencies(url: &str, dir: &std::path::Path, load: Load) -> Latencies {
                 .send()
                 .await;
             if r.is_ok_and(|r| r.status().as_u16() == 202) {
-                ack_ms.lock().unwrap().push(t0.elapsed().as_secs_f64() * 1e3);
+                ack_ms
+                    .lock()
+                    .unwrap()
+                    .push(t0.elapsed().as_secs_f64() * 1e3);
             }
         });
     }
@@ -366,7 +374,10 @@ fn main() {
         println!("| latency | p50 | p99 | samples |");
         println!("|---|---:|---:|---:|");
         for (name, v) in [
-            ("order POST → first offer on a rider's WebSocket", &mut offers),
+            (
+                "order POST → first offer on a rider's WebSocket",
+                &mut offers,
+            ),
             ("grab POST → decided answer", &mut grabs),
             ("order POST → 202 (durable)", &mut acks),
         ] {
@@ -384,6 +395,10 @@ fn main() {
 /// slow spell of the (shared, virtual) machine hits both.
 const ROUNDS: usize = 3;
 
+/// One ingress round: (pings/s, server CPU µs per ping) of the bare server
+/// and grabflow, one ping per request, then 100 per batch.
+type Round = [(f64, f64); 4];
+
 /// Single and batched pings/s: the bare axum handler against `grabflow
 /// serve`, in alternating rounds; prints each round and the medians.
 fn ingress_phase(rt: &tokio::runtime::Runtime) {
@@ -395,13 +410,13 @@ fn ingress_phase(rt: &tokio::runtime::Runtime) {
         secs()
     );
     let bare_pid = bare.id();
-    // Per round: [rate, server CPU µs per ping] of bare and ours, single then batched.
+    // Per round: (rate, server CPU µs per ping) of bare and ours, single then batched.
     let rounds = with_server(rt, &[], async |url, dir| {
         let app = token(dir, "app", None);
         let ours_pid = SERVER_PID.load(Ordering::Relaxed);
         let mut rounds = Vec::new();
         for _ in 0..ROUNDS {
-            let mut round = [(0.0, 0.0); 4];
+            let mut round: Round = [(0.0, 0.0); 4];
             for (i, batch) in [1, 100].into_iter().enumerate() {
                 for (j, (url, pid)) in [(bare_url.as_str(), bare_pid), (url, ours_pid)]
                     .into_iter()
@@ -424,9 +439,12 @@ fn ingress_phase(rt: &tokio::runtime::Runtime) {
     for (i, name) in ["one per request", "100 per batch"].into_iter().enumerate() {
         for r in &rounds {
             let ((b, bc), (o, oc)) = (r[2 * i], r[2 * i + 1]);
-            println!("| {name} | {b:.0}/s | {o:.0}/s | {:.2} | {bc:.2} / {oc:.2} |", o / b);
+            println!(
+                "| {name} | {b:.0}/s | {o:.0}/s | {:.2} | {bc:.2} / {oc:.2} |",
+                o / b
+            );
         }
-        let median = |f: &dyn Fn(&[(f64, f64); 4]) -> f64| {
+        let median = |f: &dyn Fn(&Round) -> f64| {
             let mut v: Vec<f64> = rounds.iter().map(f).collect();
             percentile(&mut v, 0.5)
         };
@@ -558,7 +576,10 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
     }
     let light = async |url: &str, dir: &std::path::Path| {
         let mut l = latencies(url, dir, LIGHT).await;
-        let (p50, p99) = (percentile(&mut l.offers, 0.5), percentile(&mut l.offers, 0.99));
+        let (p50, p99) = (
+            percentile(&mut l.offers, 0.5),
+            percentile(&mut l.offers, 0.99),
+        );
         (p50, p99, l.offers.len(), l.orders)
     };
     let (e_acked, e_e2e) = with_server(rt, &[], end_to_end);
@@ -583,7 +604,11 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
         k_e2e / e_e2e
     );
     for (name, i) in [("p50", 0), ("p99", 1)] {
-        let (e, k) = if i == 0 { (e_light.0, k_light.0) } else { (e_light.1, k_light.1) };
+        let (e, k) = if i == 0 {
+            (e_light.0, k_light.0)
+        } else {
+            (e_light.1, k_light.1)
+        };
         println!(
             "| order → offer {name}, {} pings/s + {} orders/s | {e:.2} ms | {k:.2} ms | {:.2} |",
             LIGHT.pings * 1000 / LIGHT.ping_every.as_millis() as u64,

@@ -343,7 +343,9 @@ async fn bad_requests_get_a_4xx_naming_the_field_and_reach_no_log() {
             "POST",
             "/v1/locations:batch",
             "app",
-            Some(json!([{"rider_id": "R1", "lat": 1, "lon": 0}, {"rider_id": "R2", "lat": 1, "lon": 181}])),
+            Some(
+                json!([{"rider_id": "R1", "lat": 1, "lon": 0}, {"rider_id": "R2", "lat": 1, "lon": 181}]),
+            ),
             422,
             "invalid_field",
             Some("[1].lon"),

@@ -9,6 +9,7 @@
 //!   that passes `after=SEQ` misses nothing; the seqs are a function of the
 //!   log, so they survive a restart.
 
+use foldhash::HashMap;
 use grabflow_api::output::TransitionReason;
 use grabflow_api::{
     Coord, DispatchConfig, Event, EventKind, GrabOutcome, Id, OrderState, Output, Time,
@@ -20,7 +21,6 @@ use grabflow_ingress::kafka::GrabResults;
 use grabflow_ingress::routes::GrabWaiter;
 use serde::Serialize;
 use serde_json::json;
-use foldhash::HashMap;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
