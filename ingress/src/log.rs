@@ -270,11 +270,10 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
                 told: 0,
                 buf: Vec::new(),
             };
-            let mut told = 0;
             loop {
                 // Events of the last committed millisecond stay open until a
                 // tick passes it: tick again as soon as the clock does.
-                let wait = if told <= writer.last_event {
+                let wait = if writer.told <= writer.last_event {
                     tick.min(Duration::from_millis(1))
                 } else {
                     tick
@@ -288,7 +287,7 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-                told = writer.tick();
+                writer.tick();
             }
         })?;
     Ok(Opened {
@@ -313,21 +312,20 @@ struct Writer {
     last_event: Time,
     next_offset: u64,
     feed: mpsc::Sender<Feed>,
-    /// The last tick sent.
+    /// The last tick sent: the dataflow's frontier.
     told: Time,
     buf: Vec<u8>,
 }
 
 impl Writer {
-    /// Tells the dataflow no event will come before `max(now, last time)`
-    /// (when that is news: each message wakes the dataflow); returns it.
-    fn tick(&mut self) -> Time {
+    /// Tells the dataflow no event will come before `max(now, last time)`,
+    /// when that is news (each message wakes the dataflow).
+    fn tick(&mut self) {
         self.last_time = self.last_time.max(now_ms());
         if self.last_time > self.told {
             self.told = self.last_time;
             let _ = self.feed.send(Feed::Tick(self.last_time));
         }
-        self.last_time
     }
 
     fn commit(&mut self, batch: Vec<Command>) {

@@ -120,11 +120,6 @@ pub fn routes(state: Ingress) -> Router {
         .with_state(state)
 }
 
-/// A fresh event id.
-pub fn new_event_id() -> Id {
-    Id::new_event()
-}
-
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get("idempotency-key") else {
         return Ok(None);
@@ -143,7 +138,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 
 impl Ingress {
     async fn append_one(&self, headers: &HeaderMap, kind: EventKind) -> Result<Response, ApiError> {
-        self.append_with_id(headers, new_event_id(), kind).await
+        self.append_with_id(headers, Id::new_event(), kind).await
     }
 
     async fn append_with_id(
@@ -315,7 +310,7 @@ pub async fn post_batch(
     for (i, p) in items.iter().enumerate() {
         let rider = wire::id(&p.rider_id, "rider_id").map_err(|e| e.in_item(i))?;
         let at = wire::coord(p.lat, p.lon, "").map_err(|e| e.in_item(i))?;
-        events.push((new_event_id(), EventKind::LocationPinged { rider, at }));
+        events.push((Id::new_event(), EventKind::LocationPinged { rider, at }));
     }
     let answer = s.log.append(idempotency_key(&headers)?, events).await?;
     let accepted = match answer {
@@ -398,7 +393,7 @@ pub async fn post_grab(
     claims.require(&[Role::Rider], None)?;
     let rider = Ingress::rider_of(&claims)?;
     let order = wire::id(&order_id, "order_id")?;
-    let attempt = new_event_id();
+    let attempt = Id::new_event();
     let decision = s.grabs.expect(&attempt);
     let answer = s
         .log
