@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -363,7 +363,9 @@ fn main() {
         ingress_phase(&rt);
     }
     if part("latency") {
-        let l = with_server(&rt, &[], async |url, dir| latencies(url, dir, FULL).await);
+        let l = with_server(&rt, &[], async |url, dir, _| {
+            latencies(url, dir, FULL).await
+        });
         let Latencies {
             mut offers,
             mut grabs,
@@ -411,9 +413,8 @@ fn ingress_phase(rt: &tokio::runtime::Runtime) {
     );
     let bare_pid = bare.id();
     // Per round: (rate, server CPU µs per ping) of bare and ours, single then batched.
-    let rounds = with_server(rt, &[], async |url, dir| {
+    let rounds = with_server(rt, &[], async |url, dir, ours_pid| {
         let app = token(dir, "app", None);
-        let ours_pid = SERVER_PID.load(Ordering::Relaxed);
         let mut rounds = Vec::new();
         for _ in 0..ROUNDS {
             let mut round: Round = [(0.0, 0.0); 4];
@@ -478,7 +479,7 @@ fn cpu_secs(pid: u32) -> f64 {
 /// Batched pings for the phase length: acked per second, and end to end
 /// (acked, then read by the dataflow: `/v1/ops/metrics` counts them) per
 /// second from the phase's start until the dataflow has them all.
-async fn end_to_end(url: &str, dir: &std::path::Path) -> (f64, f64) {
+async fn end_to_end(url: &str, dir: &std::path::Path, _pid: u32) -> (f64, f64) {
     let (app, ops) = (token(dir, "app", None), token(dir, "ops", None));
     let t0 = Instant::now();
     let acked = ping_rate(url, &app, 100, 64).await * secs() as f64;
@@ -499,14 +500,12 @@ async fn end_to_end(url: &str, dir: &std::path::Path) -> (f64, f64) {
     (acked / secs() as f64, seen / t0.elapsed().as_secs_f64())
 }
 
-/// The process id of the server [`with_server`] runs.
-static SERVER_PID: AtomicU32 = AtomicU32::new(0);
-
-/// Runs `phase` against a fresh `grabflow serve` with `extra` flags.
+/// Runs `phase` (given the server's URL, data dir and process id) against
+/// a fresh `grabflow serve` with `extra` flags.
 fn with_server<T>(
     rt: &tokio::runtime::Runtime,
     extra: &[&str],
-    phase: impl AsyncFnOnce(&str, &std::path::Path) -> T,
+    phase: impl AsyncFnOnce(&str, &std::path::Path, u32) -> T,
 ) -> T {
     static RUN: AtomicU64 = AtomicU64::new(0);
     let n = RUN.fetch_add(1, Ordering::Relaxed);
@@ -518,10 +517,10 @@ fn with_server<T>(
             .arg("--data-dir")
             .arg(&dir),
     );
-    SERVER_PID.store(server.id(), Ordering::Relaxed);
+    let pid = server.id();
     let out = rt.block_on(async {
         tokio::time::sleep(Duration::from_millis(500)).await;
-        phase(&url, &dir).await
+        phase(&url, &dir, pid).await
     });
     let _ = server.kill();
     let _ = server.wait();
@@ -574,7 +573,7 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
         println!("\n(tansu is not installed: no Kafka figures; scripts/test installs it)");
         return;
     }
-    let light = async |url: &str, dir: &std::path::Path| {
+    let light = async |url: &str, dir: &std::path::Path, _pid: u32| {
         let mut l = latencies(url, dir, LIGHT).await;
         let (p50, p99) = (
             percentile(&mut l.offers, 0.5),
@@ -603,12 +602,7 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
         "| pings/s end to end (acked and read by the dataflow) | {e_e2e:.0} | {k_e2e:.0} | {:.3} |",
         k_e2e / e_e2e
     );
-    for (name, i) in [("p50", 0), ("p99", 1)] {
-        let (e, k) = if i == 0 {
-            (e_light.0, k_light.0)
-        } else {
-            (e_light.1, k_light.1)
-        };
+    for (name, e, k) in [("p50", e_light.0, k_light.0), ("p99", e_light.1, k_light.1)] {
         println!(
             "| order → offer {name}, {} pings/s + {} orders/s | {e:.2} ms | {k:.2} ms | {:.2} |",
             LIGHT.pings * 1000 / LIGHT.ping_every.as_millis() as u64,
