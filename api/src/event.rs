@@ -21,19 +21,19 @@ pub struct Event {
     pub kind: EventKind,
 }
 
-/// The kind's encoding: its tagged JSON form for JSON (the log, the topics);
-/// for binary formats (timely's exchange between processes, which cannot
-/// decode internally tagged enums) that same JSON as one string.
+/// The kind's encoding: its tagged JSON form (`"type": "location_pinged"`)
+/// for JSON (the API, the topics, old log records); for binary formats (the
+/// embedded log, timely's exchange between processes), which cannot decode
+/// internally tagged enums, the same fields tagged by variant ([`Binary`]).
 mod kind_codec {
-    use super::EventKind;
-    use serde::{de::Error, Deserialize, Deserializer, Serialize, Serializer};
+    use super::{Binary, EventKind};
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     pub fn serialize<S: Serializer>(kind: &EventKind, s: S) -> Result<S::Ok, S::Error> {
         if s.is_human_readable() {
             kind.serialize(s)
         } else {
-            let json = serde_json::to_string(kind).map_err(serde::ser::Error::custom)?;
-            s.serialize_str(&json)
+            Binary::serialize(kind, s)
         }
     }
 
@@ -41,10 +41,63 @@ mod kind_codec {
         if d.is_human_readable() {
             EventKind::deserialize(d)
         } else {
-            let json = String::deserialize(d)?;
-            serde_json::from_str(&json).map_err(D::Error::custom)
+            Binary::deserialize(d)
         }
     }
+}
+
+/// [`EventKind`] for binary formats: serde's remote derive, so the compiler
+/// holds the two definitions to the same fields. Variants are numbered in
+/// order: new kinds go at the end.
+#[derive(Serialize, Deserialize)]
+#[serde(remote = "EventKind")]
+enum Binary {
+    MerchantUpserted {
+        merchant: Id,
+        at: Coord,
+        open: bool,
+    },
+    ShiftChanged {
+        rider: Id,
+        online: bool,
+        capacity: Option<u32>,
+    },
+    LocationPinged {
+        rider: Id,
+        at: Coord,
+    },
+    OrderPlaced {
+        order: Id,
+        merchant: Id,
+        dropoff: Coord,
+        promised_minutes: u32,
+    },
+    OrderCancelled {
+        order: Id,
+    },
+    GrabAttempted {
+        order: Id,
+        rider: Id,
+    },
+    PickedUp {
+        order: Id,
+        rider: Id,
+    },
+    Delivered {
+        order: Id,
+        rider: Id,
+    },
+    CompensationSettled {
+        order: Id,
+        amount_cents: u64,
+    },
+    Redispatched {
+        order: Id,
+    },
+    Reassigned {
+        order: Id,
+        rider: Id,
+    },
 }
 
 /// The kinds of event dispatch reacts to.

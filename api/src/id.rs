@@ -55,13 +55,13 @@ impl Id {
         const DIGITS: &[u8; 64] =
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut bits: u128 = rand::random();
-        let mut id = CompactString::with_capacity(23);
-        id.push_str("ev-");
-        for _ in 0..20 {
-            id.push(DIGITS[(bits & 63) as usize] as char);
+        let mut id = *b"ev-....................";
+        for digit in &mut id[3..] {
+            *digit = DIGITS[(bits & 63) as usize];
             bits >>= 6;
         }
-        Id(id)
+        let id = std::str::from_utf8(&id).expect("base64url digits are ASCII");
+        Id(CompactString::new(id))
     }
 
     /// The id as a string slice.

@@ -363,6 +363,9 @@ mod tests {
                 kind: k,
             };
             assert_eq!(tag(serde_json::to_value(&e).unwrap()["kind"].clone()), name);
+            // The binary form (the log, timely's exchange) gives back the same event.
+            let bytes = postcard::to_allocvec(&e).unwrap();
+            assert_eq!(postcard::from_bytes::<Event>(&bytes).unwrap(), e, "{name}");
         }
     }
 }

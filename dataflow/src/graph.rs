@@ -30,7 +30,7 @@ use std::hash::{Hash, Hasher};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::generic::operator::Operator;
-use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::vec::{Map, Partition};
 use timely::dataflow::operators::{Capability, InputCapability};
 
 /// The log: every event at its log time, each with multiplicity one.
@@ -54,9 +54,17 @@ pub struct Dispatch<'s> {
 
 /// Builds the whole dispatch computation over the event log.
 pub fn dispatch<'s>(events: Events<'s>, cfg: &DispatchConfig) -> Dispatch<'s> {
-    let is_ping = |e: &Event| matches!(e.kind, EventKind::LocationPinged { .. });
-    let pings = events.clone().filter(is_ping);
-    let order_events = dedup(events.filter(move |e| !is_ping(e)), cfg.dedup_window_ms);
+    // One pass that moves each event to its side (two filters would clone
+    // every event, and pings are most of them).
+    let mut sides = events
+        .inner
+        .partition(2, |(e, t, d): (Event, Time, isize)| {
+            let rest = !matches!(e.kind, EventKind::LocationPinged { .. });
+            (u64::from(rest), (e, t, d))
+        });
+    let rest = sides.pop().expect("two sides").as_collection();
+    let pings = sides.pop().expect("two sides").as_collection();
+    let order_events = dedup(rest, cfg.dedup_window_ms);
     let shifts = order_events.clone().filter(|e| e.kind.is_rider_state());
     let index = track_riders(pings.concat(shifts), cfg.rider_ttl_ms);
     let outputs = decide(index.clone(), order_events, cfg.clone());

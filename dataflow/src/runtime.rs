@@ -10,7 +10,9 @@
 //! runs `decide`): events, index changes from every worker, decisions and
 //! progress. A decision at time `t` is handed over only once every event of
 //! `t` has been, so the observer always sees an order placed before it sees
-//! the order's first transition.
+//! the order's first transition. A lone worker hands each batch of events to
+//! the observer as it reads them, before they enter the dataflow; several
+//! gather them at worker 0 through the dataflow.
 
 use crate::graph::dispatch;
 use crate::IndexEntry;
@@ -158,16 +160,20 @@ pub fn spawn(
                 let decided = Rc::new(RefCell::new(Vec::new()));
                 let indexed = Rc::new(RefCell::new(Vec::new()));
                 let (s, d, i) = (Rc::clone(&seen), Rc::clone(&decided), Rc::clone(&indexed));
+                // A lone worker tells the observer of events as it reads them.
+                let direct = peers == 1;
                 let (mut input, probe, seen_probe) = worker.dataflow::<Time, _, _>(|scope| {
                     let (input, events) = scope.new_collection::<Event, isize>();
                     let out = dispatch(events.clone(), &cfg);
-                    // Gather what the observer hears at worker 0 (a no-op
-                    // exchange when there is one worker).
-                    let (seen_probe, _) = events
-                        .inner
-                        .exchange(|_| 0)
-                        .inspect(move |(e, _, _)| s.borrow_mut().push(e.clone()))
-                        .probe();
+                    // Otherwise, gather the events at worker 0.
+                    let seen_probe = (!direct).then(|| {
+                        events
+                            .inner
+                            .exchange(|_| 0)
+                            .inspect(move |(e, _, _)| s.borrow_mut().push(e.clone()))
+                            .probe()
+                            .0
+                    });
                     out.index
                         .inner
                         .exchange(|_| 0)
@@ -200,9 +206,18 @@ pub fn spawn(
                         observer.decisions(held.drain(..ready).collect());
                     }
                 };
+                // How far every event has reached the observer.
+                let seen_upto = |input_time: Time| {
+                    seen_probe
+                        .as_ref()
+                        .map_or(input_time, |p| frontier(p).min(input_time))
+                };
                 let mut batch = Vec::new();
                 let mut wait = Duration::ZERO;
                 while let Some(at) = source.poll(&mut batch, wait) {
+                    if direct && !batch.is_empty() {
+                        observer.events(&batch);
+                    }
                     for e in batch.drain(..) {
                         // Sources promise events no older than the frontier
                         // they gave; the clamp only keeps a broken promise
@@ -217,7 +232,7 @@ pub fn spawn(
                     input.flush();
                     worker.step();
                     if me == 0 {
-                        let seen_upto = frontier(&seen_probe);
+                        let seen_upto = seen_upto(*input.time());
                         deliver(&mut held, seen_upto);
                         let at = frontier(&probe).min(seen_upto);
                         if at > reported {
@@ -228,7 +243,9 @@ pub fn spawn(
                     // While the outputs are behind the input, step again at
                     // once (a change crosses the graph in several steps);
                     // once caught up, wait for the source.
-                    wait = if probe.less_than(input.time()) || seen_probe.less_than(input.time()) {
+                    wait = if probe.less_than(input.time())
+                        || seen_upto(*input.time()) < *input.time()
+                    {
                         Duration::ZERO
                     } else {
                         Duration::from_millis(1)

@@ -1,7 +1,11 @@
 //! The embedded log: append-only, checksummed, group-committed.
 //!
 //! One file, `events.log`, in the data directory. Each record is
-//! `[len: u32 LE][crc32 of payload: u32 LE][payload: JSON Record]`. A writer
+//! `[len: u32 LE][crc32 of payload: u32 LE][payload]`, the payload a
+//! [`Record`]: `0x01` and the record in postcard (what is written), or a JSON
+//! object (what versions before 0.6 wrote, still read). The binary form is
+//! a third the size of the JSON one and several times cheaper to write,
+//! which matters at hundreds of thousands of pings a second. A writer
 //! thread owns the file: it takes every append waiting, gives each event its
 //! log offset and time (`max(now, last time)`, so time never goes back),
 //! writes them, calls `fsync` once for the batch, and only then answers the
@@ -166,7 +170,7 @@ pub fn read_records(path: &Path) -> Result<(Vec<Record>, u64), LogError> {
             let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
             let payload = bytes.get(pos + 8..pos + 8 + len)?;
             (crc32fast::hash(payload) == crc)
-                .then(|| serde_json::from_slice::<Record>(payload).ok())?
+                .then(|| decode(payload))?
                 .map(|r| (r, 8 + len))
         })();
         match good {
@@ -189,19 +193,35 @@ pub fn read_records(path: &Path) -> Result<(Vec<Record>, u64), LogError> {
     Ok((records, 0))
 }
 
-/// A [`Record`] by reference, for writing without copying the event.
+/// The first byte of a binary payload (a JSON one starts with `{`).
+const BINARY: u8 = 1;
+
+/// A [`Record`] in the binary form: every field, in order.
+#[derive(Deserialize)]
+struct BinaryRecord(Option<String>, Event);
+
+/// A [`BinaryRecord`] by reference, for writing without copying the event.
 #[derive(Serialize)]
-struct RecordRef<'a> {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    key: Option<&'a str>,
-    event: &'a Event,
+struct BinaryRecordRef<'a>(Option<&'a str>, &'a Event);
+
+/// The record in `payload`, either form; `None` if it is not a whole one.
+fn decode(payload: &[u8]) -> Option<Record> {
+    match payload.split_first()? {
+        (&BINARY, rest) => match postcard::take_from_bytes::<BinaryRecord>(rest).ok()? {
+            (BinaryRecord(key, event), []) => Some(Record { key, event }),
+            _ => None,
+        },
+        (b'{', _) => serde_json::from_slice(payload).ok(),
+        _ => None,
+    }
 }
 
 /// Appends `record` to `out` in the log's framing, serialized in place.
-fn encode(record: &RecordRef<'_>, out: &mut Vec<u8>) {
+fn encode(record: &BinaryRecordRef<'_>, out: &mut Vec<u8>) {
     let head = out.len();
     out.extend_from_slice(&[0; 8]);
-    serde_json::to_writer(&mut *out, record).expect("records serialize");
+    out.push(BINARY);
+    *out = postcard::to_extend(record, std::mem::take(out)).expect("records serialize");
     let payload = &out[head + 8..];
     let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
     out[head..head + 4].copy_from_slice(&len.to_le_bytes());
@@ -330,7 +350,12 @@ impl Writer {
 
     fn commit(&mut self, batch: Vec<Command>) {
         self.buf.clear();
-        let mut events = Vec::new();
+        let mut events = Vec::with_capacity(
+            batch
+                .iter()
+                .map(|Command::Append { events, .. }| events.len())
+                .sum(),
+        );
         let mut answers = Vec::new();
         let mut batch_keys: HashMap<String, Appended> = HashMap::new();
         for Command::Append {
@@ -360,13 +385,7 @@ impl Writer {
                 };
                 self.next_offset += 1;
                 first.get_or_insert_with(|| (event.id.clone(), event.offset));
-                encode(
-                    &RecordRef {
-                        key: key.as_deref(),
-                        event: &event,
-                    },
-                    &mut self.buf,
-                );
+                encode(&BinaryRecordRef(key.as_deref(), &event), &mut self.buf);
                 events.push(event);
             }
             let answer = match first {
@@ -486,6 +505,56 @@ mod tests {
         );
         drop(log.handle);
         log.writer.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn json_records_of_older_logs_are_read_beside_binary_ones() {
+        let dir = std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).unwrap();
+        // A record as versions before 0.6 wrote it.
+        let json = br#"{"key":"k","event":{"id":"e0","offset":0,"time":5,"kind":{"type":"location_pinged","rider":"r1","at":{"lat_e7":310000000,"lon_e7":1210000000}}}}"#;
+        let mut old = Vec::new();
+        old.extend_from_slice(&(json.len() as u32).to_le_bytes());
+        old.extend_from_slice(&crc32fast::hash(json).to_le_bytes());
+        old.extend_from_slice(json);
+        std::fs::write(dir.join("events.log"), &old).unwrap();
+
+        let (tx, rx) = mpsc::channel();
+        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        assert_eq!(log.replayed, 1);
+        let replayed = events(&rx);
+        assert_eq!(replayed[0].kind, ping(0).1);
+        let again = log
+            .handle
+            .append(Some("k".into()), vec![ping(9)])
+            .await
+            .unwrap();
+        assert_eq!(
+            again,
+            Appended::One {
+                event_id: Id::new("e0").unwrap(),
+                offset: 0
+            },
+            "a key of a JSON record is honoured"
+        );
+        log.handle.append(None, vec![ping(1)]).await.unwrap();
+        drop(log.handle);
+        log.writer.join().unwrap();
+
+        let bytes = std::fs::read(dir.join("events.log")).unwrap();
+        assert_eq!(bytes[old.len() + 8], BINARY, "new records are binary");
+        let (records, cut) = read_records(&dir.join("events.log")).unwrap();
+        assert_eq!(cut, 0);
+        let got: Vec<_> = records
+            .iter()
+            .map(|r| (r.key.clone(), r.event.id.to_string(), r.event.offset))
+            .collect();
+        assert_eq!(
+            got,
+            vec![(Some("k".into()), "e0".into(), 0), (None, "e1".into(), 1)]
+        );
+        assert_eq!(records[1].event.kind, ping(1).1);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -307,9 +307,9 @@ pub async fn post_batch(
         ));
     }
     let mut events = Vec::with_capacity(items.len());
-    for (i, p) in items.iter().enumerate() {
-        let rider = wire::id(&p.rider_id, "rider_id").map_err(|e| e.in_item(i))?;
+    for (i, p) in items.into_iter().enumerate() {
         let at = wire::coord(p.lat, p.lon, "").map_err(|e| e.in_item(i))?;
+        let rider = p.rider_id;
         events.push((Id::new_event(), EventKind::LocationPinged { rider, at }));
     }
     let answer = s.log.append(idempotency_key(&headers)?, events).await?;

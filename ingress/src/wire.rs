@@ -136,8 +136,9 @@ pub struct LocationBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchPing {
-    /// The rider.
-    pub rider_id: String,
+    /// The rider (validated as it is parsed: a batch is thousands of these).
+    #[schema(value_type = String)]
+    pub rider_id: Id,
     /// Latitude.
     pub lat: f64,
     /// Longitude.
