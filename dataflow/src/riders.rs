@@ -12,8 +12,9 @@ use grabflow_api::{Coord, EventKind, Id, Time};
 use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Track {
+    rider: Id,
     at: Option<Coord>,
     last_ping: Time,
     online: bool,
@@ -38,11 +39,16 @@ fn entry(rider: &Id, (cell, at): (u64, Coord)) -> IndexEntry {
 #[derive(Debug)]
 pub struct RiderTracker {
     ttl: Time,
-    riders: FxHashMap<Id, Track>,
-    /// Silence checks by time; at most one pending per rider.
-    checks: BTreeMap<Time, Vec<Id>>,
-    /// Riders touched in the current millisecond.
-    touched: Vec<Id>,
+    /// Each rider's slot in `tracks`: one hash lookup per ping, and none
+    /// when the millisecond settles.
+    riders: FxHashMap<Id, usize>,
+    tracks: Vec<Track>,
+    /// Slots of `tracks` left by riders dropped.
+    free: Vec<usize>,
+    /// Silence checks by time (slots); at most one pending per rider.
+    checks: BTreeMap<Time, Vec<usize>>,
+    /// Slots touched in the current millisecond.
+    touched: Vec<usize>,
     new_check_times: Vec<Time>,
 }
 
@@ -52,6 +58,8 @@ impl RiderTracker {
         RiderTracker {
             ttl,
             riders: FxHashMap::default(),
+            tracks: Vec::new(),
+            free: Vec::new(),
             checks: BTreeMap::new(),
             touched: Vec::new(),
             new_check_times: Vec::new(),
@@ -61,34 +69,54 @@ impl RiderTracker {
     /// Applies one ping or shift of millisecond `t` (call in offset order).
     pub fn apply(&mut self, kind: &EventKind, t: Time) {
         let Some(rider) = kind.rider() else { return };
-        let track = match self.riders.get_mut(rider) {
-            Some(track) => track,
-            None => self.riders.entry(rider.clone()).or_default(),
+        let slot = match self.riders.get(rider) {
+            Some(&slot) => slot,
+            None => {
+                let track = Track {
+                    rider: rider.clone(),
+                    at: None,
+                    last_ping: 0,
+                    online: false,
+                    indexed: None,
+                    shape: None,
+                    check_pending: false,
+                };
+                let slot = match self.free.pop() {
+                    Some(slot) => {
+                        self.tracks[slot] = track;
+                        slot
+                    }
+                    None => {
+                        self.tracks.push(track);
+                        self.tracks.len() - 1
+                    }
+                };
+                self.riders.insert(rider.clone(), slot);
+                slot
+            }
         };
+        let track = &mut self.tracks[slot];
         match kind {
             EventKind::LocationPinged { at, .. } => {
                 track.at = Some(*at);
                 track.last_ping = t;
                 if !track.check_pending {
                     track.check_pending = true;
-                    self.checks
-                        .entry(t + self.ttl)
-                        .or_default()
-                        .push(rider.clone());
+                    self.checks.entry(t + self.ttl).or_default().push(slot);
                     self.new_check_times.push(t + self.ttl);
                 }
             }
             EventKind::ShiftChanged { online, .. } => track.online = *online,
             _ => {}
         }
-        self.touched.push(rider.clone());
+        self.touched.push(slot);
     }
 
     /// Ends millisecond `t`: emits the index changes of the riders touched,
     /// then runs the silence checks due at `t`.
     pub fn settle(&mut self, t: Time, out: &mut Vec<(IndexEntry, isize)>) {
-        for rider in std::mem::take(&mut self.touched) {
-            let track = self.riders.get_mut(&rider).expect("touched riders exist");
+        for slot in self.touched.drain(..) {
+            let track = &mut self.tracks[slot];
             let fresh = track.last_ping + self.ttl > t;
             let want = match (track.online && fresh, track.at) {
                 (true, Some(at)) => match &track.shape {
@@ -104,10 +132,10 @@ impl RiderTracker {
             };
             if want != track.indexed {
                 if let Some(old) = track.indexed {
-                    out.push((entry(&rider, old), -1));
+                    out.push((entry(&track.rider, old), -1));
                 }
                 if let Some(new) = want {
-                    out.push((entry(&rider, new), 1));
+                    out.push((entry(&track.rider, new), 1));
                 }
                 track.indexed = want;
             }
@@ -115,21 +143,25 @@ impl RiderTracker {
         let Some(due) = self.checks.remove(&t) else {
             return;
         };
-        for rider in due {
-            let track = self.riders.get_mut(&rider).expect("checked riders exist");
+        for slot in due {
+            let track = &mut self.tracks[slot];
             let expires = track.last_ping + self.ttl;
             if expires > t {
-                self.checks.entry(expires).or_default().push(rider);
+                self.checks.entry(expires).or_default().push(slot);
                 self.new_check_times.push(expires);
                 continue;
             }
             track.check_pending = false;
             if let Some(old) = track.indexed.take() {
-                out.push((entry(&rider, old), -1));
+                out.push((entry(&track.rider, old), -1));
             }
             if !track.online {
-                // Off shift and silent: nothing left worth keeping.
-                self.riders.remove(&rider);
+                // Off shift and silent: nothing left worth keeping (this was
+                // its one pending check, and nothing touched it since).
+                // The slot is overwritten when it is used again.
+                self.riders.remove(&track.rider);
+                track.shape = None;
+                self.free.push(slot);
             }
         }
     }

@@ -272,9 +272,12 @@ impl Observer for Egress {
                     r.online = *online;
                     r.capacity = *capacity;
                 }
-                EventKind::LocationPinged { rider, at } => {
-                    v.riders.entry(rider.clone()).or_default().at = Some(*at);
-                }
+                EventKind::LocationPinged { rider, at } => match v.riders.get_mut(rider) {
+                    Some(r) => r.at = Some(*at),
+                    None => {
+                        v.riders.entry(rider.clone()).or_default().at = Some(*at);
+                    }
+                },
                 EventKind::OrderPlaced {
                     order, merchant, ..
                 } => {
