@@ -86,6 +86,13 @@ impl Source for FeedSource {
         let mut got = self.rx.recv_timeout(wait);
         loop {
             match got {
+                Ok(Feed::Events(mut events)) if self.peers == 1 => {
+                    if out.is_empty() {
+                        *out = events;
+                    } else {
+                        out.append(&mut events);
+                    }
+                }
                 Ok(Feed::Events(events)) => {
                     let (me, peers) = (self.me, self.peers);
                     out.extend(
