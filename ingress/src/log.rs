@@ -4,12 +4,13 @@
 //! `[len: u32 LE][crc32 of payload: u32 LE][payload]`, the payload a
 //! [`Record`]: `0x01` and the record in postcard (what is written), or a JSON
 //! object (what versions before 0.6 wrote, still read). The binary form is
-//! a third the size of the JSON one and several times cheaper to write,
+//! a third the size of the JSON one and about a third of the work to write,
 //! which matters at hundreds of thousands of pings a second. A writer
 //! thread owns the file: it takes every append waiting, gives each event its
 //! log offset and time (`max(now, last time)`, so time never goes back),
 //! writes them, calls `fsync` once for the batch, and only then answers the
-//! callers and hands the events to the dataflow. Between appends it sends
+//! callers and hands the events to the dataflow. Under load it waits
+//! [`COMMIT_DELAY`] for more appends before committing. Between appends it sends
 //! clock ticks, so timers fire when nothing happens.
 //!
 //! On open, the file is scanned; a torn or corrupt tail (a crash mid-write)
@@ -193,6 +194,12 @@ pub fn read_records(path: &Path) -> Result<(Vec<Record>, u64), LogError> {
     Ok((records, 0))
 }
 
+/// Under concurrent load (the last commit held more than one append), how
+/// long the writer waits for more appends before it commits, as PostgreSQL's
+/// `commit_delay`: fewer, fuller commits mean fewer fsyncs and fewer wake-ups
+/// of every thread involved. An append on a quiet log is committed at once.
+const COMMIT_DELAY: Duration = Duration::from_micros(100);
+
 /// The first byte of a binary payload (a JSON one starts with `{`).
 const BINARY: u8 = 1;
 
@@ -290,6 +297,7 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
                 told: 0,
                 buf: Vec::new(),
             };
+            let mut busy = false;
             loop {
                 // Events of the last committed millisecond stay open until a
                 // tick passes it: tick again as soon as the clock does.
@@ -302,6 +310,11 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
                     Ok(first) => {
                         let mut batch = vec![first];
                         batch.extend(rx.try_iter());
+                        if busy {
+                            std::thread::sleep(COMMIT_DELAY);
+                            batch.extend(rx.try_iter());
+                        }
+                        busy = batch.len() > 1;
                         writer.commit(batch);
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
