@@ -4,7 +4,8 @@
 //! events that enter the log, the records the dispatch computation emits,
 //! identifiers, coordinates and distances, and the dispatch configuration.
 //! Ingress validates into these types, the dataflow computes over them, and
-//! egress renders them; the wire form is serde JSON throughout.
+//! egress renders them; the wire form is serde JSON (the embedded log and
+//! timely's exchange use a binary serde form).
 //!
 //! ## Layout
 //!
