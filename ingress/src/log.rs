@@ -28,11 +28,12 @@ use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
-/// One stored record.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// One stored record, as read back. Deserializing it reads the JSON form of
+/// logs written before 0.6; records are written in the binary form only.
+#[derive(Clone, Debug, Deserialize)]
 pub struct Record {
     /// The client's `Idempotency-Key`, if it sent one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub key: Option<String>,
     /// The event, with its offset and time.
     pub event: Event,
