@@ -29,8 +29,9 @@ use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::generic::operator::Operator;
-use timely::dataflow::operators::vec::{Map, Partition};
+use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Capability, InputCapability};
 
 /// The log: every event at its log time, each with multiplicity one.
@@ -54,16 +55,16 @@ pub struct Dispatch<'s> {
 
 /// Builds the whole dispatch computation over the event log.
 pub fn dispatch<'s>(events: Events<'s>, cfg: &DispatchConfig) -> Dispatch<'s> {
-    // One pass that moves each event to its side (two filters would clone
-    // every event, and pings are most of them).
-    let mut sides = events
-        .inner
-        .partition(2, |(e, t, d): (Event, Time, isize)| {
-            let rest = !matches!(e.kind, EventKind::LocationPinged { .. });
-            (u64::from(rest), (e, t, d))
-        });
-    let rest = sides.pop().expect("two sides").as_collection();
-    let pings = sides.pop().expect("two sides").as_collection();
+    // One pass that moves each event straight into its side's output
+    // (pings are most of the traffic: no copy, no intermediate buffer).
+    let (pings, rest) = events.inner.ok_err(|(e, t, d): (Event, Time, isize)| {
+        if matches!(e.kind, EventKind::LocationPinged { .. }) {
+            Ok((e, t, d))
+        } else {
+            Err((e, t, d))
+        }
+    });
+    let (pings, rest) = (pings.as_collection(), rest.as_collection());
     let order_events = dedup(rest, cfg.dedup_window_ms);
     let shifts = order_events.clone().filter(|e| e.kind.is_rider_state());
     let index = track_riders(pings.concat(shifts), cfg.rider_ttl_ms);
