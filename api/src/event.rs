@@ -100,6 +100,21 @@ enum Binary {
     },
 }
 
+/// An [`EventKind`] read in its binary form (see [`Binary`]), for stores
+/// that keep kinds apart from their events (the embedded log's records).
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct BinaryKind(#[serde(with = "Binary")] pub EventKind);
+
+/// An [`EventKind`] written in its binary form, by reference.
+pub struct BinaryKindRef<'a>(pub &'a EventKind);
+
+impl Serialize for BinaryKindRef<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        Binary::serialize(self.0, s)
+    }
+}
+
 /// The kinds of event dispatch reacts to.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

@@ -52,16 +52,61 @@ impl Id {
     /// A fresh random event id: `ev-` and 120 random bits in 20 URL-safe
     /// base64 characters (23 in all, short enough to be kept inline).
     pub fn new_event() -> Self {
+        Self::random::<23>()
+    }
+
+    /// A fresh random id for a batch of events: `ev-` and 96 random bits in
+    /// 16 URL-safe base64 characters. Its `i`-th event is [`Id::item`]`(i)`,
+    /// 24 characters at most for the largest batch, so still inline.
+    pub fn new_batch() -> Self {
+        Self::random::<19>()
+    }
+
+    /// `ev-` and `N - 3` random URL-safe base64 characters (`N` ≤ 24).
+    fn random<const N: usize>() -> Self {
         const DIGITS: &[u8; 64] =
             b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
         let mut bits: u128 = rand::random();
-        let mut id = *b"ev-....................";
+        let mut id = [b'-'; N];
+        id[..3].copy_from_slice(b"ev-");
         for digit in &mut id[3..] {
             *digit = DIGITS[(bits & 63) as usize];
             bits >>= 6;
         }
         let id = std::str::from_utf8(&id).expect("base64url digits are ASCII");
         Id(CompactString::new(id))
+    }
+
+    /// The id of the `i`-th event of the batch `self`: `{self}.{i}`; `None`
+    /// if that would be longer than [`MAX_ID_LEN`].
+    pub fn item(&self, i: usize) -> Option<Id> {
+        let mut digits = [0u8; 20];
+        let mut at = digits.len();
+        let mut n = i;
+        loop {
+            at -= 1;
+            digits[at] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        let digits = &digits[at..];
+        if self.0.len() + 1 + digits.len() > MAX_ID_LEN {
+            return None;
+        }
+        let mut id = CompactString::with_capacity(self.0.len() + 1 + digits.len());
+        id.push_str(&self.0);
+        id.push('.');
+        id.push_str(std::str::from_utf8(digits).expect("decimal digits are ASCII"));
+        Some(Id(id))
+    }
+
+    /// The batch id `self` is item `i` of (see [`Id::item`]), if it is one.
+    pub fn batch_of(&self, i: usize) -> Option<&str> {
+        let (base, index) = self.0.rsplit_once('.')?;
+        let canonical = index == "0" || !index.starts_with('0');
+        (canonical && index.parse() == Ok(i)).then_some(base)
     }
 
     /// The id as a string slice.
@@ -122,5 +167,37 @@ mod tests {
             assert_eq!(id.as_str().len(), 23);
             assert!(id.as_str().starts_with("ev-"));
         }
+    }
+
+    #[test]
+    fn batch_items_name_their_batch_and_index() {
+        let batch = Id::new_batch();
+        assert_eq!(batch.as_str().len(), 19);
+        assert_ne!(batch, Id::new_batch());
+        let last = batch.item(9_999).unwrap();
+        assert_eq!(last.as_str(), format!("{batch}.9999"));
+        assert_eq!(Id::new(last.as_str()).as_ref(), Ok(&last));
+        assert!(last.as_str().len() <= 24, "kept inline");
+        for i in [0, 7, 10, 123] {
+            let item = batch.item(i).unwrap();
+            assert_eq!(item.batch_of(i), Some(batch.as_str()));
+            assert_eq!(item.batch_of(i + 1), None);
+        }
+        assert_eq!(
+            Id::new("b.07").unwrap().batch_of(7),
+            None,
+            "one spelling per index"
+        );
+        assert_eq!(Id::new("b7").unwrap().batch_of(7), None);
+        assert_eq!(Id::new(&"x".repeat(62)).unwrap().item(10), None);
+        assert_eq!(
+            Id::new(&"x".repeat(62))
+                .unwrap()
+                .item(9)
+                .unwrap()
+                .as_str()
+                .len(),
+            64
+        );
     }
 }

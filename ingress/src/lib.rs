@@ -12,6 +12,8 @@
 //!   to a 4xx naming the field.
 //! - [`log`]: the embedded append-only log (checksums, group commit, torn-tail
 //!   repair, idempotency keys, replay).
+//! - [`space`]: the zero-filled room kept ahead of the log's writer, so a
+//!   commit's `fdatasync` never has to write a new file size.
 //! - [`kafka`]: production mode's log: the producer, the dataflow's
 //!   partition sources (time from the log, ticks), the follower of known ids
 //!   and grab results.
@@ -23,4 +25,5 @@ pub mod error;
 pub mod kafka;
 pub mod log;
 pub mod routes;
+pub mod space;
 pub mod wire;

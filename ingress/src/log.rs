@@ -1,34 +1,41 @@
 //! The embedded log: append-only, checksummed, group-committed.
 //!
 //! One file, `events.log`, in the data directory. Each record is
-//! `[len: u32 LE][crc32 of payload: u32 LE][payload]`, the payload a
-//! [`Record`]: `0x01` and the record in postcard (what is written), or a JSON
-//! object (what versions before 0.6 wrote, still read). The binary form is
-//! a third the size of the JSON one and about a third of the work to write,
-//! which matters at hundreds of thousands of pings a second. A writer
-//! thread owns the file: it takes every append waiting, gives each event its
-//! log offset and time (`max(now, last time)`, so time never goes back),
-//! writes them, calls `fsync` once for the batch, and only then answers the
-//! callers and hands the events to the dataflow. Under load it waits 100 µs
-//! for more appends before committing. Between appends it sends clock
-//! ticks, so timers fire when nothing happens.
+//! `[len: u32 LE][crc32 of payload: u32 LE][payload]`, and holds one append
+//! (a single event or a whole batch): `0x02` and, in postcard, the key and
+//! time its events share, the first event's offset, their ids and their
+//! kinds (what is written since 0.7). A batch's ids are stored as the batch
+//! id alone when they are its items (`{batch}.{i}`, see `Id::item`), so a
+//! batched ping costs ~18 bytes. Older forms are still read: `0x01` and one
+//! event in postcard (0.6), or a JSON object (before 0.6). An append is one
+//! record, so a torn write loses a whole unacknowledged append, never part
+//! of one. A writer thread owns the file: it takes every append waiting,
+//! gives each event its log offset and time (`max(now, last time)`, so time
+//! never goes back), writes them, calls `fsync` once for the batch, and only
+//! then answers the callers and hands the events to the dataflow. Under load
+//! it waits 100 µs for more appends before committing. Between appends it
+//! sends clock ticks, so timers fire when nothing happens.
 //!
 //! On open, the file is scanned; a torn or corrupt tail (a crash mid-write)
 //! is cut at the last whole record, never half-applied. The records read
 //! back are replayed into the dataflow before new appends are taken.
 
+use crate::space::Space;
+use grabflow_api::event::{BinaryKind, BinaryKindRef};
 use grabflow_api::{Event, EventKind, Feed, Id, Time};
+use serde::ser::{SerializeTupleStruct, Serializer};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::Read;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
-/// One stored record, as read back. Deserializing it reads the JSON form of
+/// One stored event, as read back. Deserializing it reads the JSON form of
 /// logs written before 0.6; records are written in the binary form only.
 #[derive(Clone, Debug, Deserialize)]
 pub struct Record {
@@ -153,12 +160,34 @@ fn now_ms() -> Time {
         .map_or(0, |d| d.as_millis() as Time)
 }
 
-/// Reads every whole record of `path`, cutting a torn tail. Returns the
-/// records and the number of bytes cut.
-pub fn read_records(path: &Path) -> Result<(Vec<Record>, u64), LogError> {
+/// What [`read_records`] found in a log file.
+#[derive(Debug)]
+pub struct Scanned {
+    /// Every whole record, in order.
+    pub records: Vec<Record>,
+    /// Where the records end: the next append goes here.
+    pub end: u64,
+    /// Bytes of a torn tail cut off.
+    pub cut: u64,
+}
+
+/// The longest torn tail taken for one (a commit's write at most); garbage
+/// further on means corruption, and the log refuses to open.
+const MAX_TORN: usize = 64 << 20;
+
+/// Reads every whole record of `path` up to its end (a zero header, or the
+/// end of the file), cutting a torn tail (with the zero-filled room after
+/// it: the writer adds fresh room).
+pub fn read_records(path: &Path) -> Result<Scanned, LogError> {
     let mut file = match OpenOptions::new().read(true).write(true).open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((Vec::new(), 0)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Scanned {
+                records: Vec::new(),
+                end: 0,
+                cut: 0,
+            })
+        }
         Err(e) => return Err(e.into()),
     };
     let mut bytes = Vec::new();
@@ -166,33 +195,44 @@ pub fn read_records(path: &Path) -> Result<(Vec<Record>, u64), LogError> {
     let mut records = Vec::new();
     let mut pos = 0usize;
     while pos < bytes.len() {
+        if bytes[pos..].starts_with(&[0; 8]) && bytes[pos..].iter().all(|&b| b == 0) {
+            // The zero-filled room after the last record.
+            break;
+        }
         let good = (|| {
             let head = bytes.get(pos..pos + 8)?;
             let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
             let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
             let payload = bytes.get(pos + 8..pos + 8 + len)?;
-            (crc32fast::hash(payload) == crc)
-                .then(|| decode(payload))?
-                .map(|r| (r, 8 + len))
+            (len > 0 && crc32fast::hash(payload) == crc && decode(payload, &mut records))
+                .then_some(8 + len)
         })();
         match good {
-            Some((record, size)) => {
-                records.push(record);
-                pos += size;
-            }
+            Some(size) => pos += size,
             None => {
-                // Only a tail can be torn: anything after a bad record means corruption.
-                let rest = bytes.len() - pos;
-                if rest > 8 + 16 * 1024 * 1024 {
+                // Only a tail can be torn: anything further on means corruption.
+                let torn = bytes
+                    .iter()
+                    .rposition(|&b| b != 0)
+                    .map_or(0, |last| last + 1 - pos);
+                if torn > MAX_TORN {
                     return Err(LogError::Corrupt(pos as u64));
                 }
                 file.set_len(pos as u64)?;
                 file.sync_all()?;
-                return Ok((records, rest as u64));
+                return Ok(Scanned {
+                    records,
+                    end: pos as u64,
+                    cut: torn as u64,
+                });
             }
         }
     }
-    Ok((records, 0))
+    Ok(Scanned {
+        records,
+        end: pos as u64,
+        cut: 0,
+    })
 }
 
 /// Under concurrent load (the last commit held more than one append), how
@@ -201,34 +241,141 @@ pub fn read_records(path: &Path) -> Result<(Vec<Record>, u64), LogError> {
 /// of every thread involved. An append on a quiet log is committed at once.
 const COMMIT_DELAY: Duration = Duration::from_micros(100);
 
-/// The first byte of a binary payload (a JSON one starts with `{`).
+/// The first byte of a 0.6 payload: one event (a JSON one starts with `{`).
 const BINARY: u8 = 1;
 
-/// A [`Record`] in the binary form: every field, in order.
+/// The first byte of an append's payload, as written since 0.7.
+const APPEND: u8 = 2;
+
+/// A 0.6 record: the key and the event.
 #[derive(Deserialize)]
 struct BinaryRecord(Option<String>, Event);
 
-/// A [`BinaryRecord`] by reference, for writing without copying the event.
-#[derive(Serialize)]
-struct BinaryRecordRef<'a>(Option<&'a str>, &'a Event);
+/// An append as stored: the key and time its events share, the first
+/// event's offset, their ids and their kinds.
+#[derive(Deserialize)]
+struct AppendRecord(Option<String>, Time, u64, Ids, Vec<BinaryKind>);
 
-/// The record in `payload`, either form; `None` if it is not a whole one.
-fn decode(payload: &[u8]) -> Option<Record> {
-    match payload.split_first()? {
-        (&BINARY, rest) => match postcard::take_from_bytes::<BinaryRecord>(rest).ok()? {
-            (BinaryRecord(key, event), []) => Some(Record { key, event }),
-            _ => None,
-        },
-        (b'{', _) => serde_json::from_slice(payload).ok(),
-        _ => None,
+/// The ids of an append's events: each one, or the batch they are items of.
+#[derive(Deserialize)]
+enum Ids {
+    Each(Vec<Id>),
+    Items(Id),
+}
+
+/// An [`AppendRecord`] by reference: `events` (one append's, so sharing a
+/// time and consecutive offsets) and their key, written without copies.
+struct AppendRecordRef<'a> {
+    key: Option<&'a str>,
+    events: &'a [Event],
+}
+
+impl Serialize for AppendRecordRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let (time, offset) = self.events.first().map_or((0, 0), |e| (e.time, e.offset));
+        let mut t = s.serialize_tuple_struct("AppendRecord", 5)?;
+        t.serialize_field(&self.key)?;
+        t.serialize_field(&time)?;
+        t.serialize_field(&offset)?;
+        t.serialize_field(&IdsRef(self.events))?;
+        t.serialize_field(&KindsRef(self.events))?;
+        t.end()
     }
 }
 
+/// The ids of `events`, as [`Ids`]: the batch alone when they are its items.
+struct IdsRef<'a>(&'a [Event]);
+
+impl Serialize for IdsRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let batch = match self.0 {
+            [first, _, ..] => first.id.batch_of(0).filter(|&b| {
+                self.0
+                    .iter()
+                    .enumerate()
+                    .all(|(i, e)| e.id.batch_of(i) == Some(b))
+            }),
+            _ => None,
+        };
+        match batch {
+            Some(batch) => s.serialize_newtype_variant("Ids", 1, "Items", batch),
+            None => s.serialize_newtype_variant("Ids", 0, "Each", &EachRef(self.0)),
+        }
+    }
+}
+
+/// The ids of `events`, one by one.
+struct EachRef<'a>(&'a [Event]);
+
+impl Serialize for EachRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|e| &e.id))
+    }
+}
+
+/// The kinds of `events`, in the binary form.
+struct KindsRef<'a>(&'a [Event]);
+
+impl Serialize for KindsRef<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.0.iter().map(|e| BinaryKindRef(&e.kind)))
+    }
+}
+
+/// Appends the events of the record in `payload` (any form) to `out`;
+/// `false` (and nothing appended) if it is not a whole one.
+fn decode(payload: &[u8], out: &mut Vec<Record>) -> bool {
+    let Some((&first, rest)) = payload.split_first() else {
+        return false;
+    };
+    let records = match first {
+        APPEND => decode_append(rest),
+        BINARY => match postcard::take_from_bytes::<BinaryRecord>(rest) {
+            Ok((BinaryRecord(key, event), [])) => Some(vec![Record { key, event }]),
+            _ => None,
+        },
+        b'{' => serde_json::from_slice(payload).ok().map(|r| vec![r]),
+        _ => None,
+    };
+    records.map(|r| out.extend(r)).is_some()
+}
+
+/// The events of an [`AppendRecord`].
+fn decode_append(bytes: &[u8]) -> Option<Vec<Record>> {
+    let (AppendRecord(key, time, first, ids, kinds), []) = postcard::take_from_bytes(bytes).ok()?
+    else {
+        return None;
+    };
+    let ids = match ids {
+        Ids::Each(ids) => ids,
+        Ids::Items(batch) => (0..kinds.len())
+            .map(|i| batch.item(i))
+            .collect::<Option<_>>()?,
+    };
+    if ids.len() != kinds.len() || kinds.is_empty() {
+        return None;
+    }
+    let events = ids.into_iter().zip(kinds).zip(first..);
+    Some(
+        events
+            .map(|((id, BinaryKind(kind)), offset)| Record {
+                key: key.clone(),
+                event: Event {
+                    id,
+                    offset,
+                    time,
+                    kind,
+                },
+            })
+            .collect(),
+    )
+}
+
 /// Appends `record` to `out` in the log's framing, serialized in place.
-fn encode(record: &BinaryRecordRef<'_>, out: &mut Vec<u8>) {
+fn encode(record: &AppendRecordRef<'_>, out: &mut Vec<u8>) {
     let head = out.len();
     out.extend_from_slice(&[0; 8]);
-    out.push(BINARY);
+    out.push(APPEND);
     *out = postcard::to_extend(record, std::mem::take(out)).expect("records serialize");
     let payload = &out[head + 8..];
     let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
@@ -241,7 +388,7 @@ fn encode(record: &BinaryRecordRef<'_>, out: &mut Vec<u8>) {
 pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Opened, LogError> {
     std::fs::create_dir_all(dir)?;
     let path: PathBuf = dir.join("events.log");
-    let (records, cut) = read_records(&path)?;
+    let Scanned { records, end, cut } = read_records(&path)?;
     let mut keys: HashMap<String, Appended> = HashMap::new();
     let mut last_time = 0;
     let mut next_offset = 0;
@@ -282,14 +429,21 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
             chunk.iter().map(|r| r.event.clone()).collect(),
         ));
     }
-    let mut file = OpenOptions::new().create(true).append(true).open(&path)?;
-    file.seek(SeekFrom::End(0))?;
+    // Never truncated: the records are kept, and writes go where they end.
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    let space = Space::new(&file, file.metadata()?.len())?;
     let (tx, rx) = mpsc::channel::<Command>();
     let writer = std::thread::Builder::new()
         .name("grabflow-log".into())
         .spawn(move || {
             let mut writer = Writer {
                 file,
+                end,
+                space,
                 keys,
                 last_time,
                 last_event: last_time,
@@ -339,6 +493,10 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
 
 struct Writer {
     file: File,
+    /// Where the records end: the next write goes here.
+    end: u64,
+    /// The zero-filled room ahead.
+    space: Space,
     keys: HashMap<String, Appended>,
     /// No event or tick from now on may be earlier than this.
     last_time: Time,
@@ -388,35 +546,53 @@ impl Writer {
             let time = self.last_time.max(now_ms());
             self.last_time = time;
             self.last_event = time;
-            let count = new.len();
-            let mut first = None;
+            let start = events.len();
             for (id, kind) in new {
-                let event = Event {
+                events.push(Event {
                     id,
                     offset: self.next_offset,
                     time,
                     kind,
-                };
+                });
                 self.next_offset += 1;
-                first.get_or_insert_with(|| (event.id.clone(), event.offset));
-                encode(&BinaryRecordRef(key.as_deref(), &event), &mut self.buf);
-                events.push(event);
             }
-            let answer = match first {
-                Some((event_id, offset)) if count == 1 => Appended::One { event_id, offset },
-                _ => Appended::Batch { accepted: count },
+            let appended = &events[start..];
+            if appended.is_empty() {
+                answers.push((reply, Ok(Appended::Batch { accepted: 0 })));
+                continue;
+            }
+            encode(
+                &AppendRecordRef {
+                    key: key.as_deref(),
+                    events: appended,
+                },
+                &mut self.buf,
+            );
+            let answer = match appended {
+                [one] => Appended::One {
+                    event_id: one.id.clone(),
+                    offset: one.offset,
+                },
+                _ => Appended::Batch {
+                    accepted: appended.len(),
+                },
             };
             if let Some(k) = key {
                 batch_keys.insert(k, answer.clone());
             }
             answers.push((reply, Ok(answer)));
         }
+        // Within the room, the size is synced already; past it, the sync
+        // takes the new size along (fdatasync writes what reading needs).
+        self.space.reserve(self.end, self.buf.len() as u64);
         let durable = self
             .file
-            .write_all(&self.buf)
+            .write_all_at(&self.buf, self.end)
             .and_then(|_| self.file.sync_data());
         match durable {
             Ok(()) => {
+                self.end += self.buf.len() as u64;
+                self.space.wrote(self.end);
                 self.keys.extend(batch_keys);
                 if !events.is_empty() {
                     let _ = self.feed.send(Feed::Events(events));
@@ -522,23 +698,41 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// `payload` framed as the log frames it.
+    fn framed(payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
     #[tokio::test]
-    async fn json_records_of_older_logs_are_read_beside_binary_ones() {
+    async fn records_of_older_logs_are_read_beside_new_ones() {
         let dir = std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()));
         std::fs::create_dir_all(&dir).unwrap();
-        // A record as versions before 0.6 wrote it.
+        // A record as versions before 0.6 wrote it (JSON)...
         let json = br#"{"key":"k","event":{"id":"e0","offset":0,"time":5,"kind":{"type":"location_pinged","rider":"r1","at":{"lat_e7":310000000,"lon_e7":1210000000}}}}"#;
-        let mut old = Vec::new();
-        old.extend_from_slice(&(json.len() as u32).to_le_bytes());
-        old.extend_from_slice(&crc32fast::hash(json).to_le_bytes());
-        old.extend_from_slice(json);
+        let mut old = framed(json);
+        // ...and one as 0.6 wrote it (one event in postcard).
+        let (id, kind) = ping(1);
+        let event = Event {
+            id,
+            offset: 1,
+            time: 6,
+            kind,
+        };
+        let mut binary = vec![BINARY];
+        binary.extend(postcard::to_allocvec(&(None::<&str>, &event)).unwrap());
+        old.extend(framed(&binary));
         std::fs::write(dir.join("events.log"), &old).unwrap();
 
         let (tx, rx) = mpsc::channel();
         let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
-        assert_eq!(log.replayed, 1);
+        assert_eq!(log.replayed, 2);
         let replayed = events(&rx);
         assert_eq!(replayed[0].kind, ping(0).1);
+        assert_eq!(replayed[1], event);
         let again = log
             .handle
             .append(Some("k".into()), vec![ping(9)])
@@ -552,13 +746,13 @@ mod tests {
             },
             "a key of a JSON record is honoured"
         );
-        log.handle.append(None, vec![ping(1)]).await.unwrap();
+        log.handle.append(None, vec![ping(2)]).await.unwrap();
         drop(log.handle);
         log.writer.join().unwrap();
 
         let bytes = std::fs::read(dir.join("events.log")).unwrap();
-        assert_eq!(bytes[old.len() + 8], BINARY, "new records are binary");
-        let (records, cut) = read_records(&dir.join("events.log")).unwrap();
+        assert_eq!(bytes[old.len() + 8], APPEND, "new records are appends");
+        let Scanned { records, cut, .. } = read_records(&dir.join("events.log")).unwrap();
         assert_eq!(cut, 0);
         let got: Vec<_> = records
             .iter()
@@ -566,9 +760,57 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            vec![(Some("k".into()), "e0".into(), 0), (None, "e1".into(), 1)]
+            vec![
+                (Some("k".into()), "e0".into(), 0),
+                (None, "e1".into(), 1),
+                (None, "e2".into(), 2)
+            ]
         );
-        assert_eq!(records[1].event.kind, ping(1).1);
+        assert_eq!(records[2].event.kind, ping(2).1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_one_record_with_its_ids_stored_once() {
+        let dir = std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()));
+        let (tx, rx) = mpsc::channel();
+        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        let batch = Id::new_batch();
+        let items: Vec<_> = (0..500)
+            .map(|i| (batch.item(i).unwrap(), ping(i).1))
+            .collect();
+        // Ids that are not one batch's items in order are stored one by one.
+        let mixed = vec![ping(7), (batch.item(1).unwrap(), ping(8).1)];
+        let a = log
+            .handle
+            .append(Some("b".into()), items.clone())
+            .await
+            .unwrap();
+        assert_eq!(a, Appended::Batch { accepted: 500 });
+        log.handle.append(None, mixed.clone()).await.unwrap();
+        let fed = events(&rx);
+        drop(log.handle);
+        log.writer.join().unwrap();
+
+        let size = read_records(&dir.join("events.log")).unwrap().end;
+        assert!(size < 500 * 20, "{size} bytes for 502 pings");
+        let Scanned { records, cut, .. } = read_records(&dir.join("events.log")).unwrap();
+        assert_eq!(cut, 0);
+        let back: Vec<Event> = records.iter().map(|r| r.event.clone()).collect();
+        assert_eq!(back, fed, "read back as they were fed");
+        let expected: Vec<_> = items.into_iter().chain(mixed).collect();
+        let got: Vec<_> = back.into_iter().map(|e| (e.id, e.kind)).collect();
+        assert_eq!(got, expected);
+        assert!(records[..500].iter().all(|r| r.key.as_deref() == Some("b")));
+        assert!(records[500..].iter().all(|r| r.key.is_none()));
+
+        // A torn batch is cut whole: none of its events is applied.
+        let path = dir.join("events.log");
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_len(size - 3).unwrap();
+        let Scanned { records, cut, .. } = read_records(&path).unwrap();
+        assert_eq!(records.len(), 500);
+        assert!(cut > 0);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -583,15 +825,67 @@ mod tests {
         drop(log.handle);
         log.writer.join().unwrap();
         let path = dir.join("events.log");
-        let full = std::fs::metadata(&path).unwrap().len();
+        let full = read_records(&path).unwrap().end;
         // A crash in the middle of writing the last record.
         let f = OpenOptions::new().write(true).open(&path).unwrap();
         f.set_len(full - 7).unwrap();
-        let (records, cut) = read_records(&path).unwrap();
+        let Scanned { records, cut, .. } = read_records(&path).unwrap();
         assert_eq!(records.len(), 4);
         assert!(cut > 0);
-        let (again, cut_again) = read_records(&path).unwrap();
-        assert_eq!((again.len(), cut_again), (4, 0), "the cut is made on disk");
+        let again = read_records(&path).unwrap();
+        assert_eq!(
+            (again.records.len(), again.cut),
+            (4, 0),
+            "the cut is made on disk"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_zero_filled_room_is_reused_and_a_record_torn_in_it_is_cut() {
+        let dir = std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()));
+        let path = dir.join("events.log");
+        let (tx, _rx) = mpsc::channel();
+        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        for n in 0..3 {
+            log.handle.append(None, vec![ping(n)]).await.unwrap();
+        }
+        drop(log.handle);
+        log.writer.join().unwrap();
+        let first = read_records(&path).unwrap();
+        assert_eq!((first.records.len(), first.cut), (3, 0));
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert!(
+            len >= first.end + crate::space::CHUNK / 2,
+            "room ahead: {len}"
+        );
+
+        // Reopened, appends go on where the records end, inside the room.
+        let (tx, rx) = mpsc::channel();
+        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        assert_eq!((log.replayed, log.cut), (3, 0));
+        let a = log.handle.append(None, vec![ping(3)]).await.unwrap();
+        assert!(matches!(a, Appended::One { offset: 3, .. }));
+        assert_eq!(events(&rx).len(), 4);
+        drop(log.handle);
+        log.writer.join().unwrap();
+        let second = read_records(&path).unwrap();
+        assert_eq!(second.records.len(), 4);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "no growth");
+
+        // A crash halfway through writing a record into the room.
+        let bytes = std::fs::read(&path).unwrap();
+        let last = &bytes[first.end as usize..second.end as usize];
+        let f = OpenOptions::new().write(true).open(&path).unwrap();
+        f.write_all_at(&last[..last.len() / 2], second.end).unwrap();
+        let torn = read_records(&path).unwrap();
+        assert_eq!((torn.records.len(), torn.end), (4, second.end));
+        assert!(torn.cut > 0 && torn.cut <= (last.len() / 2) as u64);
+
+        // Garbage far past the records is corruption, not a torn tail.
+        f.write_all_at(b"junk", second.end + MAX_TORN as u64 + 100)
+            .unwrap();
+        assert!(matches!(read_records(&path), Err(LogError::Corrupt(at)) if at == second.end));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

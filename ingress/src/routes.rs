@@ -306,11 +306,15 @@ pub async fn post_batch(
             format!("a batch holds 1 to {MAX_BATCH} pings"),
         ));
     }
+    // The pings' ids are the batch's items (`{batch}.{i}`): one random id
+    // per request, and the log stores it once.
+    let batch = Id::new_batch();
     let mut events = Vec::with_capacity(items.len());
     for (i, p) in items.into_iter().enumerate() {
         let at = wire::coord(p.lat, p.lon, "").map_err(|e| e.in_item(i))?;
         let rider = p.rider_id;
-        events.push((Id::new_event(), EventKind::LocationPinged { rider, at }));
+        let id = batch.item(i).expect("a batch id has room for every index");
+        events.push((id, EventKind::LocationPinged { rider, at }));
     }
     let answer = s.log.append(idempotency_key(&headers)?, events).await?;
     let accepted = match answer {

@@ -1,0 +1,181 @@
+//! Zero-filled room ahead of the embedded log's writer.
+//!
+//! `fdatasync` after an append that grows a file must also write the inode
+//! (the new size): on this project's machines that is a second I/O per
+//! commit, twice the latency and twice the kernel time of an overwrite. So
+//! the log file is kept half a [`CHUNK`] to one and a half chunks longer
+//! than its records, the room filled with zeros and synced by a helper thread *before* the writer
+//! may use it. Commits then overwrite zeros in place and the file's size
+//! never changes under them (what PostgreSQL does to its WAL segments).
+//!
+//! The writer never writes where the helper may still be writing: it asks for
+//! more room while it has half a chunk left, and only if it outruns the helper
+//! does it wait for the room in flight (or, with none in flight, grow the
+//! file itself, the slow path every commit took before).
+//!
+//! A header of zeros (length 0; every record holds at least its form byte)
+//! marks the end of the records when the log is read back.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+
+/// How much room is added at a time: ~3 s of a million batched pings a
+/// second.
+pub const CHUNK: u64 = 64 << 20;
+
+/// What the helper has made ready.
+#[derive(Debug)]
+struct Ready {
+    /// Bytes of the file that exist and are synced (records, then zeros).
+    len: u64,
+    /// Whether the helper is filling more.
+    filling: bool,
+}
+
+/// The writer's side: how far it may write without growing the file.
+pub struct Space {
+    ready: Arc<(Mutex<Ready>, Condvar)>,
+    /// Room requests to the helper: fill from `.0` to `.1`.
+    fill: Option<mpsc::Sender<(u64, u64)>>,
+    /// Set when the writer is done: the helper stops filling.
+    closing: Arc<AtomicBool>,
+    helper: Option<JoinHandle<()>>,
+}
+
+impl Space {
+    /// Room for the writer of `file`, whose length is `len` (synced); starts
+    /// the helper, which ends when the `Space` is dropped.
+    pub fn new(file: &File, len: u64) -> std::io::Result<Space> {
+        let ready = Arc::new((
+            Mutex::new(Ready {
+                len,
+                filling: false,
+            }),
+            Condvar::new(),
+        ));
+        let closing = Arc::new(AtomicBool::new(false));
+        let (fill, requests) = mpsc::channel::<(u64, u64)>();
+        let (file, shared, stop) = (file.try_clone()?, Arc::clone(&ready), Arc::clone(&closing));
+        let helper = std::thread::Builder::new()
+            .name("grabflow-log-space".into())
+            .spawn(move || {
+                for (from, to) in requests {
+                    let done = zero_fill(&file, from, to, &stop);
+                    let (lock, cond) = &*shared;
+                    let mut r = lock.lock().expect("space lock");
+                    match done {
+                        Ok(true) => r.len = r.len.max(to),
+                        Ok(false) => {}
+                        Err(e) => tracing::warn!("log: could not add room: {e}"),
+                    }
+                    r.filling = false;
+                    cond.notify_all();
+                }
+            })?;
+        Ok(Space {
+            ready,
+            fill: Some(fill),
+            closing,
+            helper: Some(helper),
+        })
+    }
+
+    /// Before writing `n` bytes at `at`: whether they fit in the synced room
+    /// (an overwrite). If not, the write grows the file, so it must be synced
+    /// with its size; waits first if the helper is filling that part.
+    pub fn reserve(&self, at: u64, n: u64) -> bool {
+        let (lock, cond) = &*self.ready;
+        let mut r = lock.lock().expect("space lock");
+        while at + n > r.len && r.filling {
+            r = cond.wait(r).expect("space lock");
+        }
+        at + n <= r.len
+    }
+
+    /// After writing up to `end`: asks for another chunk of room when less
+    /// than one is left and none is being filled.
+    pub fn wrote(&self, end: u64) {
+        let (lock, _) = &*self.ready;
+        let mut r = lock.lock().expect("space lock");
+        r.len = r.len.max(end);
+        if !r.filling && r.len - end < CHUNK / 2 {
+            let from = r.len;
+            r.filling = self
+                .fill
+                .as_ref()
+                .is_some_and(|f| f.send((from, from + CHUNK)).is_ok());
+        }
+    }
+}
+
+impl Drop for Space {
+    /// Stops the helper (a half-filled chunk is only zeros past the
+    /// records) and waits for it.
+    fn drop(&mut self) {
+        self.closing.store(true, Ordering::Release);
+        self.fill.take();
+        if let Some(helper) = self.helper.take() {
+            let _ = helper.join();
+        }
+    }
+}
+
+/// Writes zeros to `file` from `from` to `to`, then syncs data and size;
+/// `false` if `stop` was set first.
+fn zero_fill(file: &File, from: u64, to: u64, stop: &AtomicBool) -> std::io::Result<bool> {
+    let zeros = vec![0u8; 1 << 20];
+    let mut at = from;
+    while at < to {
+        if stop.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let n = (to - at).min(zeros.len() as u64) as usize;
+        file.write_all_at(&zeros[..n], at)?;
+        at += n as u64;
+    }
+    file.sync_all().map(|()| true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_is_filled_ahead_and_only_used_once_synced() {
+        let path = std::env::temp_dir().join(format!("grabflow-space-{}", rand::random::<u64>()));
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let space = Space::new(&file, 0).unwrap();
+        assert!(
+            !space.reserve(0, 10),
+            "no room yet: the first write grows the file"
+        );
+        file.write_all_at(&[7; 10], 0).unwrap();
+        space.wrote(10);
+        // The next write waits for the chunk in flight, then overwrites.
+        assert!(space.reserve(10, 100));
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, 10 + CHUNK);
+        file.write_all_at(&[8; 100], 10).unwrap();
+        space.wrote(110);
+        assert!(space.reserve(110, CHUNK - 110));
+        // Half a chunk left: another is asked for, and is there once synced.
+        space.wrote(CHUNK / 2 + 20);
+        assert!(space.reserve(CHUNK / 2 + 20, CHUNK));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), 10 + 2 * CHUNK);
+        drop(space);
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..10], &[7; 10]);
+        assert_eq!(&bytes[10..110], &[8; 100]);
+        assert!(bytes[110..].iter().all(|&b| b == 0), "the room is zeros");
+        std::fs::remove_file(&path).unwrap();
+    }
+}
