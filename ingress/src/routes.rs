@@ -4,8 +4,10 @@ use crate::auth::{Auth, Claims, Role, Secret};
 use crate::error::ApiError;
 use crate::log::{Appended, LogHandle};
 use crate::wire::{self, *};
+use axum::extract::FromRequestParts;
 use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::request::Parts;
+use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use axum::{Json, Router};
@@ -120,34 +122,41 @@ pub fn routes(state: Ingress) -> Router {
         .with_state(state)
 }
 
-fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else {
-        return Ok(None);
-    };
-    let key = v
-        .to_str()
-        .map_err(|_| ApiError::invalid_field("Idempotency-Key", "must be printable ASCII"))?;
-    if key.is_empty() || key.len() > 128 {
-        return Err(ApiError::invalid_field(
-            "Idempotency-Key",
-            "must be 1 to 128 characters",
-        ));
+/// Extractor: the request's `Idempotency-Key`, validated (400-class error
+/// naming the header). Only that header is read: the map is not copied.
+pub struct IdempotencyKey(pub Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let Some(v) = parts.headers.get("idempotency-key") else {
+            return Ok(IdempotencyKey(None));
+        };
+        let key = v
+            .to_str()
+            .map_err(|_| ApiError::invalid_field("Idempotency-Key", "must be printable ASCII"))?;
+        if key.is_empty() || key.len() > 128 {
+            return Err(ApiError::invalid_field(
+                "Idempotency-Key",
+                "must be 1 to 128 characters",
+            ));
+        }
+        Ok(IdempotencyKey(Some(key.to_string())))
     }
-    Ok(Some(key.to_string()))
 }
 
 impl Ingress {
-    async fn append_one(&self, headers: &HeaderMap, kind: EventKind) -> Result<Response, ApiError> {
-        self.append_with_id(headers, Id::new_event(), kind).await
+    async fn append_one(&self, key: Option<String>, kind: EventKind) -> Result<Response, ApiError> {
+        self.append_with_id(key, Id::new_event(), kind).await
     }
 
     async fn append_with_id(
         &self,
-        headers: &HeaderMap,
+        key: Option<String>,
         id: Id,
         kind: EventKind,
     ) -> Result<Response, ApiError> {
-        let key = idempotency_key(headers)?;
         let placed = match &kind {
             EventKind::OrderPlaced { order, .. } => Some((true, order.clone())),
             EventKind::MerchantUpserted { merchant, .. } => Some((false, merchant.clone())),
@@ -186,12 +195,12 @@ impl Ingress {
         claims: &Claims,
         roles: &[Role],
         order_id: &str,
-        headers: &HeaderMap,
+        key: Option<String>,
         kind: impl FnOnce(Id) -> Result<EventKind, ApiError>,
     ) -> Result<Response, ApiError> {
         claims.require(roles, None)?;
         let order = self.order(order_id)?;
-        self.append_one(headers, kind(order)?).await
+        self.append_one(key, kind(order)?).await
     }
 
     fn rider_of(claims: &Claims) -> Result<Id, ApiError> {
@@ -225,14 +234,14 @@ pub async fn put_merchant(
     State(s): State<Ingress>,
     Auth(claims): Auth,
     Path(merchant_id): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(b): JsonBody<MerchantBody>,
 ) -> Result<Response, ApiError> {
     claims.require(&[Role::App], None)?;
     let merchant = wire::id(&merchant_id, "merchant_id")?;
     let at = wire::coord(b.lat, b.lon, "")?;
     s.append_one(
-        &headers,
+        key,
         EventKind::MerchantUpserted {
             merchant,
             at,
@@ -249,7 +258,7 @@ pub async fn put_shift(
     State(s): State<Ingress>,
     Auth(claims): Auth,
     Path(rider_id): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(b): JsonBody<ShiftBody>,
 ) -> Result<Response, ApiError> {
     let rider = wire::id(&rider_id, "rider_id")?;
@@ -263,7 +272,7 @@ pub async fn put_shift(
         }
     }
     s.append_one(
-        &headers,
+        key,
         EventKind::ShiftChanged {
             rider,
             online: b.online,
@@ -280,13 +289,13 @@ pub async fn post_location(
     State(s): State<Ingress>,
     Auth(claims): Auth,
     Path(rider_id): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(b): JsonBody<LocationBody>,
 ) -> Result<Response, ApiError> {
     let rider = wire::id(&rider_id, "rider_id")?;
     claims.require(&[Role::App, Role::Rider], Some(&rider))?;
     let at = wire::coord(b.lat, b.lon, "")?;
-    s.append_one(&headers, EventKind::LocationPinged { rider, at })
+    s.append_one(key, EventKind::LocationPinged { rider, at })
         .await
 }
 
@@ -296,7 +305,7 @@ pub async fn post_location(
 pub async fn post_batch(
     State(s): State<Ingress>,
     Auth(claims): Auth,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(items): JsonBody<Vec<BatchPing>>,
 ) -> Result<Response, ApiError> {
     claims.require(&[Role::App], None)?;
@@ -316,7 +325,7 @@ pub async fn post_batch(
         let id = batch.item(i).expect("a batch id has room for every index");
         events.push((id, EventKind::LocationPinged { rider, at }));
     }
-    let answer = s.log.append(idempotency_key(&headers)?, events).await?;
+    let answer = s.log.append(key, events).await?;
     let accepted = match answer {
         Appended::Batch { accepted } => accepted,
         Appended::One { .. } => 1,
@@ -330,7 +339,7 @@ pub async fn post_batch(
 pub async fn post_order(
     State(s): State<Ingress>,
     Auth(claims): Auth,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(b): JsonBody<OrderBody>,
 ) -> Result<Response, ApiError> {
     claims.require(&[Role::App], None)?;
@@ -351,7 +360,7 @@ pub async fn post_order(
                 format!("no merchant {merchant}"),
             ));
         }
-        if known.orders.contains(&order) && idempotency_key(&headers)?.is_none() {
+        if known.orders.contains(&order) && key.is_none() {
             return Err(ApiError {
                 field: Some("order_id".into()),
                 ..ApiError::conflict(format!("order {order} exists"))
@@ -364,7 +373,7 @@ pub async fn post_order(
         dropoff,
         promised_minutes: b.promised_minutes,
     };
-    s.append_one(&headers, kind).await
+    s.append_one(key, kind).await
 }
 
 /// Cancel before pick-up.
@@ -374,10 +383,10 @@ pub async fn post_cancel(
     State(s): State<Ingress>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(_b): JsonBody<CancelBody>,
 ) -> Result<Response, ApiError> {
-    s.order_event(&claims, &[Role::App], &order_id, &headers, |order| {
+    s.order_event(&claims, &[Role::App], &order_id, key, |order| {
         Ok(EventKind::OrderCancelled { order })
     })
     .await
@@ -391,7 +400,7 @@ pub async fn post_grab(
     State(s): State<Ingress>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(_b): JsonBody<EmptyBody>,
 ) -> Result<Response, ApiError> {
     claims.require(&[Role::Rider], None)?;
@@ -402,7 +411,7 @@ pub async fn post_grab(
     let answer = s
         .log
         .append(
-            idempotency_key(&headers)?,
+            key,
             vec![(attempt.clone(), EventKind::GrabAttempted { order, rider })],
         )
         .await;
@@ -461,11 +470,11 @@ pub async fn post_pickup(
     State(s): State<Ingress>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(_b): JsonBody<EmptyBody>,
 ) -> Result<Response, ApiError> {
     let rider = || Ingress::rider_of(&claims);
-    s.order_event(&claims, &[Role::Rider], &order_id, &headers, |order| {
+    s.order_event(&claims, &[Role::Rider], &order_id, key, |order| {
         Ok(EventKind::PickedUp {
             order,
             rider: rider()?,
@@ -481,11 +490,11 @@ pub async fn post_delivered(
     State(s): State<Ingress>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(_b): JsonBody<EmptyBody>,
 ) -> Result<Response, ApiError> {
     let rider = || Ingress::rider_of(&claims);
-    s.order_event(&claims, &[Role::Rider], &order_id, &headers, |order| {
+    s.order_event(&claims, &[Role::Rider], &order_id, key, |order| {
         Ok(EventKind::Delivered {
             order,
             rider: rider()?,
@@ -501,11 +510,11 @@ pub async fn post_compensation(
     State(s): State<Ingress>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(b): JsonBody<CompensationBody>,
 ) -> Result<Response, ApiError> {
     let amount_cents = b.amount_cents;
-    s.order_event(&claims, &[Role::App], &order_id, &headers, |order| {
+    s.order_event(&claims, &[Role::App], &order_id, key, |order| {
         Ok(EventKind::CompensationSettled {
             order,
             amount_cents,
@@ -521,10 +530,10 @@ pub async fn post_redispatch(
     State(s): State<Ingress>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(_b): JsonBody<EmptyBody>,
 ) -> Result<Response, ApiError> {
-    s.order_event(&claims, &[Role::Ops], &order_id, &headers, |order| {
+    s.order_event(&claims, &[Role::Ops], &order_id, key, |order| {
         Ok(EventKind::Redispatched { order })
     })
     .await
@@ -537,10 +546,10 @@ pub async fn post_reassign(
     State(s): State<Ingress>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
-    headers: HeaderMap,
+    IdempotencyKey(key): IdempotencyKey,
     JsonBody(b): JsonBody<ReassignBody>,
 ) -> Result<Response, ApiError> {
-    s.order_event(&claims, &[Role::Ops], &order_id, &headers, |order| {
+    s.order_event(&claims, &[Role::Ops], &order_id, key, |order| {
         Ok(EventKind::Reassigned {
             order,
             rider: wire::id(&b.rider_id, "rider_id")?,
