@@ -395,7 +395,7 @@ fn main() {
 
 /// Rounds of the ingress comparison; each alternates the two servers, so a
 /// slow spell of the (shared, virtual) machine hits both.
-const ROUNDS: usize = 3;
+const ROUNDS: usize = 5;
 
 /// One ingress round: (pings/s, server CPU µs per ping) of the bare server
 /// and grabflow, one ping per request, then 100 per batch.

@@ -91,15 +91,18 @@ impl Id {
                 break;
             }
         }
-        let digits = &digits[at..];
-        if self.0.len() + 1 + digits.len() > MAX_ID_LEN {
+        let (base, digits) = (self.0.as_bytes(), &digits[at..]);
+        let len = base.len() + 1 + digits.len();
+        if len > MAX_ID_LEN {
             return None;
         }
-        let mut id = CompactString::with_capacity(self.0.len() + 1 + digits.len());
-        id.push_str(&self.0);
-        id.push('.');
-        id.push_str(std::str::from_utf8(digits).expect("decimal digits are ASCII"));
-        Some(Id(id))
+        // Built in place: a batch's items are made once per ping.
+        let mut id = [0u8; MAX_ID_LEN];
+        id[..base.len()].copy_from_slice(base);
+        id[base.len()] = b'.';
+        id[base.len() + 1..len].copy_from_slice(digits);
+        let id = std::str::from_utf8(&id[..len]).expect("an id and digits are ASCII");
+        Some(Id(CompactString::new(id)))
     }
 
     /// The batch id `self` is item `i` of (see [`Id::item`]), if it is one.
