@@ -639,7 +639,7 @@ mod tests {
 
     #[tokio::test]
     async fn appends_survive_reopen_and_keys_are_honoured() {
-        let dir = std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()));
+        let dir = scratch();
         let (tx, rx) = mpsc::channel();
         let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
         let a = log.handle.append(None, vec![ping(1)]).await.unwrap();
@@ -698,6 +698,11 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A fresh directory for one test's log.
+    fn scratch() -> PathBuf {
+        std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()))
+    }
+
     /// `payload` framed as the log frames it.
     fn framed(payload: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();
@@ -709,7 +714,7 @@ mod tests {
 
     #[tokio::test]
     async fn records_of_older_logs_are_read_beside_new_ones() {
-        let dir = std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()));
+        let dir = scratch();
         std::fs::create_dir_all(&dir).unwrap();
         // A record as versions before 0.6 wrote it (JSON)...
         let json = br#"{"key":"k","event":{"id":"e0","offset":0,"time":5,"kind":{"type":"location_pinged","rider":"r1","at":{"lat_e7":310000000,"lon_e7":1210000000}}}}"#;
@@ -772,7 +777,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_is_one_record_with_its_ids_stored_once() {
-        let dir = std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()));
+        let dir = scratch();
         let (tx, rx) = mpsc::channel();
         let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
         let batch = Id::new_batch();
@@ -816,7 +821,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_torn_tail_is_cut_and_never_half_applied() {
-        let dir = std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()));
+        let dir = scratch();
         let (tx, _rx) = mpsc::channel();
         let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
         for n in 0..5 {
@@ -843,7 +848,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_zero_filled_room_is_reused_and_a_record_torn_in_it_is_cut() {
-        let dir = std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()));
+        let dir = scratch();
         let path = dir.join("events.log");
         let (tx, _rx) = mpsc::channel();
         let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
