@@ -377,10 +377,16 @@ fn encode(record: &AppendRecordRef<'_>, out: &mut Vec<u8>) {
     out.extend_from_slice(&[0; 8]);
     out.push(APPEND);
     *out = postcard::to_extend(record, std::mem::take(out)).expect("records serialize");
-    let payload = &out[head + 8..];
-    let (len, crc) = (payload.len() as u32, crc32fast::hash(payload));
-    out[head..head + 4].copy_from_slice(&len.to_le_bytes());
-    out[head + 4..head + 8].copy_from_slice(&crc.to_le_bytes());
+    let header = frame_header(&out[head + 8..]);
+    out[head..head + 8].copy_from_slice(&header);
+}
+
+/// The framing before `payload`: its length and its crc32, little-endian.
+fn frame_header(payload: &[u8]) -> [u8; 8] {
+    let mut header = [0; 8];
+    header[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    header[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    header
 }
 
 /// Opens (or creates) the log in `dir`, replays what it holds into `feed`,
@@ -705,11 +711,7 @@ mod tests {
 
     /// `payload` framed as the log frames it.
     fn framed(payload: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-        out.extend_from_slice(payload);
-        out
+        [&frame_header(payload)[..], payload].concat()
     }
 
     #[tokio::test]
