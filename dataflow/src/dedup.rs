@@ -41,7 +41,8 @@ impl Deduper {
             let (_, id) = self.by_time.pop_front().expect("checked above");
             self.seen.remove(&id);
         }
-        events.sort_by_key(|e| e.offset);
+        // Offsets are unique: an unstable sort gives the one order.
+        events.sort_unstable_by_key(|e| e.offset);
         events.retain(|e| {
             if self.seen.insert(e.id.clone()) {
                 self.by_time.push_back((t, e.id.clone()));

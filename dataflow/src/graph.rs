@@ -89,16 +89,44 @@ fn route<K: Hash + ?Sized>(key: &K) -> u64 {
 /// under an earlier capability, so a whole batch of milliseconds goes out
 /// under one: progress tracking sees one timestamp per batch, not per
 /// millisecond.
+///
+/// The buffers of handled milliseconds are kept for reuse: a busy
+/// millisecond's buffer is large, and a fresh one per millisecond would be
+/// grown (and its memory faulted in) anew each time.
 struct Pending<W> {
     work: BTreeMap<Time, W>,
     cap: Option<Capability<Time>>,
+    spare: Vec<W>,
 }
 
-impl<W: Default> Pending<W> {
+/// A millisecond's buffered work, emptied for reuse.
+trait Work: Default {
+    fn clear(&mut self);
+}
+
+impl<T> Work for Vec<T> {
+    fn clear(&mut self) {
+        Vec::clear(self);
+    }
+}
+
+/// Spare buffers kept per operator (one per millisecond handled in a step).
+const SPARE: usize = 4;
+
+impl<W: Work> Pending<W> {
     fn new() -> Self {
         Pending {
             work: BTreeMap::new(),
             cap: None,
+            spare: Vec::new(),
+        }
+    }
+
+    /// Gives back a handled millisecond's buffer, to be reused.
+    fn recycle(&mut self, mut work: W) {
+        if self.spare.len() < SPARE {
+            work.clear();
+            self.spare.push(work);
         }
     }
 
@@ -112,7 +140,10 @@ impl<W: Default> Pending<W> {
         if earlier {
             self.cap = cap.retain_least(0).or(self.cap.take());
         }
-        self.work.entry(t).or_default()
+        let spare = &mut self.spare;
+        self.work
+            .entry(t)
+            .or_insert_with(|| spare.pop().unwrap_or_default())
     }
 
     /// Makes sure millisecond `t` is visited (for a timer); `t` is later than
@@ -167,7 +198,9 @@ pub fn dedup<'s>(events: Events<'s>, window: Time) -> Events<'s> {
                 };
                 let mut session = output.session(&cap);
                 while let Some((t, batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
-                    session.give_iterator(deduper.admit(t, batch).into_iter().map(|e| (e, t, 1)));
+                    let mut admitted = deduper.admit(t, batch);
+                    session.give_iterator(admitted.drain(..).map(|e| (e, t, 1)));
+                    pending.recycle(admitted);
                 }
                 drop(session);
                 pending.downgrade();
@@ -198,7 +231,8 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time) -> Index<'s> {
                 };
                 let mut session = output.session(&cap);
                 while let Some((t, mut batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
-                    batch.sort_by_key(|e| e.offset);
+                    // Offsets are unique: an unstable sort gives the one order.
+                    batch.sort_unstable_by_key(|e| e.offset);
                     for event in &batch {
                         tracker.apply(&event.kind, t);
                     }
@@ -207,6 +241,7 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time) -> Index<'s> {
                         pending.wake_at(at);
                     }
                     session.give_iterator(changes.drain(..).map(|(e, d)| (e, t, d)));
+                    pending.recycle(batch);
                 }
                 drop(session);
                 pending.downgrade();
@@ -220,6 +255,13 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time) -> Index<'s> {
 struct DecideWork {
     index: Vec<(IndexEntry, isize)>,
     events: Vec<Event>,
+}
+
+impl Work for DecideWork {
+    fn clear(&mut self) {
+        self.index.clear();
+        self.events.clear();
+    }
 }
 
 /// Runs the decision core (see [`Dispatcher`]) over the index and the order events.
@@ -259,7 +301,7 @@ pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> 
                     };
                     let mut session = output.session(&cap);
                     while let Some((t, mut work)) = pending.pop_ready(ready) {
-                        work.events.sort_by_key(|e| e.offset);
+                        work.events.sort_unstable_by_key(|e| e.offset);
                         core.apply_index(&work.index);
                         for e in &work.events {
                             if let EventKind::ShiftChanged {
@@ -278,6 +320,7 @@ pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> 
                             pending.wake_at(at);
                         }
                         session.give_iterator(out.drain(..).map(|o| (o, t, 1)));
+                        pending.recycle(work);
                     }
                     drop(session);
                     pending.downgrade();
