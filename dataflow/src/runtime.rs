@@ -22,7 +22,7 @@ use std::cell::RefCell;
 use std::rc::Rc;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use timely::dataflow::operators::{Exchange, Inspect, Probe};
 
 /// Receives what the dataflow produces. Called from worker 0's thread.
@@ -81,34 +81,55 @@ struct FeedSource {
     frontier: Time,
 }
 
-impl Source for FeedSource {
-    fn poll(&mut self, out: &mut Vec<Event>, wait: Duration) -> Option<Time> {
-        let mut got = self.rx.recv_timeout(wait);
-        loop {
-            match got {
-                Ok(Feed::Events(mut events)) if self.peers == 1 => {
-                    if out.is_empty() {
-                        *out = events;
-                    } else {
-                        out.append(&mut events);
-                    }
+impl FeedSource {
+    fn take(&mut self, item: Feed, out: &mut Vec<Event>) {
+        match item {
+            Feed::Events(mut events) if self.peers == 1 => {
+                if out.is_empty() {
+                    *out = events;
+                } else {
+                    out.append(&mut events);
                 }
-                Ok(Feed::Events(events)) => {
-                    let (me, peers) = (self.me, self.peers);
-                    out.extend(
-                        events
-                            .into_iter()
-                            .filter(|e| e.offset as usize % peers == me),
-                    );
-                }
-                Ok(Feed::Tick(t)) => self.frontier = self.frontier.max(t),
-                Err(mpsc::RecvTimeoutError::Timeout) => return Some(self.frontier),
-                Err(mpsc::RecvTimeoutError::Disconnected) => return None,
             }
-            got = self.rx.try_recv().map_err(|e| match e {
-                mpsc::TryRecvError::Empty => mpsc::RecvTimeoutError::Timeout,
-                mpsc::TryRecvError::Disconnected => mpsc::RecvTimeoutError::Disconnected,
-            });
+            Feed::Events(events) => {
+                let (me, peers) = (self.me, self.peers);
+                out.extend(
+                    events
+                        .into_iter()
+                        .filter(|e| e.offset as usize % peers == me),
+                );
+            }
+            Feed::Tick(t) => self.frontier = self.frontier.max(t),
+        }
+    }
+}
+
+impl Source for FeedSource {
+    /// Returns once the frontier moves (or `wait` ends): every operator
+    /// handles a millisecond only once the frontier has passed it, so a step
+    /// for events alone, between ticks, would have nothing to finish. When
+    /// the log closes, its last events are handed over before the end.
+    fn poll(&mut self, out: &mut Vec<Event>, wait: Duration) -> Option<Time> {
+        let (from, deadline) = (self.frontier, Instant::now() + wait);
+        // What is left when the log has closed: the last events, then the end.
+        let ended = |out: &Vec<Event>, frontier| (!out.is_empty()).then_some(frontier);
+        loop {
+            loop {
+                match self.rx.try_recv() {
+                    Ok(item) => self.take(item, out),
+                    Err(mpsc::TryRecvError::Empty) => break,
+                    Err(mpsc::TryRecvError::Disconnected) => return ended(out, self.frontier),
+                }
+            }
+            let now = Instant::now();
+            if self.frontier > from || now >= deadline {
+                return Some(self.frontier);
+            }
+            match self.rx.recv_timeout(deadline - now) {
+                Ok(item) => self.take(item, out),
+                Err(mpsc::RecvTimeoutError::Timeout) => return Some(self.frontier),
+                Err(mpsc::RecvTimeoutError::Disconnected) => return ended(out, self.frontier),
+            }
         }
     }
 }

@@ -456,6 +456,7 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
                 next_offset,
                 feed,
                 told: 0,
+                unsent: Vec::new(),
                 buf: Vec::new(),
             };
             let mut busy = false;
@@ -483,6 +484,7 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
                 }
                 writer.tick();
             }
+            writer.hand_over();
         })?;
     Ok(Opened {
         handle: LogHandle {
@@ -512,17 +514,34 @@ struct Writer {
     feed: mpsc::Sender<Feed>,
     /// The last tick sent: the dataflow's frontier.
     told: Time,
+    /// Committed events not yet handed to the dataflow: they go with the
+    /// next tick (see [`Writer::tick`]).
+    unsent: Vec<Event>,
     buf: Vec<u8>,
 }
 
 impl Writer {
     /// Tells the dataflow no event will come before `max(now, last time)`,
-    /// when that is news (each message wakes the dataflow).
+    /// when that is news, after handing over the events committed since the
+    /// last tick. Each message wakes the dataflow, and its operators finish
+    /// a millisecond only once a tick has passed it: events sent on their
+    /// own, between ticks, would wake it for nothing to finish. Under a
+    /// stream of small commits this halves its wake-ups, at no latency.
     fn tick(&mut self) {
         self.last_time = self.last_time.max(now_ms());
         if self.last_time > self.told {
+            self.hand_over();
             self.told = self.last_time;
             let _ = self.feed.send(Feed::Tick(self.last_time));
+        }
+    }
+
+    /// Sends the committed events not yet handed to the dataflow.
+    fn hand_over(&mut self) {
+        if !self.unsent.is_empty() {
+            let _ = self
+                .feed
+                .send(Feed::Events(std::mem::take(&mut self.unsent)));
         }
     }
 
@@ -600,8 +619,10 @@ impl Writer {
                 self.end += self.buf.len() as u64;
                 self.space.wrote(self.end);
                 self.keys.extend(batch_keys);
-                if !events.is_empty() {
-                    let _ = self.feed.send(Feed::Events(events));
+                if self.unsent.is_empty() {
+                    self.unsent = events;
+                } else {
+                    self.unsent.append(&mut events);
                 }
                 for (reply, answer) in answers {
                     let _ = reply.send(answer);
@@ -668,14 +689,15 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(again, b, "a repeated key gets the first answer");
+        // The writer hands its last events over as it closes.
+        drop(log.handle);
+        log.writer.join().unwrap();
         let fed = events(&rx);
         assert_eq!(
             fed.iter().map(|e| e.offset).collect::<Vec<_>>(),
             vec![0, 1, 2]
         );
         assert!(fed.windows(2).all(|w| w[0].time <= w[1].time));
-        drop(log.handle);
-        log.writer.join().unwrap();
 
         let (tx, rx) = mpsc::channel();
         let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
@@ -705,6 +727,35 @@ mod tests {
     }
 
     /// A fresh directory for one test's log.
+    /// Committed events reach the dataflow no later than the tick that
+    /// passes their time (the tick that lets it finish them), while the log
+    /// stays open.
+    #[tokio::test]
+    async fn events_are_handed_over_before_the_tick_that_passes_them() {
+        let dir = scratch();
+        let (tx, rx) = mpsc::channel();
+        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        for n in 0..20 {
+            log.handle.append(None, vec![ping(n)]).await.unwrap();
+        }
+        let committed = now_ms();
+        let mut fed = Vec::new();
+        loop {
+            match rx.recv_timeout(Duration::from_secs(10)).expect("a tick") {
+                Feed::Events(e) => fed.extend(e),
+                Feed::Tick(t) if t > committed => break,
+                Feed::Tick(_) => {}
+            }
+        }
+        assert_eq!(
+            fed.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            (0..20).collect::<Vec<_>>(),
+            "every event before the tick that passes it"
+        );
+        drop(log.handle);
+        log.writer.join().unwrap();
+    }
+
     fn scratch() -> PathBuf {
         std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()))
     }
@@ -795,9 +846,9 @@ mod tests {
             .unwrap();
         assert_eq!(a, Appended::Batch { accepted: 500 });
         log.handle.append(None, mixed.clone()).await.unwrap();
-        let fed = events(&rx);
         drop(log.handle);
         log.writer.join().unwrap();
+        let fed = events(&rx);
 
         let size = read_records(&dir.join("events.log")).unwrap().end;
         assert!(size < 500 * 20, "{size} bytes for 502 pings");
@@ -873,9 +924,9 @@ mod tests {
         assert_eq!((log.replayed, log.cut), (3, 0));
         let a = log.handle.append(None, vec![ping(3)]).await.unwrap();
         assert!(matches!(a, Appended::One { offset: 3, .. }));
-        assert_eq!(events(&rx).len(), 4);
         drop(log.handle);
         log.writer.join().unwrap();
+        assert_eq!(events(&rx).len(), 4);
         let second = read_records(&path).unwrap();
         assert_eq!(second.records.len(), 4);
         assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "no growth");

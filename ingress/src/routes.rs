@@ -54,8 +54,8 @@ pub struct Ingress {
     pub grabs: Arc<dyn GrabWaiter>,
 }
 
-impl FromRef<Ingress> for Secret {
-    fn from_ref(state: &Ingress) -> Secret {
+impl FromRef<Arc<Ingress>> for Secret {
+    fn from_ref(state: &Arc<Ingress>) -> Secret {
         state.secret.clone()
     }
 }
@@ -119,7 +119,9 @@ pub fn routes(state: Ingress) -> Router {
         )
         .route("/v1/ops/orders/{order_id}/reassign", post(post_reassign))
         .layer(DefaultBodyLimit::max(64 << 10))
-        .with_state(state)
+        // Shared, not cloned per request: a clone would touch every
+        // handle's reference count on each call.
+        .with_state(Arc::new(state))
 }
 
 /// Extractor: the request's `Idempotency-Key`, validated (400-class error
@@ -231,7 +233,7 @@ fn accepted(answer: Appended) -> Response {
 #[utoipa::path(put, path = "/v1/merchants/{merchant_id}", request_body = MerchantBody,
     params(("merchant_id" = String, Path)), responses((status = 202, body = Accepted)), security(("bearer" = [])))]
 pub async fn put_merchant(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     Path(merchant_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
@@ -255,7 +257,7 @@ pub async fn put_merchant(
 #[utoipa::path(put, path = "/v1/riders/{rider_id}/shift", request_body = ShiftBody,
     params(("rider_id" = String, Path)), responses((status = 202, body = Accepted)), security(("bearer" = [])))]
 pub async fn put_shift(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     Path(rider_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
@@ -286,7 +288,7 @@ pub async fn put_shift(
 #[utoipa::path(post, path = "/v1/riders/{rider_id}/location", request_body = LocationBody,
     params(("rider_id" = String, Path)), responses((status = 202, body = Accepted)), security(("bearer" = [])))]
 pub async fn post_location(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     Path(rider_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
@@ -303,7 +305,7 @@ pub async fn post_location(
 #[utoipa::path(post, path = "/v1/locations:batch", request_body = Vec<BatchPing>,
     responses((status = 202, body = BatchAccepted)), security(("bearer" = [])))]
 pub async fn post_batch(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     IdempotencyKey(key): IdempotencyKey,
     JsonBody(items): JsonBody<Vec<BatchPing>>,
@@ -337,7 +339,7 @@ pub async fn post_batch(
 #[utoipa::path(post, path = "/v1/orders", request_body = OrderBody,
     responses((status = 202, body = Accepted), (status = 404), (status = 409)), security(("bearer" = [])))]
 pub async fn post_order(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     IdempotencyKey(key): IdempotencyKey,
     JsonBody(b): JsonBody<OrderBody>,
@@ -380,7 +382,7 @@ pub async fn post_order(
 #[utoipa::path(post, path = "/v1/orders/{order_id}/cancel", request_body = CancelBody,
     params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
 pub async fn post_cancel(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
@@ -397,7 +399,7 @@ pub async fn post_cancel(
     params(("order_id" = String, Path)), responses((status = 200, body = GrabAnswer), (status = 202, body = GrabPending)),
     security(("bearer" = [])))]
 pub async fn post_grab(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
@@ -467,7 +469,7 @@ pub async fn post_grab(
 #[utoipa::path(post, path = "/v1/orders/{order_id}/pickup", request_body = EmptyBody,
     params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
 pub async fn post_pickup(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
@@ -487,7 +489,7 @@ pub async fn post_pickup(
 #[utoipa::path(post, path = "/v1/orders/{order_id}/delivered", request_body = EmptyBody,
     params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
 pub async fn post_delivered(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
@@ -507,7 +509,7 @@ pub async fn post_delivered(
 #[utoipa::path(post, path = "/v1/orders/{order_id}/compensation", request_body = CompensationBody,
     params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
 pub async fn post_compensation(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
@@ -527,7 +529,7 @@ pub async fn post_compensation(
 #[utoipa::path(post, path = "/v1/ops/orders/{order_id}/redispatch", request_body = EmptyBody,
     params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
 pub async fn post_redispatch(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
@@ -543,7 +545,7 @@ pub async fn post_redispatch(
 #[utoipa::path(post, path = "/v1/ops/orders/{order_id}/reassign", request_body = ReassignBody,
     params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
 pub async fn post_reassign(
-    State(s): State<Ingress>,
+    State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
     IdempotencyKey(key): IdempotencyKey,
