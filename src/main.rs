@@ -20,6 +20,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand};
 use grabflow_api::{DispatchConfig, Event, Id, Time};
 use grabflow_dataflow::replay::{replay, ReplayPlan};
+use grabflow_dataflow::riders::RiderTables;
 use grabflow_dataflow::runtime::{self, Fanout, Observer};
 use grabflow_dataflow::stats::DataflowStats;
 use grabflow_egress::kafka::{follow, OutputSink};
@@ -275,6 +276,15 @@ struct Settings {
 }
 
 impl Settings {
+    /// Rider trackers the egress view can read, when every worker of the
+    /// dataflow runs in this process.
+    fn rider_tables(&self) -> Option<RiderTables> {
+        self.cluster
+            .1
+            .is_empty()
+            .then(|| RiderTables::new(self.workers, self.dispatch.rider_ttl_ms))
+    }
+
     /// The timely configuration: threads of this process, or a cluster.
     fn timely(&self) -> timely::Config {
         let (process, hosts) = &self.cluster;
@@ -484,7 +494,8 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         cut_bytes = opened.cut,
         "log opened"
     );
-    let egress = Egress::new(s.dispatch.clone(), opened.last_time);
+    let riders = s.rider_tables();
+    let egress = Egress::new(s.dispatch.clone(), opened.last_time, riders.clone());
     let stats = DataflowStats::default();
     let mut observers: Vec<Arc<dyn Observer>> = vec![egress.clone()];
     observers.extend(mirror(&s)?);
@@ -494,6 +505,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         runtime::feed_sources(feed_rx, s.workers),
         Arc::new(Fanout(observers)),
         stats.clone(),
+        riders,
     );
     let ingress = Ingress {
         log: opened.handle,
@@ -528,6 +540,7 @@ fn kafka_dataflow(
     s: &Settings,
     observer: Arc<dyn Observer>,
     stats: DataflowStats,
+    riders: Option<RiderTables>,
 ) -> anyhow::Result<(
     std::thread::JoinHandle<()>,
     Arc<std::sync::atomic::AtomicBool>,
@@ -550,7 +563,14 @@ fn kafka_dataflow(
                 .expect("a source per local worker"),
         )
     });
-    let handle = runtime::spawn(s.dispatch.clone(), s.timely(), factory, observer, stats);
+    let handle = runtime::spawn(
+        s.dispatch.clone(),
+        s.timely(),
+        factory,
+        observer,
+        stats,
+        riders,
+    );
     Ok((handle, stop))
 }
 
@@ -578,7 +598,8 @@ async fn serve_kafka(s: Settings) -> anyhow::Result<()> {
     ensure_topics(&k).await.context("creating the topics")?;
     let secret = Secret::load_or_create(&s.data_dir)?;
     let (known, keys) = follow_inputs(&k, None).await?;
-    let egress = Egress::new(s.dispatch.clone(), now_ms());
+    let riders = s.rider_tables();
+    let egress = Egress::new(s.dispatch.clone(), now_ms(), riders.clone());
     let sink = {
         let k = k.clone();
         tokio::task::spawn_blocking(move || OutputSink::new(&k)).await??
@@ -586,7 +607,7 @@ async fn serve_kafka(s: Settings) -> anyhow::Result<()> {
     let stats = DataflowStats::default();
     let mut observers: Vec<Arc<dyn Observer>> = vec![egress.clone(), sink.clone()];
     observers.extend(mirror(&s)?);
-    let (dataflow, stop) = kafka_dataflow(&s, Arc::new(Fanout(observers)), stats.clone())?;
+    let (dataflow, stop) = kafka_dataflow(&s, Arc::new(Fanout(observers)), stats.clone(), riders)?;
     let ingress = Ingress {
         log: LogHandle::kafka(Arc::new(KafkaLog::new(&k, keys)?)),
         secret: secret.clone(),
@@ -648,8 +669,13 @@ async fn run_dataflow(s: Settings) -> anyhow::Result<()> {
         sink = Some(out);
         observers.extend(mirror(&s)?);
     }
-    let (dataflow, stop) =
-        kafka_dataflow(&s, Arc::new(Fanout(observers)), DataflowStats::default())?;
+    // No egress reads this process's rider trackers.
+    let (dataflow, stop) = kafka_dataflow(
+        &s,
+        Arc::new(Fanout(observers)),
+        DataflowStats::default(),
+        None,
+    )?;
     println!("grabflow dataflow process {} running", s.cluster.0);
     shutdown_signal().await;
     stop.store(true, std::sync::atomic::Ordering::Release);
@@ -667,7 +693,8 @@ async fn run_egress(s: Settings) -> anyhow::Result<()> {
     let k = s.kafka()?.clone();
     ensure_topics(&k).await.context("creating the topics")?;
     let secret = Secret::load_or_create(&s.data_dir)?;
-    let egress = Egress::new(s.dispatch.clone(), 0);
+    // A separate process: the view keeps the riders' positions itself.
+    let egress = Egress::new(s.dispatch.clone(), 0, None);
     let _following = {
         let (k, e) = (k.clone(), egress.clone());
         tokio::task::spawn_blocking(move || follow(&k, e)).await??

@@ -20,7 +20,7 @@
 
 use crate::dedup::Deduper;
 use crate::dispatcher::Dispatcher;
-use crate::riders::RiderTracker;
+use crate::riders::{rider_route, RiderTables};
 use crate::IndexEntry;
 use differential_dataflow::collection::vec::Collection as VecCollection;
 use differential_dataflow::AsCollection;
@@ -55,6 +55,16 @@ pub struct Dispatch<'s> {
 
 /// Builds the whole dispatch computation over the event log.
 pub fn dispatch<'s>(events: Events<'s>, cfg: &DispatchConfig) -> Dispatch<'s> {
+    dispatch_sharing(events, cfg, None)
+}
+
+/// [`dispatch`], with the rider trackers kept in `riders` (one per worker of
+/// the scope) where readers outside the dataflow can see them.
+pub fn dispatch_sharing<'s>(
+    events: Events<'s>,
+    cfg: &DispatchConfig,
+    riders: Option<&RiderTables>,
+) -> Dispatch<'s> {
     // One pass that moves each event straight into its side's output
     // (pings are most of the traffic: no copy, no intermediate buffer).
     let (pings, rest) = events.inner.ok_err(|(e, t, d): (Event, Time, isize)| {
@@ -67,7 +77,7 @@ pub fn dispatch<'s>(events: Events<'s>, cfg: &DispatchConfig) -> Dispatch<'s> {
     let (pings, rest) = (pings.as_collection(), rest.as_collection());
     let order_events = dedup(rest, cfg.dedup_window_ms);
     let shifts = order_events.clone().filter(|e| e.kind.is_rider_state());
-    let index = track_riders(pings.concat(shifts), cfg.rider_ttl_ms);
+    let index = track_riders(pings.concat(shifts), cfg.rider_ttl_ms, riders);
     let outputs = decide(index.clone(), order_events, cfg.clone());
     Dispatch {
         offers: open_offers(outputs.clone()),
@@ -209,14 +219,24 @@ pub fn dedup<'s>(events: Events<'s>, window: Time) -> Events<'s> {
         .as_collection()
 }
 
-/// Turns pings and shifts into the index of available riders (see [`RiderTracker`]).
-pub fn track_riders<'s>(events: Events<'s>, ttl: Time) -> Index<'s> {
-    let pact = Exchange::new(|(e, _, _): &(Event, Time, isize)| e.kind.rider().map_or(0, route));
+/// Turns pings and shifts into the index of available riders (see
+/// [`RiderTracker`](crate::riders::RiderTracker)); each worker's tracker is its own, or its slot of
+/// `shared` (which must have one per worker of the scope).
+pub fn track_riders<'s>(events: Events<'s>, ttl: Time, shared: Option<&RiderTables>) -> Index<'s> {
+    let (me, peers) = (events.inner.scope().index(), events.inner.scope().peers());
+    let (tables, slot) = match shared {
+        Some(t) => {
+            assert_eq!(t.workers(), peers, "one shared rider tracker per worker");
+            (t.clone(), me)
+        }
+        None => (RiderTables::new(1, ttl), 0),
+    };
+    let pact =
+        Exchange::new(|(e, _, _): &(Event, Time, isize)| e.kind.rider().map_or(0, rider_route));
     events
         .inner
         .unary_frontier::<Builder<IndexEntry>, _, _, _>(pact, "TrackRiders", move |_, _| {
             let mut pending = Pending::<Vec<Event>>::new();
-            let mut tracker = RiderTracker::new(ttl);
             let mut changes = Vec::new();
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
@@ -230,6 +250,7 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time) -> Index<'s> {
                     return;
                 };
                 let mut session = output.session(&cap);
+                let mut tracker = tables.lock(slot);
                 while let Some((t, mut batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
                     // Offsets are unique: an unstable sort gives the one order.
                     batch.sort_unstable_by_key(|e| e.offset);
@@ -243,6 +264,7 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time) -> Index<'s> {
                     session.give_iterator(changes.drain(..).map(|(e, d)| (e, t, d)));
                     pending.recycle(batch);
                 }
+                drop(tracker);
                 drop(session);
                 pending.downgrade();
             }

@@ -15,7 +15,8 @@
 //! - [`dispatcher`]: the decision core run by `decide` (orders, offers, grab
 //!   races, loads, timers).
 //! - [`riders`]: per-rider tracking run by `track_riders` (positions, shifts,
-//!   silence timeouts), partitioned over workers.
+//!   silence timeouts), partitioned over workers; `RiderTables` shares the
+//!   trackers with the rider query.
 //! - [`geo_index`]: H3 cells, the rider index and exact ring search.
 //! - [`dedup`]: dropping redelivered events by id.
 //! - [`reference`]: the sequential reference model (HashMaps, one loop).

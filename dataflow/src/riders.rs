@@ -5,12 +5,19 @@
 //! is absorbed. For each millisecond it turns pings and shifts into changes
 //! of the index collection: a rider is indexed while on shift, with a known
 //! position, and pinged within `rider_ttl`.
+//!
+//! The trackers of a process's workers can be shared ([`RiderTables`]): the
+//! rider query then reads a rider's last position where the dataflow keeps
+//! it, instead of the egress view keeping a second copy by looking every
+//! ping up again.
 
 use crate::geo_index::CellShape;
 use crate::IndexEntry;
 use grabflow_api::{Coord, EventKind, Id, Time};
 use rustc_hash::FxHashMap;
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 #[derive(Debug)]
 struct Track {
@@ -50,6 +57,8 @@ pub struct RiderTracker {
     /// Slots touched in the current millisecond.
     touched: Vec<usize>,
     new_check_times: Vec<Time>,
+    /// The last positions of riders dropped (for [`RiderTracker::position`]).
+    retired: FxHashMap<Id, Coord>,
 }
 
 impl RiderTracker {
@@ -63,6 +72,7 @@ impl RiderTracker {
             checks: BTreeMap::new(),
             touched: Vec::new(),
             new_check_times: Vec::new(),
+            retired: FxHashMap::default(),
         }
     }
 
@@ -92,6 +102,7 @@ impl RiderTracker {
                     }
                 };
                 self.riders.insert(rider.clone(), slot);
+                self.retired.remove(rider);
                 slot
             }
         };
@@ -160,6 +171,9 @@ impl RiderTracker {
                 // its one pending check, and nothing touched it since).
                 // The slot is overwritten when it is used again.
                 self.riders.remove(&track.rider);
+                if let Some(at) = track.at {
+                    self.retired.insert(track.rider.clone(), at);
+                }
                 track.shape = None;
                 self.free.push(slot);
             }
@@ -171,6 +185,15 @@ impl RiderTracker {
         std::mem::take(&mut self.new_check_times)
     }
 
+    /// The last position `rider` reported (up to the last millisecond
+    /// handled), if it ever pinged: tracked or since dropped.
+    pub fn position(&self, rider: &Id) -> Option<Coord> {
+        match self.riders.get(rider) {
+            Some(&slot) => self.tracks[slot].at,
+            None => self.retired.get(rider).copied(),
+        }
+    }
+
     /// Riders tracked by this partition.
     pub fn len(&self) -> usize {
         self.riders.len()
@@ -179,5 +202,63 @@ impl RiderTracker {
     /// Whether this partition tracks no rider.
     pub fn is_empty(&self) -> bool {
         self.riders.is_empty()
+    }
+}
+
+/// The hash that routes a rider's pings and shifts to its worker (the same
+/// in every process).
+pub fn rider_route(rider: &Id) -> u64 {
+    let mut h = rustc_hash::FxHasher::default();
+    rider.hash(&mut h);
+    h.finish()
+}
+
+/// The rider trackers of a process's workers, shared with readers. Worker
+/// `i` of `n` tracks the riders that [`RiderTables::worker_of`] gives to it
+/// (the partitioning of the `track_riders` exchange).
+#[derive(Clone, Debug)]
+pub struct RiderTables(Arc<[Mutex<RiderTracker>]>);
+
+impl RiderTables {
+    /// Trackers for `workers` workers (all of the dataflow's), dropping riders
+    /// silent for `ttl` milliseconds.
+    pub fn new(workers: usize, ttl: Time) -> Self {
+        RiderTables(
+            (0..workers.max(1))
+                .map(|_| Mutex::new(RiderTracker::new(ttl)))
+                .collect(),
+        )
+    }
+
+    /// How many workers' trackers there are.
+    pub fn workers(&self) -> usize {
+        self.0.len()
+    }
+
+    /// The worker of `peers` that tracks `rider`, as timely's exchange
+    /// routes [`rider_route`].
+    pub fn worker_of(rider: &Id, peers: usize) -> usize {
+        (rider_route(rider) % peers.max(1) as u64) as usize
+    }
+
+    /// Worker `index`'s tracker, locked.
+    pub fn lock(&self, index: usize) -> MutexGuard<'_, RiderTracker> {
+        self.0[index].lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Riders that pinged or changed shift, tracked or since dropped.
+    pub fn known(&self) -> usize {
+        (0..self.0.len())
+            .map(|i| {
+                let t = self.lock(i);
+                t.riders.len() + t.retired.len()
+            })
+            .sum()
+    }
+
+    /// The last position `rider` reported (see [`RiderTracker::position`]).
+    pub fn position(&self, rider: &Id) -> Option<Coord> {
+        self.lock(Self::worker_of(rider, self.0.len()))
+            .position(rider)
     }
 }

@@ -14,7 +14,8 @@
 //! the observer as it reads them, before they enter the dataflow; several
 //! gather them at worker 0 through the dataflow.
 
-use crate::graph::dispatch;
+use crate::graph::dispatch_sharing;
+use crate::riders::RiderTables;
 use crate::IndexEntry;
 use differential_dataflow::input::Input;
 use grabflow_api::{DispatchConfig, Event, Feed, Output, Time};
@@ -169,13 +170,16 @@ pub fn feed_sources(feed: mpsc::Receiver<Feed>, workers: usize) -> Sources {
 }
 
 /// Starts the workers `timely` describes, each reading its [`Source`] until
-/// it ends; returns the thread that waits for them.
+/// it ends; returns the thread that waits for them. With `riders`, the
+/// workers keep their rider trackers there (one per worker, all in this
+/// process), for the rider query to read.
 pub fn spawn(
     cfg: DispatchConfig,
     timely: timely::Config,
     sources: Sources,
     observer: Arc<dyn Observer>,
     stats: crate::stats::DataflowStats,
+    riders: Option<RiderTables>,
 ) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("grabflow-dataflow".into())
@@ -192,7 +196,7 @@ pub fn spawn(
                 let direct = peers == 1;
                 let (mut input, probe, seen_probe) = worker.dataflow::<Time, _, _>(|scope| {
                     let (input, events) = scope.new_collection::<Event, isize>();
-                    let out = dispatch(events.clone(), &cfg);
+                    let out = dispatch_sharing(events.clone(), &cfg, riders.as_ref());
                     // Otherwise, gather the events at worker 0.
                     let seen_probe = (!direct).then(|| {
                         events

@@ -15,6 +15,7 @@ use grabflow_api::{
     Coord, DispatchConfig, Event, EventKind, GrabOutcome, Id, OrderState, Output, Time,
 };
 use grabflow_dataflow::geo_index::GeoIndex;
+use grabflow_dataflow::riders::RiderTables;
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
 use grabflow_ingress::kafka::GrabResults;
@@ -117,13 +118,25 @@ pub struct Egress {
     /// Set on shutdown: open streams end.
     closed: AtomicBool,
     closing: Notify,
+    /// The dataflow's rider trackers, when they are in this process: riders'
+    /// positions are read there, and pings are not looked up again here.
+    positions: Option<RiderTables>,
 }
 
 impl Egress {
     /// An empty view; ready once the dataflow passes `replay_until` (the last
     /// replayed event's time; 0 for an empty log).
-    pub fn new(cfg: DispatchConfig, replay_until: Time) -> Arc<Egress> {
+    /// The view of a dataflow whose events all reach it; `positions` are the
+    /// dataflow's rider trackers when they run in this process (then the
+    /// riders' positions are read from them), `None` otherwise (then the
+    /// view keeps each rider's last ping itself).
+    pub fn new(
+        cfg: DispatchConfig,
+        replay_until: Time,
+        positions: Option<RiderTables>,
+    ) -> Arc<Egress> {
         Arc::new(Egress {
+            positions,
             cfg,
             view: RwLock::default(),
             counters: Mutex::default(),
@@ -171,11 +184,14 @@ impl Egress {
         self.counters.lock().expect("counters").clone()
     }
 
-    /// Sizes: riders known, riders indexed, merchants, orders.
+    /// Sizes: riders known (that pinged or changed shift, with the rider
+    /// trackers; named by any event, without), riders indexed, merchants,
+    /// orders.
     pub fn sizes(&self) -> (usize, usize, usize, usize) {
+        let known = self.positions.as_ref().map(RiderTables::known);
         let v = self.view.read().expect("view");
         (
-            v.riders.len(),
+            known.unwrap_or(v.riders.len()),
             v.index.len(),
             v.merchants.len(),
             v.orders.len(),
@@ -190,9 +206,24 @@ impl Egress {
     /// A rider, if any event named it, and its entry in the dispatch index
     /// (position), if it is indexed (on shift and fresh).
     pub fn rider(&self, id: &Id) -> Option<(RiderView, Option<Coord>)> {
-        let v = self.view.read().expect("view");
-        let rider = v.riders.get(id).cloned()?;
-        Some((rider, v.index.get(id).map(|(_, at)| at)))
+        let (rider, indexed) = {
+            let v = self.view.read().expect("view");
+            (v.riders.get(id).cloned(), v.index.get(id).map(|(_, at)| at))
+        };
+        let Some(tables) = &self.positions else {
+            return Some((rider?, indexed));
+        };
+        // The view lock is released: the trackers' locks are never taken
+        // under it.
+        let at = tables.position(id);
+        if rider.is_none() && at.is_none() {
+            return None;
+        }
+        let rider = RiderView {
+            at,
+            ..rider.unwrap_or_default()
+        };
+        Some((rider, indexed))
     }
 
     /// The `limit` available riders nearest to a merchant within the base
@@ -272,6 +303,8 @@ impl Observer for Egress {
                     r.online = *online;
                     r.capacity = *capacity;
                 }
+                // The dataflow's trackers keep the position: nothing to do.
+                EventKind::LocationPinged { .. } if self.positions.is_some() => {}
                 EventKind::LocationPinged { rider, at } => match v.riders.get_mut(rider) {
                     Some(r) => r.at = Some(*at),
                     None => {

@@ -276,4 +276,30 @@ pub async fn life_cycle_on(s: &Server, e: &Server) {
         (rider["load"].as_u64(), rider["online"].as_bool()),
         (Some(0), Some(true))
     );
+    assert!((rider["lat"].as_f64().unwrap() - (31.23 + 100.0 / 111_195.0)).abs() < 1e-6);
+    assert!(rider["indexed"].is_object(), "{rider}");
+    // A rider off shift that only pings: its last position, not indexed.
+    for lat in [31.24, 31.25] {
+        let ping = json!([{"rider_id": "P9", "lat": lat, "lon": 121.48}]);
+        let (st, _) = s
+            .call("POST", "/v1/locations:batch", &app, Some(ping))
+            .await;
+        assert_eq!(st, 202);
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let p9 = loop {
+        let (st, p9) = e.call("GET", "/v1/riders/P9", &app, None).await;
+        let fresh = p9["lat"].as_f64().is_some_and(|l| (l - 31.25).abs() < 1e-6);
+        if (st == 200 && fresh) || Instant::now() > deadline {
+            break p9;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let near = |v: &Value, x: f64| v.as_f64().is_some_and(|v| (v - x).abs() < 1e-6);
+    assert!(near(&p9["lat"], 31.25) && near(&p9["lon"], 121.48), "{p9}");
+    assert_eq!(
+        (&p9["online"], &p9["indexed"]),
+        (&json!(false), &Value::Null)
+    );
+    assert_eq!(e.call("GET", "/v1/riders/N0", &app, None).await.0, 404);
 }
