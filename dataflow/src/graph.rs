@@ -112,16 +112,24 @@ struct Pending<W> {
 /// A millisecond's buffered work, emptied for reuse.
 trait Work: Default {
     fn clear(&mut self);
+    /// Records it has room for.
+    fn room(&self) -> usize;
 }
 
 impl<T> Work for Vec<T> {
     fn clear(&mut self) {
         Vec::clear(self);
     }
+    fn room(&self) -> usize {
+        self.capacity()
+    }
 }
 
 /// Spare buffers kept per operator (one per millisecond handled in a step).
 const SPARE: usize = 4;
+/// The largest buffer kept (in records): a rare huge millisecond, as in a
+/// replay, gives its memory back.
+const SPARE_ROOM: usize = 1 << 16;
 
 impl<W: Work> Pending<W> {
     fn new() -> Self {
@@ -134,7 +142,7 @@ impl<W: Work> Pending<W> {
 
     /// Gives back a handled millisecond's buffer, to be reused.
     fn recycle(&mut self, mut work: W) {
-        if self.spare.len() < SPARE {
+        if self.spare.len() < SPARE && work.room() <= SPARE_ROOM {
             work.clear();
             self.spare.push(work);
         }
@@ -220,8 +228,9 @@ pub fn dedup<'s>(events: Events<'s>, window: Time) -> Events<'s> {
 }
 
 /// Turns pings and shifts into the index of available riders (see
-/// [`RiderTracker`](crate::riders::RiderTracker)); each worker's tracker is its own, or its slot of
-/// `shared` (which must have one per worker of the scope).
+/// [`RiderTracker`](crate::riders::RiderTracker)); each worker's tracker is
+/// its own, or its slot of `shared` (which must have one per worker of the
+/// scope).
 pub fn track_riders<'s>(events: Events<'s>, ttl: Time, shared: Option<&RiderTables>) -> Index<'s> {
     let (me, peers) = (events.inner.scope().index(), events.inner.scope().peers());
     let (tables, slot) = match shared {
@@ -283,6 +292,9 @@ impl Work for DecideWork {
     fn clear(&mut self) {
         self.index.clear();
         self.events.clear();
+    }
+    fn room(&self) -> usize {
+        self.index.capacity() + self.events.capacity()
     }
 }
 

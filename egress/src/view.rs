@@ -125,11 +125,10 @@ pub struct Egress {
 
 impl Egress {
     /// An empty view; ready once the dataflow passes `replay_until` (the last
-    /// replayed event's time; 0 for an empty log).
-    /// The view of a dataflow whose events all reach it; `positions` are the
-    /// dataflow's rider trackers when they run in this process (then the
-    /// riders' positions are read from them), `None` otherwise (then the
-    /// view keeps each rider's last ping itself).
+    /// replayed event's time; 0 for an empty log). `positions` are the
+    /// dataflow's rider trackers when they run in this process (riders'
+    /// positions are then read there); with `None`, the view keeps each
+    /// rider's last ping itself.
     pub fn new(
         cfg: DispatchConfig,
         replay_until: Time,
