@@ -272,4 +272,7 @@ pub enum Feed {
     Events(Vec<Event>),
     /// No event from now on will have a time before this one: the clock.
     Tick(Time),
+    /// Durable events, then a tick: one message, so the dataflow is woken
+    /// once for both.
+    EventsThenTick(Vec<Event>, Time),
 }

@@ -68,6 +68,12 @@ pub trait Source {
     /// none has, and returns the frontier: no event still to come has an
     /// earlier time. `None` once the source has ended.
     fn poll(&mut self, out: &mut Vec<Event>, wait: Duration) -> Option<Time>;
+
+    /// How long a caught-up worker waits for this source before it steps
+    /// again anyway (other workers' messages do not wake it).
+    fn idle_wait(&self) -> Duration {
+        Duration::from_millis(1)
+    }
 }
 
 /// Makes worker `index` of `peers` its source.
@@ -101,11 +107,26 @@ impl FeedSource {
                 );
             }
             Feed::Tick(t) => self.frontier = self.frontier.max(t),
+            Feed::EventsThenTick(events, t) => {
+                self.take(Feed::Events(events), out);
+                self.take(Feed::Tick(t), out);
+            }
         }
     }
 }
 
 impl Source for FeedSource {
+    /// A lone worker has nothing to do until the feed says something (every
+    /// tick comes through it), so it sleeps until then: no wake-up a
+    /// millisecond for nothing.
+    fn idle_wait(&self) -> Duration {
+        if self.peers == 1 {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_millis(1)
+        }
+    }
+
     /// Returns once the frontier moves (or `wait` ends): every operator
     /// handles a millisecond only once the frontier has passed it, so a step
     /// for events alone, between ticks, would have nothing to finish. When
@@ -280,7 +301,7 @@ pub fn spawn(
                     {
                         Duration::ZERO
                     } else {
-                        Duration::from_millis(1)
+                        source.idle_wait()
                     };
                 }
                 // Drain what the clock has passed, then stop without letting

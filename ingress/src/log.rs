@@ -522,7 +522,7 @@ struct Writer {
 
 impl Writer {
     /// Tells the dataflow no event will come before `max(now, last time)`,
-    /// when that is news, after handing over the events committed since the
+    /// when that is news, in one message with the events committed since the
     /// last tick. Each message wakes the dataflow, and its operators finish
     /// a millisecond only once a tick has passed it: events sent on their
     /// own, between ticks, would wake it for nothing to finish. Under a
@@ -530,9 +530,12 @@ impl Writer {
     fn tick(&mut self) {
         self.last_time = self.last_time.max(now_ms());
         if self.last_time > self.told {
-            self.hand_over();
             self.told = self.last_time;
-            let _ = self.feed.send(Feed::Tick(self.last_time));
+            let tick = self.told;
+            let _ = self.feed.send(match std::mem::take(&mut self.unsent) {
+                events if events.is_empty() => Feed::Tick(tick),
+                events => Feed::EventsThenTick(events, tick),
+            });
         }
     }
 
@@ -658,7 +661,7 @@ mod tests {
     fn events(rx: &mpsc::Receiver<Feed>) -> Vec<Event> {
         rx.try_iter()
             .flat_map(|f| match f {
-                Feed::Events(e) => e,
+                Feed::Events(e) | Feed::EventsThenTick(e, _) => e,
                 Feed::Tick(_) => vec![],
             })
             .collect()
@@ -743,6 +746,12 @@ mod tests {
         loop {
             match rx.recv_timeout(Duration::from_secs(10)).expect("a tick") {
                 Feed::Events(e) => fed.extend(e),
+                Feed::EventsThenTick(e, t) => {
+                    fed.extend(e);
+                    if t > committed {
+                        break;
+                    }
+                }
                 Feed::Tick(t) if t > committed => break,
                 Feed::Tick(_) => {}
             }
