@@ -729,7 +729,6 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// A fresh directory for one test's log.
     /// Committed events reach the dataflow no later than the tick that
     /// passes their time (the tick that lets it finish them), while the log
     /// stays open.
@@ -765,6 +764,7 @@ mod tests {
         log.writer.join().unwrap();
     }
 
+    /// A fresh directory for one test's log.
     fn scratch() -> PathBuf {
         std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()))
     }
