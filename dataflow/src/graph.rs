@@ -259,10 +259,12 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time, shared: Option<&RiderTabl
                     return;
                 };
                 let mut session = output.session(&cap);
-                let mut tracker = tables.lock(slot);
                 while let Some((t, mut batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
                     // Offsets are unique: an unstable sort gives the one order.
                     batch.sort_unstable_by_key(|e| e.offset);
+                    // Locked a millisecond at a time: a replay's long run of
+                    // milliseconds never keeps a rider query waiting.
+                    let mut tracker = tables.lock(slot);
                     for event in &batch {
                         tracker.apply(&event.kind, t);
                     }
@@ -271,9 +273,9 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time, shared: Option<&RiderTabl
                         pending.wake_at(at);
                     }
                     session.give_iterator(changes.drain(..).map(|(e, d)| (e, t, d)));
+                    drop(tracker);
                     pending.recycle(batch);
                 }
-                drop(tracker);
                 drop(session);
                 pending.downgrade();
             }
