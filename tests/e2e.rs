@@ -398,6 +398,11 @@ async fn bad_requests_get_a_4xx_naming_the_field_and_reach_no_log() {
         .unwrap();
     assert_eq!(r.status().as_u16(), 413);
     assert_eq!(
+        r.headers()["connection"],
+        "close",
+        "the connection is not reused"
+    );
+    assert_eq!(
         r.json::<Value>().await.unwrap()["error"]["code"],
         "too_large"
     );
