@@ -670,8 +670,7 @@ mod tests {
     #[tokio::test]
     async fn appends_survive_reopen_and_keys_are_honoured() {
         let dir = scratch();
-        let (tx, rx) = mpsc::channel();
-        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        let (log, rx) = open_in(&dir);
         let a = log.handle.append(None, vec![ping(1)]).await.unwrap();
         assert_eq!(
             a,
@@ -702,8 +701,7 @@ mod tests {
         );
         assert!(fed.windows(2).all(|w| w[0].time <= w[1].time));
 
-        let (tx, rx) = mpsc::channel();
-        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        let (log, rx) = open_in(&dir);
         assert_eq!(log.replayed, 3);
         assert_eq!(
             events(&rx),
@@ -735,8 +733,7 @@ mod tests {
     #[tokio::test]
     async fn events_are_handed_over_before_the_tick_that_passes_them() {
         let dir = scratch();
-        let (tx, rx) = mpsc::channel();
-        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        let (log, rx) = open_in(&dir);
         for n in 0..20 {
             log.handle.append(None, vec![ping(n)]).await.unwrap();
         }
@@ -762,6 +759,13 @@ mod tests {
         );
         drop(log.handle);
         log.writer.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The log in `dir` (5 ms ticks) and the feed it replays and appends into.
+    fn open_in(dir: &Path) -> (Opened, mpsc::Receiver<Feed>) {
+        let (tx, rx) = mpsc::channel();
+        (open(dir, tx, Duration::from_millis(5)).unwrap(), rx)
     }
 
     /// A fresh directory for one test's log.
@@ -794,8 +798,7 @@ mod tests {
         old.extend(framed(&binary));
         std::fs::write(dir.join("events.log"), &old).unwrap();
 
-        let (tx, rx) = mpsc::channel();
-        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        let (log, rx) = open_in(&dir);
         assert_eq!(log.replayed, 2);
         let replayed = events(&rx);
         assert_eq!(replayed[0].kind, ping(0).1);
@@ -840,8 +843,7 @@ mod tests {
     #[tokio::test]
     async fn a_batch_is_one_record_with_its_ids_stored_once() {
         let dir = scratch();
-        let (tx, rx) = mpsc::channel();
-        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        let (log, rx) = open_in(&dir);
         let batch = Id::new_batch();
         let items: Vec<_> = (0..500)
             .map(|i| (batch.item(i).unwrap(), ping(i).1))
@@ -884,8 +886,7 @@ mod tests {
     #[tokio::test]
     async fn a_torn_tail_is_cut_and_never_half_applied() {
         let dir = scratch();
-        let (tx, _rx) = mpsc::channel();
-        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        let (log, _rx) = open_in(&dir);
         for n in 0..5 {
             log.handle.append(None, vec![ping(n)]).await.unwrap();
         }
@@ -912,8 +913,7 @@ mod tests {
     async fn the_zero_filled_room_is_reused_and_a_record_torn_in_it_is_cut() {
         let dir = scratch();
         let path = dir.join("events.log");
-        let (tx, _rx) = mpsc::channel();
-        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        let (log, _rx) = open_in(&dir);
         for n in 0..3 {
             log.handle.append(None, vec![ping(n)]).await.unwrap();
         }
@@ -928,8 +928,7 @@ mod tests {
         );
 
         // Reopened, appends go on where the records end, inside the room.
-        let (tx, rx) = mpsc::channel();
-        let log = open(&dir, tx, Duration::from_millis(5)).unwrap();
+        let (log, rx) = open_in(&dir);
         assert_eq!((log.replayed, log.cut), (3, 0));
         let a = log.handle.append(None, vec![ping(3)]).await.unwrap();
         assert!(matches!(a, Appended::One { offset: 3, .. }));
