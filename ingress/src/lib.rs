@@ -13,7 +13,10 @@
 //! - [`log`]: the embedded append-only log (checksums, group commit, torn-tail
 //!   repair, idempotency keys, replay).
 //! - [`space`]: the zero-filled room kept ahead of the log's writer, so a
-//!   commit's `fdatasync` never has to write a new file size.
+//!   commit's sync never has to write a new file size.
+//! - [`direct`]: the log's commits as direct, data-synchronous writes of
+//!   whole blocks (buffered writes and `fdatasync` where the file system
+//!   has no direct I/O).
 //! - [`kafka`]: production mode's log: the producer, the dataflow's
 //!   partition sources (time from the log, ticks), the follower of known ids
 //!   and grab results.
@@ -21,6 +24,7 @@
 //! - [`error`]: [`ApiError`](error::ApiError), the one error shape.
 
 pub mod auth;
+pub mod direct;
 pub mod error;
 pub mod kafka;
 pub mod log;

@@ -11,15 +11,17 @@
 //! record, so a torn write loses a whole unacknowledged append, never part
 //! of one. A writer thread owns the file: it takes every append waiting,
 //! gives each event its log offset and time (`max(now, last time)`, so time
-//! never goes back), writes them, calls `fsync` once for the batch, and only
-//! then answers the callers and hands the events to the dataflow. Under load
-//! it waits 100 µs for more appends before committing. Between appends it
-//! sends clock ticks, so timers fire when nothing happens.
+//! never goes back), writes them durably in one write (direct I/O, see
+//! [`crate::direct`]; else a write and `fdatasync`), and only then answers
+//! the callers and hands the events to the dataflow. Appends that arrive
+//! during a write go in the next one. Between appends it sends clock ticks,
+//! so timers fire when nothing happens.
 //!
 //! On open, the file is scanned; a torn or corrupt tail (a crash mid-write)
 //! is cut at the last whole record, never half-applied. The records read
 //! back are replayed into the dataflow before new appends are taken.
 
+use crate::direct::DirectAppender;
 use crate::space::Space;
 use grabflow_api::event::{BinaryKind, BinaryKindRef};
 use grabflow_api::{Event, EventKind, Feed, Id, Time};
@@ -391,7 +393,19 @@ fn frame_header(payload: &[u8]) -> [u8; 8] {
 
 /// Opens (or creates) the log in `dir`, replays what it holds into `feed`,
 /// and starts the writer thread, which sends a clock tick every `tick`.
+/// Commits are direct writes where the file system allows it (see
+/// [`crate::direct`]), else buffered writes and `fdatasync`.
 pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Opened, LogError> {
+    open_with(dir, feed, tick, true)
+}
+
+/// [`open`], with direct I/O only if `direct` (tests take both paths).
+fn open_with(
+    dir: &Path,
+    feed: mpsc::Sender<Feed>,
+    tick: Duration,
+    direct: bool,
+) -> Result<Opened, LogError> {
     std::fs::create_dir_all(dir)?;
     let path: PathBuf = dir.join("events.log");
     let Scanned { records, end, cut } = read_records(&path)?;
@@ -442,6 +456,14 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
         .write(true)
         .open(&path)?;
     let space = Space::new(&file, file.metadata()?.len())?;
+    let direct = if direct {
+        DirectAppender::open(&path, end)?
+    } else {
+        None
+    };
+    if direct.is_none() {
+        tracing::info!("log: no direct I/O on this file system; commits write and fdatasync");
+    }
     let (tx, rx) = mpsc::channel::<Command>();
     let writer = std::thread::Builder::new()
         .name("grabflow-log".into())
@@ -450,6 +472,7 @@ pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Open
                 file,
                 end,
                 space,
+                direct,
                 keys,
                 last_time,
                 last_event: last_time,
@@ -505,6 +528,8 @@ struct Writer {
     end: u64,
     /// The zero-filled room ahead.
     space: Space,
+    /// Commits by direct I/O, where the file system has it.
+    direct: Option<DirectAppender>,
     keys: HashMap<String, Appended>,
     /// No event or tick from now on may be earlier than this.
     last_time: Time,
@@ -611,12 +636,21 @@ impl Writer {
             answers.push((reply, Ok(answer)));
         }
         // Within the room, the size is synced already; past it, the sync
-        // takes the new size along (fdatasync writes what reading needs).
-        self.space.reserve(self.end, self.buf.len() as u64);
-        let durable = self
-            .file
-            .write_all_at(&self.buf, self.end)
-            .and_then(|_| self.file.sync_data());
+        // takes the new size along (O_DSYNC and fdatasync both write what
+        // reading needs).
+        let durable = match &mut self.direct {
+            Some(direct) => {
+                let (start, len) = direct.extent(self.end, self.buf.len());
+                self.space.reserve(start, len);
+                direct.append(self.end, &self.buf)
+            }
+            None => {
+                self.space.reserve(self.end, self.buf.len() as u64);
+                self.file
+                    .write_all_at(&self.buf, self.end)
+                    .and_then(|_| self.file.sync_data())
+            }
+        };
         match durable {
             Ok(()) => {
                 self.end += self.buf.len() as u64;
@@ -766,6 +800,42 @@ mod tests {
     fn open_in(dir: &Path) -> (Opened, mpsc::Receiver<Feed>) {
         let (tx, rx) = mpsc::channel();
         (open(dir, tx, Duration::from_millis(5)).unwrap(), rx)
+    }
+
+    /// Where the file system has direct I/O, commits use it; one log may
+    /// be written both ways in turn (a data dir moved between file
+    /// systems) and reads back whole.
+    #[tokio::test]
+    async fn direct_and_buffered_commits_read_back_alike() {
+        let dir = scratch();
+        let path = dir.join("events.log");
+        let mut acked = Vec::new();
+        for (round, direct) in [false, true, false, true].into_iter().enumerate() {
+            let (tx, rx) = mpsc::channel();
+            let log = open_with(&dir, tx, Duration::from_millis(5), direct).unwrap();
+            assert_eq!((log.replayed, log.cut), (acked.len(), 0));
+            assert_eq!(events(&rx).len(), acked.len(), "replayed");
+            for n in 0..3 {
+                let id = round * 10 + n;
+                let events = if n == 1 {
+                    vec![ping(id), ping(id + 100)]
+                } else {
+                    vec![ping(id)]
+                };
+                acked.extend(events.iter().map(|(id, _)| id.clone()));
+                log.handle.append(None, events).await.unwrap();
+            }
+            drop(log.handle);
+            log.writer.join().unwrap();
+            let back = read_records(&path).unwrap();
+            assert_eq!(back.cut, 0);
+            let ids: Vec<Id> = back.records.iter().map(|r| r.event.id.clone()).collect();
+            assert_eq!(
+                ids, acked,
+                "round {round}: every acknowledged event, in order"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// A fresh directory for one test's log.
