@@ -237,12 +237,6 @@ pub fn read_records(path: &Path) -> Result<Scanned, LogError> {
     })
 }
 
-/// Under concurrent load (the last commit held more than one append), how
-/// long the writer waits for more appends before it commits, as PostgreSQL's
-/// `commit_delay`: fewer, fuller commits mean fewer fsyncs and fewer wake-ups
-/// of every thread involved. An append on a quiet log is committed at once.
-const COMMIT_DELAY: Duration = Duration::from_micros(100);
-
 /// The first byte of a 0.6 payload: one event (a JSON one starts with `{`).
 const BINARY: u8 = 1;
 
@@ -482,7 +476,6 @@ fn open_with(
                 unsent: Vec::new(),
                 buf: Vec::new(),
             };
-            let mut busy = false;
             loop {
                 // Events of the last committed millisecond stay open until a
                 // tick passes it: tick again as soon as the clock does.
@@ -492,14 +485,14 @@ fn open_with(
                     tick
                 };
                 match rx.recv_timeout(wait) {
+                    // Group commit: every append that came while the last
+                    // commit was being written goes in this one. No delay
+                    // to gather more: waiting leaves the HTTP workers idle
+                    // (a 100 µs delay left the CPU idle 10-17% of the time
+                    // under the bench's single pings, against 8-11%).
                     Ok(first) => {
                         let mut batch = vec![first];
                         batch.extend(rx.try_iter());
-                        if busy {
-                            std::thread::sleep(COMMIT_DELAY);
-                            batch.extend(rx.try_iter());
-                        }
-                        busy = batch.len() > 1;
                         writer.commit(batch);
                     }
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
