@@ -276,7 +276,8 @@ pub async fn life_cycle_on(s: &Server, e: &Server) {
         (rider["load"].as_u64(), rider["online"].as_bool()),
         (Some(0), Some(true))
     );
-    assert!((rider["lat"].as_f64().unwrap() - (31.23 + 100.0 / 111_195.0)).abs() < 1e-6);
+    let near = |v: &Value, x: f64| v.as_f64().is_some_and(|v| (v - x).abs() < 1e-6);
+    assert!(near(&rider["lat"], 31.23 + 100.0 / 111_195.0), "{rider}");
     assert!(rider["indexed"].is_object(), "{rider}");
     // A rider off shift that only pings: its last position, not indexed.
     for lat in [31.24, 31.25] {
@@ -289,13 +290,11 @@ pub async fn life_cycle_on(s: &Server, e: &Server) {
     let deadline = Instant::now() + Duration::from_secs(5);
     let p9 = loop {
         let (st, p9) = e.call("GET", "/v1/riders/P9", &app, None).await;
-        let fresh = p9["lat"].as_f64().is_some_and(|l| (l - 31.25).abs() < 1e-6);
-        if (st == 200 && fresh) || Instant::now() > deadline {
+        if (st == 200 && near(&p9["lat"], 31.25)) || Instant::now() > deadline {
             break p9;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let near = |v: &Value, x: f64| v.as_f64().is_some_and(|v| (v - x).abs() < 1e-6);
     assert!(near(&p9["lat"], 31.25) && near(&p9["lon"], 121.48), "{p9}");
     assert_eq!(
         (&p9["online"], &p9["indexed"]),
