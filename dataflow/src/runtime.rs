@@ -13,6 +13,11 @@
 //! the order's first transition. A lone worker hands each batch of events to
 //! the observer as it reads them, before they enter the dataflow; several
 //! gather them at worker 0 through the dataflow.
+//!
+//! When the sources end (the log closed, or the service stops), the workers
+//! agree on the earliest time any of their inputs stopped at, drain
+//! everything before it, and only then drop the dataflow together, without
+//! firing the timers still pending.
 
 use crate::graph::dispatch_sharing;
 use crate::riders::RiderTables;
@@ -24,6 +29,7 @@ use std::rc::Rc;
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use timely::dataflow::operators::vec::{Broadcast, Input as VecInput};
 use timely::dataflow::operators::{Exchange, Inspect, Probe};
 
 /// Receives what the dataflow produces. Called from worker 0's thread.
@@ -133,8 +139,10 @@ impl Source for FeedSource {
     /// the log closes, its last events are handed over before the end.
     fn poll(&mut self, out: &mut Vec<Event>, wait: Duration) -> Option<Time> {
         let (from, deadline) = (self.frontier, Instant::now() + wait);
-        // What is left when the log has closed: the last events, then the end.
-        let ended = |out: &Vec<Event>, frontier| (!out.is_empty()).then_some(frontier);
+        // What is left when the log has closed: the last events and the last
+        // tick (if either came since the last poll), then the end.
+        let ended =
+            |out: &Vec<Event>, frontier| (!out.is_empty() || frontier > from).then_some(frontier);
         loop {
             loop {
                 match self.rx.try_recv() {
@@ -304,16 +312,24 @@ pub fn spawn(
                         source.idle_wait()
                     };
                 }
-                // Drain what the clock has passed, then stop without letting
-                // time run to infinity (which would fire every pending timer).
+                // Drain what every worker's clock has passed, then stop
+                // without letting time run to infinity (which would fire
+                // every pending timer). The workers agree on where to stop
+                // and on when all have got there: sources may end at
+                // different times, and a worker that dropped its dataflow
+                // early would leave the others waiting on it for ever.
                 input.flush();
-                let until = *input.time();
+                let mut ending = Ending::new(worker);
+                let until = ending.agree(worker, *input.time());
                 if until < Time::MAX {
-                    worker.step_while(|| probe.less_than(&until));
+                    worker.step_or_park_while(PARK, || {
+                        probe.less_than(&until) || seen_upto(until) < until
+                    });
                 }
                 if me == 0 {
                     deliver(&mut held, until);
                 }
+                ending.all_drained(worker);
                 for dataflow in worker.installed_dataflows() {
                     worker.drop_dataflow(dataflow);
                 }
@@ -324,6 +340,58 @@ pub fn spawn(
             }
         })
         .expect("spawn dataflow")
+}
+
+/// How long a worker waiting for the others to end sleeps between steps
+/// (their messages wake it sooner): spinning would starve them of the cores.
+const PARK: Option<Duration> = Some(Duration::from_millis(1));
+
+/// How the workers end together: a small dataflow of its own, through which
+/// each tells every other where its input stopped (round 0) and that it has
+/// drained everything before the agreed time (round 1).
+struct Ending {
+    input: timely::dataflow::InputHandleVec<u32, Time>,
+    probe: timely::dataflow::ProbeHandle<u32>,
+    heard: Rc<RefCell<Vec<Time>>>,
+}
+
+impl Ending {
+    fn new(worker: &mut timely::worker::Worker) -> Self {
+        let heard = Rc::new(RefCell::new(Vec::new()));
+        let h = Rc::clone(&heard);
+        let (input, probe) = worker.dataflow::<u32, _, _>(|scope| {
+            let (input, stream) = VecInput::new_input(&scope);
+            let (probe, _) = stream
+                .broadcast()
+                .inspect(move |t| h.borrow_mut().push(*t))
+                .probe();
+            (input, probe)
+        });
+        Ending {
+            input,
+            probe,
+            heard,
+        }
+    }
+
+    /// Tells every worker that this one's input stopped at `until`, and
+    /// returns the earliest such time of all workers, once all have told.
+    fn agree(&mut self, worker: &mut timely::worker::Worker, until: Time) -> Time {
+        self.input.send(until);
+        self.input.advance_to(1);
+        let probe = &self.probe;
+        worker.step_or_park_while(PARK, || probe.less_than(&1));
+        let heard = self.heard.borrow();
+        heard.iter().copied().min().unwrap_or(until)
+    }
+
+    /// Waits until every worker has drained up to the agreed time: after
+    /// that no worker needs this one's dataflow any more.
+    fn all_drained(&mut self, worker: &mut timely::worker::Worker) {
+        self.input.advance_to(2);
+        let probe = &self.probe;
+        worker.step_or_park_while(PARK, || probe.less_than(&2));
+    }
 }
 
 fn tracing_error(e: &str) {
