@@ -521,8 +521,17 @@ async fn ops_see_metrics_dataflow_figures_and_the_contract() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_streams_and_exits_cleanly() {
+    sigterm_on(&[]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_streams_and_exits_cleanly_at_two_workers() {
+    sigterm_on(&["--workers", "2"]).await;
+}
+
+async fn sigterm_on(flags: &[&str]) {
     let dir = temp_dir();
-    let mut s = Server::start(&dir, &[]);
+    let mut s = Server::start(&dir, flags);
     s.wait_ready().await;
     let (app, r1) = (s.token("app", None), s.token("rider", Some("R1")));
     s.city(&app, &[("R1", &r1, 100.0)]).await;
@@ -558,7 +567,7 @@ async fn sigterm_closes_streams_and_exits_cleanly() {
     };
     assert!(status.success(), "{status:?}");
     // Everything acknowledged before the signal is there after a restart.
-    let s = Server::start(&dir, &[]);
+    let s = Server::start(&dir, flags);
     s.wait_ready().await;
     let (_, rider) = s.call("GET", "/v1/riders/R1", &r1, None).await;
     assert_eq!(rider["online"], true);
