@@ -100,8 +100,9 @@ enum Binary {
     },
 }
 
-/// An [`EventKind`] read in its binary form (see [`Binary`]), for stores
-/// that keep kinds apart from their events (the embedded log's records).
+/// An [`EventKind`] read in its binary form (variants by number, fields in
+/// order), for stores that keep kinds apart from their events (the embedded
+/// log's records).
 #[derive(Deserialize)]
 #[serde(transparent)]
 pub struct BinaryKind(#[serde(with = "Binary")] pub EventKind);

@@ -5,7 +5,7 @@
 //! with their log time; the merchant→rider index, offers, grab results and
 //! order transitions come out as collections. Everything is a pure function of
 //! the event log, so replaying the log (at any number of workers) gives the
-//! same outputs; [`reference`] is the same rules written as one plain loop,
+//! same outputs; [`reference`](mod@reference) is the same rules written as one plain loop,
 //! and the tests hold the two equal on many random logs.
 //!
 //! ## Layout
@@ -19,7 +19,7 @@
 //!   trackers with the rider query.
 //! - [`geo_index`]: H3 cells, the rider index and exact ring search.
 //! - [`dedup`]: dropping redelivered events by id.
-//! - [`reference`]: the sequential reference model (HashMaps, one loop).
+//! - [`reference`](mod@reference): the sequential reference model (HashMaps, one loop).
 //! - [`replay`]: running a finished log through the dataflow at N workers.
 //! - [`runtime`]: the live workers, fed from the log, reporting to an observer.
 //! - [`stats`]: per-operator figures from timely's logging.

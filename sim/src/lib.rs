@@ -14,7 +14,7 @@
 //! - [`run`]: the simulation and its end-of-run consistency check against
 //!   the server's own `/v1/ops/metrics`.
 //! - [`city`]: merchant clusters, the street grid, the day's shape.
-//! - [`report`]: what was measured ([`Report`](report::Report)).
+//! - [`report`]: what was measured ([`report::Report`]).
 //! - [`plot`]: PNG charts of the day.
 
 pub mod city;
