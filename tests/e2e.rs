@@ -7,7 +7,7 @@ use common::*;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio_tungstenite::tungstenite::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,17 +554,8 @@ async fn sigterm_on(flags: &[&str]) {
     .await;
     assert_eq!(closed, Ok(true), "the stream ends on shutdown");
     // ...and the process exits on its own, successfully.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        if let Some(status) = s.child.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the server did not exit after SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(&mut s.child, Duration::from_secs(10))
+        .expect("the server did not exit after SIGTERM");
     assert!(status.success(), "{status:?}");
     // Everything acknowledged before the signal is there after a restart.
     let s = Server::start(&dir, flags);

@@ -697,18 +697,6 @@ async fn traffic(ingress: &Server, egress: &Server, orders: usize) {
 struct Proc(Child);
 
 impl Proc {
-    /// How the process exited, if it did within `within`.
-    fn exit_within(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(status) = self.0.try_wait().expect("wait") {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        None
-    }
-
     fn kill9(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
@@ -837,7 +825,7 @@ async fn a_two_process_cluster_decides_as_one_process_does() {
     let sent = Command::new("kill").arg("-TERM").args(&pids).status();
     assert!(sent.is_ok_and(|s| s.success()));
     for p in &mut cluster {
-        let status = p.exit_within(Duration::from_secs(20));
+        let status = exit_within(&mut p.0, Duration::from_secs(20));
         assert!(
             status.is_some_and(|s| s.success()),
             "a cluster process did not exit cleanly after SIGTERM: {status:?}"
