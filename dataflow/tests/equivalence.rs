@@ -6,30 +6,10 @@ use grabflow_api::{Output, Time};
 use grabflow_dataflow::gen::random_log;
 use grabflow_dataflow::reference;
 use grabflow_dataflow::replay::{replay, ReplayPlan};
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
-fn by_time(outputs: Vec<(Time, Output)>) -> BTreeMap<Time, Vec<Output>> {
-    let mut map: BTreeMap<Time, Vec<Output>> = BTreeMap::new();
-    for (t, o) in outputs {
-        map.entry(t).or_default().push(o);
-    }
-    map
-}
-
-/// Compares two runs epoch by epoch (each millisecond's decisions in the
-/// order made) and names the first millisecond that differs.
-fn assert_same(
-    seed: u64,
-    what: &str,
-    expected: &BTreeMap<Time, Vec<Output>>,
-    got: &BTreeMap<Time, Vec<Output>>,
-) {
-    for t in expected.keys().chain(got.keys()) {
-        let (e, g) = (expected.get(t), got.get(t));
-        assert_eq!(e, g, "seed {seed}, {what}: outputs differ at t={t}");
-    }
-}
+mod common;
+use common::{assert_same, by_time};
 
 fn check(seed: u64, workers: usize) -> usize {
     let size = 150 + (seed as usize * 37) % 300;

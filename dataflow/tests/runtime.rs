@@ -9,9 +9,11 @@ use grabflow_dataflow::reference;
 use grabflow_dataflow::runtime::{self, Observer, Source, Sources};
 use grabflow_dataflow::stats::DataflowStats;
 use grabflow_dataflow::IndexEntry;
-use std::collections::BTreeMap;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
+
+mod common;
+use common::{assert_same, by_time};
 
 #[test]
 fn the_last_tick_before_the_log_closes_is_not_lost() {
@@ -61,14 +63,6 @@ impl Observer for Decisions {
     fn progress(&self, _: Time) {}
 }
 
-fn by_time(outputs: Vec<(Time, Output)>) -> BTreeMap<Time, Vec<Output>> {
-    let mut map: BTreeMap<Time, Vec<Output>> = BTreeMap::new();
-    for (t, o) in outputs {
-        map.entry(t).or_default().push(o);
-    }
-    map
-}
-
 #[test]
 fn workers_whose_sources_end_apart_stop_together_at_the_earliest_end() {
     for (seed, workers) in [(3, 2), (4, 3), (5, 3)] {
@@ -113,12 +107,6 @@ fn workers_whose_sources_end_apart_stop_together_at_the_earliest_end() {
             expected.values().map(Vec::len).sum::<usize>() > 20,
             "seed {seed}: the log must make decisions before its earliest end"
         );
-        for t in expected.keys().chain(got.keys()) {
-            assert_eq!(
-                expected.get(t),
-                got.get(t),
-                "seed {seed}, {workers} workers: decisions differ at t={t}"
-            );
-        }
+        assert_same(seed, &format!("{workers} workers"), &expected, &got);
     }
 }
