@@ -31,7 +31,7 @@ use grabflow_ingress::auth::{Claims, Role, Secret};
 use grabflow_ingress::kafka::{
     ensure_topics, Follower, GrabResults, KafkaConfig, KafkaLog, KafkaSources,
 };
-use grabflow_ingress::log::{Appended, LogHandle};
+use grabflow_ingress::log::{Appended, LogHandle, Ticks};
 use grabflow_ingress::routes::{Ingress, Known};
 use serde::Deserialize;
 use std::io::{BufRead, Write};
@@ -174,6 +174,11 @@ struct ServeArgs {
     /// Clock tick when no events arrive [default: 50ms].
     #[arg(long, env = "GRABFLOW_TICK", value_parser = parse_duration)]
     tick: Option<Duration>,
+    /// Embedded log: location pings alone reach the dataflow within this
+    /// long (any other event as soon as its millisecond is over); 0 ticks
+    /// every millisecond [default: 10ms].
+    #[arg(long, env = "GRABFLOW_PING_TICK", value_parser = parse_duration)]
+    ping_tick: Option<Duration>,
     /// Kafka bootstrap servers, HOST:PORT[,…]: production mode.
     #[arg(long, env = "GRABFLOW_KAFKA")]
     kafka: Option<String>,
@@ -229,6 +234,7 @@ struct FileConfig {
     rider_ttl: Option<String>,
     capacity: Option<u32>,
     tick: Option<String>,
+    ping_tick: Option<String>,
     kafka: Option<String>,
     kafka_prefix: Option<String>,
     kafka_output_prefix: Option<String>,
@@ -267,7 +273,7 @@ struct Settings {
     listen: String,
     data_dir: PathBuf,
     workers: usize,
-    tick: Duration,
+    ticks: Ticks,
     dispatch: DispatchConfig,
     kafka: Option<KafkaConfig>,
     redis: Option<(String, String)>,
@@ -393,6 +399,13 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             .unwrap_or_else(|| "grabflow:".into());
         (url, prefix)
     });
+    let ticks = Ticks {
+        idle: dur(a.tick, file.tick, Duration::from_millis(50))?,
+        pings: dur(a.ping_tick, file.ping_tick, Duration::from_millis(10))?,
+    };
+    if ticks.idle.is_zero() {
+        bail!("--tick must be positive");
+    }
     let processes = a.processes.or(file.processes).unwrap_or(1).max(1);
     let process = a.process.or(file.process).unwrap_or(0);
     let hosts: Vec<String> = a
@@ -424,7 +437,7 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             .or(file.data_dir)
             .unwrap_or_else(|| "./grabflow-data".into()),
         workers: a.workers.or(file.workers).unwrap_or(1).max(1),
-        tick: dur(a.tick, file.tick, Duration::from_millis(50))?,
+        ticks,
         dispatch,
     })
 }
@@ -488,7 +501,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let secret = Secret::load_or_create(&s.data_dir)?;
     let (feed_tx, feed_rx) = std::sync::mpsc::channel();
     let opened =
-        grabflow_ingress::log::open(&s.data_dir, feed_tx, s.tick).context("opening the log")?;
+        grabflow_ingress::log::open(&s.data_dir, feed_tx, s.ticks).context("opening the log")?;
     tracing::info!(
         replayed = opened.replayed,
         cut_bytes = opened.cut,

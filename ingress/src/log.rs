@@ -17,6 +17,13 @@
 //! during a write go in the next one. Between appends it sends clock ticks,
 //! so timers fire when nothing happens.
 //!
+//! How soon the dataflow hears of a commit depends on what it holds (see
+//! [`Ticks`]): any event but a location ping, as soon as the clock passes
+//! its millisecond; pings alone, within [`Ticks::pings`]. Each tick costs
+//! the dataflow a pass over every operator, while a ping changes nothing
+//! anyone waits on until an order, a grab or a timer reads the index (and
+//! those tick at once, taking the pings before them along).
+//!
 //! On open, the file is scanned; a torn or corrupt tail (a crash mid-write)
 //! is cut at the last whole record, never half-applied. The records read
 //! back are replayed into the dataflow before new appends are taken.
@@ -34,7 +41,7 @@ use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
 /// One stored event, as read back. Deserializing it reads the JSON form of
@@ -385,19 +392,40 @@ fn frame_header(payload: &[u8]) -> [u8; 8] {
     header
 }
 
+/// How often the writer tells the dataflow that time has passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticks {
+    /// With nothing committed since the last tick (timers fire on these).
+    pub idle: Duration,
+    /// With only location pings committed since the last tick: they reach
+    /// the dataflow within this long. Any other event ticks as soon as the
+    /// clock passes its millisecond.
+    pub pings: Duration,
+}
+
+impl Ticks {
+    /// The same cadence for both (tests).
+    pub fn every(tick: Duration) -> Ticks {
+        Ticks {
+            idle: tick,
+            pings: tick,
+        }
+    }
+}
+
 /// Opens (or creates) the log in `dir`, replays what it holds into `feed`,
-/// and starts the writer thread, which sends a clock tick every `tick`.
+/// and starts the writer thread, which sends clock ticks as `ticks` says.
 /// Commits are direct writes where the file system allows it (see
 /// [`crate::direct`]), else buffered writes and `fdatasync`.
-pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, tick: Duration) -> Result<Opened, LogError> {
-    open_with(dir, feed, tick, true)
+pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, ticks: Ticks) -> Result<Opened, LogError> {
+    open_with(dir, feed, ticks, true)
 }
 
 /// [`open`], with direct I/O only if `direct` (tests take both paths).
 fn open_with(
     dir: &Path,
     feed: mpsc::Sender<Feed>,
-    tick: Duration,
+    ticks: Ticks,
     direct: bool,
 ) -> Result<Opened, LogError> {
     std::fs::create_dir_all(dir)?;
@@ -470,21 +498,17 @@ fn open_with(
                 keys,
                 last_time,
                 last_event: last_time,
+                last_urgent: last_time,
                 next_offset,
                 feed,
                 told: 0,
+                told_at: Instant::now(),
+                ticks,
                 unsent: Vec::new(),
                 buf: Vec::new(),
             };
             loop {
-                // Events of the last committed millisecond stay open until a
-                // tick passes it: tick again as soon as the clock does.
-                let wait = if writer.told <= writer.last_event {
-                    tick.min(Duration::from_millis(1))
-                } else {
-                    tick
-                };
-                match rx.recv_timeout(wait) {
+                match rx.recv_timeout(writer.next_tick()) {
                     // Group commit: every append that came while the last
                     // commit was being written goes in this one. No delay
                     // to gather more: waiting leaves the HTTP workers idle
@@ -528,10 +552,15 @@ struct Writer {
     last_time: Time,
     /// The time of the newest committed event.
     last_event: Time,
+    /// The time of the newest committed event other than a location ping.
+    last_urgent: Time,
     next_offset: u64,
     feed: mpsc::Sender<Feed>,
     /// The last tick sent: the dataflow's frontier.
     told: Time,
+    /// When it was sent.
+    told_at: Instant,
+    ticks: Ticks,
     /// Committed events not yet handed to the dataflow: they go with the
     /// next tick (see [`Writer::tick`]).
     unsent: Vec<Event>,
@@ -539,16 +568,41 @@ struct Writer {
 }
 
 impl Writer {
+    /// How long to wait for an append before ticking: until the clock
+    /// passes a committed event's millisecond (which only a tick lets the
+    /// dataflow finish) if any but a ping is waiting for it; until the ping
+    /// cadence is up if only pings are; else the idle tick.
+    fn next_tick(&self) -> Duration {
+        let clock = self.ticks.idle.min(Duration::from_millis(1));
+        if self.told <= self.last_urgent {
+            clock
+        } else if self.told <= self.last_event {
+            // Never less than the clock's step: a cadence already up waits
+            // only for the clock to pass the pings' millisecond.
+            self.ticks
+                .pings
+                .saturating_sub(self.told_at.elapsed())
+                .max(clock)
+        } else {
+            self.ticks.idle
+        }
+    }
+
     /// Tells the dataflow no event will come before `max(now, last time)`,
-    /// when that is news, in one message with the events committed since the
-    /// last tick. Each message wakes the dataflow, and its operators finish
-    /// a millisecond only once a tick has passed it: events sent on their
-    /// own, between ticks, would wake it for nothing to finish. Under a
-    /// stream of small commits this halves its wake-ups, at no latency.
+    /// when that is news and due (see [`Writer::next_tick`]), in one message
+    /// with the events committed since the last tick. Each message wakes the
+    /// dataflow, and its operators finish a millisecond only once a tick has
+    /// passed it: events sent on their own, between ticks, would wake it for
+    /// nothing to finish.
     fn tick(&mut self) {
         self.last_time = self.last_time.max(now_ms());
+        let only_pings = self.told > self.last_urgent && !self.unsent.is_empty();
+        if only_pings && self.told_at.elapsed() < self.ticks.pings {
+            return;
+        }
         if self.last_time > self.told {
             self.told = self.last_time;
+            self.told_at = Instant::now();
             let tick = self.told;
             let _ = self.feed.send(match std::mem::take(&mut self.unsent) {
                 events if events.is_empty() => Feed::Tick(tick),
@@ -594,6 +648,9 @@ impl Writer {
             self.last_event = time;
             let start = events.len();
             for (id, kind) in new {
+                if !matches!(kind, EventKind::LocationPinged { .. }) {
+                    self.last_urgent = time;
+                }
                 events.push(Event {
                     id,
                     offset: self.next_offset,
@@ -789,10 +846,80 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// Pings alone wait for the ping cadence; any other event ticks as soon
+    /// as its millisecond is over and takes the pings before it along.
+    #[tokio::test]
+    async fn pings_wait_for_their_cadence_and_other_events_tick_at_once() {
+        let dir = scratch();
+        let (tx, rx) = mpsc::channel();
+        let slow = Duration::from_secs(30);
+        let log = open(
+            &dir,
+            tx,
+            Ticks {
+                idle: slow,
+                pings: slow,
+            },
+        )
+        .unwrap();
+        // The first tick (nothing to replay) comes at once.
+        assert!(matches!(
+            rx.recv_timeout(Duration::from_secs(10)),
+            Ok(Feed::Tick(_))
+        ));
+        for n in 0..5 {
+            log.handle.append(None, vec![ping(n)]).await.unwrap();
+        }
+        assert!(
+            rx.recv_timeout(Duration::from_millis(300)).is_err(),
+            "acknowledged pings alone wait for the ping cadence"
+        );
+        let shift = (
+            Id::new("s1").unwrap(),
+            EventKind::ShiftChanged {
+                rider: Id::new("r1").unwrap(),
+                online: true,
+                capacity: None,
+            },
+        );
+        let Appended::One { offset, .. } = log.handle.append(None, vec![shift]).await.unwrap()
+        else {
+            panic!("one event")
+        };
+        let started = Instant::now();
+        let mut fed = Vec::new();
+        let tick = loop {
+            match rx.recv_timeout(Duration::from_secs(10)).expect("a tick") {
+                Feed::Events(e) => fed.extend(e),
+                Feed::EventsThenTick(e, t) => {
+                    fed.extend(e);
+                    break t;
+                }
+                Feed::Tick(t) => break t,
+            }
+        };
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "a shift change does not wait for the ping cadence"
+        );
+        assert_eq!(
+            fed.iter().map(|e| e.offset).collect::<Vec<_>>(),
+            (0..=offset).collect::<Vec<_>>(),
+            "the pings before it come along"
+        );
+        assert!(tick > fed.last().unwrap().time, "the tick finishes them");
+        drop(log.handle);
+        log.writer.join().unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// The log in `dir` (5 ms ticks) and the feed it replays and appends into.
     fn open_in(dir: &Path) -> (Opened, mpsc::Receiver<Feed>) {
         let (tx, rx) = mpsc::channel();
-        (open(dir, tx, Duration::from_millis(5)).unwrap(), rx)
+        (
+            open(dir, tx, Ticks::every(Duration::from_millis(5))).unwrap(),
+            rx,
+        )
     }
 
     /// Where the file system has direct I/O, commits use it; one log may
@@ -805,7 +932,7 @@ mod tests {
         let mut acked = Vec::new();
         for (round, direct) in [false, true, false, true].into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
-            let log = open_with(&dir, tx, Duration::from_millis(5), direct).unwrap();
+            let log = open_with(&dir, tx, Ticks::every(Duration::from_millis(5)), direct).unwrap();
             assert_eq!((log.replayed, log.cut), (acked.len(), 0));
             assert_eq!(events(&rx).len(), acked.len(), "replayed");
             for n in 0..3 {
