@@ -573,12 +573,20 @@ impl Writer {
     /// dataflow finish) if any but a ping is waiting for it; until the ping
     /// cadence is up if only pings are; else the idle tick.
     fn next_tick(&self) -> Duration {
-        let clock = self.ticks.idle.min(Duration::from_millis(1));
+        // Until the clock's next millisecond (a full one waited from the
+        // commit would add half a millisecond on average to every offer).
+        let into_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos() % 1_000_000);
+        let clock = self
+            .ticks
+            .idle
+            .min(Duration::from_nanos(u64::from(1_000_000 - into_ms)));
         if self.told <= self.last_urgent {
             clock
         } else if self.told <= self.last_event {
-            // Never less than the clock's step: a cadence already up waits
-            // only for the clock to pass the pings' millisecond.
+            // Never less than that: a cadence already up waits only for the
+            // clock to pass the pings' millisecond.
             self.ticks
                 .pings
                 .saturating_sub(self.told_at.elapsed())
