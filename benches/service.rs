@@ -5,7 +5,9 @@
 //!   against a bare axum handler (its own process) that only parses the same
 //!   JSON and answers 202 — the ceiling of an axum service on this machine;
 //! - order → offer-on-WebSocket and grab → result latency (p50/p99) while a
-//!   steady 10 000 pings/s and 200 orders/s flow (500 riders on WebSockets).
+//!   steady 10 000 pings/s and 200 orders/s flow (500 riders on WebSockets),
+//!   beside the floor under them: the log's own commit (one direct,
+//!   data-synchronous append) timed alone on the same disk, before and after.
 //!
 //! The load generator shares the machine's cores with the server.
 //! `BENCH_SECS` sets each phase's length (default 5).
@@ -15,6 +17,7 @@ use axum::{Json, Router};
 use futures_util::StreamExt;
 use grabflow_api::Id;
 use grabflow_ingress::auth::{Claims, Role, Secret};
+use grabflow_ingress::direct::DirectAppender;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -156,7 +159,34 @@ fn percentile(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Latencies under a steady load of pings and orders.
+/// The floor under every 2xx: the log's commit alone, `n` 200-byte appends
+/// through its own direct appender into a zero-filled scratch file on the
+/// disk the servers use, one after another with nothing else running.
+/// Milliseconds per commit (p50, p99, max); `None` where the file system has
+/// no direct I/O.
+fn commit_latency(n: usize) -> Option<(f64, f64, f64)> {
+    let dir = std::env::temp_dir().join(format!("grabflow-bench-disk-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).ok()?;
+    let path = dir.join("events.log");
+    let record = [7u8; 200];
+    // Written zeros (not a sparse file): the log's room is made the same way.
+    std::fs::write(&path, vec![0u8; n * record.len() + (1 << 20)]).ok()?;
+    std::fs::File::open(&path).ok()?.sync_all().ok()?;
+    let mut appender = DirectAppender::open(&path, 0).ok()??;
+    let mut ms = Vec::with_capacity(n);
+    for i in 0..n {
+        let t = Instant::now();
+        appender.append((i * record.len()) as u64, &record).ok()?;
+        ms.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Some((
+        percentile(&mut ms, 0.5),
+        percentile(&mut ms, 0.99),
+        percentile(&mut ms, 1.0),
+    ))
+}
+
 /// A steady load: a batch of `pings` every `ping_every`, an order every `order_every`.
 #[derive(Clone, Copy)]
 struct Load {
@@ -363,9 +393,11 @@ fn main() {
         ingress_phase(&rt);
     }
     if part("latency") {
+        let before = commit_latency(2000);
         let l = with_server(&rt, &[], async |url, dir, _| {
             latencies(url, dir, FULL).await
         });
+        let after = commit_latency(2000);
         let Latencies {
             mut offers,
             mut grabs,
@@ -386,6 +418,14 @@ fn main() {
             let n = v.len();
             let (p50, p99) = (percentile(v, 0.5), percentile(v, 0.99));
             println!("| {name} | {p50:.2} ms | {p99:.2} ms | {n} |");
+        }
+        for (when, c) in [("before", before), ("after", after)] {
+            match c {
+                Some((p50, p99, max)) => println!(
+                    "| the log's commit alone, no load ({when}; max {max:.2} ms) | {p50:.2} ms | {p99:.2} ms | 2000 |"
+                ),
+                None => println!("| the log's commit alone ({when}) | no direct I/O here | | |"),
+            }
         }
     }
     if part("kafka") {
