@@ -403,16 +403,6 @@ pub struct Ticks {
     pub pings: Duration,
 }
 
-impl Ticks {
-    /// The same cadence for both (tests).
-    pub fn every(tick: Duration) -> Ticks {
-        Ticks {
-            idle: tick,
-            pings: tick,
-        }
-    }
-}
-
 /// Opens (or creates) the log in `dir`, replays what it holds into `feed`,
 /// and starts the writer thread, which sends clock ticks as `ticks` says.
 /// Commits are direct writes where the file system allows it (see
@@ -894,18 +884,29 @@ mod tests {
         else {
             panic!("one event")
         };
+        // Everything up to the shift change, then a tick past its time
+        // (one may come at its time first, with the events).
         let started = Instant::now();
-        let mut fed = Vec::new();
-        let tick = loop {
-            match rx.recv_timeout(Duration::from_secs(10)).expect("a tick") {
-                Feed::Events(e) => fed.extend(e),
+        let mut fed: Vec<Event> = Vec::new();
+        loop {
+            let tick = match rx.recv_timeout(Duration::from_secs(10)).expect("a tick") {
+                Feed::Events(e) => {
+                    fed.extend(e);
+                    continue;
+                }
                 Feed::EventsThenTick(e, t) => {
                     fed.extend(e);
-                    break t;
+                    t
                 }
-                Feed::Tick(t) => break t,
+                Feed::Tick(t) => t,
+            };
+            if fed
+                .last()
+                .is_some_and(|e| e.offset == offset && tick > e.time)
+            {
+                break;
             }
-        };
+        }
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "a shift change does not wait for the ping cadence"
@@ -915,19 +916,23 @@ mod tests {
             (0..=offset).collect::<Vec<_>>(),
             "the pings before it come along"
         );
-        assert!(tick > fed.last().unwrap().time, "the tick finishes them");
         drop(log.handle);
         log.writer.join().unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// The same cadence with pings as without.
+    fn every(tick: Duration) -> Ticks {
+        Ticks {
+            idle: tick,
+            pings: tick,
+        }
+    }
+
     /// The log in `dir` (5 ms ticks) and the feed it replays and appends into.
     fn open_in(dir: &Path) -> (Opened, mpsc::Receiver<Feed>) {
         let (tx, rx) = mpsc::channel();
-        (
-            open(dir, tx, Ticks::every(Duration::from_millis(5))).unwrap(),
-            rx,
-        )
+        (open(dir, tx, every(Duration::from_millis(5))).unwrap(), rx)
     }
 
     /// Where the file system has direct I/O, commits use it; one log may
@@ -940,7 +945,7 @@ mod tests {
         let mut acked = Vec::new();
         for (round, direct) in [false, true, false, true].into_iter().enumerate() {
             let (tx, rx) = mpsc::channel();
-            let log = open_with(&dir, tx, Ticks::every(Duration::from_millis(5)), direct).unwrap();
+            let log = open_with(&dir, tx, every(Duration::from_millis(5)), direct).unwrap();
             assert_eq!((log.replayed, log.cut), (acked.len(), 0));
             assert_eq!(events(&rx).len(), acked.len(), "replayed");
             for n in 0..3 {
