@@ -367,6 +367,13 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
     if let Err((field, why)) = dispatch.validate() {
         bail!("setting {field} {why}");
     }
+    let ticks = Ticks {
+        idle: dur(a.tick, file.tick, Duration::from_millis(50))?,
+        pings: dur(a.ping_tick, file.ping_tick, Duration::from_millis(10))?,
+    };
+    if ticks.idle.is_zero() {
+        bail!("--tick must be positive");
+    }
     let kafka = match a.kafka.or(file.kafka) {
         Some(brokers) => {
             let mut k = KafkaConfig::new(&brokers);
@@ -383,10 +390,10 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
                 .or(file.kafka_replication)
                 .unwrap_or(k.replication);
             k.tick = dur(a.kafka_tick, file.kafka_tick, k.tick)?;
-            k.idle_tick = dur(a.tick, file.tick.clone(), k.idle_tick)?;
+            k.idle_tick = ticks.idle;
             k.ack_timeout = dur(a.kafka_ack_timeout, file.kafka_ack_timeout, k.ack_timeout)?;
-            if k.partitions < 1 || k.replication < 1 || k.tick.is_zero() || k.idle_tick.is_zero() {
-                bail!("--kafka-partitions, --kafka-replication, --kafka-tick and --tick must be positive");
+            if k.partitions < 1 || k.replication < 1 || k.tick.is_zero() {
+                bail!("--kafka-partitions, --kafka-replication and --kafka-tick must be positive");
             }
             Some(k)
         }
@@ -399,13 +406,6 @@ fn settings(a: ServeArgs) -> anyhow::Result<Settings> {
             .unwrap_or_else(|| "grabflow:".into());
         (url, prefix)
     });
-    let ticks = Ticks {
-        idle: dur(a.tick, file.tick, Duration::from_millis(50))?,
-        pings: dur(a.ping_tick, file.ping_tick, Duration::from_millis(10))?,
-    };
-    if ticks.idle.is_zero() {
-        bail!("--tick must be positive");
-    }
     let processes = a.processes.or(file.processes).unwrap_or(1).max(1);
     let process = a.process.or(file.process).unwrap_or(0);
     let hosts: Vec<String> = a
