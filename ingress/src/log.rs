@@ -558,6 +558,12 @@ struct Writer {
 }
 
 impl Writer {
+    /// Whether an event other than a ping waits for the tick that lets the
+    /// dataflow finish its millisecond.
+    fn urgent_waiting(&self) -> bool {
+        self.told <= self.last_urgent
+    }
+
     /// How long to wait for an append before ticking: until the clock
     /// passes a committed event's millisecond (which only a tick lets the
     /// dataflow finish) if any but a ping is waiting for it; until the ping
@@ -572,7 +578,7 @@ impl Writer {
             .ticks
             .idle
             .min(Duration::from_nanos(u64::from(1_000_000 - into_ms)));
-        if self.told <= self.last_urgent {
+        if self.urgent_waiting() {
             clock
         } else if self.told <= self.last_event {
             // Never less than that: a cadence already up waits only for the
@@ -594,7 +600,7 @@ impl Writer {
     /// nothing to finish.
     fn tick(&mut self) {
         self.last_time = self.last_time.max(now_ms());
-        let only_pings = self.told > self.last_urgent && !self.unsent.is_empty();
+        let only_pings = !self.urgent_waiting() && !self.unsent.is_empty();
         if only_pings && self.told_at.elapsed() < self.ticks.pings {
             return;
         }
