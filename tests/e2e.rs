@@ -476,6 +476,26 @@ async fn ops_see_metrics_dataflow_figures_and_the_contract() {
         decide["records_in"].as_i64().unwrap() >= 3 && decide["schedules"].as_u64().unwrap() > 0,
         "{decide}"
     );
+    // What the stateful operators hold: one merchant, one live order with
+    // its grab timer, one rider tracked.
+    let state = |name: &str| {
+        d["operators"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|o| o["name"] == name)
+            .unwrap()["state"]
+            .clone()
+    };
+    let decide = state("Decide");
+    assert_eq!(
+        (&decide["orders"], &decide["merchants"]),
+        (&json!(1), &json!(1)),
+        "{decide}"
+    );
+    assert!(decide["timer_times"].as_i64().unwrap() >= 1, "{decide}");
+    assert_eq!(state("TrackRiders")["riders"], 1, "{d}");
+    assert!(state("Dedup")["ids"].as_i64().unwrap() >= 3, "{d}");
     assert_eq!(s.call("GET", "/v1/ops/metrics", &app, None).await.0, 403);
     let prom = s
         .http
@@ -489,6 +509,10 @@ async fn ops_see_metrics_dataflow_figures_and_the_contract() {
         .unwrap();
     assert!(
         prom.contains("grabflow_orders_by_state{state=\"notified\"} 1"),
+        "{prom}"
+    );
+    assert!(
+        prom.contains("grabflow_operator_state{operator=\"Decide\",part=\"orders\"} 1\n"),
         "{prom}"
     );
     let api: Value = s

@@ -117,6 +117,21 @@ impl Dispatcher {
         }
     }
 
+    /// What the core holds, for the operator's state figures: orders (every
+    /// order placed, closed ones too), merchants, riders with a load or a
+    /// capacity, riders in its index, cells watched by waiting orders, and
+    /// the milliseconds with a timer due.
+    pub fn sizes(&self) -> crate::stats::StateSizes {
+        vec![
+            ("orders", self.orders.len()),
+            ("merchants", self.merchants.len()),
+            ("riders", self.riders.len()),
+            ("indexed", self.index.len()),
+            ("watched_cells", self.watch.len()),
+            ("timer_times", self.timers.len()),
+        ]
+    }
+
     /// Step 1a: the index's changes in one millisecond. Insertions take
     /// effect first; a retraction then removes a rider only if the index still
     /// holds exactly the retracted entry (otherwise the rider moved). A rider

@@ -21,6 +21,7 @@
 use crate::dedup::Deduper;
 use crate::dispatcher::Dispatcher;
 use crate::riders::{rider_route, RiderTables};
+use crate::stats::StateLog;
 use crate::IndexEntry;
 use differential_dataflow::collection::vec::Collection as VecCollection;
 use differential_dataflow::AsCollection;
@@ -114,6 +115,8 @@ trait Work: Default {
     fn clear(&mut self);
     /// Records it has room for.
     fn room(&self) -> usize;
+    /// Records it holds.
+    fn records(&self) -> usize;
 }
 
 impl<T> Work for Vec<T> {
@@ -122,6 +125,9 @@ impl<T> Work for Vec<T> {
     }
     fn room(&self) -> usize {
         self.capacity()
+    }
+    fn records(&self) -> usize {
+        self.len()
     }
 }
 
@@ -179,6 +185,11 @@ impl<W: Work> Pending<W> {
         Some(entry.remove_entry())
     }
 
+    /// Records waiting for their millisecond to be complete.
+    fn buffered(&self) -> usize {
+        self.work.values().map(Work::records).sum()
+    }
+
     /// After a batch: hold the capability only as far back as still needed.
     fn downgrade(&mut self) {
         match (self.work.keys().next(), &mut self.cap) {
@@ -196,11 +207,13 @@ type Builder<D> = CapacityContainerBuilder<Vec<(D, Time, isize)>>;
 /// nothing, and they are most of the traffic.
 pub fn dedup<'s>(events: Events<'s>, window: Time) -> Events<'s> {
     let pact = Exchange::new(|(e, _, _): &(Event, Time, isize)| route(&e.id));
+    let scope = events.inner.scope();
     events
         .inner
-        .unary_frontier::<Builder<Event>, _, _, _>(pact, "Dedup", move |_, _| {
+        .unary_frontier::<Builder<Event>, _, _, _>(pact, "Dedup", move |_, info| {
             let mut pending = Pending::<Vec<Event>>::new();
             let mut deduper = Deduper::new(window);
+            let mut state = StateLog::new(scope.worker(), &info.address);
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
                     for batch in data {
@@ -222,6 +235,7 @@ pub fn dedup<'s>(events: Events<'s>, window: Time) -> Events<'s> {
                 }
                 drop(session);
                 pending.downgrade();
+                state.report(|| vec![("ids", deduper.len()), ("buffered", pending.buffered())]);
             }
         })
         .as_collection()
@@ -242,11 +256,13 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time, shared: Option<&RiderTabl
     };
     let pact =
         Exchange::new(|(e, _, _): &(Event, Time, isize)| e.kind.rider().map_or(0, rider_route));
+    let scope = events.inner.scope();
     events
         .inner
-        .unary_frontier::<Builder<IndexEntry>, _, _, _>(pact, "TrackRiders", move |_, _| {
+        .unary_frontier::<Builder<IndexEntry>, _, _, _>(pact, "TrackRiders", move |_, info| {
             let mut pending = Pending::<Vec<Event>>::new();
             let mut changes = Vec::new();
+            let mut state = StateLog::new(scope.worker(), &info.address);
             move |(input, frontier), output| {
                 input.for_each_stamp(|cap, data| {
                     for batch in data {
@@ -278,6 +294,11 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time, shared: Option<&RiderTabl
                 }
                 drop(session);
                 pending.downgrade();
+                state.report(|| {
+                    let mut sizes = tables.lock(slot).sizes();
+                    sizes.push(("buffered", pending.buffered()));
+                    sizes
+                });
             }
         })
         .as_collection()
@@ -298,12 +319,16 @@ impl Work for DecideWork {
     fn room(&self) -> usize {
         self.index.capacity() + self.events.capacity()
     }
+    fn records(&self) -> usize {
+        self.index.len() + self.events.len()
+    }
 }
 
 /// Runs the decision core (see [`Dispatcher`]) over the index and the order events.
 pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> Outputs<'s> {
     let to_one = Exchange::new(|_: &(IndexEntry, Time, isize)| 0);
     let to_one_too = Exchange::new(|_: &(Event, Time, isize)| 0);
+    let scope = index.inner.scope();
     index
         .inner
         .binary_frontier::<_, Builder<Output>, _, _, _, _>(
@@ -311,10 +336,11 @@ pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> 
             to_one,
             to_one_too,
             "Decide",
-            move |_, _| {
+            move |_, info| {
                 let mut pending = Pending::<DecideWork>::new();
                 let mut core = Dispatcher::new(cfg);
                 let mut out = Vec::new();
+                let mut state = StateLog::new(scope.worker(), &info.address);
                 move |(index, index_frontier), (events, event_frontier), output| {
                     index.for_each_stamp(|cap, data| {
                         for batch in data {
@@ -360,6 +386,11 @@ pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> 
                     }
                     drop(session);
                     pending.downgrade();
+                    state.report(|| {
+                        let mut sizes = core.sizes();
+                        sizes.push(("buffered", pending.buffered()));
+                        sizes
+                    });
                 }
             },
         )

@@ -22,7 +22,8 @@
 //! - [`reference`](mod@reference): the sequential reference model (HashMaps, one loop).
 //! - [`replay`]: running a finished log through the dataflow at N workers.
 //! - [`runtime`]: the live workers, fed from the log, reporting to an observer.
-//! - [`stats`]: per-operator figures from timely's logging.
+//! - [`stats`]: per-operator figures from timely's logging, and what each
+//!   stateful operator reports holding.
 //! - [`gen`]: seeded random logs (for property tests) and a generated city
 //!   (for the benchmark).
 

@@ -194,6 +194,17 @@ impl RiderTracker {
         }
     }
 
+    /// What this partition holds, for the operator's state figures: riders
+    /// tracked, riders dropped (their last positions kept for the rider
+    /// query), and the milliseconds with a silence check due.
+    pub fn sizes(&self) -> crate::stats::StateSizes {
+        vec![
+            ("riders", self.riders.len()),
+            ("retired", self.retired.len()),
+            ("check_times", self.checks.len()),
+        ]
+    }
+
     /// Riders tracked by this partition.
     pub fn len(&self) -> usize {
         self.riders.len()

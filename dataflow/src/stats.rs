@@ -1,14 +1,69 @@
-//! Per-operator figures from timely's own logging, for `/v1/ops/dataflow`.
+//! Per-operator figures from the dataflow's own logging, for `/v1/ops/dataflow`.
 //!
-//! [`DataflowStats::register`] installs a logger on a worker; it folds
+//! [`DataflowStats::register`] installs two loggers on a worker. One folds
 //! timely's events into, per operator: its name, how often it was scheduled,
-//! the time spent inside it, and the records it received and sent.
+//! the time spent inside it, and the records it received and sent. The other
+//! reads [`STATE_LOG`], where each stateful operator reports what it holds
+//! after a step (its arrangement, in differential's terms: ids remembered,
+//! riders tracked, orders, timers, records buffered for a millisecond not yet
+//! complete), summed over workers.
 
 use serde::Serialize;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use timely::container::CapacityContainerBuilder;
 use timely::logging::{StartStop, TimelyEvent, TimelyEventBuilder};
+
+/// The logging stream stateful operators report their sizes on.
+pub const STATE_LOG: &str = "grabflow/state";
+
+/// What one stateful operator holds after a step, by part (`"orders"` → 1200).
+pub type StateSizes = Vec<(&'static str, usize)>;
+
+/// An operator's sizes after a step, on [`STATE_LOG`] (logged when they change).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateEvent {
+    /// The operator's address (as in timely's `Operates` event).
+    pub operator: Vec<usize>,
+    /// What it holds now.
+    pub sizes: StateSizes,
+}
+
+/// The container of [`STATE_LOG`].
+pub type StateEventBuilder = CapacityContainerBuilder<Vec<(Duration, StateEvent)>>;
+
+/// An operator's handle on [`STATE_LOG`]: reports its sizes when they change,
+/// and costs nothing when no one listens.
+pub(crate) struct StateLog {
+    logger: Option<timely::logging_core::Logger<StateEventBuilder>>,
+    operator: Vec<usize>,
+    last: StateSizes,
+}
+
+impl StateLog {
+    /// The log of the operator at `address` on `worker`.
+    pub(crate) fn new(worker: &timely::worker::Worker, address: &[usize]) -> Self {
+        StateLog {
+            logger: worker.logger_for(STATE_LOG),
+            operator: address.to_vec(),
+            last: Vec::new(),
+        }
+    }
+
+    /// Logs `sizes()` if someone listens and they differ from the last ones.
+    pub(crate) fn report(&mut self, sizes: impl FnOnce() -> StateSizes) {
+        let Some(logger) = &self.logger else { return };
+        let sizes = sizes();
+        if sizes != self.last {
+            self.last = sizes.clone();
+            logger.log(StateEvent {
+                operator: self.operator.clone(),
+                sizes,
+            });
+        }
+    }
+}
 
 /// One operator's figures (summed over workers).
 #[derive(Clone, Debug, Default, Serialize)]
@@ -25,6 +80,9 @@ pub struct OperatorStats {
     pub records_in: i64,
     /// Records sent from its outputs.
     pub records_out: i64,
+    /// What a stateful operator holds, by part (absent for stateless ones).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub state: BTreeMap<&'static str, i64>,
 }
 
 #[derive(Default)]
@@ -47,61 +105,79 @@ struct Inner {
 pub struct DataflowStats(Arc<Mutex<Inner>>);
 
 impl DataflowStats {
-    /// Installs the logger on `worker` (call before building the dataflow).
+    /// Installs the loggers on `worker` (call before building the dataflow).
     pub fn register(&self, worker: &mut timely::worker::Worker) {
+        let Some(mut registry) = worker.log_register() else {
+            return;
+        };
+        let shared = Arc::clone(&self.0);
+        // Operator address → the sizes it last reported on this worker.
+        let mut last: HashMap<Vec<usize>, StateSizes> = HashMap::new();
+        registry.insert::<StateEventBuilder, _>(STATE_LOG, move |_time, data| {
+            let Some(events) = data else { return };
+            let mut inner = shared.lock().expect("stats lock");
+            for (_, event) in events.iter() {
+                let entry = inner.ops.entry(event.operator.clone()).or_default();
+                let before = last.insert(event.operator.clone(), event.sizes.clone());
+                for (part, n) in before.into_iter().flatten() {
+                    *entry.state.entry(part).or_default() -= n as i64;
+                }
+                for &(part, n) in &event.sizes {
+                    *entry.state.entry(part).or_default() += n as i64;
+                }
+            }
+        });
         let shared = Arc::clone(&self.0);
         let mut local = Worker::default();
-        if let Some(mut registry) = worker.log_register() {
-            registry.insert::<TimelyEventBuilder, _>("timely", move |_time, data| {
-                let Some(events) = data else { return };
-                let mut inner = shared.lock().expect("stats lock");
-                for (at, event) in events.iter() {
-                    match event {
-                        TimelyEvent::Operates(op) => {
-                            local.addr_of.insert(op.id, op.addr.clone());
-                            let entry = inner.ops.entry(op.addr.clone()).or_default();
-                            entry.name = op.name.clone();
-                            entry.addr = op.addr.clone();
+        registry.insert::<TimelyEventBuilder, _>("timely", move |_time, data| {
+            let Some(events) = data else { return };
+            let mut inner = shared.lock().expect("stats lock");
+            for (at, event) in events.iter() {
+                match event {
+                    TimelyEvent::Operates(op) => {
+                        local.addr_of.insert(op.id, op.addr.clone());
+                        let entry = inner.ops.entry(op.addr.clone()).or_default();
+                        entry.name = op.name.clone();
+                        entry.addr = op.addr.clone();
+                    }
+                    TimelyEvent::Channels(ch) => {
+                        let mut source = ch.scope_addr.clone();
+                        source.push(ch.source.0);
+                        let mut target = ch.scope_addr.clone();
+                        target.push(ch.target.0);
+                        local.channels.insert(ch.id, (source, target));
+                    }
+                    TimelyEvent::Schedule(s) => match s.start_stop {
+                        StartStop::Start => {
+                            local.started.insert(s.id, *at);
                         }
-                        TimelyEvent::Channels(ch) => {
-                            let mut source = ch.scope_addr.clone();
-                            source.push(ch.source.0);
-                            let mut target = ch.scope_addr.clone();
-                            target.push(ch.target.0);
-                            local.channels.insert(ch.id, (source, target));
-                        }
-                        TimelyEvent::Schedule(s) => match s.start_stop {
-                            StartStop::Start => {
-                                local.started.insert(s.id, *at);
-                            }
-                            StartStop::Stop => {
-                                let (Some(start), Some(addr)) =
-                                    (local.started.remove(&s.id), local.addr_of.get(&s.id))
-                                else {
-                                    continue;
-                                };
-                                let entry = inner.ops.entry(addr.clone()).or_default();
-                                entry.schedules += 1;
-                                entry.busy_us += at.saturating_sub(start).as_micros() as u64;
-                            }
-                        },
-                        TimelyEvent::Messages(m) => {
-                            let Some((source, target)) = local.channels.get(&m.channel) else {
+                        StartStop::Stop => {
+                            let (Some(start), Some(addr)) =
+                                (local.started.remove(&s.id), local.addr_of.get(&s.id))
+                            else {
                                 continue;
                             };
-                            let addr = if m.is_send { source } else { target };
                             let entry = inner.ops.entry(addr.clone()).or_default();
-                            if m.is_send {
-                                entry.records_out += m.record_count;
-                            } else {
-                                entry.records_in += m.record_count;
-                            }
+                            entry.schedules += 1;
+                            entry.busy_us += at.saturating_sub(start).as_micros() as u64;
                         }
-                        _ => {}
+                    },
+                    TimelyEvent::Messages(m) => {
+                        let Some((source, target)) = local.channels.get(&m.channel) else {
+                            continue;
+                        };
+                        let addr = if m.is_send { source } else { target };
+                        let entry = inner.ops.entry(addr.clone()).or_default();
+                        if m.is_send {
+                            entry.records_out += m.record_count;
+                        } else {
+                            entry.records_in += m.record_count;
+                        }
                     }
+                    _ => {}
                 }
-            });
-        }
+            }
+        });
     }
 
     /// The figures of every named operator, by address.

@@ -1,14 +1,17 @@
 //! The live runtime's ends: the feed's last tick is never lost when the log
 //! closes, and workers whose sources end at different times stop together,
 //! having decided everything before the earliest end (as the reference
-//! model does), instead of waiting on each other for ever.
+//! model does), instead of waiting on each other for ever. And what the
+//! stateful operators report holding (`/v1/ops/dataflow`) is what the log
+//! put there, summed over workers.
 
-use grabflow_api::{Event, Feed, Output, Time};
+use grabflow_api::{Event, EventKind, Feed, Output, Time};
 use grabflow_dataflow::gen::random_log;
 use grabflow_dataflow::reference;
 use grabflow_dataflow::runtime::{self, Observer, Source, Sources};
 use grabflow_dataflow::stats::DataflowStats;
 use grabflow_dataflow::IndexEntry;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
@@ -108,5 +111,101 @@ fn workers_whose_sources_end_apart_stop_together_at_the_earliest_end() {
             "seed {seed}: the log must make decisions before its earliest end"
         );
         assert_same(seed, &format!("{workers} workers"), &expected, &got);
+    }
+}
+
+/// Each stateful operator's state figures after running `log` to `end` at
+/// `workers` workers, by operator name.
+fn state_after(
+    cfg: &grabflow_api::DispatchConfig,
+    log: &[Event],
+    end: Time,
+    workers: usize,
+) -> BTreeMap<String, BTreeMap<&'static str, i64>> {
+    let (tx, rx) = mpsc::channel();
+    let stats = DataflowStats::default();
+    let handle = runtime::spawn(
+        cfg.clone(),
+        timely::Config::process(workers),
+        runtime::feed_sources(rx, workers),
+        Arc::new(Decisions::default()),
+        stats.clone(),
+        None,
+    );
+    tx.send(Feed::Events(log.to_vec())).unwrap();
+    tx.send(Feed::Tick(end)).unwrap();
+    drop(tx);
+    handle.join().unwrap();
+    stats
+        .snapshot()
+        .into_iter()
+        .filter(|op| !op.state.is_empty())
+        .map(|op| (op.name, op.state))
+        .collect()
+}
+
+#[test]
+fn operators_report_the_state_the_log_left_them_summed_over_workers() {
+    for seed in [7, 8, 9] {
+        let (cfg, log, end) = random_log(seed, 400);
+        let mut one = state_after(&cfg, &log, end, 1);
+        let names: Vec<&str> = one.keys().map(String::as_str).collect();
+        assert_eq!(names, ["Decide", "Dedup", "TrackRiders"], "seed {seed}");
+        // Every millisecond before the end was handled: nothing waits.
+        for (name, state) in &one {
+            assert_eq!(state["buffered"], 0, "seed {seed}: {name} {state:?}");
+        }
+        let created = reference::run(&cfg, &log, end)
+            .iter()
+            .filter(|(_, o)| matches!(o, Output::Transition { from: None, .. }))
+            .count();
+        assert!(created > 0, "seed {seed}: the log places orders");
+        assert_eq!(one["Decide"]["orders"], created as i64, "seed {seed}");
+        let mut merchants = BTreeSet::new();
+        let mut riders = BTreeSet::new();
+        for e in &log {
+            match &e.kind {
+                EventKind::MerchantUpserted { merchant, .. } => {
+                    merchants.insert(merchant);
+                }
+                EventKind::LocationPinged { rider, .. } | EventKind::ShiftChanged { rider, .. } => {
+                    riders.insert(rider);
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(
+            one["Decide"]["merchants"],
+            merchants.len() as i64,
+            "seed {seed}"
+        );
+        let track = &one["TrackRiders"];
+        assert_eq!(
+            track["riders"] + track["retired"],
+            riders.len() as i64,
+            "seed {seed}"
+        );
+        let ids: BTreeSet<_> = log
+            .iter()
+            .filter(|e| !matches!(e.kind, EventKind::LocationPinged { .. }))
+            .map(|e| &e.id)
+            .collect();
+        let remembered = |state: &BTreeMap<String, BTreeMap<&str, i64>>| state["Dedup"]["ids"];
+        assert!(
+            (1..=ids.len() as i64).contains(&remembered(&one)),
+            "seed {seed}: {one:?}"
+        );
+        // The same log at three workers: the partitions sum to the same
+        // figures, but for ids a partition has not yet had the occasion to
+        // forget (it forgets when it next handles a millisecond).
+        let mut three = state_after(&cfg, &log, end, 3);
+        assert!(
+            (remembered(&one)..=ids.len() as i64).contains(&remembered(&three)),
+            "seed {seed}: {three:?}"
+        );
+        for state in [&mut three, &mut one] {
+            state.get_mut("Dedup").unwrap().remove("ids");
+        }
+        assert_eq!(three, one, "seed {seed}, 3 workers");
     }
 }

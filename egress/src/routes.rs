@@ -389,6 +389,22 @@ pub async fn prometheus(
             .collect(),
     );
     gauge(
+        "grabflow_operator_state",
+        "What each stateful dataflow operator holds, by part (summed over workers).",
+        s.stats
+            .snapshot()
+            .iter()
+            .flat_map(|op| {
+                op.state.iter().map(|(part, n)| {
+                    (
+                        format!("{{operator=\"{}\",part=\"{part}\"}}", op.name),
+                        *n as f64,
+                    )
+                })
+            })
+            .collect(),
+    );
+    gauge(
         "grabflow_dataflow_lag_ms",
         "Newest event time minus the dataflow frontier.",
         vec![(
