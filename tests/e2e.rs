@@ -543,6 +543,103 @@ async fn ops_see_metrics_dataflow_figures_and_the_contract() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The answer `s` gives to `method path` (ids filled in) with `token`.
+async fn answer(s: &Server, method: &str, path: &str, token: Option<&str>) -> (String, Value) {
+    let url = format!(
+        "{}{}",
+        s.url,
+        path.replace("{order_id}", "O9")
+            .replace("{rider_id}", "R9")
+            .replace("{merchant_id}", "M9")
+    );
+    let mut req = s.http.request(method.to_uppercase().parse().unwrap(), url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.unwrap();
+    let status = r.status().as_u16().to_string();
+    (status, r.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_contract_documents_the_errors_the_server_gives() {
+    let dir = temp_dir();
+    let s = Server::start(&dir, &[]);
+    s.wait_ready().await;
+    let api: Value = s
+        .http
+        .get(format!("{}/openapi.json", s.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let schemes = &api["components"]["securitySchemes"];
+    let id = &api["components"]["schemas"]["Id"];
+    assert_eq!(id["pattern"], "^[A-Za-z0-9_.:-]{1,64}$", "{id}");
+    let error = "#/components/schemas/Error";
+    let ops_token = s.token("ops", None);
+    let mut checked = 0;
+    for (path, item) in api["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let documented = |code: &str| {
+                op["responses"][code]["content"]["application/json"]["schema"]["$ref"] == error
+            };
+            let params = op["parameters"].as_array().cloned().unwrap_or_default();
+            for p in params.iter().filter(|p| p["in"] == "path") {
+                assert_eq!(
+                    p["schema"]["$ref"], "#/components/schemas/Id",
+                    "{method} {path}"
+                );
+            }
+            if method != "get" {
+                assert!(
+                    params
+                        .iter()
+                        .any(|p| p["in"] == "header" && p["name"] == "Idempotency-Key"),
+                    "{method} {path}"
+                );
+            }
+            let secured = op["security"].as_array().is_some_and(|s| !s.is_empty());
+            if secured {
+                for requirement in op["security"].as_array().unwrap() {
+                    for scheme in requirement.as_object().unwrap().keys() {
+                        assert!(schemes[scheme].is_object(), "{scheme} undefined");
+                    }
+                }
+                // Without a token: a documented 401 in the error shape.
+                let (status, body) = answer(&s, method, path, None).await;
+                assert_eq!(status, "401", "{method} {path}: {body}");
+                assert!(documented("401") && documented("403"), "{method} {path}");
+                assert_eq!(body["error"]["code"], "unauthorized", "{method} {path}");
+                checked += 1;
+            }
+            if params.iter().any(|p| p["in"] == "query") {
+                // An unknown query parameter: a documented 400 naming it.
+                let (status, body) =
+                    answer(&s, method, &format!("{path}?bogus=1"), Some(&ops_token)).await;
+                assert!(documented(&status), "{method} {path}: {status} {body}");
+                assert_eq!(body["error"]["field"], "bogus", "{method} {path}: {body}");
+            }
+        }
+    }
+    assert!(checked >= 18, "{checked} secured operations");
+    // A plain GET on the WebSocket path: the documented 426.
+    let r1 = s.token("rider", Some("R9"));
+    let (status, body) = answer(&s, "get", "/v1/riders/{rider_id}/ws", Some(&r1)).await;
+    assert_eq!(
+        (status.as_str(), &body["error"]["code"]),
+        ("426", &json!("upgrade_required"))
+    );
+    let ws = &api["paths"]["/v1/riders/{rider_id}/ws"]["get"];
+    assert_eq!(
+        ws["responses"]["426"]["content"]["application/json"]["schema"]["$ref"],
+        error
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_closes_streams_and_exits_cleanly() {
     sigterm_on(&[]).await;

@@ -10,13 +10,15 @@
 //!
 //! - [`view`]: [`Egress`](view::Egress), the live view fed by the dataflow
 //!   runtime (it implements the runtime's `Observer` and ingress's `GrabWaiter`).
-//! - [`routes`]: `routes(EgressState) -> Router`, `app(Ingress, EgressState)`
-//!   composing the whole service, and the OpenAPI document.
+//! - [`routes`]: `routes(EgressState) -> Router` and `app(Ingress, EgressState)`
+//!   composing the whole service.
+//! - [`contract`]: the OpenAPI document, generated from the handlers.
 //! - [`kafka`]: the output topics: the sink writing decisions and the index
 //!   (exactly once across restarts), and the follower that feeds a split
 //!   egress process's view from the topics.
 //! - [`redis`]: the Redis mirror of the index and live orders.
 
+pub mod contract;
 pub mod kafka;
 pub mod redis;
 pub mod routes;

@@ -2,9 +2,10 @@
 //! health, and the composed service router.
 
 use crate::view::Egress;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
-use axum::extract::{FromRef, Path, Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::extract::{FromRef, Path, State};
+use axum::http::{header, HeaderMap};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -15,13 +16,12 @@ use grabflow_dataflow::stats::DataflowStats;
 use grabflow_ingress::auth::{Auth, Claims, Role, Secret};
 use grabflow_ingress::error::ApiError;
 use grabflow_ingress::routes::Ingress;
-use grabflow_ingress::wire;
+use grabflow_ingress::wire::{self, QueryParams};
 use serde::Deserialize;
 use serde_json::json;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
-use utoipa::OpenApi;
 
 /// The egress state handed to the routes.
 #[derive(Clone)]
@@ -59,8 +59,8 @@ pub fn routes(state: EgressState) -> Router {
         .route("/v1/ops/metrics", get(ops_metrics))
         .route("/v1/ops/dataflow", get(ops_dataflow))
         .route("/metrics", get(prometheus))
-        .route("/openapi.json", get(openapi))
-        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/openapi.json", get(crate::contract::openapi))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(state)
 }
@@ -109,16 +109,19 @@ fn resume_point(headers: &HeaderMap, q: &StreamQuery) -> u64 {
 
 /// The rider's messages over a WebSocket.
 #[utoipa::path(get, path = "/v1/riders/{rider_id}/ws", params(("rider_id" = String, Path), ("after" = Option<u64>, Query)),
-    responses((status = 101, description = "offer / withdrawn / grab_result / assigned messages, one JSON object each")))]
+    responses((status = 101, description = "offer / withdrawn / grab_result / assigned messages, one JSON object each"),
+        (status = 426, description = "`upgrade_required`: not a WebSocket handshake", body = grabflow_ingress::error::ErrorBody)),
+    security(("bearer" = []), ("access_token" = [])))]
 pub async fn rider_ws(
     State(s): State<EgressState>,
     Path(rider_id): Path<String>,
-    Query(q): Query<StreamQuery>,
+    QueryParams(q): QueryParams<StreamQuery>,
     headers: HeaderMap,
-    ws: WebSocketUpgrade,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let rider = wire::id(&rider_id, "rider_id")?;
     stream_auth(&s, &headers, &q, &rider)?;
+    let ws = ws.map_err(|e| ApiError::upgrade_required(e.body_text()))?;
     let after = resume_point(&headers, &q);
     Ok(ws.on_upgrade(move |socket| pump_ws(socket, s.egress, rider, after)))
 }
@@ -156,11 +159,12 @@ async fn pump_ws(mut socket: WebSocket, egress: Arc<Egress>, rider: Id, mut curs
 
 /// The rider's messages as Server-Sent Events (`id` is the seq).
 #[utoipa::path(get, path = "/v1/riders/{rider_id}/stream", params(("rider_id" = String, Path), ("after" = Option<u64>, Query)),
-    responses((status = 200, description = "text/event-stream of rider messages")))]
+    responses((status = 200, description = "text/event-stream of rider messages", content_type = "text/event-stream")),
+    security(("bearer" = []), ("access_token" = [])))]
 pub async fn rider_sse(
     State(s): State<EgressState>,
     Path(rider_id): Path<String>,
-    Query(q): Query<StreamQuery>,
+    QueryParams(q): QueryParams<StreamQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, std::convert::Infallible>>>, ApiError> {
     let rider = wire::id(&rider_id, "rider_id")?;
@@ -233,14 +237,14 @@ pub struct LimitQuery {
 }
 
 /// The available riders nearest to a merchant, within the base radius.
-#[utoipa::path(get, path = "/v1/merchants/{merchant_id}/riders", params(("merchant_id" = String, Path), ("limit" = Option<usize>, Query)),
+#[utoipa::path(get, path = "/v1/merchants/{merchant_id}/riders", params(("merchant_id" = String, Path), ("limit" = Option<usize>, Query, minimum = 1, maximum = 200, description = "How many riders (default 20)")),
     responses((status = 200, description = "merchant_id, riders[{rider_id, distance_m}] nearest first"), (status = 404)),
     security(("bearer" = [])))]
 pub async fn get_merchant_riders(
     State(s): State<EgressState>,
     Auth(claims): Auth,
     Path(merchant_id): Path<String>,
-    Query(q): Query<LimitQuery>,
+    QueryParams(q): QueryParams<LimitQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     claims.require(&[Role::App], None)?;
     let id = wire::id(&merchant_id, "merchant_id")?;
@@ -415,6 +419,12 @@ pub async fn prometheus(
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 
+/// Alive (the process answers).
+#[utoipa::path(get, path = "/healthz", responses((status = 200, description = "`{\"status\": \"ok\"}`")))]
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
 /// Ready once replay has caught up.
 #[utoipa::path(get, path = "/readyz", responses((status = 200), (status = 503)))]
 pub async fn readyz(State(s): State<EgressState>) -> Response {
@@ -423,62 +433,4 @@ pub async fn readyz(State(s): State<EgressState>) -> Response {
     } else {
         ApiError::unavailable("replaying the log").into_response()
     }
-}
-
-/// The HTTP contract, machine-readable, generated from the handlers.
-#[derive(OpenApi)]
-#[openapi(
-    info(
-        title = "grabflow",
-        description = "Real-time dispatch for on-demand food delivery"
-    ),
-    paths(
-        grabflow_ingress::routes::put_merchant,
-        grabflow_ingress::routes::put_shift,
-        grabflow_ingress::routes::post_location,
-        grabflow_ingress::routes::post_batch,
-        grabflow_ingress::routes::post_order,
-        grabflow_ingress::routes::post_cancel,
-        grabflow_ingress::routes::post_grab,
-        grabflow_ingress::routes::post_pickup,
-        grabflow_ingress::routes::post_delivered,
-        grabflow_ingress::routes::post_compensation,
-        grabflow_ingress::routes::post_redispatch,
-        grabflow_ingress::routes::post_reassign,
-        rider_ws,
-        rider_sse,
-        get_order,
-        get_merchant_riders,
-        get_rider,
-        ops_metrics,
-        ops_dataflow,
-        prometheus,
-        readyz
-    ),
-    components(schemas(
-        grabflow_ingress::wire::MerchantBody,
-        grabflow_ingress::wire::ShiftBody,
-        grabflow_ingress::wire::LocationBody,
-        grabflow_ingress::wire::BatchPing,
-        grabflow_ingress::wire::OrderBody,
-        grabflow_ingress::wire::LatLon,
-        grabflow_ingress::wire::CancelBody,
-        grabflow_ingress::wire::EmptyBody,
-        grabflow_ingress::wire::CompensationBody,
-        grabflow_ingress::wire::ReassignBody,
-        grabflow_ingress::routes::Accepted,
-        grabflow_ingress::routes::BatchAccepted,
-        grabflow_ingress::routes::GrabAnswer,
-        grabflow_ingress::routes::GrabPending
-    ))
-)]
-pub struct ApiDoc;
-
-async fn openapi() -> Response {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        ApiDoc::openapi().to_json().unwrap_or_default(),
-    )
-        .into_response()
 }

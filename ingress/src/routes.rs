@@ -23,6 +23,8 @@ use utoipa::ToSchema;
 pub const GRAB_WAIT: Duration = Duration::from_secs(2);
 /// The most pings one batch request may carry.
 pub const MAX_BATCH: usize = 10_000;
+/// The longest `Idempotency-Key` (printable ASCII).
+pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
 /// Lets the grab call wait for its decision (implemented by egress).
 pub trait GrabWaiter: Send + Sync + 'static {
@@ -138,10 +140,10 @@ impl<S: Send + Sync> FromRequestParts<S> for IdempotencyKey {
         let key = v
             .to_str()
             .map_err(|_| ApiError::invalid_field("Idempotency-Key", "must be printable ASCII"))?;
-        if key.is_empty() || key.len() > 128 {
+        if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY {
             return Err(ApiError::invalid_field(
                 "Idempotency-Key",
-                "must be 1 to 128 characters",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY} characters"),
             ));
         }
         Ok(IdempotencyKey(Some(key.to_string())))
@@ -396,7 +398,8 @@ pub async fn post_cancel(
 
 /// A grab attempt; waits up to 2 s for the decision.
 #[utoipa::path(post, path = "/v1/orders/{order_id}/grab", request_body = EmptyBody,
-    params(("order_id" = String, Path)), responses((status = 200, body = GrabAnswer), (status = 202, body = GrabPending)),
+    params(("order_id" = String, Path)), responses((status = 200, description = "Decided: `won`, or `lost` with the reason", body = GrabAnswer),
+        (status = 202, description = "Durable, but not decided within 2 s: the result comes on the rider's stream", body = GrabPending)),
     security(("bearer" = [])))]
 pub async fn post_grab(
     State(s): State<Arc<Ingress>>,

@@ -3,8 +3,10 @@
 
 use crate::error::ApiError;
 use axum::body::Bytes;
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
 use grabflow_api::geo::CoordError;
+use grabflow_api::id::MAX_ID_LEN;
 use grabflow_api::{Coord, Id};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -51,30 +53,10 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
             .next()
             .unwrap_or(&message)
             .to_string();
-        if !inner.is_data() {
-            return ApiError::invalid_json(message);
-        }
-        let join = |name: &str| {
-            if path == "." || path.is_empty() {
-                name.to_string()
-            } else if path == name || path.ends_with(&format!(".{name}")) {
-                path.clone()
-            } else {
-                format!("{path}.{name}")
-            }
-        };
-        let quoted = |prefix: &str| {
-            message
-                .strip_prefix(prefix)
-                .and_then(|rest| rest.split('`').next())
-                .map(str::to_string)
-        };
-        if let Some(name) = quoted("unknown field `") {
-            ApiError::unknown_field(join(&name))
-        } else if let Some(name) = quoted("missing field `") {
-            ApiError::invalid_field(join(&name), message)
+        if inner.is_data() {
+            at_field(path, message)
         } else {
-            ApiError::invalid_field(path, message)
+            ApiError::invalid_json(message)
         }
     })?;
     // What the plain parser refused after a whole value: trailing bytes.
@@ -83,13 +65,81 @@ pub fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
+/// A value that did not fit its type, at `path` (`.` for the top), as API.md's
+/// error naming the field: 400 `unknown_field` for a name the contract does
+/// not know, else 422 `invalid_field`.
+fn at_field(path: String, message: String) -> ApiError {
+    let join = |name: &str| {
+        if path == "." || path.is_empty() {
+            name.to_string()
+        } else if path == name || path.ends_with(&format!(".{name}")) {
+            path.clone()
+        } else {
+            format!("{path}.{name}")
+        }
+    };
+    let quoted = |prefix: &str| {
+        message
+            .strip_prefix(prefix)
+            .and_then(|rest| rest.split('`').next())
+            .map(str::to_string)
+    };
+    if let Some(name) = quoted("unknown field `") {
+        ApiError::unknown_field(join(&name))
+    } else if let Some(name) = quoted("missing field `").or_else(|| quoted("duplicate field `")) {
+        ApiError::invalid_field(join(&name), message)
+    } else {
+        ApiError::invalid_field(path, message)
+    }
+}
+
+/// Extractor: the query string as `T`, or a 4xx in API.md's error shape
+/// naming the parameter at fault.
+pub struct QueryParams<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        let query = parts.uri.query().unwrap_or("");
+        let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(query.as_bytes()));
+        serde_path_to_error::deserialize(de)
+            .map(QueryParams)
+            .map_err(|e| at_field(e.path().to_string(), e.into_inner().to_string()))
+    }
+}
+
+/// The OpenAPI schema of an id (`Id`): 1–64 characters from
+/// `[A-Za-z0-9_.:-]`, as [`Id::new`] checks.
+pub struct IdSchema;
+
+impl utoipa::PartialSchema for IdSchema {
+    fn schema() -> utoipa::openapi::RefOr<utoipa::openapi::schema::Schema> {
+        utoipa::openapi::ObjectBuilder::new()
+            .schema_type(utoipa::openapi::Type::String)
+            .description(Some("An id: 1 to 64 characters from [A-Za-z0-9_.:-]."))
+            .min_length(Some(1))
+            .max_length(Some(MAX_ID_LEN))
+            .pattern(Some(format!("^[A-Za-z0-9_.:-]{{1,{MAX_ID_LEN}}}$")))
+            .into()
+    }
+}
+
+impl ToSchema for IdSchema {
+    fn name() -> std::borrow::Cow<'static, str> {
+        "Id".into()
+    }
+}
+
 /// A position in WGS84 degrees.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LatLon {
     /// Latitude, −90 to 90.
+    #[schema(minimum = -90.0, maximum = 90.0)]
     pub lat: f64,
     /// Longitude, −180 to 180.
+    #[schema(minimum = -180.0, maximum = 180.0)]
     pub lon: f64,
 }
 
@@ -97,9 +147,11 @@ pub struct LatLon {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MerchantBody {
-    /// Latitude.
+    /// Latitude, −90 to 90.
+    #[schema(minimum = -90.0, maximum = 90.0)]
     pub lat: f64,
-    /// Longitude.
+    /// Longitude, −180 to 180.
+    #[schema(minimum = -180.0, maximum = 180.0)]
     pub lon: f64,
     /// Whether it takes orders (default true).
     #[serde(default = "yes")]
@@ -117,6 +169,7 @@ pub struct ShiftBody {
     /// On shift or not.
     pub online: bool,
     /// Orders the rider may carry at once (1–50); the server default if absent.
+    #[schema(minimum = 1, maximum = 50)]
     pub capacity: Option<u32>,
 }
 
@@ -124,9 +177,11 @@ pub struct ShiftBody {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LocationBody {
-    /// Latitude.
+    /// Latitude, −90 to 90.
+    #[schema(minimum = -90.0, maximum = 90.0)]
     pub lat: f64,
-    /// Longitude.
+    /// Longitude, −180 to 180.
+    #[schema(minimum = -180.0, maximum = 180.0)]
     pub lon: f64,
     /// The device's clock, ms (informational; the log assigns event time).
     pub at: Option<u64>,
@@ -137,11 +192,13 @@ pub struct LocationBody {
 #[serde(deny_unknown_fields)]
 pub struct BatchPing {
     /// The rider (validated as it is parsed: a batch is thousands of these).
-    #[schema(value_type = String)]
+    #[schema(value_type = IdSchema)]
     pub rider_id: Id,
-    /// Latitude.
+    /// Latitude, −90 to 90.
+    #[schema(minimum = -90.0, maximum = 90.0)]
     pub lat: f64,
-    /// Longitude.
+    /// Longitude, −180 to 180.
+    #[schema(minimum = -180.0, maximum = 180.0)]
     pub lon: f64,
     /// The device's clock, ms.
     pub at: Option<u64>,
@@ -152,13 +209,16 @@ pub struct BatchPing {
 #[serde(deny_unknown_fields)]
 pub struct OrderBody {
     /// The order's id.
+    #[schema(value_type = IdSchema)]
     pub order_id: String,
     /// The merchant preparing it.
+    #[schema(value_type = IdSchema)]
     pub merchant_id: String,
     /// Where it goes.
     pub dropoff: LatLon,
     /// Promised delivery time, minutes (1–1440, default 30).
     #[serde(default = "thirty")]
+    #[schema(minimum = 1, maximum = 1440, default = 30)]
     pub promised_minutes: u32,
 }
 
@@ -192,6 +252,7 @@ pub struct CompensationBody {
 #[serde(deny_unknown_fields)]
 pub struct ReassignBody {
     /// The rider to give the order to.
+    #[schema(value_type = IdSchema)]
     pub rider_id: String,
 }
 

@@ -1,0 +1,265 @@
+//! The HTTP contract, machine-readable (`GET /openapi.json`), generated from
+//! the handlers' annotations and completed by one pass over every operation
+//! ([`Contract`]): the auth schemes, the `Error` body on every failure the
+//! handler can give, ids as the `Id` schema, and `Idempotency-Key` on every
+//! event.
+
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use grabflow_ingress::routes::{MAX_BATCH, MAX_IDEMPOTENCY_KEY};
+use utoipa::openapi::path::{Operation, ParameterBuilder, ParameterIn};
+use utoipa::openapi::security::{ApiKey, ApiKeyValue, Http, HttpAuthScheme, SecurityScheme};
+use utoipa::openapi::{
+    ArrayBuilder, ContentBuilder, ObjectBuilder, Ref, RefOr, Required, ResponseBuilder, Schema,
+    Type,
+};
+use utoipa::{Modify, OpenApi};
+
+/// The HTTP contract, machine-readable, generated from the handlers.
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "grabflow",
+        description = "Real-time dispatch for on-demand food delivery"
+    ),
+    paths(
+        grabflow_ingress::routes::put_merchant,
+        grabflow_ingress::routes::put_shift,
+        grabflow_ingress::routes::post_location,
+        grabflow_ingress::routes::post_batch,
+        grabflow_ingress::routes::post_order,
+        grabflow_ingress::routes::post_cancel,
+        grabflow_ingress::routes::post_grab,
+        grabflow_ingress::routes::post_pickup,
+        grabflow_ingress::routes::post_delivered,
+        grabflow_ingress::routes::post_compensation,
+        grabflow_ingress::routes::post_redispatch,
+        grabflow_ingress::routes::post_reassign,
+        crate::routes::rider_ws,
+        crate::routes::rider_sse,
+        crate::routes::get_order,
+        crate::routes::get_merchant_riders,
+        crate::routes::get_rider,
+        crate::routes::ops_metrics,
+        crate::routes::ops_dataflow,
+        crate::routes::prometheus,
+        crate::routes::healthz,
+        crate::routes::readyz
+    ),
+    components(schemas(
+        grabflow_ingress::wire::IdSchema,
+        grabflow_ingress::wire::MerchantBody,
+        grabflow_ingress::wire::ShiftBody,
+        grabflow_ingress::wire::LocationBody,
+        grabflow_ingress::wire::BatchPing,
+        grabflow_ingress::wire::OrderBody,
+        grabflow_ingress::wire::LatLon,
+        grabflow_ingress::wire::CancelBody,
+        grabflow_ingress::wire::EmptyBody,
+        grabflow_ingress::wire::CompensationBody,
+        grabflow_ingress::wire::ReassignBody,
+        grabflow_ingress::routes::Accepted,
+        grabflow_ingress::routes::BatchAccepted,
+        grabflow_ingress::routes::GrabAnswer,
+        grabflow_ingress::routes::GrabPending,
+        grabflow_ingress::error::ErrorBody
+    )),
+    modifiers(&Contract)
+)]
+pub struct ApiDoc;
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> Response {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        ApiDoc::openapi().to_json().unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// Completes every operation of the document (see the module doc).
+pub struct Contract;
+
+/// What each error status means, for every operation that can give it.
+const ERRORS: [(&str, &str); 8] = [
+    (
+        "400",
+        "`invalid_json` or `unknown_field`: the body or the query is not of the expected shape",
+    ),
+    (
+        "401",
+        "`unauthorized`: no token, or not one this server signed",
+    ),
+    (
+        "403",
+        "`forbidden`: the token's role, or its rider, may not make this call",
+    ),
+    ("404", "`not_found`: the id in `field` is not known"),
+    ("409", "`conflict`: an order with this id exists"),
+    (
+        "413",
+        "`too_large`: the body is over the limit (the connection is closed)",
+    ),
+    (
+        "422",
+        "`invalid_field`: the value of `field` is out of range or malformed",
+    ),
+    (
+        "503",
+        "`unavailable`: not durable in time, or shutting down; retry after `Retry-After` seconds",
+    ),
+];
+
+impl Modify for Contract {
+    fn modify(&self, api: &mut utoipa::openapi::OpenApi) {
+        let components = api.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                Http::builder()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("grabflow token")
+                    .description(Some(
+                        "A token from `grabflow token --role app|rider|ops [--id RIDER]`.",
+                    ))
+                    .build(),
+            ),
+        );
+        components.add_security_scheme(
+            "access_token",
+            SecurityScheme::ApiKey(ApiKey::Query(ApiKeyValue::with_description(
+                "access_token",
+                "The same token, for stream clients that cannot set headers.",
+            ))),
+        );
+        // Bodies without a required field may be left out (an empty body
+        // reads as `{}`).
+        let optional: Vec<String> = components
+            .schemas
+            .iter()
+            .filter(|(_, s)| matches!(s, RefOr::T(Schema::Object(o)) if o.required.is_empty()))
+            .map(|(name, _)| format!("#/components/schemas/{name}"))
+            .collect();
+        for (path, item) in api.paths.paths.iter_mut() {
+            let methods = [
+                (&mut item.get, false),
+                (&mut item.put, true),
+                (&mut item.post, true),
+            ];
+            for (op, is_event) in methods {
+                if let Some(op) = op {
+                    complete(path, op, is_event, &optional);
+                }
+            }
+        }
+    }
+}
+
+/// Adds to `op` what [`Contract`] promises; bodies of the schemas in
+/// `optional` may be left out.
+fn complete(path: &str, op: &mut Operation, is_event: bool, optional: &[String]) {
+    op.tags = Some(vec![tag(path, is_event).to_string()]);
+    let params = op.parameters.get_or_insert_with(Vec::new);
+    let mut by_path = false;
+    let mut by_query = false;
+    for p in params.iter_mut() {
+        match p.parameter_in {
+            ParameterIn::Path => {
+                by_path = true;
+                p.schema = Some(RefOr::Ref(Ref::from_schema_name("Id")));
+            }
+            ParameterIn::Query => by_query = true,
+            _ => {}
+        }
+    }
+    if is_event {
+        params.push(
+            ParameterBuilder::new()
+                .name("Idempotency-Key")
+                .parameter_in(ParameterIn::Header)
+                .required(Required::False)
+                .description(Some(
+                    "A repeat with the same key answers as the first did and appends nothing \
+                     (printable ASCII).",
+                ))
+                .schema(Some(
+                    ObjectBuilder::new()
+                        .schema_type(Type::String)
+                        .min_length(Some(1))
+                        .max_length(Some(MAX_IDEMPOTENCY_KEY)),
+                ))
+                .build(),
+        );
+    }
+    if params.is_empty() {
+        op.parameters = None;
+    }
+    if let Some(body) = &mut op.request_body {
+        let may_be_empty = body.content.values().all(
+            |c| matches!(&c.schema, Some(RefOr::Ref(r)) if optional.contains(&r.ref_location)),
+        );
+        if may_be_empty {
+            body.required = Some(Required::False);
+        }
+    }
+    if op.operation_id.as_deref() == Some("post_batch") {
+        if let Some(body) = &mut op.request_body {
+            for content in body.content.values_mut() {
+                content.schema = Some(
+                    ArrayBuilder::new()
+                        .items(RefOr::Ref(Ref::from_schema_name("BatchPing")))
+                        .min_items(Some(1))
+                        .max_items(Some(MAX_BATCH))
+                        .into(),
+                );
+            }
+        }
+    }
+    let secured = op.security.as_ref().is_some_and(|s| !s.is_empty());
+    let with_body = op.request_body.is_some();
+    let responses = &mut op.responses.responses;
+    if let Some(RefOr::T(accepted)) = responses.get_mut("202") {
+        if is_event && accepted.description.is_empty() {
+            accepted.description = "Accepted: the event is durable in the log. A repeated \
+                `Idempotency-Key` gets the first answer."
+                .to_string();
+        }
+    }
+    for (code, meaning) in ERRORS {
+        let applies = match code {
+            "400" => with_body || by_query,
+            "401" | "403" => secured,
+            "413" | "503" => with_body,
+            "422" => with_body || by_path || by_query,
+            // Declared by the handler where it applies.
+            _ => responses.contains_key(code),
+        };
+        if !applies {
+            continue;
+        }
+        let error = ResponseBuilder::new()
+            .description(meaning)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("Error")))
+                    .build(),
+            )
+            .build();
+        responses.insert(code.to_string(), RefOr::T(error));
+    }
+}
+
+/// The group an operation is listed under.
+fn tag(path: &str, is_event: bool) -> &'static str {
+    if path.starts_with("/v1/ops/") || path == "/metrics" {
+        "ops"
+    } else if is_event {
+        "events in"
+    } else if path.starts_with("/v1/") {
+        "results out"
+    } else {
+        "health"
+    }
+}
