@@ -31,7 +31,7 @@ use grabflow_ingress::auth::{Claims, Role, Secret};
 use grabflow_ingress::kafka::{
     ensure_topics, Follower, GrabResults, KafkaConfig, KafkaLog, KafkaSources,
 };
-use grabflow_ingress::log::{Appended, LogHandle, Ticks};
+use grabflow_ingress::log::{LogHandle, Ticks};
 use grabflow_ingress::routes::{Ingress, Known};
 use serde::Deserialize;
 use std::io::{BufRead, Write};
@@ -44,8 +44,8 @@ use std::time::Duration;
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// Idempotency keys and their first answers.
-type KeyAnswers = Arc<Mutex<std::collections::HashMap<String, Appended>>>;
+/// Idempotency keys and their first uses.
+type KeyAnswers = Arc<Mutex<grabflow_ingress::keys::Keys>>;
 
 #[derive(Parser)]
 #[command(

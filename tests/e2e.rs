@@ -435,6 +435,33 @@ async fn bad_requests_get_a_4xx_naming_the_field_and_reach_no_log() {
         a["offset"].as_u64().unwrap(),
         next["offset"].as_u64().unwrap() + 1
     );
+    // The same key on a different request is refused, not answered with the
+    // first answer (that would acknowledge an event never appended).
+    let other = s
+        .http
+        .put(format!("{}/v1/riders/R1/shift", s.url))
+        .bearer_auth(&r1)
+        .header("Idempotency-Key", "retry-1")
+        .json(&json!({"online": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 422);
+    let e: Value = other.json().await.unwrap();
+    assert_eq!(e["error"]["field"], "Idempotency-Key", "{e}");
+    let (_, last) = s
+        .call(
+            "POST",
+            "/v1/riders/R1/location",
+            &r1,
+            Some(json!({"lat": 1, "lon": 2})),
+        )
+        .await;
+    assert_eq!(
+        last["offset"].as_u64().unwrap(),
+        a["offset"].as_u64().unwrap() + 1,
+        "neither the repeat nor the refused request appended anything"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

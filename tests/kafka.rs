@@ -343,6 +343,89 @@ async fn a_full_order_life_cycle_through_kafka_with_its_outputs_on_topics() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// POSTs `body` to `path` with `Idempotency-Key: key`.
+async fn keyed(s: &Server, token: &str, path: &str, key: &str, body: Value) -> (u16, Value) {
+    let r = s
+        .http
+        .post(format!("{}{path}", s.url))
+        .bearer_auth(token)
+        .header("Idempotency-Key", key)
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_and_what_they_were_for_are_read_back_from_the_topics() {
+    let broker = Broker::start();
+    let dir = temp_dir();
+    let mut s = Server::start(&dir, &kafka_args(&broker, &[]));
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let batch = |riders: &[&str]| {
+        json!(riders
+            .iter()
+            .map(|r| json!({"rider_id": r, "lat": 31.23, "lon": 121.47}))
+            .collect::<Vec<_>>())
+    };
+    let riders = ["K1", "K2", "K3", "K4", "K5", "K6"];
+    let first = keyed(&s, &app, "/v1/locations:batch", "b-1", batch(&riders)).await;
+    assert_eq!(first, (202, json!({"accepted": 6})));
+    let one = keyed(
+        &s,
+        &app,
+        "/v1/riders/K1/location",
+        "p-1",
+        json!({"lat": 31.0, "lon": 121.0}),
+    )
+    .await;
+    assert_eq!(one.0, 202, "{one:?}");
+    // A new process knows the keys only from the topics: the batch's events
+    // are spread over partitions and read back in another order.
+    s.kill9();
+    let s = Server::start(&dir, &kafka_args(&broker, &[]));
+    s.wait_ready().await;
+    let mut shuffled = riders;
+    shuffled.reverse();
+    let again = keyed(&s, &app, "/v1/locations:batch", "b-1", batch(&shuffled)).await;
+    assert_eq!(again, first, "a retried batch gets its first answer");
+    let again = keyed(
+        &s,
+        &app,
+        "/v1/riders/K1/location",
+        "p-1",
+        json!({"lat": 31.0, "lon": 121.0}),
+    )
+    .await;
+    assert_eq!(again, one, "a retried ping gets its first answer");
+    for (path, key, body) in [
+        ("/v1/locations:batch", "b-1", batch(&riders[..5])),
+        (
+            "/v1/riders/K1/location",
+            "p-1",
+            json!({"lat": 31.5, "lon": 121.0}),
+        ),
+        (
+            "/v1/riders/K2/location",
+            "p-1",
+            json!({"lat": 31.0, "lon": 121.0}),
+        ),
+    ] {
+        let (status, e) = keyed(&s, &app, path, key, body).await;
+        assert_eq!(status, 422, "{path} {key}: {e}");
+        assert_eq!(e["error"]["field"], "Idempotency-Key", "{e}");
+    }
+    // Nothing but the first two requests reached the topics.
+    let pings: Vec<_> = read_topics(&broker.addr, &["grabflow.riders".to_string()])
+        .into_iter()
+        .filter(|(_, _, v)| v["type"] == "location_pinged")
+        .collect();
+    assert_eq!(pings.len(), 7, "{pings:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_produced_straight_to_the_topics_are_dispatched() {
     let broker = Broker::start();

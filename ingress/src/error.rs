@@ -145,6 +145,11 @@ impl IntoResponse for ApiError {
 
 impl From<crate::log::LogError> for ApiError {
     fn from(e: crate::log::LogError) -> Self {
-        ApiError::unavailable(format!("the event could not be made durable: {e}"))
+        match e {
+            crate::log::LogError::KeyReused(e) => {
+                ApiError::invalid_field("Idempotency-Key", e.to_string())
+            }
+            e => ApiError::unavailable(format!("the event could not be made durable: {e}")),
+        }
     }
 }

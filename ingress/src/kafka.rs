@@ -13,6 +13,7 @@
 //! - [`Follower`]: reads the input topics for the ids and idempotency keys
 //!   ingress must know, and the grab results for waiting grab calls.
 
+use crate::keys::{FirstUse, KeyReused, Keys, Print};
 use crate::log::Appended;
 use crate::routes::{GrabWaiter, Known};
 use grabflow_api::topics::{InputRecord, OutputRecord, Topics};
@@ -151,6 +152,9 @@ pub enum KafkaError {
     /// The broker did not answer in time.
     #[error("kafka did not ack within {0:?}")]
     Timeout(Duration),
+    /// The idempotency key was first used for a different request.
+    #[error(transparent)]
+    KeyReused(#[from] KeyReused),
 }
 
 /// Creates the topics that are missing; returns their names.
@@ -216,15 +220,12 @@ pub struct KafkaLog {
     timeout: Duration,
     /// Answers of idempotency keys seen (own appends and, via the
     /// [`Follower`], every record carrying a key).
-    keys: Arc<Mutex<HashMap<String, Appended>>>,
+    keys: Arc<Mutex<Keys>>,
 }
 
 impl KafkaLog {
     /// A producer for `cfg`'s brokers.
-    pub fn new(
-        cfg: &KafkaConfig,
-        keys: Arc<Mutex<HashMap<String, Appended>>>,
-    ) -> Result<Self, KafkaError> {
+    pub fn new(cfg: &KafkaConfig, keys: Arc<Mutex<Keys>>) -> Result<Self, KafkaError> {
         let producer: FutureProducer = cfg
             .producer()
             // A broker that stays down fails the append (503) instead of
@@ -250,9 +251,12 @@ impl KafkaLog {
         key: Option<String>,
         events: Vec<(Id, EventKind)>,
     ) -> Result<Appended, KafkaError> {
-        if let Some(k) = &key {
-            if let Some(a) = self.keys.lock().expect("keys").get(k) {
-                return Ok(a.clone());
+        let request = key
+            .as_ref()
+            .map(|_| Print::of(events.iter().map(|(_, k)| k)));
+        if let (Some(k), Some(request)) = (&key, request) {
+            if let Some(first) = self.keys.lock().expect("keys").get(k) {
+                return Ok(first.repeat(request)?);
             }
         }
         let batch = events.len();
@@ -306,8 +310,12 @@ impl KafkaLog {
             },
             _ => Appended::Batch { accepted: batch },
         };
-        if let Some(k) = key {
-            self.keys.lock().expect("keys").insert(k, answer.clone());
+        if let (Some(k), Some(request)) = (key, request) {
+            let first = FirstUse {
+                answer: answer.clone(),
+                request,
+            };
+            self.keys.lock().expect("keys").insert(k, first);
         }
         Ok(answer)
     }
@@ -551,7 +559,7 @@ impl Follower {
     pub fn start(
         cfg: &KafkaConfig,
         known: Arc<Mutex<Known>>,
-        keys: Arc<Mutex<HashMap<String, Appended>>>,
+        keys: Arc<Mutex<Keys>>,
         grabs: Option<Arc<GrabResults>>,
     ) -> Result<Follower, KafkaError> {
         let topics = cfg.topics();
@@ -578,7 +586,8 @@ impl Follower {
         std::thread::Builder::new()
             .name("grabflow-follower".into())
             .spawn(move || {
-                let mut batch_counts: HashMap<String, usize> = HashMap::new();
+                // A batch's events read so far, and their print, by key.
+                let mut batch_counts: HashMap<String, (usize, Print)> = HashMap::new();
                 loop {
                     let Some(m) = consumer.poll(Duration::from_millis(100)) else {
                         continue;
@@ -622,20 +631,27 @@ impl Follower {
                             _ => {}
                         }
                     }
-                    if let Some(key) = header(KEY_HEADER) {
-                        let answer = match header(BATCH_HEADER).and_then(|b| b.parse().ok()) {
+                    if let (Some(key), Some(record)) = (header(KEY_HEADER), record) {
+                        let first = match header(BATCH_HEADER).and_then(|b| b.parse().ok()) {
                             Some(n) => {
-                                let c = batch_counts.entry(key.clone()).or_default();
-                                *c += 1;
-                                (*c == n).then_some(Appended::Batch { accepted: n })
+                                let (read, request) = batch_counts.entry(key.clone()).or_default();
+                                *read += 1;
+                                request.add(&record.kind);
+                                (*read == n).then_some(FirstUse {
+                                    answer: Appended::Batch { accepted: n },
+                                    request: *request,
+                                })
                             }
-                            None => record.and_then(|r| r.id).map(|id| Appended::One {
-                                event_id: id,
-                                offset: m.offset() as u64,
+                            None => record.id.map(|id| FirstUse {
+                                answer: Appended::One {
+                                    event_id: id,
+                                    offset: m.offset() as u64,
+                                },
+                                request: Print::of([&record.kind]),
                             }),
                         };
-                        if let Some(a) = answer {
-                            keys.lock().expect("keys").entry(key).or_insert(a);
+                        if let Some(first) = first {
+                            keys.lock().expect("keys").entry(key).or_insert(first);
                         }
                     }
                     let at = (m.topic().to_string(), m.partition());

@@ -27,6 +27,7 @@ pub mod auth;
 pub mod direct;
 pub mod error;
 pub mod kafka;
+pub mod keys;
 pub mod log;
 pub mod routes;
 pub mod space;

@@ -29,12 +29,12 @@
 //! back are replayed into the dataflow before new appends are taken.
 
 use crate::direct::DirectAppender;
+use crate::keys::{FirstUse, KeyReused, Keys, Print};
 use crate::space::Space;
 use grabflow_api::event::{BinaryKind, BinaryKindRef};
 use grabflow_api::{Event, EventKind, Feed, Id, Time};
 use serde::ser::{SerializeTupleStruct, Serializer};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
 use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
@@ -87,13 +87,16 @@ pub enum LogError {
     /// The writer has stopped (shutting down).
     #[error("the log is closed")]
     Closed,
+    /// The idempotency key was first used for a different request.
+    #[error(transparent)]
+    KeyReused(#[from] KeyReused),
 }
 
 enum Command {
     Append {
         key: Option<String>,
         events: Vec<(Id, EventKind)>,
-        reply: oneshot::Sender<Result<Appended, String>>,
+        reply: oneshot::Sender<Result<Appended, LogError>>,
     },
 }
 
@@ -128,20 +131,16 @@ impl LogHandle {
         let tx = match &self.inner {
             Inner::Embedded(tx) => tx,
             Inner::Kafka(log) => {
-                return log
-                    .append(key, events)
-                    .await
-                    .map_err(|e| LogError::Unavailable(e.to_string()))
+                return log.append(key, events).await.map_err(|e| match e {
+                    crate::kafka::KafkaError::KeyReused(e) => LogError::KeyReused(e),
+                    e => LogError::Unavailable(e.to_string()),
+                })
             }
         };
         let (reply, rx) = oneshot::channel();
         tx.send(Command::Append { key, events, reply })
             .map_err(|_| LogError::Closed)?;
-        match rx.await {
-            Ok(Ok(a)) => Ok(a),
-            Ok(Err(e)) => Err(LogError::Io(std::io::Error::other(e))),
-            Err(_) => Err(LogError::Closed),
-        }
+        rx.await.unwrap_or(Err(LogError::Closed))
     }
 }
 
@@ -421,22 +420,36 @@ fn open_with(
     std::fs::create_dir_all(dir)?;
     let path: PathBuf = dir.join("events.log");
     let Scanned { records, end, cut } = read_records(&path)?;
-    let mut keys: HashMap<String, Appended> = HashMap::new();
+    let mut keys = Keys::new();
     let mut last_time = 0;
     let mut next_offset = 0;
     for r in &records {
         if let Some(k) = &r.key {
-            let answer = match keys.get(k) {
-                Some(Appended::One { .. }) => Appended::Batch { accepted: 2 },
-                Some(Appended::Batch { accepted }) => Appended::Batch {
-                    accepted: accepted + 1,
-                },
-                None => Appended::One {
-                    event_id: r.event.id.clone(),
-                    offset: r.event.offset,
-                },
+            // A batch's events carry its key each: the answer counts them.
+            let (answer, mut request) = match keys.remove(k) {
+                Some(FirstUse {
+                    answer: Appended::One { .. },
+                    request,
+                }) => (Appended::Batch { accepted: 2 }, request),
+                Some(FirstUse {
+                    answer: Appended::Batch { accepted },
+                    request,
+                }) => (
+                    Appended::Batch {
+                        accepted: accepted + 1,
+                    },
+                    request,
+                ),
+                None => (
+                    Appended::One {
+                        event_id: r.event.id.clone(),
+                        offset: r.event.offset,
+                    },
+                    Print::default(),
+                ),
             };
-            keys.insert(k.clone(), answer);
+            request.add(&r.event.kind);
+            keys.insert(k.clone(), FirstUse { answer, request });
         }
         last_time = last_time.max(r.event.time);
         next_offset = r.event.offset + 1;
@@ -537,7 +550,7 @@ struct Writer {
     space: Space,
     /// Commits by direct I/O, where the file system has it.
     direct: Option<DirectAppender>,
-    keys: HashMap<String, Appended>,
+    keys: Keys,
     /// No event or tick from now on may be earlier than this.
     last_time: Time,
     /// The time of the newest committed event.
@@ -633,18 +646,20 @@ impl Writer {
                 .sum(),
         );
         let mut answers = Vec::new();
-        let mut batch_keys: HashMap<String, Appended> = HashMap::new();
+        let mut batch_keys = Keys::new();
         for Command::Append {
             key,
             events: new,
             reply,
         } in batch
         {
-            if let Some(answer) = key
+            let request = key.as_ref().map(|_| Print::of(new.iter().map(|(_, k)| k)));
+            if let Some(first) = key
                 .as_ref()
                 .and_then(|k| self.keys.get(k).or_else(|| batch_keys.get(k)))
             {
-                answers.push((reply, Ok(answer.clone())));
+                let repeat = first.repeat(request.unwrap_or_default());
+                answers.push((reply, repeat.map_err(LogError::from)));
                 continue;
             }
             let time = self.last_time.max(now_ms());
@@ -684,8 +699,12 @@ impl Writer {
                     accepted: appended.len(),
                 },
             };
-            if let Some(k) = key {
-                batch_keys.insert(k, answer.clone());
+            if let (Some(k), Some(request)) = (key, request) {
+                let first = FirstUse {
+                    answer: answer.clone(),
+                    request,
+                };
+                batch_keys.insert(k, first);
             }
             answers.push((reply, Ok(answer)));
         }
@@ -724,7 +743,8 @@ impl Writer {
                 // torn tail that the next open cuts.
                 tracing::error!("log write failed: {e}");
                 for (reply, _) in answers {
-                    let _ = reply.send(Err(e.to_string()));
+                    let e = std::io::Error::new(e.kind(), e.to_string());
+                    let _ = reply.send(Err(LogError::Io(e)));
                 }
             }
         }
@@ -773,12 +793,18 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(b, Appended::Batch { accepted: 2 });
+        // A retry: the same contents (the server gives them new ids).
         let again = log
             .handle
-            .append(Some("k".into()), vec![ping(4)])
+            .append(Some("k".into()), vec![ping(6), ping(7)])
             .await
             .unwrap();
         assert_eq!(again, b, "a repeated key gets the first answer");
+        let other = log.handle.append(Some("k".into()), vec![ping(4)]).await;
+        assert!(
+            matches!(other, Err(LogError::KeyReused(_))),
+            "the key on another request is refused: {other:?}"
+        );
         // The writer hands its last events over as it closes.
         drop(log.handle);
         log.writer.join().unwrap();
@@ -798,10 +824,15 @@ mod tests {
         );
         let again = log
             .handle
-            .append(Some("k".into()), vec![ping(5)])
+            .append(Some("k".into()), vec![ping(8), ping(9)])
             .await
             .unwrap();
         assert_eq!(again, b, "keys survive a restart");
+        let other = log.handle.append(Some("k".into()), vec![ping(5)]).await;
+        assert!(
+            matches!(other, Err(LogError::KeyReused(_))),
+            "and so does what they were used for: {other:?}"
+        );
         let c = log.handle.append(None, vec![ping(6)]).await.unwrap();
         assert_eq!(
             c,
