@@ -602,6 +602,17 @@ async fn the_contract_documents_the_errors_the_server_gives() {
         .json()
         .await
         .unwrap();
+    // Every schema it refers to is in it.
+    let text = api.to_string();
+    for at in text.split("\"#/components/schemas/").skip(1) {
+        let name = at.split('"').next().unwrap();
+        assert!(
+            api["components"]["schemas"][name].is_object(),
+            "{name} is referred to, not defined"
+        );
+    }
+    let message = &api["components"]["schemas"]["RiderMessage"]["oneOf"];
+    assert_eq!(message.as_array().map(Vec::len), Some(4), "{message}");
     let schemes = &api["components"]["securitySchemes"];
     let id = &api["components"]["schemas"]["Id"];
     assert_eq!(id["pattern"], "^[A-Za-z0-9_.:-]{1,64}$", "{id}");

@@ -62,7 +62,8 @@ use utoipa::{Modify, OpenApi};
         grabflow_ingress::routes::BatchAccepted,
         grabflow_ingress::routes::GrabAnswer,
         grabflow_ingress::routes::GrabPending,
-        grabflow_ingress::error::ErrorBody
+        grabflow_ingress::error::ErrorBody,
+        crate::view::RiderMessage
     )),
     modifiers(&Contract)
 )]

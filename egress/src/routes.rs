@@ -109,7 +109,7 @@ fn resume_point(headers: &HeaderMap, q: &StreamQuery) -> u64 {
 
 /// The rider's messages over a WebSocket.
 #[utoipa::path(get, path = "/v1/riders/{rider_id}/ws", params(("rider_id" = String, Path), ("after" = Option<u64>, Query)),
-    responses((status = 101, description = "offer / withdrawn / grab_result / assigned messages, one JSON object each"),
+    responses((status = 101, description = "Switching to WebSocket: one `RiderMessage` per text frame, in `seq` order", body = crate::view::RiderMessage),
         (status = 426, description = "`upgrade_required`: not a WebSocket handshake", body = grabflow_ingress::error::ErrorBody)),
     security(("bearer" = []), ("access_token" = [])))]
 pub async fn rider_ws(
@@ -159,7 +159,7 @@ async fn pump_ws(mut socket: WebSocket, egress: Arc<Egress>, rider: Id, mut curs
 
 /// The rider's messages as Server-Sent Events (`id` is the seq).
 #[utoipa::path(get, path = "/v1/riders/{rider_id}/stream", params(("rider_id" = String, Path), ("after" = Option<u64>, Query)),
-    responses((status = 200, description = "text/event-stream of rider messages", content_type = "text/event-stream")),
+    responses((status = 200, description = "Server-Sent Events: `id` is the seq, `data` one `RiderMessage`", body = crate::view::RiderMessage, content_type = "text/event-stream")),
     security(("bearer" = []), ("access_token" = [])))]
 pub async fn rider_sse(
     State(s): State<EgressState>,

@@ -10,7 +10,7 @@
 //!   log, so they survive a restart.
 
 use foldhash::HashMap;
-use grabflow_api::output::TransitionReason;
+use grabflow_api::output::{LossReason, TransitionReason, WithdrawReason};
 use grabflow_api::{
     Coord, DispatchConfig, Event, EventKind, GrabOutcome, Id, OrderState, Output, Time,
 };
@@ -20,12 +20,70 @@ use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
 use grabflow_ingress::kafka::GrabResults;
 use grabflow_ingress::routes::GrabWaiter;
+use grabflow_ingress::wire::IdSchema;
 use serde::Serialize;
-use serde_json::json;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use tokio::sync::{oneshot, Notify};
+use utoipa::ToSchema;
+
+/// One message on a rider's stream: a WebSocket text frame, or an SSE
+/// event's `data` (its `id` is the `seq`).
+#[derive(Serialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RiderMessage<'a> {
+    /// An order offered to the rider: grab it before `expires_at`.
+    Offer {
+        /// Position in the rider's stream (resume with `?after=SEQ`).
+        seq: u64,
+        /// The order.
+        #[schema(value_type = IdSchema)]
+        order_id: &'a Id,
+        /// Its merchant.
+        #[schema(value_type = IdSchema)]
+        merchant_id: &'a Id,
+        /// Rider to merchant when offered, metres.
+        distance_m: u32,
+        /// When the offer round ends, Unix ms.
+        #[schema(value_type = u64)]
+        expires_at: Time,
+    },
+    /// An offer, or an assignment, taken back.
+    Withdrawn {
+        /// Position in the rider's stream.
+        seq: u64,
+        /// The order.
+        #[schema(value_type = IdSchema)]
+        order_id: &'a Id,
+        /// Why: `taken` (another rider won it), `cancelled`, `expired`,
+        /// `redispatched` or `reassigned` (by ops).
+        #[schema(value_type = String)]
+        reason: WithdrawReason,
+    },
+    /// The decision on the rider's grab.
+    GrabResult {
+        /// Position in the rider's stream.
+        seq: u64,
+        /// The order.
+        #[schema(value_type = IdSchema)]
+        order_id: &'a Id,
+        /// `won` or `lost`.
+        result: &'static str,
+        /// Why it lost (as in the grab answer).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>)]
+        reason: Option<LossReason>,
+    },
+    /// The order is the rider's (won, or reassigned by ops).
+    Assigned {
+        /// Position in the rider's stream.
+        seq: u64,
+        /// The order.
+        #[schema(value_type = IdSchema)]
+        order_id: &'a Id,
+    },
+}
 
 /// Messages kept per rider for reconnecting clients.
 pub const STREAM_KEEP: usize = 2_000;
@@ -260,12 +318,17 @@ impl Egress {
         Arc::clone(&v.streams.entry(rider.clone()).or_default().notify)
     }
 
-    fn push(v: &mut View, rider: &Id, mut msg: serde_json::Value, woken: &mut Vec<Arc<Notify>>) {
+    /// Adds the message `msg(seq)` to `rider`'s stream, at its next seq.
+    fn push<'a>(
+        v: &mut View,
+        rider: &Id,
+        msg: impl FnOnce(u64) -> RiderMessage<'a>,
+        woken: &mut Vec<Arc<Notify>>,
+    ) {
         let s = v.streams.entry(rider.clone()).or_default();
         s.next_seq += 1;
-        msg["seq"] = json!(s.next_seq);
-        s.messages
-            .push_back((s.next_seq, Arc::from(msg.to_string())));
+        let text = serde_json::to_string(&msg(s.next_seq)).expect("messages serialize");
+        s.messages.push_back((s.next_seq, Arc::from(text)));
         while s.messages.len() > STREAM_KEEP {
             s.messages.pop_front();
         }
@@ -345,8 +408,13 @@ impl Observer for Egress {
                         expires_at,
                         ..
                     } => {
-                        let msg = json!({"type": "offer", "order_id": order, "merchant_id": merchant,
-                            "distance_m": distance_m, "expires_at": expires_at});
+                        let msg = |seq| RiderMessage::Offer {
+                            seq,
+                            order_id: &order,
+                            merchant_id: &merchant,
+                            distance_m,
+                            expires_at,
+                        };
                         Self::push(&mut v, &rider, msg, &mut woken);
                     }
                     Output::Withdrawn {
@@ -354,7 +422,11 @@ impl Observer for Egress {
                         rider,
                         reason,
                     } => {
-                        let msg = json!({"type": "withdrawn", "order_id": order, "reason": reason});
+                        let msg = |seq| RiderMessage::Withdrawn {
+                            seq,
+                            order_id: &order,
+                            reason,
+                        };
                         Self::push(&mut v, &rider, msg, &mut woken);
                     }
                     Output::Unassigned {
@@ -364,7 +436,11 @@ impl Observer for Egress {
                     } => {
                         let r = v.riders.entry(rider.clone()).or_default();
                         r.load = r.load.saturating_sub(1);
-                        let msg = json!({"type": "withdrawn", "order_id": order, "reason": reason});
+                        let msg = |seq| RiderMessage::Withdrawn {
+                            seq,
+                            order_id: &order,
+                            reason,
+                        };
                         Self::push(&mut v, &rider, msg, &mut woken);
                     }
                     Output::GrabDecided {
@@ -373,30 +449,35 @@ impl Observer for Egress {
                         rider,
                         outcome,
                     } => {
-                        let msg = match outcome {
+                        let (result, reason) = match outcome {
                             GrabOutcome::Won => {
                                 c.grabs_won += 1;
-                                json!({"type": "grab_result", "order_id": order, "result": "won"})
+                                ("won", None)
                             }
                             GrabOutcome::Lost(reason) => {
                                 let name = serde_json::to_value(reason)
                                     .ok()
                                     .and_then(|x| x.as_str().map(str::to_string));
                                 *c.grabs_lost.entry(name.unwrap_or_default()).or_default() += 1;
-                                json!({"type": "grab_result", "order_id": order, "result": "lost", "reason": reason})
+                                ("lost", Some(reason))
                             }
+                        };
+                        let msg = |seq| RiderMessage::GrabResult {
+                            seq,
+                            order_id: &order,
+                            result,
+                            reason,
                         };
                         Self::push(&mut v, &rider, msg, &mut woken);
                         resolved.push((attempt, outcome));
                     }
                     Output::Assigned { order, rider } => {
                         v.riders.entry(rider.clone()).or_default().load += 1;
-                        Self::push(
-                            &mut v,
-                            &rider,
-                            json!({"type": "assigned", "order_id": order}),
-                            &mut woken,
-                        );
+                        let msg = |seq| RiderMessage::Assigned {
+                            seq,
+                            order_id: &order,
+                        };
+                        Self::push(&mut v, &rider, msg, &mut woken);
                     }
                     Output::Transition {
                         order,
