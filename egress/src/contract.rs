@@ -63,7 +63,13 @@ use utoipa::{Modify, OpenApi};
         grabflow_ingress::routes::GrabAnswer,
         grabflow_ingress::routes::GrabPending,
         grabflow_ingress::error::ErrorBody,
-        crate::view::RiderMessage
+        crate::view::RiderMessage,
+        crate::view::HistoryItem,
+        crate::routes::OrderAnswer,
+        crate::routes::NearbyRiders,
+        crate::routes::NearbyRider,
+        crate::routes::RiderAnswer,
+        crate::routes::Position
     )),
     modifiers(&Contract)
 )]

@@ -2,6 +2,7 @@
 //! health, and the composed service router.
 
 use crate::view::Egress;
+use crate::view::HistoryItem;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRef, Path, State};
@@ -12,16 +13,19 @@ use axum::routing::get;
 use axum::{Json, Router};
 use futures_util::stream::Stream;
 use grabflow_api::Id;
+use grabflow_api::OrderState;
 use grabflow_dataflow::stats::DataflowStats;
 use grabflow_ingress::auth::{Auth, Claims, Role, Secret};
 use grabflow_ingress::error::ApiError;
 use grabflow_ingress::routes::Ingress;
-use grabflow_ingress::wire::{self, QueryParams};
+use grabflow_ingress::wire::{self, IdSchema, QueryParams};
 use serde::Deserialize;
+use serde::Serialize;
 use serde_json::json;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
+use utoipa::ToSchema;
 
 /// The egress state handed to the routes.
 #[derive(Clone)]
@@ -205,27 +209,50 @@ pub async fn rider_sse(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
+/// `GET /v1/orders/{order_id}`.
+#[derive(Serialize, ToSchema)]
+pub struct OrderAnswer<'a> {
+    /// The order.
+    #[schema(value_type = IdSchema)]
+    pub order_id: &'a Id,
+    /// Its state: `created`, `notified`, `delivering`, `received`,
+    /// `overtime`, `compensating` or `closed`.
+    #[schema(value_type = String)]
+    pub state: OrderState,
+    /// The rider it is assigned to, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<IdSchema>)]
+    pub rider_id: Option<&'a Id>,
+    /// Its merchant.
+    #[schema(value_type = IdSchema)]
+    pub merchant_id: &'a Id,
+    /// Every state it entered, oldest first.
+    pub history: &'a [HistoryItem],
+}
+
 /// An order with its history.
 #[utoipa::path(get, path = "/v1/orders/{order_id}", params(("order_id" = String, Path)),
-    responses((status = 200, description = "order_id, state, rider_id?, merchant_id, history[{state, at, reason}]"), (status = 404)),
+    responses((status = 200, description = "The order", body = OrderAnswer), (status = 404)),
     security(("bearer" = [])))]
 pub async fn get_order(
     State(s): State<EgressState>,
     Auth(claims): Auth,
     Path(order_id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Response, ApiError> {
     claims.require(&[Role::App], None)?;
     let id = wire::id(&order_id, "order_id")?;
     let o = s
         .egress
         .order(&id)
         .ok_or_else(|| ApiError::not_found("order_id", format!("no order {id}")))?;
-    let mut body =
-        json!({"order_id": id, "state": o.state, "merchant_id": o.merchant, "history": o.history});
-    if let Some(r) = o.rider {
-        body["rider_id"] = json!(r);
-    }
-    Ok(Json(body))
+    let answer = OrderAnswer {
+        order_id: &id,
+        state: o.state,
+        rider_id: o.rider.as_ref(),
+        merchant_id: &o.merchant,
+        history: &o.history,
+    };
+    Ok(Json(answer).into_response())
 }
 
 /// `?limit=K` for the merchant→rider index.
@@ -236,16 +263,36 @@ pub struct LimitQuery {
     pub limit: Option<usize>,
 }
 
+/// `GET /v1/merchants/{merchant_id}/riders`.
+#[derive(Serialize, ToSchema)]
+pub struct NearbyRiders {
+    /// The merchant.
+    #[schema(value_type = IdSchema)]
+    pub merchant_id: Id,
+    /// Available riders within the base radius, nearest first.
+    pub riders: Vec<NearbyRider>,
+}
+
+/// One rider near a merchant.
+#[derive(Serialize, ToSchema)]
+pub struct NearbyRider {
+    /// The rider.
+    #[schema(value_type = IdSchema)]
+    pub rider_id: Id,
+    /// Straight-line distance to the merchant, metres.
+    pub distance_m: u64,
+}
+
 /// The available riders nearest to a merchant, within the base radius.
 #[utoipa::path(get, path = "/v1/merchants/{merchant_id}/riders", params(("merchant_id" = String, Path), ("limit" = Option<usize>, Query, minimum = 1, maximum = 200, description = "How many riders (default 20)")),
-    responses((status = 200, description = "merchant_id, riders[{rider_id, distance_m}] nearest first"), (status = 404)),
+    responses((status = 200, description = "Nearest first", body = NearbyRiders), (status = 404)),
     security(("bearer" = [])))]
 pub async fn get_merchant_riders(
     State(s): State<EgressState>,
     Auth(claims): Auth,
     Path(merchant_id): Path<String>,
     QueryParams(q): QueryParams<LimitQuery>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<NearbyRiders>, ApiError> {
     claims.require(&[Role::App], None)?;
     let id = wire::id(&merchant_id, "merchant_id")?;
     let limit = q.limit.unwrap_or(20);
@@ -259,36 +306,75 @@ pub async fn get_merchant_riders(
         .egress
         .riders_near(&id, limit)
         .ok_or_else(|| ApiError::not_found("merchant_id", format!("no merchant {id}")))?;
-    let riders: Vec<_> = riders
+    let riders = riders
         .into_iter()
-        .map(|(r, d)| json!({"rider_id": r, "distance_m": d.round() as u64}))
+        .map(|(rider_id, d)| NearbyRider {
+            rider_id,
+            distance_m: d.round() as u64,
+        })
         .collect();
-    Ok(Json(json!({"merchant_id": id, "riders": riders})))
+    Ok(Json(NearbyRiders {
+        merchant_id: id,
+        riders,
+    }))
+}
+
+/// `GET /v1/riders/{rider_id}`.
+#[derive(Serialize, ToSchema)]
+pub struct RiderAnswer {
+    /// The rider.
+    #[schema(value_type = IdSchema)]
+    pub rider_id: Id,
+    /// Its last reported latitude (null before its first ping).
+    pub lat: Option<f64>,
+    /// Its last reported longitude.
+    pub lon: Option<f64>,
+    /// On shift.
+    pub online: bool,
+    /// Orders assigned and not yet delivered.
+    pub load: u32,
+    /// Orders it may carry at once.
+    pub capacity: u32,
+    /// Where the dispatch index has it, when it is available (on shift,
+    /// pinged within the TTL); null otherwise.
+    pub indexed: Option<Position>,
+}
+
+/// A position, WGS84 degrees.
+#[derive(Serialize, ToSchema)]
+pub struct Position {
+    /// Latitude.
+    pub lat: f64,
+    /// Longitude.
+    pub lon: f64,
 }
 
 /// A rider's position, shift and load.
 #[utoipa::path(get, path = "/v1/riders/{rider_id}", params(("rider_id" = String, Path)),
-    responses((status = 200, description = "rider_id, lat, lon, online, load, capacity, indexed {lat, lon} or null"), (status = 404)), security(("bearer" = [])))]
+    responses((status = 200, description = "The rider", body = RiderAnswer), (status = 404)), security(("bearer" = [])))]
 pub async fn get_rider(
     State(s): State<EgressState>,
     Auth(claims): Auth,
     Path(rider_id): Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+) -> Result<Json<RiderAnswer>, ApiError> {
     let id = wire::id(&rider_id, "rider_id")?;
     claims.require(&[Role::App, Role::Rider], Some(&id))?;
     let (r, indexed) = s
         .egress
         .rider(&id)
         .ok_or_else(|| ApiError::not_found("rider_id", format!("no rider {id}")))?;
-    Ok(Json(json!({
-        "indexed": indexed.map(|c| json!({"lat": c.lat(), "lon": c.lon()})),
-        "rider_id": id,
-        "lat": r.at.map(|c| c.lat()),
-        "lon": r.at.map(|c| c.lon()),
-        "online": r.online,
-        "load": r.load,
-        "capacity": r.capacity.unwrap_or(s.egress.cfg.default_capacity),
-    })))
+    Ok(Json(RiderAnswer {
+        indexed: indexed.map(|c| Position {
+            lat: c.lat(),
+            lon: c.lon(),
+        }),
+        rider_id: id,
+        lat: r.at.map(|c| c.lat()),
+        lon: r.at.map(|c| c.lon()),
+        online: r.online,
+        load: r.load,
+        capacity: r.capacity.unwrap_or(s.egress.cfg.default_capacity),
+    }))
 }
 
 fn ops(claims: &Claims) -> Result<(), ApiError> {

@@ -102,13 +102,19 @@ pub struct RiderView {
 }
 
 /// One step of an order's history.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct HistoryItem {
     /// The state entered.
+    #[schema(value_type = String)]
     pub state: OrderState,
-    /// When (log ms).
+    /// When, Unix ms (log time).
+    #[schema(value_type = u64)]
     pub at: Time,
-    /// Why.
+    /// Why: `placed`, `offered`, `grab_timeout`, `grabbed`,
+    /// `deadline_passed`, `picked_up`, `delivered`, `completed`,
+    /// `compensation_due`, `compensated`, `cancelled`, `redispatched`,
+    /// `reassigned`.
+    #[schema(value_type = String)]
     pub reason: TransitionReason,
 }
 
