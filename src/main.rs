@@ -622,7 +622,7 @@ async fn serve_kafka(s: Settings) -> anyhow::Result<()> {
     observers.extend(mirror(&s)?);
     let (dataflow, stop) = kafka_dataflow(&s, Arc::new(Fanout(observers)), stats.clone(), riders)?;
     let ingress = Ingress {
-        log: LogHandle::kafka(Arc::new(KafkaLog::new(&k, keys)?)),
+        log: LogHandle::kafka(Arc::new(KafkaLog::new(&k, keys, Arc::clone(&known))?)),
         secret: secret.clone(),
         known,
         grabs: egress.clone(),
@@ -652,7 +652,7 @@ async fn run_ingress(s: Settings) -> anyhow::Result<()> {
     let grabs = Arc::new(GrabResults::default());
     let (known, keys) = follow_inputs(&k, Some(Arc::clone(&grabs))).await?;
     let ingress = Ingress {
-        log: LogHandle::kafka(Arc::new(KafkaLog::new(&k, keys)?)),
+        log: LogHandle::kafka(Arc::new(KafkaLog::new(&k, keys, Arc::clone(&known))?)),
         secret,
         known,
         grabs,

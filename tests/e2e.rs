@@ -570,6 +570,54 @@ async fn ops_see_metrics_dataflow_figures_and_the_contract() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_is_placed_once_whatever_key_its_requests_carry() {
+    let dir = temp_dir();
+    let s = Server::start(&dir, &[]);
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    s.city(&app, &[]).await;
+    let place = |key: &'static str| {
+        s.http
+            .post(format!("{}/v1/orders", s.url))
+            .bearer_auth(&app)
+            .header("Idempotency-Key", key)
+            .json(&json!({"order_id": "O1", "merchant_id": "M1",
+                "dropoff": {"lat": 31.22, "lon": 121.48}}))
+            .send()
+    };
+    let first = place("a").await.unwrap();
+    assert_eq!(first.status(), 202);
+    let first: Value = first.json().await.unwrap();
+    let other = place("b").await.unwrap();
+    assert_eq!(
+        other.status(),
+        409,
+        "a new key does not place the order again"
+    );
+    let e: Value = other.json().await.unwrap();
+    assert_eq!(e["error"]["field"], "order_id", "{e}");
+    let again = place("a").await.unwrap();
+    assert_eq!(again.status(), 202);
+    assert_eq!(
+        again.json::<Value>().await.unwrap(),
+        first,
+        "the first key's repeat"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let placed = order_states(&s, &app, "O1").await;
+    assert_eq!(
+        placed.first().map(|(st, _)| st.as_str()),
+        Some("created"),
+        "{placed:?}"
+    );
+    let (_, m) = s
+        .call("GET", "/v1/ops/metrics", &s.token("ops", None), None)
+        .await;
+    assert_eq!(m["events"]["order_placed"], 1, "{m}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The answer `s` gives to `method path` (ids filled in) with `token`.
 async fn answer(s: &Server, method: &str, path: &str, token: Option<&str>) -> (String, Value) {
     let url = format!(

@@ -417,6 +417,27 @@ async fn idempotency_keys_and_what_they_were_for_are_read_back_from_the_topics()
         assert_eq!(status, 422, "{path} {key}: {e}");
         assert_eq!(e["error"]["field"], "Idempotency-Key", "{e}");
     }
+    // An order is placed once, whatever key its requests carry.
+    let (st, _) = s
+        .call(
+            "PUT",
+            "/v1/merchants/M1",
+            &app,
+            Some(json!({"lat": 31.23, "lon": 121.47})),
+        )
+        .await;
+    assert_eq!(st, 202);
+    let order =
+        json!({"order_id": "O1", "merchant_id": "M1", "dropoff": {"lat": 31.2, "lon": 121.4}});
+    let first = keyed(&s, &app, "/v1/orders", "o-1", order.clone()).await;
+    assert_eq!(first.0, 202, "{first:?}");
+    let (status, e) = keyed(&s, &app, "/v1/orders", "o-2", order.clone()).await;
+    assert_eq!(
+        (status, &e["error"]["field"]),
+        (409, &json!("order_id")),
+        "{e}"
+    );
+    assert_eq!(keyed(&s, &app, "/v1/orders", "o-1", order).await, first);
     // Nothing but the first two requests reached the topics.
     let pings: Vec<_> = read_topics(&broker.addr, &["grabflow.riders".to_string()])
         .into_iter()

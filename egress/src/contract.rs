@@ -110,7 +110,8 @@ const ERRORS: [(&str, &str); 8] = [
     ),
     (
         "422",
-        "`invalid_field`: the value of `field` is out of range or malformed",
+        "`invalid_field`: the value of `field` is out of range or malformed, or the \
+         `Idempotency-Key` was first used for a different request",
     ),
     (
         "503",
@@ -187,8 +188,8 @@ fn complete(path: &str, op: &mut Operation, is_event: bool, optional: &[String])
                 .parameter_in(ParameterIn::Header)
                 .required(Required::False)
                 .description(Some(
-                    "A repeat with the same key answers as the first did and appends nothing \
-                     (printable ASCII).",
+                    "A repeat of the request with the same key answers as the first did and \
+                     appends nothing; the key on a different request is a 422 (printable ASCII).",
                 ))
                 .schema(Some(
                     ObjectBuilder::new()

@@ -149,6 +149,10 @@ impl From<crate::log::LogError> for ApiError {
             crate::log::LogError::KeyReused(e) => {
                 ApiError::invalid_field("Idempotency-Key", e.to_string())
             }
+            crate::log::LogError::OrderExists(order) => ApiError {
+                field: Some("order_id".into()),
+                ..ApiError::conflict(format!("order {order} exists"))
+            },
             e => ApiError::unavailable(format!("the event could not be made durable: {e}")),
         }
     }

@@ -155,6 +155,9 @@ pub enum KafkaError {
     /// The idempotency key was first used for a different request.
     #[error(transparent)]
     KeyReused(#[from] KeyReused),
+    /// An order with this id was placed already.
+    #[error("order {0} exists")]
+    OrderExists(Id),
 }
 
 /// Creates the topics that are missing; returns their names.
@@ -221,11 +224,18 @@ pub struct KafkaLog {
     /// Answers of idempotency keys seen (own appends and, via the
     /// [`Follower`], every record carrying a key).
     keys: Arc<Mutex<Keys>>,
+    /// Ids the topics hold (kept by the [`Follower`] and ingress), to place
+    /// an order once whatever key its request carries.
+    known: Arc<Mutex<Known>>,
 }
 
 impl KafkaLog {
     /// A producer for `cfg`'s brokers.
-    pub fn new(cfg: &KafkaConfig, keys: Arc<Mutex<Keys>>) -> Result<Self, KafkaError> {
+    pub fn new(
+        cfg: &KafkaConfig,
+        keys: Arc<Mutex<Keys>>,
+        known: Arc<Mutex<Known>>,
+    ) -> Result<Self, KafkaError> {
         let producer: FutureProducer = cfg
             .producer()
             // A broker that stays down fails the append (503) instead of
@@ -240,6 +250,7 @@ impl KafkaLog {
             topics: cfg.topics(),
             timeout: cfg.ack_timeout,
             keys,
+            known,
         })
     }
 
@@ -257,6 +268,16 @@ impl KafkaLog {
         if let (Some(k), Some(request)) = (&key, request) {
             if let Some(first) = self.keys.lock().expect("keys").get(k) {
                 return Ok(first.repeat(request)?);
+            }
+        }
+        {
+            let known = self.known.lock().expect("known");
+            for (_, kind) in &events {
+                if let EventKind::OrderPlaced { order, .. } = kind {
+                    if known.orders.contains(order) {
+                        return Err(KafkaError::OrderExists(order.clone()));
+                    }
+                }
             }
         }
         let batch = events.len();

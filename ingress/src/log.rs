@@ -90,6 +90,9 @@ pub enum LogError {
     /// The idempotency key was first used for a different request.
     #[error(transparent)]
     KeyReused(#[from] KeyReused),
+    /// An order with this id was placed already.
+    #[error("order {0} exists")]
+    OrderExists(Id),
 }
 
 enum Command {
@@ -133,6 +136,7 @@ impl LogHandle {
             Inner::Kafka(log) => {
                 return log.append(key, events).await.map_err(|e| match e {
                     crate::kafka::KafkaError::KeyReused(e) => LogError::KeyReused(e),
+                    crate::kafka::KafkaError::OrderExists(o) => LogError::OrderExists(o),
                     e => LogError::Unavailable(e.to_string()),
                 })
             }
@@ -469,6 +473,7 @@ fn open_with(
         }
     }
     let log_last_time = last_time;
+    let orders = known_orders.clone();
     for chunk in records.chunks(4096) {
         let _ = feed.send(Feed::Events(
             chunk.iter().map(|r| r.event.clone()).collect(),
@@ -499,6 +504,7 @@ fn open_with(
                 space,
                 direct,
                 keys,
+                orders,
                 last_time,
                 last_event: last_time,
                 last_urgent: last_time,
@@ -551,6 +557,9 @@ struct Writer {
     /// Commits by direct I/O, where the file system has it.
     direct: Option<DirectAppender>,
     keys: Keys,
+    /// Every order placed: an order is placed once, whatever key its
+    /// request carries, and of two placements racing the second is refused.
+    orders: HashSet<Id>,
     /// No event or tick from now on may be earlier than this.
     last_time: Time,
     /// The time of the newest committed event.
@@ -647,6 +656,7 @@ impl Writer {
         );
         let mut answers = Vec::new();
         let mut batch_keys = Keys::new();
+        let mut placed = HashSet::new();
         for Command::Append {
             key,
             events: new,
@@ -662,6 +672,18 @@ impl Writer {
                 answers.push((reply, repeat.map_err(LogError::from)));
                 continue;
             }
+            let again = new.iter().find_map(|(_, kind)| match kind {
+                EventKind::OrderPlaced { order, .. }
+                    if self.orders.contains(order) || placed.contains(order) =>
+                {
+                    Some(order.clone())
+                }
+                _ => None,
+            });
+            if let Some(order) = again {
+                answers.push((reply, Err(LogError::OrderExists(order))));
+                continue;
+            }
             let time = self.last_time.max(now_ms());
             self.last_time = time;
             self.last_event = time;
@@ -669,6 +691,9 @@ impl Writer {
             for (id, kind) in new {
                 if !matches!(kind, EventKind::LocationPinged { .. }) {
                     self.last_urgent = time;
+                }
+                if let EventKind::OrderPlaced { order, .. } = &kind {
+                    placed.insert(order.clone());
                 }
                 events.push(Event {
                     id,
@@ -729,6 +754,7 @@ impl Writer {
                 self.end += self.buf.len() as u64;
                 self.space.wrote(self.end);
                 self.keys.extend(batch_keys);
+                self.orders.extend(placed);
                 if self.unsent.is_empty() {
                     self.unsent = events;
                 } else {
@@ -967,6 +993,62 @@ mod tests {
     }
 
     /// The log in `dir` (5 ms ticks) and the feed it replays and appends into.
+    fn place(n: usize, order: &str) -> (Id, EventKind) {
+        (
+            Id::new(&format!("p{n}")).unwrap(),
+            EventKind::OrderPlaced {
+                order: Id::new(order).unwrap(),
+                merchant: Id::new("m1").unwrap(),
+                dropoff: Coord::from_degrees(31.0, 121.0).unwrap(),
+                promised_minutes: 30,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn an_order_is_placed_once_whatever_its_key() {
+        let dir = scratch();
+        let (log, _rx) = open_in(&dir);
+        let first = log
+            .handle
+            .append(Some("a".into()), vec![place(1, "o1")])
+            .await
+            .unwrap();
+        let exists = |r: Result<Appended, LogError>| matches!(r, Err(LogError::OrderExists(o)) if o.as_str() == "o1");
+        // Another key, no key, or two placements racing into one commit.
+        let (b, c) = tokio::join!(
+            log.handle.append(Some("b".into()), vec![place(2, "o1")]),
+            log.handle.append(None, vec![place(3, "o1")]),
+        );
+        assert!(exists(b) && exists(c));
+        let (d, e) = tokio::join!(
+            log.handle.append(None, vec![place(4, "o2")]),
+            log.handle.append(Some("e".into()), vec![place(5, "o2")]),
+        );
+        assert!(
+            d.is_ok() != e.is_ok(),
+            "one of two racing placements: {d:?} {e:?}"
+        );
+        // The first key's repeat still gets its answer.
+        let again = log
+            .handle
+            .append(Some("a".into()), vec![place(6, "o1")])
+            .await;
+        assert_eq!(again.unwrap(), first);
+        drop(log.handle);
+        log.writer.join().unwrap();
+        let (log, _rx) = open_in(&dir);
+        assert_eq!(log.replayed, 2, "o1 and o2, once each");
+        assert!(exists(
+            log.handle
+                .append(Some("f".into()), vec![place(7, "o1")])
+                .await
+        ));
+        drop(log.handle);
+        log.writer.join().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     fn open_in(dir: &Path) -> (Opened, mpsc::Receiver<Feed>) {
         let (tx, rx) = mpsc::channel();
         (open(dir, tx, every(Duration::from_millis(5))).unwrap(), rx)

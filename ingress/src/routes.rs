@@ -364,6 +364,8 @@ pub async fn post_order(
                 format!("no merchant {merchant}"),
             ));
         }
+        // With a key, the log decides: a repeat gets its first answer, any
+        // other placement of the order a 409 (as do two racing placements).
         if known.orders.contains(&order) && key.is_none() {
             return Err(ApiError {
                 field: Some("order_id".into()),
