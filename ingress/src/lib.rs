@@ -8,10 +8,13 @@
 //!
 //! - [`routes`]: `routes(Ingress) -> Router`, one handler per ingress path of
 //!   API.md, and the grab call that waits for its decision.
-//! - [`wire`]: request bodies and the JSON extractor that maps every bad body
-//!   to a 4xx naming the field.
+//! - [`wire`]: request bodies, and the JSON and query extractors that map
+//!   every bad body or query string to a 4xx naming the field; the `Id`
+//!   schema of the OpenAPI document.
 //! - [`log`]: the embedded append-only log (checksums, group commit, torn-tail
 //!   repair, idempotency keys, replay).
+//! - [`keys`]: idempotency keys: each key's first answer and a print of its
+//!   request, so a repeat gets the answer and another request a 422.
 //! - [`space`]: the zero-filled room kept ahead of the log's writer, so a
 //!   commit's sync never has to write a new file size.
 //! - [`direct`]: the log's commits as direct, data-synchronous writes of
@@ -21,7 +24,8 @@
 //!   partition sources (time from the log, ticks), the follower of known ids
 //!   and grab results.
 //! - [`auth`]: signed role tokens.
-//! - [`error`]: [`ApiError`](error::ApiError), the one error shape.
+//! - [`error`]: [`ApiError`](error::ApiError), the one error shape, and its
+//!   body's schema.
 
 pub mod auth;
 pub mod direct;
