@@ -438,6 +438,15 @@ async fn idempotency_keys_and_what_they_were_for_are_read_back_from_the_topics()
         "{e}"
     );
     assert_eq!(keyed(&s, &app, "/v1/orders", "o-1", order).await, first);
+    // Two placements racing: one is taken, the other refused.
+    let o2 = json!({"order_id": "O2", "merchant_id": "M1", "dropoff": {"lat": 31.2, "lon": 121.4}});
+    let (x, y) = tokio::join!(
+        keyed(&s, &app, "/v1/orders", "o2-x", o2.clone()),
+        keyed(&s, &app, "/v1/orders", "o2-y", o2),
+    );
+    let mut statuses = [x.0, y.0];
+    statuses.sort();
+    assert_eq!(statuses, [202, 409], "{x:?} {y:?}");
     // Nothing but the first two requests reached the topics.
     let pings: Vec<_> = read_topics(&broker.addr, &["grabflow.riders".to_string()])
         .into_iter()

@@ -270,29 +270,71 @@ impl KafkaLog {
                 return Ok(first.repeat(request)?);
             }
         }
-        {
-            let known = self.known.lock().expect("known");
-            for (_, kind) in &events {
-                if let EventKind::OrderPlaced { order, .. } = kind {
-                    if known.orders.contains(order) {
-                        return Err(KafkaError::OrderExists(order.clone()));
-                    }
+        // Claimed before producing, so of two placements racing here the
+        // second is refused; given back if the broker does not take it.
+        let claimed = self.claim_orders(&events)?;
+        let last = match self.produce(key.as_deref(), &events).await {
+            Ok(last) => last,
+            Err(e) => {
+                release(&mut self.known.lock().expect("known"), &claimed);
+                return Err(e);
+            }
+        };
+        let batch = events.len();
+        let answer = match events.as_slice() {
+            [(id, _)] if batch == 1 => Appended::One {
+                event_id: id.clone(),
+                offset: last.unwrap_or(0) as u64,
+            },
+            _ => Appended::Batch { accepted: batch },
+        };
+        if let (Some(k), Some(request)) = (key, request) {
+            let first = FirstUse {
+                answer: answer.clone(),
+                request,
+            };
+            self.keys.lock().expect("keys").insert(k, first);
+        }
+        Ok(answer)
+    }
+
+    /// Marks the orders `events` place as placed; refuses an order placed
+    /// already.
+    fn claim_orders(&self, events: &[(Id, EventKind)]) -> Result<Vec<Id>, KafkaError> {
+        let mut known = self.known.lock().expect("known");
+        let mut claimed = Vec::new();
+        for (_, kind) in events {
+            if let EventKind::OrderPlaced { order, .. } = kind {
+                if !known.orders.insert(order.clone()) {
+                    release(&mut known, &claimed);
+                    return Err(KafkaError::OrderExists(order.clone()));
                 }
+                claimed.push(order.clone());
             }
         }
+        Ok(claimed)
+    }
+
+    /// Produces `events` (with `key` in their headers) and waits for the
+    /// broker's acks; the offset of the last.
+    async fn produce(
+        &self,
+        key: Option<&str>,
+        events: &[(Id, EventKind)],
+    ) -> Result<Option<i64>, KafkaError> {
         let batch = events.len();
         let mut pending = Vec::with_capacity(batch);
-        for (id, kind) in &events {
+        for (id, kind) in events {
             let value = serde_json::to_vec(&InputRecord {
                 id: Some(id.clone()),
                 kind: kind.clone(),
             })
             .expect("events serialize");
             let mut headers = OwnedHeaders::new();
-            if let Some(k) = &key {
+            if let Some(k) = key {
                 headers = headers.insert(Header {
                     key: KEY_HEADER,
-                    value: Some(k.as_str()),
+                    value: Some(k),
                 });
                 if batch > 1 {
                     headers = headers.insert(Header {
@@ -324,21 +366,14 @@ impl KafkaLog {
         });
         wait.await
             .map_err(|_| KafkaError::Timeout(self.timeout))??;
-        let answer = match events.as_slice() {
-            [(id, _)] if batch == 1 => Appended::One {
-                event_id: id.clone(),
-                offset: last.unwrap_or(0) as u64,
-            },
-            _ => Appended::Batch { accepted: batch },
-        };
-        if let (Some(k), Some(request)) = (key, request) {
-            let first = FirstUse {
-                answer: answer.clone(),
-                request,
-            };
-            self.keys.lock().expect("keys").insert(k, first);
-        }
-        Ok(answer)
+        Ok(last)
+    }
+}
+
+/// Gives back orders claimed by [`KafkaLog::claim_orders`].
+fn release(known: &mut Known, orders: &[Id]) {
+    for order in orders {
+        known.orders.remove(order);
     }
 }
 
