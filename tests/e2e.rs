@@ -420,16 +420,18 @@ async fn bad_requests_get_a_4xx_naming_the_field_and_reach_no_log() {
         first["offset"].as_u64().unwrap() + 1
     );
     // A retried request with the same Idempotency-Key is answered once, appended once.
+    let ping = json!({"lat": 1, "lon": 2});
     let post = || {
-        s.http
-            .post(format!("{}/v1/riders/R1/location", s.url))
-            .bearer_auth(&r1)
-            .header("Idempotency-Key", "retry-1")
-            .json(&json!({"lat": 1, "lon": 2}))
-            .send()
+        s.call_keyed(
+            "POST",
+            "/v1/riders/R1/location",
+            &r1,
+            "retry-1",
+            ping.clone(),
+        )
     };
-    let a: Value = post().await.unwrap().json().await.unwrap();
-    let b: Value = post().await.unwrap().json().await.unwrap();
+    let (_, a) = post().await;
+    let (_, b) = post().await;
     assert_eq!(a, b);
     assert_eq!(
         a["offset"].as_u64().unwrap(),
@@ -437,17 +439,16 @@ async fn bad_requests_get_a_4xx_naming_the_field_and_reach_no_log() {
     );
     // The same key on a different request is refused, not answered with the
     // first answer (that would acknowledge an event never appended).
-    let other = s
-        .http
-        .put(format!("{}/v1/riders/R1/shift", s.url))
-        .bearer_auth(&r1)
-        .header("Idempotency-Key", "retry-1")
-        .json(&json!({"online": true}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(other.status(), 422);
-    let e: Value = other.json().await.unwrap();
+    let (status, e) = s
+        .call_keyed(
+            "PUT",
+            "/v1/riders/R1/shift",
+            &r1,
+            "retry-1",
+            json!({"online": true}),
+        )
+        .await;
+    assert_eq!(status, 422);
     assert_eq!(e["error"]["field"], "Idempotency-Key", "{e}");
     let (_, last) = s
         .call(
@@ -577,33 +578,17 @@ async fn an_order_is_placed_once_whatever_key_its_requests_carry() {
     s.wait_ready().await;
     let app = s.token("app", None);
     s.city(&app, &[]).await;
-    let place = |key: &'static str| {
-        s.http
-            .post(format!("{}/v1/orders", s.url))
-            .bearer_auth(&app)
-            .header("Idempotency-Key", key)
-            .json(&json!({"order_id": "O1", "merchant_id": "M1",
-                "dropoff": {"lat": 31.22, "lon": 121.48}}))
-            .send()
-    };
-    let first = place("a").await.unwrap();
-    assert_eq!(first.status(), 202);
-    let first: Value = first.json().await.unwrap();
-    let other = place("b").await.unwrap();
-    assert_eq!(
-        other.status(),
-        409,
-        "a new key does not place the order again"
-    );
-    let e: Value = other.json().await.unwrap();
+    let order = json!({"order_id": "O1", "merchant_id": "M1",
+        "dropoff": {"lat": 31.22, "lon": 121.48}});
+    let place = |key: &'static str| s.call_keyed("POST", "/v1/orders", &app, key, order.clone());
+    let (status, first) = place("a").await;
+    assert_eq!(status, 202);
+    let (status, e) = place("b").await;
+    assert_eq!(status, 409, "a new key does not place the order again");
     assert_eq!(e["error"]["field"], "order_id", "{e}");
-    let again = place("a").await.unwrap();
-    assert_eq!(again.status(), 202);
-    assert_eq!(
-        again.json::<Value>().await.unwrap(),
-        first,
-        "the first key's repeat"
-    );
+    let (status, again) = place("a").await;
+    assert_eq!(status, 202);
+    assert_eq!(again, first, "the first key's repeat");
     tokio::time::sleep(Duration::from_millis(300)).await;
     let placed = order_states(&s, &app, "O1").await;
     assert_eq!(
@@ -619,21 +604,12 @@ async fn an_order_is_placed_once_whatever_key_its_requests_carry() {
 }
 
 /// The answer `s` gives to `method path` (ids filled in) with `token`.
-async fn answer(s: &Server, method: &str, path: &str, token: Option<&str>) -> (String, Value) {
-    let url = format!(
-        "{}{}",
-        s.url,
-        path.replace("{order_id}", "O9")
-            .replace("{rider_id}", "R9")
-            .replace("{merchant_id}", "M9")
-    );
-    let mut req = s.http.request(method.to_uppercase().parse().unwrap(), url);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    let r = req.send().await.unwrap();
-    let status = r.status().as_u16().to_string();
-    (status, r.json().await.unwrap_or(Value::Null))
+async fn answer(s: &Server, method: &str, path: &str, token: Option<&str>) -> (u16, Value) {
+    let path = path
+        .replace("{order_id}", "O9")
+        .replace("{rider_id}", "R9")
+        .replace("{merchant_id}", "M9");
+    s.request(method, &path, token, None, None).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -696,7 +672,7 @@ async fn the_contract_documents_the_errors_the_server_gives() {
                 }
                 // Without a token: a documented 401 in the error shape.
                 let (status, body) = answer(&s, method, path, None).await;
-                assert_eq!(status, "401", "{method} {path}: {body}");
+                assert_eq!(status, 401, "{method} {path}: {body}");
                 assert!(documented("401") && documented("403"), "{method} {path}");
                 assert_eq!(body["error"]["code"], "unauthorized", "{method} {path}");
                 checked += 1;
@@ -705,7 +681,10 @@ async fn the_contract_documents_the_errors_the_server_gives() {
                 // An unknown query parameter: a documented 400 naming it.
                 let (status, body) =
                     answer(&s, method, &format!("{path}?bogus=1"), Some(&ops_token)).await;
-                assert!(documented(&status), "{method} {path}: {status} {body}");
+                assert!(
+                    documented(&status.to_string()),
+                    "{method} {path}: {status} {body}"
+                );
                 assert_eq!(body["error"]["field"], "bogus", "{method} {path}: {body}");
             }
         }
@@ -715,8 +694,8 @@ async fn the_contract_documents_the_errors_the_server_gives() {
     let r1 = s.token("rider", Some("R9"));
     let (status, body) = answer(&s, "get", "/v1/riders/{rider_id}/ws", Some(&r1)).await;
     assert_eq!(
-        (status.as_str(), &body["error"]["code"]),
-        ("426", &json!("upgrade_required"))
+        (status, &body["error"]["code"]),
+        (426, &json!("upgrade_required"))
     );
     let ws = &api["paths"]["/v1/riders/{rider_id}/ws"]["get"];
     assert_eq!(

@@ -343,20 +343,6 @@ async fn a_full_order_life_cycle_through_kafka_with_its_outputs_on_topics() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// POSTs `body` to `path` with `Idempotency-Key: key`.
-async fn keyed(s: &Server, token: &str, path: &str, key: &str, body: Value) -> (u16, Value) {
-    let r = s
-        .http
-        .post(format!("{}{path}", s.url))
-        .bearer_auth(token)
-        .header("Idempotency-Key", key)
-        .json(&body)
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json().await.unwrap())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_keys_and_what_they_were_for_are_read_back_from_the_topics() {
     let broker = Broker::start();
@@ -371,16 +357,19 @@ async fn idempotency_keys_and_what_they_were_for_are_read_back_from_the_topics()
             .collect::<Vec<_>>())
     };
     let riders = ["K1", "K2", "K3", "K4", "K5", "K6"];
-    let first = keyed(&s, &app, "/v1/locations:batch", "b-1", batch(&riders)).await;
+    let first = s
+        .call_keyed("POST", "/v1/locations:batch", &app, "b-1", batch(&riders))
+        .await;
     assert_eq!(first, (202, json!({"accepted": 6})));
-    let one = keyed(
-        &s,
-        &app,
-        "/v1/riders/K1/location",
-        "p-1",
-        json!({"lat": 31.0, "lon": 121.0}),
-    )
-    .await;
+    let one = s
+        .call_keyed(
+            "POST",
+            "/v1/riders/K1/location",
+            &app,
+            "p-1",
+            json!({"lat": 31.0, "lon": 121.0}),
+        )
+        .await;
     assert_eq!(one.0, 202, "{one:?}");
     // A new process knows the keys only from the topics: the batch's events
     // are spread over partitions and read back in another order.
@@ -389,16 +378,19 @@ async fn idempotency_keys_and_what_they_were_for_are_read_back_from_the_topics()
     s.wait_ready().await;
     let mut shuffled = riders;
     shuffled.reverse();
-    let again = keyed(&s, &app, "/v1/locations:batch", "b-1", batch(&shuffled)).await;
+    let again = s
+        .call_keyed("POST", "/v1/locations:batch", &app, "b-1", batch(&shuffled))
+        .await;
     assert_eq!(again, first, "a retried batch gets its first answer");
-    let again = keyed(
-        &s,
-        &app,
-        "/v1/riders/K1/location",
-        "p-1",
-        json!({"lat": 31.0, "lon": 121.0}),
-    )
-    .await;
+    let again = s
+        .call_keyed(
+            "POST",
+            "/v1/riders/K1/location",
+            &app,
+            "p-1",
+            json!({"lat": 31.0, "lon": 121.0}),
+        )
+        .await;
     assert_eq!(again, one, "a retried ping gets its first answer");
     for (path, key, body) in [
         ("/v1/locations:batch", "b-1", batch(&riders[..5])),
@@ -413,36 +405,35 @@ async fn idempotency_keys_and_what_they_were_for_are_read_back_from_the_topics()
             json!({"lat": 31.0, "lon": 121.0}),
         ),
     ] {
-        let (status, e) = keyed(&s, &app, path, key, body).await;
+        let (status, e) = s.call_keyed("POST", path, &app, key, body).await;
         assert_eq!(status, 422, "{path} {key}: {e}");
         assert_eq!(e["error"]["field"], "Idempotency-Key", "{e}");
     }
     // An order is placed once, whatever key its requests carry.
-    let (st, _) = s
-        .call(
-            "PUT",
-            "/v1/merchants/M1",
-            &app,
-            Some(json!({"lat": 31.23, "lon": 121.47})),
-        )
-        .await;
-    assert_eq!(st, 202);
+    s.city(&app, &[]).await;
     let order =
         json!({"order_id": "O1", "merchant_id": "M1", "dropoff": {"lat": 31.2, "lon": 121.4}});
-    let first = keyed(&s, &app, "/v1/orders", "o-1", order.clone()).await;
+    let first = s
+        .call_keyed("POST", "/v1/orders", &app, "o-1", order.clone())
+        .await;
     assert_eq!(first.0, 202, "{first:?}");
-    let (status, e) = keyed(&s, &app, "/v1/orders", "o-2", order.clone()).await;
+    let (status, e) = s
+        .call_keyed("POST", "/v1/orders", &app, "o-2", order.clone())
+        .await;
     assert_eq!(
         (status, &e["error"]["field"]),
         (409, &json!("order_id")),
         "{e}"
     );
-    assert_eq!(keyed(&s, &app, "/v1/orders", "o-1", order).await, first);
+    assert_eq!(
+        s.call_keyed("POST", "/v1/orders", &app, "o-1", order).await,
+        first
+    );
     // Two placements racing: one is taken, the other refused.
     let o2 = json!({"order_id": "O2", "merchant_id": "M1", "dropoff": {"lat": 31.2, "lon": 121.4}});
     let (x, y) = tokio::join!(
-        keyed(&s, &app, "/v1/orders", "o2-x", o2.clone()),
-        keyed(&s, &app, "/v1/orders", "o2-y", o2),
+        s.call_keyed("POST", "/v1/orders", &app, "o2-x", o2.clone()),
+        s.call_keyed("POST", "/v1/orders", &app, "o2-y", o2),
     );
     let mut statuses = [x.0, y.0];
     statuses.sort();

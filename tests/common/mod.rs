@@ -104,14 +104,45 @@ impl Server {
         token: &str,
         body: Option<Value>,
     ) -> (u16, Value) {
-        let req = self
-            .http
-            .request(method.parse().unwrap(), format!("{}{path}", self.url))
-            .bearer_auth(token);
-        let req = match body {
-            Some(b) => req.json(&b),
-            None => req,
-        };
+        self.request(method, path, Some(token), None, body).await
+    }
+
+    /// [`Server::call`] with `Idempotency-Key: key`.
+    pub async fn call_keyed(
+        &self,
+        method: &str,
+        path: &str,
+        token: &str,
+        key: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        self.request(method, path, Some(token), Some(key), Some(body))
+            .await
+    }
+
+    /// `method path` (any case) with the token and `Idempotency-Key`
+    /// given: the status and the JSON answer (its text if not JSON).
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        key: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let mut req = self.http.request(
+            method.to_uppercase().parse().unwrap(),
+            format!("{}{path}", self.url),
+        );
+        if let Some(token) = token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(key) = key {
+            req = req.header("Idempotency-Key", key);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
         let resp = req.send().await.expect("request");
         let status = resp.status().as_u16();
         let text = resp.text().await.unwrap_or_default();
