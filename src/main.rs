@@ -523,10 +523,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let ingress = Ingress {
         log: opened.handle,
         secret: secret.clone(),
-        known: Arc::new(Mutex::new(Known {
-            orders: opened.known_orders,
-            merchants: opened.known_merchants,
-        })),
+        known: opened.known,
         grabs: egress.clone(),
     };
     let router = app(

@@ -272,11 +272,16 @@ impl KafkaLog {
         }
         // Claimed before producing, so of two placements racing here the
         // second is refused; given back if the broker does not take it.
-        let claimed = self.claim_orders(&events)?;
+        let claimed = self
+            .known
+            .lock()
+            .expect("known")
+            .claim_orders(&events)
+            .map_err(KafkaError::OrderExists)?;
         let last = match self.produce(key.as_deref(), &events).await {
             Ok(last) => last,
             Err(e) => {
-                release(&mut self.known.lock().expect("known"), &claimed);
+                self.known.lock().expect("known").release(&claimed);
                 return Err(e);
             }
         };
@@ -296,23 +301,6 @@ impl KafkaLog {
             self.keys.lock().expect("keys").insert(k, first);
         }
         Ok(answer)
-    }
-
-    /// Marks the orders `events` place as placed; refuses an order placed
-    /// already.
-    fn claim_orders(&self, events: &[(Id, EventKind)]) -> Result<Vec<Id>, KafkaError> {
-        let mut known = self.known.lock().expect("known");
-        let mut claimed = Vec::new();
-        for (_, kind) in events {
-            if let EventKind::OrderPlaced { order, .. } = kind {
-                if !known.orders.insert(order.clone()) {
-                    release(&mut known, &claimed);
-                    return Err(KafkaError::OrderExists(order.clone()));
-                }
-                claimed.push(order.clone());
-            }
-        }
-        Ok(claimed)
     }
 
     /// Produces `events` (with `key` in their headers) and waits for the
@@ -367,13 +355,6 @@ impl KafkaLog {
         wait.await
             .map_err(|_| KafkaError::Timeout(self.timeout))??;
         Ok(last)
-    }
-}
-
-/// Gives back orders claimed by [`KafkaLog::claim_orders`].
-fn release(known: &mut Known, orders: &[Id]) {
-    for order in orders {
-        known.orders.remove(order);
     }
 }
 

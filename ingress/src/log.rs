@@ -30,17 +30,17 @@
 
 use crate::direct::DirectAppender;
 use crate::keys::{FirstUse, KeyReused, Keys, Print};
+use crate::routes::Known;
 use crate::space::Space;
 use grabflow_api::event::{BinaryKind, BinaryKindRef};
 use grabflow_api::{Event, EventKind, Feed, Id, Time};
 use serde::ser::{SerializeTupleStruct, Serializer};
 use serde::{Deserialize, Serialize};
-use std::collections::HashSet;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
 
@@ -158,10 +158,9 @@ pub struct Opened {
     pub cut: u64,
     /// The latest event time in the log (0 when empty).
     pub last_time: Time,
-    /// Orders and merchants the log already knows (for 404s on unknown ids).
-    pub known_orders: HashSet<Id>,
-    /// Merchants the log already knows.
-    pub known_merchants: HashSet<Id>,
+    /// Orders and merchants the log holds (for 404s on unknown ids), kept
+    /// by ingress from now on; the writer claims each order placed here.
+    pub known: Arc<Mutex<Known>>,
     /// The writer thread; it ends when every handle is dropped.
     pub writer: std::thread::JoinHandle<()>,
 }
@@ -459,21 +458,20 @@ fn open_with(
         next_offset = r.event.offset + 1;
     }
     let replayed = records.len();
-    let mut known_orders = HashSet::new();
-    let mut known_merchants = HashSet::new();
+    let mut known = Known::default();
     for r in &records {
         match &r.event.kind {
             EventKind::OrderPlaced { order, .. } => {
-                known_orders.insert(order.clone());
+                known.orders.insert(order.clone());
             }
             EventKind::MerchantUpserted { merchant, .. } => {
-                known_merchants.insert(merchant.clone());
+                known.merchants.insert(merchant.clone());
             }
             _ => {}
         }
     }
+    let known = Arc::new(Mutex::new(known));
     let log_last_time = last_time;
-    let orders = known_orders.clone();
     for chunk in records.chunks(4096) {
         let _ = feed.send(Feed::Events(
             chunk.iter().map(|r| r.event.clone()).collect(),
@@ -495,6 +493,7 @@ fn open_with(
         tracing::info!("log: no direct I/O on this file system; commits write and fdatasync");
     }
     let (tx, rx) = mpsc::channel::<Command>();
+    let writer_known = Arc::clone(&known);
     let writer = std::thread::Builder::new()
         .name("grabflow-log".into())
         .spawn(move || {
@@ -504,7 +503,7 @@ fn open_with(
                 space,
                 direct,
                 keys,
-                orders,
+                known: writer_known,
                 last_time,
                 last_event: last_time,
                 last_urgent: last_time,
@@ -542,8 +541,7 @@ fn open_with(
         replayed,
         cut,
         last_time: log_last_time,
-        known_orders,
-        known_merchants,
+        known,
         writer,
     })
 }
@@ -557,9 +555,9 @@ struct Writer {
     /// Commits by direct I/O, where the file system has it.
     direct: Option<DirectAppender>,
     keys: Keys,
-    /// Every order placed: an order is placed once, whatever key its
-    /// request carries, and of two placements racing the second is refused.
-    orders: HashSet<Id>,
+    /// Ids the log holds: an order is placed once, whatever key its request
+    /// carries ([`Known::claim_orders`]).
+    known: Arc<Mutex<Known>>,
     /// No event or tick from now on may be earlier than this.
     last_time: Time,
     /// The time of the newest committed event.
@@ -656,7 +654,7 @@ impl Writer {
         );
         let mut answers = Vec::new();
         let mut batch_keys = Keys::new();
-        let mut placed = HashSet::new();
+        let mut claimed = Vec::new();
         for Command::Append {
             key,
             events: new,
@@ -672,17 +670,17 @@ impl Writer {
                 answers.push((reply, repeat.map_err(LogError::from)));
                 continue;
             }
-            let again = new.iter().find_map(|(_, kind)| match kind {
-                EventKind::OrderPlaced { order, .. }
-                    if self.orders.contains(order) || placed.contains(order) =>
-                {
-                    Some(order.clone())
+            if new
+                .iter()
+                .any(|(_, kind)| matches!(kind, EventKind::OrderPlaced { .. }))
+            {
+                match self.known.lock().expect("known").claim_orders(&new) {
+                    Ok(orders) => claimed.extend(orders),
+                    Err(order) => {
+                        answers.push((reply, Err(LogError::OrderExists(order))));
+                        continue;
+                    }
                 }
-                _ => None,
-            });
-            if let Some(order) = again {
-                answers.push((reply, Err(LogError::OrderExists(order))));
-                continue;
             }
             let time = self.last_time.max(now_ms());
             self.last_time = time;
@@ -691,9 +689,6 @@ impl Writer {
             for (id, kind) in new {
                 if !matches!(kind, EventKind::LocationPinged { .. }) {
                     self.last_urgent = time;
-                }
-                if let EventKind::OrderPlaced { order, .. } = &kind {
-                    placed.insert(order.clone());
                 }
                 events.push(Event {
                     id,
@@ -754,7 +749,6 @@ impl Writer {
                 self.end += self.buf.len() as u64;
                 self.space.wrote(self.end);
                 self.keys.extend(batch_keys);
-                self.orders.extend(placed);
                 if self.unsent.is_empty() {
                     self.unsent = events;
                 } else {
@@ -768,6 +762,7 @@ impl Writer {
                 // Nothing of this batch is acknowledged; a partial write is a
                 // torn tail that the next open cuts.
                 tracing::error!("log write failed: {e}");
+                self.known.lock().expect("known").release(&claimed);
                 for (reply, _) in answers {
                     let e = std::io::Error::new(e.kind(), e.to_string());
                     let _ = reply.send(Err(LogError::Io(e)));

@@ -43,6 +43,33 @@ pub struct Known {
     pub merchants: HashSet<Id>,
 }
 
+impl Known {
+    /// Marks the orders `events` place as placed, before they are appended
+    /// (so of two placements racing, the second is refused); refuses an
+    /// order placed already, claiming nothing. What it returns is given
+    /// back with [`Known::release`] if the append fails.
+    pub fn claim_orders(&mut self, events: &[(Id, EventKind)]) -> Result<Vec<Id>, Id> {
+        let mut claimed = Vec::new();
+        for (_, kind) in events {
+            if let EventKind::OrderPlaced { order, .. } = kind {
+                if !self.orders.insert(order.clone()) {
+                    self.release(&claimed);
+                    return Err(order.clone());
+                }
+                claimed.push(order.clone());
+            }
+        }
+        Ok(claimed)
+    }
+
+    /// Gives back orders claimed by an append that failed.
+    pub fn release(&mut self, orders: &[Id]) {
+        for order in orders {
+            self.orders.remove(order);
+        }
+    }
+}
+
 /// The ingress state.
 #[derive(Clone)]
 pub struct Ingress {
@@ -161,19 +188,19 @@ impl Ingress {
         id: Id,
         kind: EventKind,
     ) -> Result<Response, ApiError> {
-        let placed = match &kind {
-            EventKind::OrderPlaced { order, .. } => Some((true, order.clone())),
-            EventKind::MerchantUpserted { merchant, .. } => Some((false, merchant.clone())),
+        // Orders are claimed by the log as it appends them (see
+        // `Known::claim_orders`); merchants are known once appended.
+        let merchant = match &kind {
+            EventKind::MerchantUpserted { merchant, .. } => Some(merchant.clone()),
             _ => None,
         };
         let answer = self.log.append(key, vec![(id, kind)]).await?;
-        if let Some((is_order, id)) = placed {
-            let mut known = self.known.lock().expect("known lock");
-            if is_order {
-                known.orders.insert(id)
-            } else {
-                known.merchants.insert(id)
-            };
+        if let Some(merchant) = merchant {
+            self.known
+                .lock()
+                .expect("known lock")
+                .merchants
+                .insert(merchant);
         }
         Ok(accepted(answer))
     }
