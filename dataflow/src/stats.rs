@@ -21,13 +21,14 @@ pub const STATE_LOG: &str = "grabflow/state";
 /// What one stateful operator holds after a step, by part (`"orders"` → 1200).
 pub type StateSizes = Vec<(&'static str, usize)>;
 
-/// An operator's sizes after a step, on [`STATE_LOG`] (logged when they change).
+/// How an operator's sizes changed in a step, on [`STATE_LOG`] (logged
+/// when they change): summed, a worker's events give what it holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct StateEvent {
     /// The operator's address (as in timely's `Operates` event).
     pub operator: Vec<usize>,
-    /// What it holds now.
-    pub sizes: StateSizes,
+    /// The change of each part that changed.
+    pub changes: Vec<(&'static str, i64)>,
 }
 
 /// The container of [`STATE_LOG`].
@@ -51,15 +52,23 @@ impl StateLog {
         }
     }
 
-    /// Logs `sizes()` if someone listens and they differ from the last ones.
+    /// Logs how `sizes()` differ from the last ones, if someone listens and
+    /// they do.
     pub(crate) fn report(&mut self, sizes: impl FnOnce() -> StateSizes) {
         let Some(logger) = &self.logger else { return };
         let sizes = sizes();
-        if sizes != self.last {
-            self.last = sizes.clone();
+        let before = |part| self.last.iter().find(|(p, _)| *p == part).map(|&(_, n)| n);
+        // A part's first report is logged even at zero: every part shows.
+        let changes: Vec<_> = sizes
+            .iter()
+            .filter(|&&(part, n)| before(part) != Some(n))
+            .map(|&(part, n)| (part, n as i64 - before(part).unwrap_or(0) as i64))
+            .collect();
+        self.last = sizes;
+        if !changes.is_empty() {
             logger.log(StateEvent {
                 operator: self.operator.clone(),
-                sizes,
+                changes,
             });
         }
     }
@@ -111,19 +120,13 @@ impl DataflowStats {
             return;
         };
         let shared = Arc::clone(&self.0);
-        // Operator address → the sizes it last reported on this worker.
-        let mut last: HashMap<Vec<usize>, StateSizes> = HashMap::new();
         registry.insert::<StateEventBuilder, _>(STATE_LOG, move |_time, data| {
             let Some(events) = data else { return };
             let mut inner = shared.lock().expect("stats lock");
             for (_, event) in events.iter() {
                 let entry = inner.ops.entry(event.operator.clone()).or_default();
-                let before = last.insert(event.operator.clone(), event.sizes.clone());
-                for (part, n) in before.into_iter().flatten() {
-                    *entry.state.entry(part).or_default() -= n as i64;
-                }
-                for &(part, n) in &event.sizes {
-                    *entry.state.entry(part).or_default() += n as i64;
+                for &(part, d) in &event.changes {
+                    *entry.state.entry(part).or_default() += d;
                 }
             }
         });
