@@ -10,7 +10,7 @@
 //!   log, so they survive a restart.
 
 use foldhash::HashMap;
-use grabflow_api::output::{LossReason, TransitionReason, WithdrawReason};
+use grabflow_api::output::{TransitionReason, WithdrawReason};
 use grabflow_api::{
     Coord, DispatchConfig, Event, EventKind, GrabOutcome, Id, OrderState, Output, Time,
 };
@@ -19,7 +19,7 @@ use grabflow_dataflow::riders::RiderTables;
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
 use grabflow_ingress::kafka::GrabResults;
-use grabflow_ingress::routes::GrabWaiter;
+use grabflow_ingress::routes::{GrabAnswer, GrabWaiter};
 use grabflow_ingress::wire::IdSchema;
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
@@ -68,12 +68,9 @@ pub enum RiderMessage<'a> {
         /// The order.
         #[schema(value_type = IdSchema)]
         order_id: &'a Id,
-        /// `won` or `lost`.
-        result: &'static str,
-        /// Why it lost (as in the grab answer).
-        #[serde(skip_serializing_if = "Option::is_none")]
-        #[schema(value_type = Option<String>)]
-        reason: Option<LossReason>,
+        /// `result` and, if lost, `reason`: as the grab call answers.
+        #[serde(flatten)]
+        answer: GrabAnswer,
     },
     /// The order is the rider's (won, or reassigned by ops).
     Assigned {
@@ -455,24 +452,19 @@ impl Observer for Egress {
                         rider,
                         outcome,
                     } => {
-                        let (result, reason) = match outcome {
-                            GrabOutcome::Won => {
-                                c.grabs_won += 1;
-                                ("won", None)
-                            }
+                        match outcome {
+                            GrabOutcome::Won => c.grabs_won += 1,
                             GrabOutcome::Lost(reason) => {
                                 let name = serde_json::to_value(reason)
                                     .ok()
                                     .and_then(|x| x.as_str().map(str::to_string));
                                 *c.grabs_lost.entry(name.unwrap_or_default()).or_default() += 1;
-                                ("lost", Some(reason))
                             }
-                        };
+                        }
                         let msg = |seq| RiderMessage::GrabResult {
                             seq,
                             order_id: &order,
-                            result,
-                            reason,
+                            answer: GrabAnswer::from(outcome),
                         };
                         Self::push(&mut v, &rider, msg, &mut woken);
                         resolved.push((attempt, outcome));

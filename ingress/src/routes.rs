@@ -116,6 +116,21 @@ pub struct GrabAnswer {
     pub reason: Option<grabflow_api::LossReason>,
 }
 
+impl From<GrabOutcome> for GrabAnswer {
+    fn from(outcome: GrabOutcome) -> Self {
+        match outcome {
+            GrabOutcome::Won => GrabAnswer {
+                result: "won",
+                reason: None,
+            },
+            GrabOutcome::Lost(reason) => GrabAnswer {
+                result: "lost",
+                reason: Some(reason),
+            },
+        }
+    }
+}
+
 /// `202` answer to a grab still undecided after two seconds.
 #[derive(Serialize, ToSchema)]
 pub struct GrabPending {
@@ -471,19 +486,7 @@ pub async fn post_grab(
             .into_response());
     }
     match tokio::time::timeout(GRAB_WAIT, decision).await {
-        Ok(Ok(outcome)) => {
-            let body = match outcome {
-                GrabOutcome::Won => GrabAnswer {
-                    result: "won",
-                    reason: None,
-                },
-                GrabOutcome::Lost(reason) => GrabAnswer {
-                    result: "lost",
-                    reason: Some(reason),
-                },
-            };
-            Ok((StatusCode::OK, Json(body)).into_response())
-        }
+        Ok(Ok(outcome)) => Ok((StatusCode::OK, Json(GrabAnswer::from(outcome))).into_response()),
         _ => {
             s.grabs.forget(&attempt);
             Ok((
