@@ -17,13 +17,19 @@
 //! - [`output`]: [`Output`], what dispatch decides: offers, withdrawals, grab
 //!   results, assignments, order transitions and rejections.
 //! - [`topics`]: production mode's Kafka topics and record values.
+//! - [`source`]: [`Source`], where a dataflow worker's events come from
+//!   (implemented by the log, read by the dataflow's runtime).
 //! - [`config`]: [`DispatchConfig`], the tunables of the dispatch rules.
+//! - [`lifecycle`]: [`Thread`](lifecycle::Thread), the one handle for every
+//!   background thread (stop, join, a panic reported with its name).
 
 pub mod config;
 pub mod event;
 pub mod geo;
 pub mod id;
+pub mod lifecycle;
 pub mod output;
+pub mod source;
 pub mod topics;
 
 pub use config::DispatchConfig;
@@ -31,6 +37,7 @@ pub use event::{Event, EventKind, Feed};
 pub use geo::Coord;
 pub use id::{Id, IdError};
 pub use output::{GrabOutcome, LossReason, OrderState, Output, RejectReason, WithdrawReason};
+pub use source::Source;
 
 /// Log time: Unix milliseconds assigned by the log. It is the dataflow's timestamp.
 pub type Time = u64;

@@ -16,7 +16,7 @@ use grabflow_api::topics::{partition_for, IndexRecord, InputRecord, OutputRecord
 use grabflow_api::{Event, Output, Time};
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
-use grabflow_ingress::kafka::{partitions, KafkaConfig, KafkaError};
+use grabflow_log::kafka::{partitions, KafkaConfig, KafkaError};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};

@@ -5,21 +5,26 @@
 //! assignments (each with a per-rider `seq`, resumable with `?after=SEQ`);
 //! apps and ops query orders, riders and the merchant→rider index; ops read
 //! live business figures, per-operator dataflow figures and Prometheus text.
+//! The sinks carry the same decisions to Kafka's output topics and Redis.
 //!
 //! ## Layout
 //!
 //! - [`view`]: [`Egress`](view::Egress), the live view fed by the dataflow
-//!   runtime (it implements the runtime's `Observer` and ingress's `GrabWaiter`).
-//! - [`routes`]: `routes(EgressState) -> Router` and `app(Ingress, EgressState)`
-//!   composing the whole service.
-//! - [`contract`]: the OpenAPI document, generated from the handlers.
+//!   runtime (it implements the runtime's `Observer` and the grab call's
+//!   `GrabWaiter`). An offer leaves for a rider in `Egress::decisions`,
+//!   which puts it in the rider's ring and wakes the rider's stream.
+//! - [`streams`]: the rider streams (WebSocket and SSE) reading the rings.
+//! - [`routes`]: `routes(EgressState) -> Router`: the streams, the queries
+//!   (orders, riders, nearby riders), ops figures, health.
 //! - [`kafka`]: the output topics: the sink writing decisions and the index
 //!   (exactly once across restarts), and the follower that feeds a split
 //!   egress process's view from the topics.
+//! - [`grabs`]: a split ingress's grab calls, answered from the grabs topic.
 //! - [`redis`]: the Redis mirror of the index and live orders.
 
-pub mod contract;
+pub mod grabs;
 pub mod kafka;
 pub mod redis;
 pub mod routes;
+pub mod streams;
 pub mod view;

@@ -1,7 +1,7 @@
 //! The live view egress serves, kept from what the dataflow emits.
 //!
 //! [`Egress`] implements the dataflow runtime's `Observer` (events, decisions,
-//! index changes, progress) and ingress's `GrabWaiter`. It keeps:
+//! index changes, progress) and the grab call's `GrabWaiter`. It keeps:
 //! - each order's state and history, each rider's position, shift and load,
 //!   and the rider index by cell (for merchant→rider queries);
 //! - per rider, the stream of messages with a monotonically increasing `seq`
@@ -18,9 +18,8 @@ use grabflow_dataflow::geo_index::GeoIndex;
 use grabflow_dataflow::riders::RiderTables;
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
-use grabflow_ingress::kafka::GrabResults;
-use grabflow_ingress::routes::{GrabAnswer, GrabWaiter};
-use grabflow_ingress::wire::IdSchema;
+use grabflow_http::extract::IdSchema;
+use grabflow_http::grab::{GrabAnswer, GrabResults, GrabWaiter};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

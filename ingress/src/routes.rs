@@ -1,91 +1,56 @@
 //! The ingress routes: validate, authorize, append durably, answer.
 
-use crate::auth::{Auth, Claims, Role, Secret};
-use crate::error::ApiError;
-use crate::log::{Appended, LogHandle};
-use crate::wire::{self, *};
+use crate::bodies::*;
 use axum::extract::FromRequestParts;
-use axum::extract::{DefaultBodyLimit, FromRef, Path, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use axum::{Json, Router};
-use grabflow_api::{EventKind, GrabOutcome, Id};
+use grabflow_api::{EventKind, Id};
+use grabflow_http::auth::{Auth, Claims, HasSecret, Role, Secret};
+use grabflow_http::extract::{self as wire, JsonBody};
+use grabflow_http::grab::{GrabAnswer, GrabWaiter, GRAB_WAIT};
+use grabflow_http::ApiError;
+use grabflow_log::{Appended, LogError, LogHandle};
 use serde::Serialize;
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::sync::oneshot;
+use std::sync::Arc;
 use utoipa::ToSchema;
 
-/// How long a grab call waits for its decision before answering 202.
-pub const GRAB_WAIT: Duration = Duration::from_secs(2);
 /// The most pings one batch request may carry.
 pub const MAX_BATCH: usize = 10_000;
 /// The longest `Idempotency-Key` (printable ASCII).
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
-/// Lets the grab call wait for its decision (implemented by egress).
-pub trait GrabWaiter: Send + Sync + 'static {
-    /// Registers interest in the decision on `attempt` (before it is appended).
-    fn expect(&self, attempt: &Id) -> oneshot::Receiver<GrabOutcome>;
-    /// Drops the interest (the caller stopped waiting).
-    fn forget(&self, attempt: &Id);
-}
-
-/// Ids the log already holds, to answer 404 for unknown ones.
-#[derive(Default)]
-pub struct Known {
-    /// Placed orders.
-    pub orders: HashSet<Id>,
-    /// Registered merchants.
-    pub merchants: HashSet<Id>,
-}
-
-impl Known {
-    /// Marks the orders `events` place as placed, before they are appended
-    /// (so of two placements racing, the second is refused); refuses an
-    /// order placed already, claiming nothing. What it returns is given
-    /// back with [`Known::release`] if the append fails.
-    pub fn claim_orders(&mut self, events: &[(Id, EventKind)]) -> Result<Vec<Id>, Id> {
-        let mut claimed = Vec::new();
-        for (_, kind) in events {
-            if let EventKind::OrderPlaced { order, .. } = kind {
-                if !self.orders.insert(order.clone()) {
-                    self.release(&claimed);
-                    return Err(order.clone());
-                }
-                claimed.push(order.clone());
-            }
-        }
-        Ok(claimed)
-    }
-
-    /// Gives back orders claimed by an append that failed.
-    pub fn release(&mut self, orders: &[Id]) {
-        for order in orders {
-            self.orders.remove(order);
-        }
-    }
-}
-
 /// The ingress state.
 #[derive(Clone)]
 pub struct Ingress {
-    /// Where events go.
+    /// Where events go, and what it already holds.
     pub log: LogHandle,
     /// Verifies tokens.
     pub secret: Secret,
-    /// Ids already in the log.
-    pub known: Arc<Mutex<Known>>,
     /// Waits for grab decisions.
     pub grabs: Arc<dyn GrabWaiter>,
 }
 
-impl FromRef<Arc<Ingress>> for Secret {
-    fn from_ref(state: &Arc<Ingress>) -> Secret {
-        state.secret.clone()
+impl HasSecret for Ingress {
+    fn secret(&self) -> &Secret {
+        &self.secret
+    }
+}
+
+/// An append's failure, as the API answers it: a key reused on another
+/// request is a 422 naming `Idempotency-Key`, an order placed already a
+/// 409, anything else (the disk, the broker) a 503 to retry.
+fn refused(e: LogError) -> ApiError {
+    match e {
+        LogError::KeyReused(e) => ApiError::invalid_field("Idempotency-Key", e.to_string()),
+        LogError::OrderExists(order) => ApiError {
+            field: Some("order_id".into()),
+            ..ApiError::conflict(format!("order {order} exists"))
+        },
+        e => ApiError::unavailable(format!("the event could not be made durable: {e}")),
     }
 }
 
@@ -103,32 +68,6 @@ pub struct Accepted {
 pub struct BatchAccepted {
     /// How many pings were appended.
     pub accepted: usize,
-}
-
-/// `200` answer to a decided grab.
-#[derive(Serialize, ToSchema)]
-pub struct GrabAnswer {
-    /// `won` or `lost`.
-    pub result: &'static str,
-    /// Why it lost: already_taken, not_offered, order_closed, unknown_order, over_capacity, offer_expired.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<String>)]
-    pub reason: Option<grabflow_api::LossReason>,
-}
-
-impl From<GrabOutcome> for GrabAnswer {
-    fn from(outcome: GrabOutcome) -> Self {
-        match outcome {
-            GrabOutcome::Won => GrabAnswer {
-                result: "won",
-                reason: None,
-            },
-            GrabOutcome::Lost(reason) => GrabAnswer {
-                result: "lost",
-                reason: Some(reason),
-            },
-        }
-    }
 }
 
 /// `202` answer to a grab still undecided after two seconds.
@@ -203,39 +142,18 @@ impl Ingress {
         id: Id,
         kind: EventKind,
     ) -> Result<Response, ApiError> {
-        // Orders are claimed by the log as it appends them (see
-        // `Known::claim_orders`); merchants are known once appended.
-        let merchant = match &kind {
-            EventKind::MerchantUpserted { merchant, .. } => Some(merchant.clone()),
-            _ => None,
-        };
-        let answer = self.log.append(key, vec![(id, kind)]).await?;
-        if let Some(merchant) = merchant {
-            self.known
-                .lock()
-                .expect("known lock")
-                .merchants
-                .insert(merchant);
-        }
-        Ok(accepted(answer))
+        let answer = self.log.append(key, vec![(id, kind)]).await;
+        Ok(accepted(answer.map_err(refused)?))
     }
 
     fn order(&self, order_id: &str) -> Result<Id, ApiError> {
         let order = wire::id(order_id, "order_id")?;
-        if !self
-            .known
-            .lock()
-            .expect("known lock")
-            .orders
-            .contains(&order)
-        {
+        if !self.log.knows_order(&order) {
             return Err(ApiError::not_found("order_id", format!("no order {order}")));
         }
         Ok(order)
     }
 
-    /// The common path of an event on an existing order: authorize `roles`,
-    /// find the order (404 if unknown), build the event, append it.
     async fn order_event(
         &self,
         claims: &Claims,
@@ -371,7 +289,7 @@ pub async fn post_batch(
         let id = batch.item(i).expect("a batch id has room for every index");
         events.push((id, EventKind::LocationPinged { rider, at }));
     }
-    let answer = s.log.append(key, events).await?;
+    let answer = s.log.append(key, events).await.map_err(refused)?;
     let accepted = match answer {
         Appended::Batch { accepted } => accepted,
         Appended::One { .. } => 1,
@@ -398,22 +316,16 @@ pub async fn post_order(
             "promised_minutes must be from 1 to 1440",
         ));
     }
-    {
-        let known = s.known.lock().expect("known lock");
-        if !known.merchants.contains(&merchant) {
-            return Err(ApiError::not_found(
-                "merchant_id",
-                format!("no merchant {merchant}"),
-            ));
-        }
-        // With a key, the log decides: a repeat gets its first answer, any
-        // other placement of the order a 409 (as do two racing placements).
-        if known.orders.contains(&order) && key.is_none() {
-            return Err(ApiError {
-                field: Some("order_id".into()),
-                ..ApiError::conflict(format!("order {order} exists"))
-            });
-        }
+    if !s.log.knows_merchant(&merchant) {
+        return Err(ApiError::not_found(
+            "merchant_id",
+            format!("no merchant {merchant}"),
+        ));
+    }
+    // With a key, the log decides: a repeat gets its first answer, any
+    // other placement of the order a 409 (as do two racing placements).
+    if key.is_none() && s.log.knows_order(&order) {
+        return Err(refused(LogError::OrderExists(order)));
     }
     let kind = EventKind::OrderPlaced {
         order,
@@ -468,7 +380,7 @@ pub async fn post_grab(
         Ok(a) => a,
         Err(e) => {
             s.grabs.forget(&attempt);
-            return Err(e.into());
+            return Err(refused(e));
         }
     };
     let Appended::One { event_id, .. } = answer else {

@@ -23,7 +23,7 @@ pub mod report;
 
 use futures_util::StreamExt;
 use grabflow_api::{Coord, Id};
-use grabflow_ingress::auth::{Claims, Role, Secret};
+use grabflow_http::auth::{Claims, Role, Secret};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Exp, Zipf};

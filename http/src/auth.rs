@@ -153,17 +153,26 @@ impl Secret {
     }
 }
 
+/// A router's state that verifies tokens (what [`Auth`] needs of it).
+pub trait HasSecret {
+    /// The secret tokens are checked against.
+    fn secret(&self) -> &Secret;
+}
+
+impl<T: HasSecret> HasSecret for Arc<T> {
+    fn secret(&self) -> &Secret {
+        (**self).secret()
+    }
+}
+
 /// Extractor: the verified claims of the request's bearer token.
 pub struct Auth(pub Claims);
 
-impl<S: Send + Sync> FromRequestParts<S> for Auth
-where
-    Secret: axum::extract::FromRef<S>,
-{
+impl<S: HasSecret + Send + Sync> FromRequestParts<S> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let secret = <Secret as axum::extract::FromRef<S>>::from_ref(state);
+        let secret = state.secret();
         let header = parts
             .headers
             .get(axum::http::header::AUTHORIZATION)

@@ -142,18 +142,3 @@ impl IntoResponse for ApiError {
         response
     }
 }
-
-impl From<crate::log::LogError> for ApiError {
-    fn from(e: crate::log::LogError) -> Self {
-        match e {
-            crate::log::LogError::KeyReused(e) => {
-                ApiError::invalid_field("Idempotency-Key", e.to_string())
-            }
-            crate::log::LogError::OrderExists(order) => ApiError {
-                field: Some("order_id".into()),
-                ..ApiError::conflict(format!("order {order} exists"))
-            },
-            e => ApiError::unavailable(format!("the event could not be made durable: {e}")),
-        }
-    }
-}

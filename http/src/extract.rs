@@ -1,5 +1,6 @@
-//! Request bodies of the ingress API and the JSON extractor that turns every
-//! malformed body into an [`ApiError`] naming the field.
+//! Extractors that turn every malformed body or query string into an
+//! [`ApiError`] naming the field at fault, the checks of ids and positions,
+//! and the OpenAPI schema of an id.
 
 use crate::error::ApiError;
 use axum::body::Bytes;
@@ -9,7 +10,6 @@ use grabflow_api::geo::CoordError;
 use grabflow_api::id::MAX_ID_LEN;
 use grabflow_api::{Coord, Id};
 use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use utoipa::ToSchema;
 
 /// Extractor: a JSON body of type `T`, or a 4xx in API.md's error shape.
@@ -131,131 +131,6 @@ impl ToSchema for IdSchema {
     }
 }
 
-/// A position in WGS84 degrees.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LatLon {
-    /// Latitude, −90 to 90.
-    #[schema(minimum = -90.0, maximum = 90.0)]
-    pub lat: f64,
-    /// Longitude, −180 to 180.
-    #[schema(minimum = -180.0, maximum = 180.0)]
-    pub lon: f64,
-}
-
-/// `PUT /v1/merchants/{merchant_id}`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct MerchantBody {
-    /// Latitude, −90 to 90.
-    #[schema(minimum = -90.0, maximum = 90.0)]
-    pub lat: f64,
-    /// Longitude, −180 to 180.
-    #[schema(minimum = -180.0, maximum = 180.0)]
-    pub lon: f64,
-    /// Whether it takes orders (default true).
-    #[serde(default = "yes")]
-    pub open: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// `PUT /v1/riders/{rider_id}/shift`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ShiftBody {
-    /// On shift or not.
-    pub online: bool,
-    /// Orders the rider may carry at once (1–50); the server default if absent.
-    #[schema(minimum = 1, maximum = 50)]
-    pub capacity: Option<u32>,
-}
-
-/// `POST /v1/riders/{rider_id}/location`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct LocationBody {
-    /// Latitude, −90 to 90.
-    #[schema(minimum = -90.0, maximum = 90.0)]
-    pub lat: f64,
-    /// Longitude, −180 to 180.
-    #[schema(minimum = -180.0, maximum = 180.0)]
-    pub lon: f64,
-    /// The device's clock, ms (informational; the log assigns event time).
-    pub at: Option<u64>,
-}
-
-/// One item of `POST /v1/locations:batch`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct BatchPing {
-    /// The rider (validated as it is parsed: a batch is thousands of these).
-    #[schema(value_type = IdSchema)]
-    pub rider_id: Id,
-    /// Latitude, −90 to 90.
-    #[schema(minimum = -90.0, maximum = 90.0)]
-    pub lat: f64,
-    /// Longitude, −180 to 180.
-    #[schema(minimum = -180.0, maximum = 180.0)]
-    pub lon: f64,
-    /// The device's clock, ms.
-    pub at: Option<u64>,
-}
-
-/// `POST /v1/orders`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct OrderBody {
-    /// The order's id.
-    #[schema(value_type = IdSchema)]
-    pub order_id: String,
-    /// The merchant preparing it.
-    #[schema(value_type = IdSchema)]
-    pub merchant_id: String,
-    /// Where it goes.
-    pub dropoff: LatLon,
-    /// Promised delivery time, minutes (1–1440, default 30).
-    #[serde(default = "thirty")]
-    #[schema(minimum = 1, maximum = 1440, default = 30)]
-    pub promised_minutes: u32,
-}
-
-fn thirty() -> u32 {
-    30
-}
-
-/// `POST /v1/orders/{order_id}/cancel`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CancelBody {
-    /// Why (kept with the request log only).
-    pub reason: Option<String>,
-}
-
-/// A body that must be empty or `{}`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct EmptyBody {}
-
-/// `POST /v1/orders/{order_id}/compensation`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct CompensationBody {
-    /// What was paid, cents.
-    pub amount_cents: u64,
-}
-
-/// `POST /v1/ops/orders/{order_id}/reassign`.
-#[derive(Debug, Deserialize, ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct ReassignBody {
-    /// The rider to give the order to.
-    #[schema(value_type = IdSchema)]
-    pub rider_id: String,
-}
-
 /// A validated id, or a 422 naming `field`.
 pub fn id(value: &str, field: &str) -> Result<Id, ApiError> {
     Id::new(value).map_err(|e| ApiError::invalid_field(field, e.to_string()))
@@ -275,40 +150,4 @@ pub fn coord(lat: f64, lon: f64, prefix: &str) -> Result<Coord, ApiError> {
         };
         ApiError::invalid_field(field, e.to_string())
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn malformed_bodies_name_the_field() {
-        let e = parse::<OrderBody>(
-            br#"{"order_id":"o","merchant_id":"m","dropoff":{"lat":1,"lon":2,"x":3}}"#,
-        )
-        .unwrap_err();
-        assert_eq!(
-            (e.code, e.field.as_deref()),
-            ("unknown_field", Some("dropoff.x"))
-        );
-        let e = parse::<LocationBody>(br#"{"lat":1,"lon":2,"x":3}"#).unwrap_err();
-        assert_eq!((e.code, e.field.as_deref()), ("unknown_field", Some("x")));
-        let e = parse::<OrderBody>(br#"{"order_id":"o","merchant_id":"m"}"#).unwrap_err();
-        assert_eq!(
-            (e.code, e.field.as_deref()),
-            ("invalid_field", Some("dropoff"))
-        );
-        let e = parse::<LocationBody>(br#"{"lat":"north","lon":2}"#).unwrap_err();
-        assert_eq!((e.code, e.field.as_deref()), ("invalid_field", Some("lat")));
-        let e = parse::<LocationBody>(br#"{"lat":1,"#).unwrap_err();
-        assert_eq!(e.code, "invalid_json");
-        assert_eq!(
-            coord(91.0, 0.0, "dropoff").unwrap_err().field.as_deref(),
-            Some("dropoff.lat")
-        );
-        assert_eq!(
-            id("a b", "rider_id").unwrap_err().field.as_deref(),
-            Some("rider_id")
-        );
-    }
 }

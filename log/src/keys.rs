@@ -6,7 +6,7 @@
 //! acknowledge an event that is never appended, so it is refused instead
 //! ([`KeyReused`], a 422 naming `Idempotency-Key`).
 
-use crate::log::Appended;
+use crate::Appended;
 use grabflow_api::EventKind;
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hasher};

@@ -1,0 +1,20 @@
+//! Where a dataflow worker's events come from: the seam between the log
+//! (the embedded log's feed, or a worker's Kafka partitions) and the
+//! dataflow's runtime, so neither side depends on the other.
+
+use crate::{Event, Time};
+use std::time::Duration;
+
+/// Where one worker's events come from.
+pub trait Source {
+    /// Moves the events that arrived into `out`, waiting up to `wait` when
+    /// none has, and returns the frontier: no event still to come has an
+    /// earlier time. `None` once the source has ended.
+    fn poll(&mut self, out: &mut Vec<Event>, wait: Duration) -> Option<Time>;
+
+    /// How long a caught-up worker waits for this source before it steps
+    /// again anyway (other workers' messages do not wake it).
+    fn idle_wait(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+}

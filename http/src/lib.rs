@@ -1,0 +1,22 @@
+//! # grabflow-http — what both HTTP sides share
+//!
+//! Ingress (the write side) and egress (the read side) answer in one shape
+//! and check one kind of token; this crate is that common ground, so
+//! neither depends on the other. No log, no dataflow: only axum types.
+//!
+//! ## Layout
+//!
+//! - [`auth`]: signed role tokens ([`Secret`](auth::Secret),
+//!   [`Claims`](auth::Claims), the [`Auth`](auth::Auth) extractor).
+//! - [`error`]: [`ApiError`](error::ApiError), the one error shape
+//!   `{"error": {"code", "message", "field"?}}`, and its body's schema.
+//! - [`extract`]: the JSON body and query extractors that name the field
+//!   at fault, the checks of ids and positions, the `Id` schema.
+//! - [`grab`]: a grab call waiting for its decision, and the answer.
+
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod grab;
+
+pub use error::ApiError;

@@ -1,0 +1,154 @@
+//! The embedded log: append-only, checksummed, group-committed.
+//!
+//! One file, `events.log`, in the data directory, in the [`format`] of
+//! framed, checksummed records. An append is one record, so a torn write loses a whole unacknowledged append, never part
+//! of one. A writer thread owns the file: it takes every append waiting,
+//! gives each event its log offset and time (`max(now, last time)`, so time
+//! never goes back), writes them durably in one write (direct I/O, see
+//! [`direct`]; else a write and `fdatasync`), and only then answers
+//! the callers and hands the events to the dataflow. Appends that arrive
+//! during a write go in the next one. Between appends it sends clock ticks,
+//! so timers fire when nothing happens.
+//!
+//! How soon the dataflow hears of a commit depends on what it holds (see
+//! [`Ticks`]): any event but a location ping, as soon as the clock passes
+//! its millisecond; pings alone, within [`Ticks::pings`]. Each tick costs
+//! the dataflow a pass over every operator, while a ping changes nothing
+//! anyone waits on until an order, a grab or a timer reads the index (and
+//! those tick at once, taking the pings before them along).
+//!
+//! On open, the file is scanned; a torn or corrupt tail (a crash mid-write)
+//! is cut at the last whole record, never half-applied. The records read
+//! back are replayed into the dataflow before new appends are taken.
+
+//!
+//! ## Layout
+//!
+//! - this module: [`open`] (read back, rebuild the ledger, replay, start
+//!   the writer), [`Ticks`], [`EmbeddedLog`] (the [`Append`] side).
+//! - [`format`]: framing and the record forms, old and new.
+//! - [`recovery`]: reading the file back, cutting a torn tail.
+//! - [`writer`]: the writer thread: group commit and ticks.
+//! - [`space`]: the zero-filled room kept ahead of the writer.
+//! - [`direct`]: commits as direct, data-synchronous writes.
+
+pub mod direct;
+pub mod format;
+pub mod recovery;
+pub mod space;
+#[cfg(test)]
+mod tests;
+mod writer;
+
+pub use format::Record;
+pub use recovery::{read_records, Scanned};
+
+use crate::ledger::Ledger;
+use crate::{Append, LogError, LogHandle, Pending};
+use grabflow_api::lifecycle::Thread;
+use grabflow_api::{EventKind, Feed, Id, Time};
+use std::path::Path;
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::oneshot;
+use writer::{Command, Writer};
+
+/// How often the writer tells the dataflow that time has passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticks {
+    /// With nothing committed since the last tick (timers fire on these).
+    pub idle: Duration,
+    /// With only location pings committed since the last tick: they reach
+    /// the dataflow within this long. Any other event ticks as soon as the
+    /// clock passes its millisecond.
+    pub pings: Duration,
+}
+
+/// What opening the log found.
+pub struct Opened {
+    /// The handle to append with.
+    pub handle: LogHandle,
+    /// Records already in the log (replayed into the feed before anything new).
+    pub replayed: usize,
+    /// Bytes cut from a torn tail.
+    pub cut: u64,
+    /// The latest event time in the log (0 when empty).
+    pub last_time: Time,
+    /// The writer thread; it ends when every handle is dropped.
+    pub writer: Thread,
+}
+
+/// Opens (or creates) the log in `dir`, replays what it holds into `feed`,
+/// and starts the writer thread, which sends clock ticks as `ticks` says.
+/// Commits are direct writes where the file system allows it (see
+/// [`direct`]), else buffered writes and `fdatasync`.
+pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, ticks: Ticks) -> Result<Opened, LogError> {
+    open_with(dir, feed, ticks, true)
+}
+
+/// [`open`], with direct I/O only if `direct` (tests take both paths).
+fn open_with(
+    dir: &Path,
+    feed: mpsc::Sender<Feed>,
+    ticks: Ticks,
+    direct: bool,
+) -> Result<Opened, LogError> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("events.log");
+    let Scanned { records, end, cut } = read_records(&path)?;
+    let mut ledger = Ledger::default();
+    let (mut last_time, mut next_offset) = (0, 0);
+    for Record { key, event } in &records {
+        // A batch's events carry its key each: the answer counts them.
+        ledger.read_back(
+            key.as_deref(),
+            Some(&event.id),
+            event.offset,
+            &event.kind,
+            None,
+        );
+        last_time = last_time.max(event.time);
+        next_offset = event.offset + 1;
+    }
+    for chunk in records.chunks(4096) {
+        let _ = feed.send(Feed::Events(
+            chunk.iter().map(|r| r.event.clone()).collect(),
+        ));
+    }
+    let ledger = Arc::new(Mutex::new(ledger));
+    let (tx, rx) = mpsc::channel::<Command>();
+    let writer = Writer::open(
+        &path,
+        end,
+        direct,
+        Arc::clone(&ledger),
+        (last_time, next_offset),
+        feed,
+        ticks,
+    )?;
+    let writer = Thread::spawn("grabflow-log", move |_| writer.run(rx))?;
+    Ok(Opened {
+        handle: LogHandle::new(Arc::new(EmbeddedLog { tx }), ledger),
+        replayed: records.len(),
+        cut,
+        last_time,
+        writer,
+    })
+}
+
+/// The embedded log's [`Append`] side: hands each append to the writer
+/// thread and waits for its commit.
+pub struct EmbeddedLog {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Append for EmbeddedLog {
+    fn append(&self, key: Option<String>, events: Vec<(Id, EventKind)>) -> Pending<'_> {
+        let (reply, rx) = oneshot::channel();
+        let sent = self.tx.send(Command { key, events, reply });
+        Box::pin(async move {
+            sent.map_err(|_| LogError::Closed)?;
+            rx.await.unwrap_or(Err(LogError::Closed))
+        })
+    }
+}

@@ -1,0 +1,506 @@
+//! The embedded log's tests: appends, keys, ticks, formats, torn tails.
+
+use super::format::{frame_header, APPEND, BINARY};
+use super::recovery::MAX_TORN;
+use super::*;
+use crate::{now_ms, Appended};
+use grabflow_api::Coord;
+use grabflow_api::Event;
+use std::fs::OpenOptions;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::time::Instant;
+
+fn ping(n: usize) -> (Id, EventKind) {
+    (
+        Id::new(&format!("e{n}")).unwrap(),
+        EventKind::LocationPinged {
+            rider: Id::new("r1").unwrap(),
+            at: Coord::from_degrees(31.0, 121.0).unwrap(),
+        },
+    )
+}
+
+fn events(rx: &mpsc::Receiver<Feed>) -> Vec<Event> {
+    rx.try_iter()
+        .flat_map(|f| match f {
+            Feed::Events(e) | Feed::EventsThenTick(e, _) => e,
+            Feed::Tick(_) => vec![],
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn appends_survive_reopen_and_keys_are_honoured() {
+    let dir = scratch();
+    let (log, rx) = open_in(&dir);
+    let a = log.handle.append(None, vec![ping(1)]).await.unwrap();
+    assert_eq!(
+        a,
+        Appended::One {
+            event_id: Id::new("e1").unwrap(),
+            offset: 0
+        }
+    );
+    let b = log
+        .handle
+        .append(Some("k".into()), vec![ping(2), ping(3)])
+        .await
+        .unwrap();
+    assert_eq!(b, Appended::Batch { accepted: 2 });
+    // A retry: the same contents (the server gives them new ids).
+    let again = log
+        .handle
+        .append(Some("k".into()), vec![ping(6), ping(7)])
+        .await
+        .unwrap();
+    assert_eq!(again, b, "a repeated key gets the first answer");
+    let other = log.handle.append(Some("k".into()), vec![ping(4)]).await;
+    assert!(
+        matches!(other, Err(LogError::KeyReused(_))),
+        "the key on another request is refused: {other:?}"
+    );
+    // The writer hands its last events over as it closes.
+    drop(log.handle);
+    log.writer.join().unwrap();
+    let fed = events(&rx);
+    assert_eq!(
+        fed.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        vec![0, 1, 2]
+    );
+    assert!(fed.windows(2).all(|w| w[0].time <= w[1].time));
+
+    let (log, rx) = open_in(&dir);
+    assert_eq!(log.replayed, 3);
+    assert_eq!(
+        events(&rx),
+        fed,
+        "replay gives back exactly what was acknowledged"
+    );
+    let again = log
+        .handle
+        .append(Some("k".into()), vec![ping(8), ping(9)])
+        .await
+        .unwrap();
+    assert_eq!(again, b, "keys survive a restart");
+    let other = log.handle.append(Some("k".into()), vec![ping(5)]).await;
+    assert!(
+        matches!(other, Err(LogError::KeyReused(_))),
+        "and so does what they were used for: {other:?}"
+    );
+    let c = log.handle.append(None, vec![ping(6)]).await.unwrap();
+    assert_eq!(
+        c,
+        Appended::One {
+            event_id: Id::new("e6").unwrap(),
+            offset: 3
+        }
+    );
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Committed events reach the dataflow no later than the tick that
+/// passes their time (the tick that lets it finish them), while the log
+/// stays open.
+#[tokio::test]
+async fn events_are_handed_over_before_the_tick_that_passes_them() {
+    let dir = scratch();
+    let (log, rx) = open_in(&dir);
+    for n in 0..20 {
+        log.handle.append(None, vec![ping(n)]).await.unwrap();
+    }
+    let committed = now_ms();
+    let mut fed = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_secs(10)).expect("a tick") {
+            Feed::Events(e) => fed.extend(e),
+            Feed::EventsThenTick(e, t) => {
+                fed.extend(e);
+                if t > committed {
+                    break;
+                }
+            }
+            Feed::Tick(t) if t > committed => break,
+            Feed::Tick(_) => {}
+        }
+    }
+    assert_eq!(
+        fed.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        (0..20).collect::<Vec<_>>(),
+        "every event before the tick that passes it"
+    );
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Pings alone wait for the ping cadence; any other event ticks as soon
+/// as its millisecond is over and takes the pings before it along.
+#[tokio::test]
+async fn pings_wait_for_their_cadence_and_other_events_tick_at_once() {
+    let dir = scratch();
+    let (tx, rx) = mpsc::channel();
+    let slow = Duration::from_secs(30);
+    let log = open(
+        &dir,
+        tx,
+        Ticks {
+            idle: slow,
+            pings: slow,
+        },
+    )
+    .unwrap();
+    // The first tick (nothing to replay) comes at once.
+    assert!(matches!(
+        rx.recv_timeout(Duration::from_secs(10)),
+        Ok(Feed::Tick(_))
+    ));
+    for n in 0..5 {
+        log.handle.append(None, vec![ping(n)]).await.unwrap();
+    }
+    assert!(
+        rx.recv_timeout(Duration::from_millis(300)).is_err(),
+        "acknowledged pings alone wait for the ping cadence"
+    );
+    let shift = (
+        Id::new("s1").unwrap(),
+        EventKind::ShiftChanged {
+            rider: Id::new("r1").unwrap(),
+            online: true,
+            capacity: None,
+        },
+    );
+    let Appended::One { offset, .. } = log.handle.append(None, vec![shift]).await.unwrap() else {
+        panic!("one event")
+    };
+    // Everything up to the shift change, then a tick past its time
+    // (one may come at its time first, with the events).
+    let started = Instant::now();
+    let mut fed: Vec<Event> = Vec::new();
+    loop {
+        let tick = match rx.recv_timeout(Duration::from_secs(10)).expect("a tick") {
+            Feed::Events(e) => {
+                fed.extend(e);
+                continue;
+            }
+            Feed::EventsThenTick(e, t) => {
+                fed.extend(e);
+                t
+            }
+            Feed::Tick(t) => t,
+        };
+        if fed
+            .last()
+            .is_some_and(|e| e.offset == offset && tick > e.time)
+        {
+            break;
+        }
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "a shift change does not wait for the ping cadence"
+    );
+    assert_eq!(
+        fed.iter().map(|e| e.offset).collect::<Vec<_>>(),
+        (0..=offset).collect::<Vec<_>>(),
+        "the pings before it come along"
+    );
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The same cadence with pings as without.
+fn every(tick: Duration) -> Ticks {
+    Ticks {
+        idle: tick,
+        pings: tick,
+    }
+}
+
+/// The log in `dir` (5 ms ticks) and the feed it replays and appends into.
+fn place(n: usize, order: &str) -> (Id, EventKind) {
+    (
+        Id::new(&format!("p{n}")).unwrap(),
+        EventKind::OrderPlaced {
+            order: Id::new(order).unwrap(),
+            merchant: Id::new("m1").unwrap(),
+            dropoff: Coord::from_degrees(31.0, 121.0).unwrap(),
+            promised_minutes: 30,
+        },
+    )
+}
+
+#[tokio::test]
+async fn an_order_is_placed_once_whatever_its_key() {
+    let dir = scratch();
+    let (log, _rx) = open_in(&dir);
+    let first = log
+        .handle
+        .append(Some("a".into()), vec![place(1, "o1")])
+        .await
+        .unwrap();
+    let exists = |r: Result<Appended, LogError>| matches!(r, Err(LogError::OrderExists(o)) if o.as_str() == "o1");
+    // Another key, no key, or two placements racing into one commit.
+    let (b, c) = tokio::join!(
+        log.handle.append(Some("b".into()), vec![place(2, "o1")]),
+        log.handle.append(None, vec![place(3, "o1")]),
+    );
+    assert!(exists(b) && exists(c));
+    let (d, e) = tokio::join!(
+        log.handle.append(None, vec![place(4, "o2")]),
+        log.handle.append(Some("e".into()), vec![place(5, "o2")]),
+    );
+    assert!(
+        d.is_ok() != e.is_ok(),
+        "one of two racing placements: {d:?} {e:?}"
+    );
+    // The first key's repeat still gets its answer.
+    let again = log
+        .handle
+        .append(Some("a".into()), vec![place(6, "o1")])
+        .await;
+    assert_eq!(again.unwrap(), first);
+    drop(log.handle);
+    log.writer.join().unwrap();
+    let (log, _rx) = open_in(&dir);
+    assert_eq!(log.replayed, 2, "o1 and o2, once each");
+    assert!(exists(
+        log.handle
+            .append(Some("f".into()), vec![place(7, "o1")])
+            .await
+    ));
+    drop(log.handle);
+    log.writer.join().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn open_in(dir: &Path) -> (Opened, mpsc::Receiver<Feed>) {
+    let (tx, rx) = mpsc::channel();
+    (open(dir, tx, every(Duration::from_millis(5))).unwrap(), rx)
+}
+
+/// Where the file system has direct I/O, commits use it; one log may
+/// be written both ways in turn (a data dir moved between file
+/// systems) and reads back whole.
+#[tokio::test]
+async fn direct_and_buffered_commits_read_back_alike() {
+    let dir = scratch();
+    let path = dir.join("events.log");
+    let mut acked = Vec::new();
+    for (round, direct) in [false, true, false, true].into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel();
+        let log = open_with(&dir, tx, every(Duration::from_millis(5)), direct).unwrap();
+        assert_eq!((log.replayed, log.cut), (acked.len(), 0));
+        assert_eq!(events(&rx).len(), acked.len(), "replayed");
+        for n in 0..3 {
+            let id = round * 10 + n;
+            let events = if n == 1 {
+                vec![ping(id), ping(id + 100)]
+            } else {
+                vec![ping(id)]
+            };
+            acked.extend(events.iter().map(|(id, _)| id.clone()));
+            log.handle.append(None, events).await.unwrap();
+        }
+        drop(log.handle);
+        log.writer.join().unwrap();
+        let back = read_records(&path).unwrap();
+        assert_eq!(back.cut, 0);
+        let ids: Vec<Id> = back.records.iter().map(|r| r.event.id.clone()).collect();
+        assert_eq!(
+            ids, acked,
+            "round {round}: every acknowledged event, in order"
+        );
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A fresh directory for one test's log.
+fn scratch() -> PathBuf {
+    std::env::temp_dir().join(format!("grabflow-log-{}", rand::random::<u64>()))
+}
+
+/// `payload` framed as the log frames it.
+fn framed(payload: &[u8]) -> Vec<u8> {
+    [&frame_header(payload)[..], payload].concat()
+}
+
+#[tokio::test]
+async fn records_of_older_logs_are_read_beside_new_ones() {
+    let dir = scratch();
+    std::fs::create_dir_all(&dir).unwrap();
+    // A record as versions before 0.6 wrote it (JSON)...
+    let json = br#"{"key":"k","event":{"id":"e0","offset":0,"time":5,"kind":{"type":"location_pinged","rider":"r1","at":{"lat_e7":310000000,"lon_e7":1210000000}}}}"#;
+    let mut old = framed(json);
+    // ...and one as 0.6 wrote it (one event in postcard).
+    let (id, kind) = ping(1);
+    let event = Event {
+        id,
+        offset: 1,
+        time: 6,
+        kind,
+    };
+    let mut binary = vec![BINARY];
+    binary.extend(postcard::to_allocvec(&(None::<&str>, &event)).unwrap());
+    old.extend(framed(&binary));
+    std::fs::write(dir.join("events.log"), &old).unwrap();
+
+    let (log, rx) = open_in(&dir);
+    assert_eq!(log.replayed, 2);
+    let replayed = events(&rx);
+    assert_eq!(replayed[0].kind, ping(0).1);
+    assert_eq!(replayed[1], event);
+    let again = log
+        .handle
+        .append(Some("k".into()), vec![ping(9)])
+        .await
+        .unwrap();
+    assert_eq!(
+        again,
+        Appended::One {
+            event_id: Id::new("e0").unwrap(),
+            offset: 0
+        },
+        "a key of a JSON record is honoured"
+    );
+    log.handle.append(None, vec![ping(2)]).await.unwrap();
+    drop(log.handle);
+    log.writer.join().unwrap();
+
+    let bytes = std::fs::read(dir.join("events.log")).unwrap();
+    assert_eq!(bytes[old.len() + 8], APPEND, "new records are appends");
+    let Scanned { records, cut, .. } = read_records(&dir.join("events.log")).unwrap();
+    assert_eq!(cut, 0);
+    let got: Vec<_> = records
+        .iter()
+        .map(|r| (r.key.clone(), r.event.id.to_string(), r.event.offset))
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (Some("k".into()), "e0".into(), 0),
+            (None, "e1".into(), 1),
+            (None, "e2".into(), 2)
+        ]
+    );
+    assert_eq!(records[2].event.kind, ping(2).1);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_batch_is_one_record_with_its_ids_stored_once() {
+    let dir = scratch();
+    let (log, rx) = open_in(&dir);
+    let batch = Id::new_batch();
+    let items: Vec<_> = (0..500)
+        .map(|i| (batch.item(i).unwrap(), ping(i).1))
+        .collect();
+    // Ids that are not one batch's items in order are stored one by one.
+    let mixed = vec![ping(7), (batch.item(1).unwrap(), ping(8).1)];
+    let a = log
+        .handle
+        .append(Some("b".into()), items.clone())
+        .await
+        .unwrap();
+    assert_eq!(a, Appended::Batch { accepted: 500 });
+    log.handle.append(None, mixed.clone()).await.unwrap();
+    drop(log.handle);
+    log.writer.join().unwrap();
+    let fed = events(&rx);
+
+    let size = read_records(&dir.join("events.log")).unwrap().end;
+    assert!(size < 500 * 20, "{size} bytes for 502 pings");
+    let Scanned { records, cut, .. } = read_records(&dir.join("events.log")).unwrap();
+    assert_eq!(cut, 0);
+    let back: Vec<Event> = records.iter().map(|r| r.event.clone()).collect();
+    assert_eq!(back, fed, "read back as they were fed");
+    let expected: Vec<_> = items.into_iter().chain(mixed).collect();
+    let got: Vec<_> = back.into_iter().map(|e| (e.id, e.kind)).collect();
+    assert_eq!(got, expected);
+    assert!(records[..500].iter().all(|r| r.key.as_deref() == Some("b")));
+    assert!(records[500..].iter().all(|r| r.key.is_none()));
+
+    // A torn batch is cut whole: none of its events is applied.
+    let path = dir.join("events.log");
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(size - 3).unwrap();
+    let Scanned { records, cut, .. } = read_records(&path).unwrap();
+    assert_eq!(records.len(), 500);
+    assert!(cut > 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_torn_tail_is_cut_and_never_half_applied() {
+    let dir = scratch();
+    let (log, _rx) = open_in(&dir);
+    for n in 0..5 {
+        log.handle.append(None, vec![ping(n)]).await.unwrap();
+    }
+    drop(log.handle);
+    log.writer.join().unwrap();
+    let path = dir.join("events.log");
+    let full = read_records(&path).unwrap().end;
+    // A crash in the middle of writing the last record.
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.set_len(full - 7).unwrap();
+    let Scanned { records, cut, .. } = read_records(&path).unwrap();
+    assert_eq!(records.len(), 4);
+    assert!(cut > 0);
+    let again = read_records(&path).unwrap();
+    assert_eq!(
+        (again.records.len(), again.cut),
+        (4, 0),
+        "the cut is made on disk"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn the_zero_filled_room_is_reused_and_a_record_torn_in_it_is_cut() {
+    let dir = scratch();
+    let path = dir.join("events.log");
+    let (log, _rx) = open_in(&dir);
+    for n in 0..3 {
+        log.handle.append(None, vec![ping(n)]).await.unwrap();
+    }
+    drop(log.handle);
+    log.writer.join().unwrap();
+    let first = read_records(&path).unwrap();
+    assert_eq!((first.records.len(), first.cut), (3, 0));
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert!(
+        len >= first.end + super::space::CHUNK / 2,
+        "room ahead: {len}"
+    );
+
+    // Reopened, appends go on where the records end, inside the room.
+    let (log, rx) = open_in(&dir);
+    assert_eq!((log.replayed, log.cut), (3, 0));
+    let a = log.handle.append(None, vec![ping(3)]).await.unwrap();
+    assert!(matches!(a, Appended::One { offset: 3, .. }));
+    drop(log.handle);
+    log.writer.join().unwrap();
+    assert_eq!(events(&rx).len(), 4);
+    let second = read_records(&path).unwrap();
+    assert_eq!(second.records.len(), 4);
+    assert_eq!(std::fs::metadata(&path).unwrap().len(), len, "no growth");
+
+    // A crash halfway through writing a record into the room.
+    let bytes = std::fs::read(&path).unwrap();
+    let last = &bytes[first.end as usize..second.end as usize];
+    let f = OpenOptions::new().write(true).open(&path).unwrap();
+    f.write_all_at(&last[..last.len() / 2], second.end).unwrap();
+    let torn = read_records(&path).unwrap();
+    assert_eq!((torn.records.len(), torn.end), (4, second.end));
+    assert!(torn.cut > 0 && torn.cut <= (last.len() / 2) as u64);
+
+    // Garbage far past the records is corruption, not a torn tail.
+    f.write_all_at(b"junk", second.end + MAX_TORN as u64 + 100)
+        .unwrap();
+    assert!(matches!(read_records(&path), Err(LogError::Corrupt(at)) if at == second.end));
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,0 +1,50 @@
+//! Kafka: the log of production mode.
+//!
+//! Events live in the input topics of [`Topics`](grabflow_api::topics::Topics),
+//! keyed by their entity. [`open`] gives ingress its [`LogHandle`]: a
+//! producer that answers once the broker has acked (`acks=all`), over a
+//! ledger a follower keeps from the topics (so ids and keys appended by
+//! other ingress processes count too).
+//!
+//! ## Layout
+//!
+//! - [`config`]: [`KafkaConfig`] (brokers, topic names, every client's
+//!   settings), [`ensure_topics`], [`partitions`], [`KafkaError`].
+//! - [`producer`]: [`KafkaLog`], ingress's producer.
+//! - [`source`]: [`KafkaSource`], one dataflow worker's input partitions.
+//! - [`follower`]: [`Follower`], rebuilding the ledger from the topics.
+
+pub mod config;
+pub mod follower;
+pub mod producer;
+pub mod source;
+
+pub use config::{ensure_topics, partitions, KafkaConfig, KafkaError};
+pub use follower::Follower;
+pub use producer::KafkaLog;
+pub use source::{KafkaSource, KafkaSources};
+
+use crate::ledger::Ledger;
+use crate::LogHandle;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// The header carrying a client's `Idempotency-Key`.
+pub const KEY_HEADER: &str = "idempotency-key";
+/// The header carrying the size of the batch a record belongs to.
+pub const BATCH_HEADER: &str = "grabflow-batch";
+
+/// Opens the Kafka log for appending: reads the input topics to their ends
+/// (within `catch_up`) into a ledger, then makes the producer. The
+/// follower goes on reading what other processes append until stopped.
+/// Blocking: call it off the async runtime.
+pub fn open(cfg: &KafkaConfig, catch_up: Duration) -> Result<(LogHandle, Follower), KafkaError> {
+    let ledger = Arc::new(Mutex::new(Ledger::default()));
+    let follower = Follower::start(cfg, Arc::clone(&ledger))?;
+    if !follower.wait_caught_up(catch_up) {
+        follower.into_thread().stop();
+        return Err(KafkaError::CatchUp(catch_up));
+    }
+    let producer = KafkaLog::new(cfg, Arc::clone(&ledger))?;
+    Ok((LogHandle::new(Arc::new(producer), ledger), follower))
+}

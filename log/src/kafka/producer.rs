@@ -1,0 +1,140 @@
+//! Ingress's producer: each event goes to its input topic keyed by its
+//! entity; an append answers only once the broker has acked every event
+//! (`acks=all`, idempotent producer), so a 2xx means durable.
+
+use super::{KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
+use crate::ledger::{Admission, Ledger};
+use crate::{now_ms, Append, Appended, LogError, Pending};
+use grabflow_api::topics::{InputRecord, Topics};
+use grabflow_api::{EventKind, Id};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Ingress's producer: appends events to their input topics.
+pub struct KafkaLog {
+    producer: FutureProducer,
+    topics: Topics,
+    timeout: Duration,
+    /// Keys and known ids: of its own appends and, through the
+    /// [`Follower`](super::Follower), of every record in the input topics.
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl KafkaLog {
+    /// A producer for `cfg`'s brokers.
+    pub fn new(cfg: &KafkaConfig, ledger: Arc<Mutex<Ledger>>) -> Result<Self, KafkaError> {
+        let producer: FutureProducer = cfg
+            .producer()
+            // A broker that stays down fails the append (503) instead of
+            // holding the request forever; nothing unacknowledged is promised.
+            .set(
+                "message.timeout.ms",
+                cfg.ack_timeout.as_millis().max(1).to_string(),
+            )
+            .create()?;
+        Ok(KafkaLog {
+            producer,
+            topics: cfg.topics(),
+            timeout: cfg.ack_timeout,
+            ledger,
+        })
+    }
+
+    /// Appends `events` and answers once the broker has acked every one,
+    /// as the ledger admits it.
+    async fn append_admitted(
+        &self,
+        key: Option<String>,
+        events: Vec<(Id, EventKind)>,
+    ) -> Result<Appended, LogError> {
+        let admitted = self
+            .ledger
+            .lock()
+            .expect("ledger")
+            .admit(key.as_deref(), &events)?;
+        let claim = match admitted {
+            Admission::Repeat(answer) => return Ok(answer),
+            Admission::Fresh(claim) => claim,
+        };
+        let last = match self.produce(key.as_deref(), &events).await {
+            Ok(last) => last,
+            Err(e) => {
+                self.ledger.lock().expect("ledger").failed(claim);
+                return Err(e.into());
+            }
+        };
+        let answer = match events.as_slice() {
+            [(id, _)] => Appended::One {
+                event_id: id.clone(),
+                offset: last.unwrap_or(0) as u64,
+            },
+            _ => Appended::Batch {
+                accepted: events.len(),
+            },
+        };
+        self.ledger.lock().expect("ledger").appended(claim, &answer);
+        Ok(answer)
+    }
+
+    /// Produces `events` (with `key` in their headers) and waits for the
+    /// broker's acks; the offset of the last.
+    async fn produce(
+        &self,
+        key: Option<&str>,
+        events: &[(Id, EventKind)],
+    ) -> Result<Option<i64>, KafkaError> {
+        let batch = events.len();
+        let mut pending = Vec::with_capacity(batch);
+        for (id, kind) in events {
+            let value = serde_json::to_vec(&InputRecord {
+                id: Some(id.clone()),
+                kind: kind.clone(),
+            })
+            .expect("events serialize");
+            let mut headers = OwnedHeaders::new();
+            if let Some(k) = key {
+                headers = headers.insert(Header {
+                    key: KEY_HEADER,
+                    value: Some(k),
+                });
+                if batch > 1 {
+                    headers = headers.insert(Header {
+                        key: BATCH_HEADER,
+                        value: Some(&batch.to_string()),
+                    });
+                }
+            }
+            let record = FutureRecord::to(self.topics.input_for(kind))
+                .key(kind.entity().as_str())
+                .payload(&value)
+                .timestamp(now_ms() as i64)
+                .headers(headers);
+            match self.producer.send_result(record) {
+                Ok(delivery) => pending.push(delivery),
+                Err((e, _)) => return Err(e.into()),
+            }
+        }
+        let mut last = None;
+        let wait = tokio::time::timeout(self.timeout + Duration::from_secs(1), async {
+            for d in pending {
+                match d.await {
+                    Ok(Ok(delivery)) => last = Some(delivery.offset),
+                    Ok(Err((e, _))) => return Err(KafkaError::Client(e)),
+                    Err(_) => return Err(KafkaError::Timeout(self.timeout)),
+                }
+            }
+            Ok(())
+        });
+        wait.await
+            .map_err(|_| KafkaError::Timeout(self.timeout))??;
+        Ok(last)
+    }
+}
+
+impl Append for KafkaLog {
+    fn append(&self, key: Option<String>, events: Vec<(Id, EventKind)>) -> Pending<'_> {
+        Box::pin(self.append_admitted(key, events))
+    }
+}

@@ -1,0 +1,215 @@
+//! The dataflow's input: one timely worker's partitions of the input
+//! topics. Time comes from the log: a record's time is its Kafka timestamp
+//! made monotonic per partition, and the worker's frontier is the least
+//! time over its partitions. Partitions that hold time back get tick
+//! records (no value): soon when a newer event waits on them, rarely
+//! otherwise.
+
+use super::{partitions, KafkaConfig, KafkaError};
+use crate::now_ms;
+use grabflow_api::lifecycle::Stop;
+use grabflow_api::topics::InputRecord;
+use grabflow_api::{Source, Time};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use rdkafka::{Offset, TopicPartitionList};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// One input partition of a worker.
+struct Part {
+    topic: usize,
+    name: String,
+    partition: i32,
+    /// Time of the partition's latest record (0 before any).
+    time: Time,
+    /// The time of the last tick sent into it (it may not be back yet).
+    sent: Time,
+}
+
+/// One timely worker's input partitions (`(topic, partition)` number
+/// `topic * stride + partition`, dealt round-robin over the workers).
+pub struct KafkaSource {
+    consumer: BaseConsumer,
+    parts: Vec<Part>,
+    lookup: HashMap<(String, i32), usize>,
+    ticker: Arc<ThreadedProducer<DefaultProducerContext>>,
+    tick: Duration,
+    idle_tick: Duration,
+    /// The newest event time any worker of this process has read.
+    newest: Arc<AtomicU64>,
+    stop: Stop,
+    /// Records that were not events (logged and skipped).
+    pub skipped: u64,
+}
+
+/// Makes the sources of a process's workers (the factory the runtime calls).
+pub struct KafkaSources {
+    cfg: KafkaConfig,
+    counts: Vec<i32>,
+    ticker: Arc<ThreadedProducer<DefaultProducerContext>>,
+    newest: Arc<AtomicU64>,
+    /// Set to end every source (shutdown).
+    pub stop: Stop,
+}
+
+impl KafkaSources {
+    /// Reads the partition counts of the input topics and makes the ticker.
+    pub fn new(cfg: &KafkaConfig) -> Result<KafkaSources, KafkaError> {
+        let probe: BaseConsumer = cfg.client().create()?;
+        let counts = cfg
+            .topics()
+            .inputs()
+            .iter()
+            .map(|t| partitions(&probe, t))
+            .collect::<Result<Vec<_>, _>>()?;
+        let ticker = cfg
+            .producer()
+            // Ticks are for now or never: an old one is useless.
+            .set("message.timeout.ms", "10000")
+            // A duplicated tick is harmless; and several processes tick the
+            // same partitions, which tansu 0.6's idempotence tracking does
+            // not take well (a wedged partition stops the clock).
+            .set("enable.idempotence", "false")
+            .create()?;
+        Ok(KafkaSources {
+            cfg: cfg.clone(),
+            counts,
+            ticker: Arc::new(ticker),
+            newest: Arc::default(),
+            stop: Stop::default(),
+        })
+    }
+
+    /// Worker `me` of `peers`'s source, reading its partitions from the start.
+    pub fn source(&self, me: usize, peers: usize) -> Result<KafkaSource, KafkaError> {
+        let topics = self.cfg.topics();
+        let consumer: BaseConsumer = self
+            .cfg
+            .consumer(&format!("{}dataflow", self.cfg.outputs()))
+            .create()?;
+        let mut parts = Vec::new();
+        let mut tpl = TopicPartitionList::new();
+        let mut n = 0usize;
+        for (t, name) in topics.inputs().iter().enumerate() {
+            for p in 0..self.counts[t] {
+                if n % peers == me {
+                    tpl.add_partition_offset(name, p, Offset::Beginning)?;
+                    parts.push(Part {
+                        topic: t,
+                        name: name.to_string(),
+                        partition: p,
+                        time: 0,
+                        sent: 0,
+                    });
+                }
+                n += 1;
+            }
+        }
+        consumer.assign(&tpl)?;
+        let lookup = parts
+            .iter()
+            .enumerate()
+            .map(|(i, p)| ((p.name.clone(), p.partition), i))
+            .collect();
+        Ok(KafkaSource {
+            consumer,
+            parts,
+            lookup,
+            ticker: Arc::clone(&self.ticker),
+            tick: self.cfg.tick,
+            idle_tick: self.cfg.idle_tick,
+            newest: Arc::clone(&self.newest),
+            stop: self.stop.clone(),
+            skipped: 0,
+        })
+    }
+}
+
+/// Records taken per poll before the worker steps.
+const POLL_BATCH: usize = 20_000;
+
+impl KafkaSource {
+    /// Ticks the partitions that hold time back. A partition behind an
+    /// event this process has read (the event waits for every partition to
+    /// pass its time) gets a tick once quiet for `tick`; any other only after
+    /// `idle_tick`, so timers fire when nothing happens. A tick still on its
+    /// way counts as read; one lost is sent again after `idle_tick`. Ticks of
+    /// one round share a produce request.
+    fn tick_idle(&mut self) {
+        let now = now_ms();
+        let newest = self.newest.load(Ordering::Acquire);
+        for p in &mut self.parts {
+            let ahead = p.time.max(p.sent);
+            let every = if newest > ahead {
+                self.tick
+            } else {
+                self.idle_tick
+            };
+            if now.saturating_sub(ahead) < every.as_millis() as Time {
+                continue;
+            }
+            // Never behind the event it is for, whatever the clocks say.
+            let at = now.max(newest);
+            let record = BaseRecord::<[u8], [u8]>::to(&p.name)
+                .partition(p.partition)
+                .timestamp(at as i64);
+            // A full queue (broker away) only delays time; the next round
+            // tries again.
+            if self.ticker.send(record).is_ok() {
+                p.sent = at;
+            }
+        }
+    }
+}
+
+impl Source for KafkaSource {
+    fn poll(&mut self, out: &mut Vec<grabflow_api::Event>, wait: Duration) -> Option<Time> {
+        if self.stop.stopped() {
+            return None;
+        }
+        if self.parts.is_empty() {
+            std::thread::sleep(wait);
+            return Some(Time::MAX);
+        }
+        let mut timeout = wait;
+        for _ in 0..POLL_BATCH {
+            let m = match self.consumer.poll(timeout) {
+                None => break,
+                Some(Err(e)) => {
+                    // The broker is away: wait instead of spinning; time
+                    // stands still until it is back.
+                    tracing::debug!(error = %e, "kafka consumer");
+                    std::thread::sleep(Duration::from_millis(50));
+                    break;
+                }
+                Some(Ok(m)) => m,
+            };
+            timeout = Duration::ZERO;
+            let Some(&i) = self.lookup.get(&(m.topic().to_string(), m.partition())) else {
+                continue;
+            };
+            let part = &mut self.parts[i];
+            let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as Time;
+            part.time = part.time.max(ts);
+            if let Some(value) = m.payload() {
+                match InputRecord::decode(value, part.topic, part.partition, m.offset(), part.time)
+                {
+                    Ok(e) => {
+                        self.newest.fetch_max(part.time, Ordering::AcqRel);
+                        out.push(e)
+                    }
+                    Err(e) => {
+                        self.skipped += 1;
+                        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "skipped a record that is not an event");
+                    }
+                }
+            }
+        }
+        self.tick_idle();
+        self.parts.iter().map(|p| p.time).min()
+    }
+}

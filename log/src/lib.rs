@@ -1,0 +1,150 @@
+//! # grabflow-log — the log
+//!
+//! Every event grabflow acts on is first made durable here, and the
+//! dataflow reads it back from here. One seam, two implementations:
+//!
+//! - [`embedded`]: one fsynced, checksummed file in the data directory (the
+//!   default: no external service). Its writer gives each event its offset
+//!   and time and hands committed events to the dataflow's feed.
+//! - [`kafka`]: production mode. Ingress produces to the input topics
+//!   (`acks=all`); each dataflow worker reads its partitions through a
+//!   [`KafkaSource`](kafka::KafkaSource); a follower keeps the ledger of a
+//!   process that did not write everything itself.
+//!
+//! Both answer an append through a [`LogHandle`] only once the events are
+//! durable, and both keep the same [`Ledger`]: idempotency keys (a retry
+//! gets the first answer, another request with the key a 422), the ids the
+//! log holds (404s on unknown orders and merchants), and one placement per
+//! order. The ledger's rules are written once, in [`ledger`]; each log
+//! only says when an append was admitted, made durable, or failed, and what
+//! it reads back.
+//!
+//! ## Layout
+//!
+//! - [`LogHandle`], [`Append`], [`Appended`], [`LogError`]: the seam.
+//! - [`ledger`]: [`Ledger`] (keys and known ids) and [`Known`].
+//! - [`keys`]: idempotency keys: each key's first answer and a print of
+//!   its request.
+//! - [`embedded`]: the file log — `format` (framing and record forms),
+//!   `recovery` (reading back, cutting a torn tail), `writer` (group
+//!   commit, ticks), `space` (zero-filled room), `direct` (direct I/O).
+//! - [`kafka`]: `config` (settings, topics, errors), `producer` (appends),
+//!   `source` (the dataflow's partitions, time from the log, ticks),
+//!   `follower` (rebuilding the ledger from the input topics).
+
+pub mod embedded;
+pub mod kafka;
+pub mod keys;
+pub mod ledger;
+
+pub use ledger::{Known, Ledger};
+
+use grabflow_api::{EventKind, Id, Time};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+
+/// The answer to an append: what a retry with the same key gets again.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// One event appended: its id and offset.
+    One {
+        /// The event's id.
+        event_id: Id,
+        /// Its position in the log.
+        offset: u64,
+    },
+    /// A batch: how many events it held.
+    Batch {
+        /// Events appended.
+        accepted: usize,
+    },
+}
+
+/// Errors of the log.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    /// The file could not be read, written or synced.
+    #[error("log i/o: {0}")]
+    Io(#[from] std::io::Error),
+    /// A record in the middle of the log is unreadable (not a torn tail).
+    #[error("log record at byte {0} is corrupt")]
+    Corrupt(u64),
+    /// The broker did not take the event (or could not be reached).
+    #[error(transparent)]
+    Kafka(#[from] kafka::KafkaError),
+    /// The writer has stopped (shutting down).
+    #[error("the log is closed")]
+    Closed,
+    /// The idempotency key was first used for a different request.
+    #[error(transparent)]
+    KeyReused(#[from] keys::KeyReused),
+    /// An order with this id was placed already.
+    #[error("order {0} exists")]
+    OrderExists(Id),
+}
+
+/// An append under way: resolves once the events are durable.
+pub type Pending<'a> = Pin<Box<dyn Future<Output = Result<Appended, LogError>> + Send + 'a>>;
+
+/// A log that takes appends: the embedded writer or the Kafka producer.
+pub trait Append: Send + Sync + 'static {
+    /// Appends `events` as one append and answers once every one is
+    /// durable. Before appending, the log asks its [`Ledger`] to admit the
+    /// append (a repeated key gets its first answer and appends nothing);
+    /// after, it tells the ledger what became of it.
+    fn append(&self, key: Option<String>, events: Vec<(Id, EventKind)>) -> Pending<'_>;
+}
+
+/// A handle to the log; cheap to clone.
+#[derive(Clone)]
+pub struct LogHandle {
+    appender: Arc<dyn Append>,
+    ledger: Arc<Mutex<Ledger>>,
+}
+
+impl LogHandle {
+    /// A handle appending through `appender`, whose ledger is `ledger`.
+    pub fn new(appender: Arc<dyn Append>, ledger: Arc<Mutex<Ledger>>) -> LogHandle {
+        LogHandle { appender, ledger }
+    }
+
+    /// Appends `events` durably (one append) and answers once they are
+    /// durable. With an idempotency `key` already used, appends nothing and
+    /// returns the first answer (or [`LogError::KeyReused`] for another
+    /// request).
+    pub async fn append(
+        &self,
+        key: Option<String>,
+        events: Vec<(Id, EventKind)>,
+    ) -> Result<Appended, LogError> {
+        self.appender.append(key, events).await
+    }
+
+    /// Whether the log holds the placement of `order`.
+    pub fn knows_order(&self, order: &Id) -> bool {
+        self.ledger
+            .lock()
+            .expect("ledger")
+            .known()
+            .orders
+            .contains(order)
+    }
+
+    /// Whether the log holds the registration of `merchant`.
+    pub fn knows_merchant(&self, merchant: &Id) -> bool {
+        self.ledger
+            .lock()
+            .expect("ledger")
+            .known()
+            .merchants
+            .contains(merchant)
+    }
+}
+
+/// Wall-clock Unix milliseconds: the time a log gives what it appends.
+pub fn now_ms() -> Time {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as Time)
+}

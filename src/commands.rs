@@ -1,0 +1,148 @@
+//! The subcommands that are not roles: `token` (mint a token), `sim`
+//! (drive a running server like a city), `replay` (run a JSON-lines event
+//! log through the dataflow and print every decision).
+
+use anyhow::{bail, Context};
+use clap::Args;
+use grabflow_api::{DispatchConfig, Event, Id, Time};
+use grabflow_dataflow::replay::{replay, ReplayPlan};
+use grabflow_http::auth::{Claims, Role, Secret};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Prints a token for `role` (and rider `id`) signed with the secret in `data_dir`.
+pub fn token(role: Role, id: Option<String>, data_dir: &Path) -> anyhow::Result<()> {
+    let id = id.map(|i| Id::new(&i)).transpose().context("--id")?;
+    if role == Role::Rider && id.is_none() {
+        bail!("a rider token needs --id");
+    }
+    let secret = Secret::load_or_create(data_dir)?;
+    println!("{}", secret.sign(&Claims { role, id }));
+    Ok(())
+}
+
+/// `sim` settings.
+#[derive(Args)]
+pub struct SimArgs {
+    /// The server.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// The server's data dir (its secret signs the simulator's tokens).
+    #[arg(long, env = "GRABFLOW_DATA_DIR", default_value = "./grabflow-data")]
+    data_dir: PathBuf,
+    /// Simulated seconds per real second. Run the server with timings scaled
+    /// alike (e.g. `--grab-timeout 3s --rider-ttl 6s` at `--speed 10`).
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Seed of the city and of every random choice.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Riders.
+    #[arg(long, default_value_t = 200)]
+    riders: usize,
+    /// Merchants.
+    #[arg(long, default_value_t = 100)]
+    merchants: usize,
+    /// Orders per minute at the day's base (the lunch peak is ~5× that).
+    #[arg(long, default_value_t = 5.0)]
+    orders_per_min: f64,
+    /// Simulated start time, HH:MM.
+    #[arg(long, default_value = "11:00")]
+    start: String,
+    /// Simulated minutes to run.
+    #[arg(long, default_value_t = 120.0)]
+    minutes: f64,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Write PNG charts (orders.png, latency.png) into this directory.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+impl SimArgs {
+    /// The simulator's configuration, checked.
+    fn config(&self) -> anyhow::Result<grabflow_sim::SimConfig> {
+        let (h, m) = self.start.split_once(':').context("--start is HH:MM")?;
+        let start_hour = h.parse::<f64>().context("--start hour")?
+            + m.parse::<f64>().context("--start minute")? / 60.0;
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(self.speed)
+            || self.riders == 0
+            || self.merchants == 0
+            || !positive(self.minutes)
+        {
+            bail!("--speed, --riders, --merchants and --minutes must be positive");
+        }
+        Ok(grabflow_sim::SimConfig {
+            url: self.url.trim_end_matches('/').to_string(),
+            data_dir: self.data_dir.clone(),
+            speed: self.speed,
+            seed: self.seed,
+            riders: self.riders,
+            merchants: self.merchants,
+            orders_per_min: self.orders_per_min,
+            start_hour,
+            minutes: self.minutes,
+            progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+        })
+    }
+}
+
+/// Runs the simulator against a server and prints (and writes) its report.
+pub async fn sim(args: SimArgs) -> anyhow::Result<()> {
+    let report = grabflow_sim::run(args.config()?).await?;
+    print!("{}", report.render());
+    if let Some(path) = args.json {
+        std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if let Some(dir) = args.plot {
+        grabflow_sim::plot::write(&dir, &report.minutes).map_err(anyhow::Error::msg)?;
+    }
+    Ok(())
+}
+
+/// Reads a JSON-lines event log (`-`: standard input), in log order.
+pub fn read_events(log: &str) -> anyhow::Result<Vec<Event>> {
+    let reader: Box<dyn BufRead> = if log == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        Box::new(std::io::BufReader::new(
+            std::fs::File::open(log).with_context(|| format!("opening {log}"))?,
+        ))
+    };
+    let mut events = Vec::new();
+    for (n, line) in reader.lines().enumerate() {
+        let line = line?;
+        if !line.trim().is_empty() {
+            events.push(
+                serde_json::from_str::<Event>(&line).with_context(|| format!("line {}", n + 1))?,
+            );
+        }
+    }
+    events.sort_by_key(|e| (e.time, e.offset));
+    Ok(events)
+}
+
+/// Replays `events` at `workers` workers, the clock running `settle` past
+/// the last, and prints every decision as a JSON line.
+pub fn replay_log(events: Vec<Event>, workers: usize, settle: Duration) -> anyhow::Result<()> {
+    let end = events.last().map_or(0, |e| e.time) + settle.as_millis() as Time + 1;
+    let plan = ReplayPlan {
+        workers: workers.max(1),
+        step: 1_000,
+        end,
+    };
+    let mut out = std::io::stdout().lock();
+    for (time, output) in replay(Arc::new(events), &DispatchConfig::default(), &plan) {
+        serde_json::to_writer(
+            &mut out,
+            &serde_json::json!({ "time": time, "output": output }),
+        )?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}

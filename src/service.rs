@@ -1,0 +1,400 @@
+//! The roles a process plays, each wired from the library crates: `serve`
+//! (everything in one process, over the embedded log or Kafka), and the
+//! split roles `ingress`, `dataflow` and `egress` over Kafka.
+//!
+//! Every role keeps its background threads in one [`Threads`]: on SIGTERM
+//! (or Ctrl-C), or as soon as one of them ends on its own (a panic), the
+//! role stops taking requests, stops and joins them in order, and returns
+//! an error naming any thread that panicked, so the process exits non-zero
+//! with the panic in its log.
+
+use crate::contract;
+use crate::settings::Plan;
+use anyhow::Context;
+use axum::routing::get;
+use axum::Router;
+use grabflow_api::lifecycle::{Stop, Thread};
+use grabflow_api::Time;
+use grabflow_dataflow::runtime::{self, Fanout, Observer};
+use grabflow_dataflow::stats::DataflowStats;
+use grabflow_egress::grabs::follow_grabs;
+use grabflow_egress::kafka::{follow, OutputSink};
+use grabflow_egress::redis::RedisMirror;
+use grabflow_egress::routes::EgressState;
+use grabflow_egress::view::Egress;
+use grabflow_http::auth::Secret;
+use grabflow_http::grab::GrabResults;
+use grabflow_ingress::Ingress;
+use grabflow_log::kafka::{ensure_topics, KafkaSources};
+use grabflow_log::{embedded, kafka, now_ms, LogHandle};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long a process waits for the input topics to be read to their ends
+/// before it gives up starting.
+const CATCH_UP: Duration = Duration::from_secs(120);
+
+/// How long a sink may take to deliver what it holds when the process stops.
+const SINK_CLOSE: Duration = Duration::from_secs(10);
+
+/// The whole HTTP service: ingress, egress, the contract and health.
+pub fn app(ingress: Ingress, egress: EgressState) -> Router {
+    grabflow_ingress::routes(ingress).merge(egress_app(egress))
+}
+
+/// A split ingress process's router: ingress and liveness.
+pub fn ingress_app(ingress: Ingress) -> Router {
+    grabflow_ingress::routes(ingress).route("/healthz", get(|| async { "ok" }))
+}
+
+/// A split egress process's router: egress and the contract.
+pub fn egress_app(egress: EgressState) -> Router {
+    grabflow_egress::routes::routes(egress).route("/openapi.json", get(contract::openapi))
+}
+
+/// A role's background threads, stopped and joined together.
+#[derive(Default)]
+pub struct Threads(Vec<Thread>);
+
+impl Threads {
+    /// Adds `thread`; threads are stopped and joined in the order added.
+    pub fn add(&mut self, thread: Thread) {
+        self.0.push(thread);
+    }
+
+    /// Resolves once any thread has ended on its own (they end only when
+    /// stopped, so this means a panic or a fatal error).
+    pub async fn any_ended(&self) {
+        loop {
+            if let Some(t) = self.0.iter().find(|t| t.is_finished()) {
+                tracing::error!(thread = t.name(), "a background thread ended; stopping");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops and joins every thread in order; an error naming each that
+    /// panicked (each is also logged).
+    pub fn finish(self) -> anyhow::Result<()> {
+        let mut panics = Vec::new();
+        for thread in self.0 {
+            if let Err(p) = thread.stop_and_join() {
+                tracing::error!("{p}");
+                panics.push(p.to_string());
+            }
+        }
+        if panics.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("{}", panics.join("; "))
+        }
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+/// Resolves when the process should stop: a signal, or a thread of
+/// `threads` that ended on its own.
+async fn stopping(threads: &Threads) {
+    tokio::select! {
+        _ = shutdown_signal() => {}
+        _ = threads.any_ended() => {}
+    }
+}
+
+/// Serves `router` on the plan's address until `until` resolves, then
+/// runs `closing` (which ends the rider streams).
+async fn serve_http(
+    plan: &Plan,
+    router: Router,
+    until: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(&plan.listen)
+        .await
+        .with_context(|| format!("listening on {}", plan.listen))?;
+    println!("grabflow listening on http://{}", listener.local_addr()?);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(until)
+        .await?;
+    Ok(())
+}
+
+/// The Redis mirror, when `--redis` is given.
+fn mirror(plan: &Plan) -> anyhow::Result<Option<Arc<dyn Observer>>> {
+    Ok(match &plan.redis {
+        Some((url, prefix)) => Some(
+            RedisMirror::start(url, prefix, plan.dispatch.radius_m).context("--redis")?
+                as Arc<dyn Observer>,
+        ),
+        None => None,
+    })
+}
+
+/// What the one-process service reads its events from.
+struct Input {
+    /// Where ingress appends.
+    log: LogHandle,
+    /// The dataflow workers' sources.
+    sources: runtime::Sources,
+    /// Ends the sources (Kafka); the embedded feed ends with the log.
+    stop_sources: Stop,
+    /// The log's time when the service starts.
+    since: Time,
+    /// The Kafka output sink, when decisions go to topics.
+    sink: Option<Arc<OutputSink>>,
+}
+
+/// `grabflow serve`: ingress, dataflow and egress in this process, over
+/// the embedded log, or over Kafka with `--kafka`.
+pub async fn serve(plan: Plan) -> anyhow::Result<()> {
+    let secret = Secret::load_or_create(&plan.data_dir)?;
+    let mut threads = Threads::default();
+    let input = match &plan.kafka {
+        None => open_embedded(&plan, &mut threads)?,
+        Some(k) => open_kafka(&plan, k.clone(), &mut threads).await?,
+    };
+    let riders = plan.rider_tables();
+    let egress = Egress::new(plan.dispatch.clone(), input.since, riders.clone());
+    let stats = DataflowStats::default();
+    let mut observers: Vec<Arc<dyn Observer>> = vec![egress.clone()];
+    observers.extend(
+        input
+            .sink
+            .iter()
+            .map(|s| Arc::clone(s) as Arc<dyn Observer>),
+    );
+    observers.extend(mirror(&plan)?);
+    let dataflow = runtime::spawn(
+        plan.dispatch.clone(),
+        plan.timely(),
+        input.sources,
+        Arc::new(Fanout(observers)),
+        stats.clone(),
+        riders,
+    );
+    threads.add(Thread::adopt(
+        "grabflow-dataflow",
+        dataflow,
+        input.stop_sources,
+    ));
+    let ingress = Ingress {
+        log: input.log,
+        secret: secret.clone(),
+        grabs: egress.clone(),
+    };
+    let router = app(
+        ingress,
+        EgressState {
+            egress: egress.clone(),
+            secret,
+            stats,
+        },
+    );
+    let threads = serve_then_close(&plan, router, &egress, threads).await?;
+    // The router (and with it every log handle) is gone: the embedded
+    // writer stops, the feed closes, and the dataflow drains what the clock
+    // has passed (Kafka's sources are stopped).
+    let sink = input.sink;
+    tokio::task::spawn_blocking(move || {
+        let finished = threads.finish();
+        if let Some(sink) = sink {
+            sink.close(SINK_CLOSE);
+        }
+        finished
+    })
+    .await?
+}
+
+/// Serves `router` until the process should stop, then ends the rider
+/// streams of `egress`; hands `threads` back to be finished.
+async fn serve_then_close(
+    plan: &Plan,
+    router: Router,
+    egress: &Arc<Egress>,
+    threads: Threads,
+) -> anyhow::Result<Threads> {
+    let threads = Arc::new(threads);
+    let watched = Arc::clone(&threads);
+    let closing = Arc::clone(egress);
+    serve_http(plan, router, async move {
+        stopping(&watched).await;
+        tracing::info!("shutting down: no new events; draining the dataflow");
+        closing.close();
+    })
+    .await?;
+    Arc::try_unwrap(threads).map_err(|_| anyhow::anyhow!("the server still holds its threads"))
+}
+
+/// Opens the embedded log: replays it into the feed, starts its writer.
+fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
+    let (feed_tx, feed_rx) = std::sync::mpsc::channel();
+    let opened = embedded::open(&plan.data_dir, feed_tx, plan.ticks).with_context(|| {
+        format!(
+            "opening the log in {}",
+            plan.data_dir.join("events.log").display()
+        )
+    })?;
+    tracing::info!(
+        replayed = opened.replayed,
+        cut_bytes = opened.cut,
+        "log opened"
+    );
+    threads.add(opened.writer);
+    Ok(Input {
+        log: opened.handle,
+        sources: runtime::feed_sources(feed_rx, plan.workers),
+        stop_sources: Stop::default(),
+        since: opened.last_time,
+        sink: None,
+    })
+}
+
+/// Opens the Kafka log (creating the topics, reading them to their ends)
+/// and the output sink.
+async fn open_kafka(
+    plan: &Plan,
+    k: kafka::KafkaConfig,
+    threads: &mut Threads,
+) -> anyhow::Result<Input> {
+    ensure_topics(&k).await.context("creating the topics")?;
+    let (log, follower, sink) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let (log, follower) = kafka::open(&k, CATCH_UP)?;
+        Ok((log, follower, OutputSink::new(&k)?))
+    })
+    .await??;
+    threads.add(follower.into_thread());
+    let (sources, stop_sources) = kafka_sources(plan)?;
+    Ok(Input {
+        log,
+        sources,
+        stop_sources,
+        since: now_ms(),
+        sink: Some(sink),
+    })
+}
+
+/// This process's workers' Kafka sources, and what stops them.
+fn kafka_sources(plan: &Plan) -> anyhow::Result<(runtime::Sources, Stop)> {
+    let sources = KafkaSources::new(plan.kafka()?).context("kafka sources")?;
+    let (process, hosts) = &plan.cluster;
+    let peers = plan.workers * hosts.len().max(1);
+    let mut made = HashMap::new();
+    for local in 0..plan.workers {
+        let index = process * plan.workers + local;
+        made.insert(index, sources.source(index, peers).context("kafka source")?);
+    }
+    let made = Mutex::new(made);
+    let factory: runtime::Sources = Arc::new(move |me, _| {
+        Box::new(
+            made.lock()
+                .expect("sources")
+                .remove(&me)
+                .expect("a source per local worker"),
+        )
+    });
+    Ok((factory, sources.stop.clone()))
+}
+
+/// `grabflow ingress`: HTTP → Kafka.
+pub async fn ingress(plan: Plan) -> anyhow::Result<()> {
+    let k = plan.kafka()?.clone();
+    ensure_topics(&k).await.context("creating the topics")?;
+    let secret = Secret::load_or_create(&plan.data_dir)?;
+    let grabs = Arc::new(GrabResults::default());
+    let waiters = Arc::clone(&grabs);
+    let (log, follower, following) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        let following = follow_grabs(&k, waiters)?;
+        let (log, follower) = kafka::open(&k, CATCH_UP)?;
+        Ok((log, follower, following))
+    })
+    .await??;
+    let mut threads = Threads::default();
+    threads.add(follower.into_thread());
+    threads.add(following);
+    let router = ingress_app(Ingress { log, secret, grabs });
+    let threads = Arc::new(threads);
+    let watched = Arc::clone(&threads);
+    serve_http(&plan, router, async move { stopping(&watched).await }).await?;
+    let threads = Arc::try_unwrap(threads)
+        .map_err(|_| anyhow::anyhow!("the server still holds its threads"))?;
+    tokio::task::spawn_blocking(move || threads.finish()).await?
+}
+
+/// `grabflow dataflow`: Kafka → Kafka (and Redis); also one process of a
+/// timely cluster.
+pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
+    let k = plan.kafka()?.clone();
+    let first = plan.cluster.0 == 0;
+    if first {
+        ensure_topics(&k).await.context("creating the topics")?;
+    }
+    // Decisions and the gathered index reach worker 0, in process 0: only
+    // it writes the output topics and the mirror.
+    let mut observers: Vec<Arc<dyn Observer>> = Vec::new();
+    let mut sink = None;
+    if first {
+        let out = tokio::task::spawn_blocking(move || OutputSink::new(&k)).await??;
+        observers.push(out.clone());
+        sink = Some(out);
+        observers.extend(mirror(&plan)?);
+    }
+    let (sources, stop) = kafka_sources(&plan)?;
+    // No egress reads this process's rider trackers.
+    let dataflow = runtime::spawn(
+        plan.dispatch.clone(),
+        plan.timely(),
+        sources,
+        Arc::new(Fanout(observers)),
+        DataflowStats::default(),
+        None,
+    );
+    let mut threads = Threads::default();
+    threads.add(Thread::adopt("grabflow-dataflow", dataflow, stop));
+    println!("grabflow dataflow process {} running", plan.cluster.0);
+    stopping(&threads).await;
+    tokio::task::spawn_blocking(move || {
+        let finished = threads.finish();
+        if let Some(sink) = sink {
+            sink.close(SINK_CLOSE);
+        }
+        finished
+    })
+    .await?
+}
+
+/// `grabflow egress`: Kafka → rider streams and queries.
+pub async fn egress(plan: Plan) -> anyhow::Result<()> {
+    let k = plan.kafka()?.clone();
+    ensure_topics(&k).await.context("creating the topics")?;
+    let secret = Secret::load_or_create(&plan.data_dir)?;
+    // A separate process: the view keeps the riders' positions itself.
+    let egress = Egress::new(plan.dispatch.clone(), 0, None);
+    let _following = {
+        let (k, e) = (k.clone(), egress.clone());
+        tokio::task::spawn_blocking(move || follow(&k, e)).await??
+    };
+    let router = egress_app(EgressState {
+        egress: egress.clone(),
+        secret,
+        stats: DataflowStats::default(),
+    });
+    let threads = serve_then_close(&plan, router, &egress, Threads::default()).await?;
+    tokio::task::spawn_blocking(move || threads.finish()).await?
+}

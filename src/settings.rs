@@ -1,0 +1,473 @@
+//! The service's settings: one type, read by clap (flags) and by figment
+//! (defaults, the TOML file, `GRABFLOW_*` environment variables), layered
+//! defaults < file < environment < flags; then checked and turned into the
+//! typed configurations of the parts ([`Plan`]).
+
+use anyhow::{bail, Context};
+use clap::Args;
+use figment::providers::{Env, Format, Serialized, Toml};
+use figment::Figment;
+use grabflow_api::{DispatchConfig, Time};
+use grabflow_dataflow::riders::RiderTables;
+use grabflow_log::embedded::Ticks;
+use grabflow_log::kafka::KafkaConfig;
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Every setting of `serve` and the split roles; each is also
+/// `GRABFLOW_<NAME>` and a snake_case key of the TOML file.
+#[derive(Args, Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// A TOML file with any of the settings below (snake_case keys).
+    #[arg(long, env = "GRABFLOW_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Address to listen on [default: 127.0.0.1:8080].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Where the log and the secret live [default: ./grabflow-data].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Timely worker threads [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub workers: Option<usize>,
+    /// Offer radius, metres [default: 3000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub radius_m: Option<f64>,
+    /// Cap on the growing radius, metres [default: 6000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_radius_m: Option<f64>,
+    /// Radius growth per timed-out round [default: 1.5].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub radius_growth: Option<f64>,
+    /// Riders per offer round [default: 20].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub offers: Option<usize>,
+    /// Time to grab before re-offering, e.g. 30s [default: 30s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grab_timeout: Option<Dur>,
+    /// A rider silent this long leaves the index [default: 60s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rider_ttl: Option<Dur>,
+    /// Default rider capacity [default: 3].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub capacity: Option<u32>,
+    /// Clock tick when no events arrive [default: 50ms].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tick: Option<Dur>,
+    /// Embedded log: location pings alone reach the dataflow within this
+    /// long (any other event as soon as its millisecond is over); 0 ticks
+    /// every millisecond [default: 10ms].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ping_tick: Option<Dur>,
+    /// Kafka bootstrap servers, HOST:PORT[,…]: production mode.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka: Option<String>,
+    /// Prefix of the Kafka topic names [default: grabflow.].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_prefix: Option<String>,
+    /// Prefix of the output topics when not --kafka-prefix (a shadow
+    /// dataflow reading the same log) [default: the --kafka-prefix].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_output_prefix: Option<String>,
+    /// Partitions of the topics grabflow creates [default: 4].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_partitions: Option<i32>,
+    /// Replicas of the topics grabflow creates [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_replication: Option<i32>,
+    /// An input partition holding back a newer event gets a clock tick
+    /// after this long [default: 5ms]; other idle partitions every --tick.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_tick: Option<Dur>,
+    /// How long an append waits for the broker before 503 [default: 5s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_ack_timeout: Option<Dur>,
+    /// Redis URL (redis://HOST:PORT/DB) of the mirror of the index and live orders.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<String>,
+    /// Prefix of the mirror's Redis keys [default: grabflow:].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis_prefix: Option<String>,
+    /// Dataflow processes of a timely cluster [default: 1].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub processes: Option<usize>,
+    /// This process's index in the cluster, from 0 [default: 0].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub process: Option<usize>,
+    /// The cluster's processes, HOST:PORT for each, comma-separated, in order.
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hosts: Option<String>,
+}
+
+/// The settings every layer may set (the environment's `GRABFLOW_<NAME>`
+/// is read for these only: other `GRABFLOW_` variables are not settings).
+const NAMES: &[&str] = &[
+    "listen",
+    "data_dir",
+    "workers",
+    "radius_m",
+    "max_radius_m",
+    "radius_growth",
+    "offers",
+    "grab_timeout",
+    "rider_ttl",
+    "capacity",
+    "tick",
+    "ping_tick",
+    "kafka",
+    "kafka_prefix",
+    "kafka_output_prefix",
+    "kafka_partitions",
+    "kafka_replication",
+    "kafka_tick",
+    "kafka_ack_timeout",
+    "redis",
+    "redis_prefix",
+    "processes",
+    "process",
+    "hosts",
+];
+
+impl Settings {
+    /// The defaults of every setting that has one.
+    pub fn defaults() -> Settings {
+        let d = DispatchConfig::default();
+        let k = KafkaConfig::new("");
+        Settings {
+            config: None,
+            listen: Some("127.0.0.1:8080".into()),
+            data_dir: Some("./grabflow-data".into()),
+            workers: Some(1),
+            radius_m: Some(d.radius_m),
+            max_radius_m: Some(d.max_radius_m),
+            radius_growth: Some(d.radius_growth),
+            offers: Some(d.offers),
+            grab_timeout: Some(Dur(Duration::from_millis(d.grab_timeout_ms))),
+            rider_ttl: Some(Dur(Duration::from_millis(d.rider_ttl_ms))),
+            capacity: Some(d.default_capacity),
+            tick: Some(Dur(Duration::from_millis(50))),
+            ping_tick: Some(Dur(Duration::from_millis(10))),
+            kafka: None,
+            kafka_prefix: Some(k.prefix),
+            kafka_output_prefix: None,
+            kafka_partitions: Some(k.partitions),
+            kafka_replication: Some(k.replication),
+            kafka_tick: Some(Dur(k.tick)),
+            kafka_ack_timeout: Some(Dur(k.ack_timeout)),
+            redis: None,
+            redis_prefix: Some("grabflow:".into()),
+            processes: Some(1),
+            process: Some(0),
+            hosts: None,
+        }
+    }
+
+    /// These settings (the flags) over the environment, over the TOML file
+    /// named by `config`, over the defaults.
+    pub fn layered(self) -> anyhow::Result<Settings> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::defaults()));
+        if let Some(path) = &self.config {
+            if !path.is_file() {
+                bail!("reading {}: no such file", path.display());
+            }
+            figment = figment.merge(Toml::file_exact(path));
+        }
+        let figment = figment
+            .merge(Env::prefixed("GRABFLOW_").only(NAMES))
+            .merge(Serialized::defaults(&self));
+        let mut layered: Settings = figment.extract().map_err(|e| {
+            let source = match &self.config {
+                Some(path) => format!(" (flags, GRABFLOW_* variables, {})", path.display()),
+                None => " (flags, GRABFLOW_* variables)".into(),
+            };
+            anyhow::anyhow!("settings{source}: {e}")
+        })?;
+        layered.config = self.config;
+        Ok(layered)
+    }
+
+    /// The layered settings, checked and turned into what the parts take.
+    pub fn plan(self) -> anyhow::Result<Plan> {
+        Plan::new(self.layered()?)
+    }
+}
+
+/// A duration setting: `500ms`, `30s`, `2m`, `1h`, or a plain number of
+/// milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl std::str::FromStr for Dur {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Dur, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: f64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration like 30s, 2m or 500ms"))?;
+        let ms = match unit {
+            "" | "ms" => n,
+            "s" => n * 1e3,
+            "m" => n * 60e3,
+            "h" => n * 3600e3,
+            _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+        };
+        Ok(Dur(Duration::from_millis(ms as u64)))
+    }
+}
+
+impl Serialize for Dur {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&format!("{}ms", self.0.as_millis()))
+    }
+}
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+        /// A number (milliseconds) or a string with a unit.
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Millis(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Millis(ms) => Ok(Dur(Duration::from_millis(ms))),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// The settings checked and typed: what each part of the service takes.
+#[derive(Clone, Debug)]
+pub struct Plan {
+    /// Address to listen on.
+    pub listen: String,
+    /// Where the log and the secret live.
+    pub data_dir: PathBuf,
+    /// Timely worker threads of this process.
+    pub workers: usize,
+    /// The embedded log's ticks.
+    pub ticks: Ticks,
+    /// The dispatch rules.
+    pub dispatch: DispatchConfig,
+    /// Production mode's Kafka, if given.
+    pub kafka: Option<KafkaConfig>,
+    /// The Redis mirror's URL and key prefix, if given.
+    pub redis: Option<(String, String)>,
+    /// Process index, and the cluster's addresses (empty: one process).
+    pub cluster: (usize, Vec<String>),
+}
+
+impl Plan {
+    /// Checks `s` (layered: every defaulted setting is there).
+    fn new(s: Settings) -> anyhow::Result<Plan> {
+        let d = Settings::defaults();
+        let ms = |v: Option<Dur>, d: Option<Dur>| v.or(d).map_or(0, |v| v.0.as_millis() as Time);
+        let dispatch = DispatchConfig {
+            radius_m: s.radius_m.or(d.radius_m).unwrap_or_default(),
+            max_radius_m: s.max_radius_m.or(d.max_radius_m).unwrap_or_default(),
+            radius_growth: s.radius_growth.or(d.radius_growth).unwrap_or_default(),
+            offers: s.offers.or(d.offers).unwrap_or_default(),
+            grab_timeout_ms: ms(s.grab_timeout, d.grab_timeout),
+            rider_ttl_ms: ms(s.rider_ttl, d.rider_ttl),
+            default_capacity: s.capacity.or(d.capacity).unwrap_or_default(),
+            dedup_window_ms: DispatchConfig::default().dedup_window_ms,
+        };
+        if let Err((field, why)) = dispatch.validate() {
+            bail!("setting {field} {why}");
+        }
+        let dur = |v: Option<Dur>, d: Option<Dur>| v.or(d).map_or(Duration::ZERO, |v| v.0);
+        let ticks = Ticks {
+            idle: dur(s.tick, d.tick),
+            pings: dur(s.ping_tick, d.ping_tick),
+        };
+        if ticks.idle.is_zero() {
+            bail!("--tick must be positive");
+        }
+        let kafka = match &s.kafka {
+            Some(brokers) => {
+                let mut k = KafkaConfig::new(brokers);
+                k.prefix = s.kafka_prefix.clone().unwrap_or(k.prefix);
+                k.output_prefix = s.kafka_output_prefix.clone();
+                k.partitions = s.kafka_partitions.unwrap_or(k.partitions);
+                k.replication = s.kafka_replication.unwrap_or(k.replication);
+                k.tick = s.kafka_tick.map_or(k.tick, |t| t.0);
+                k.idle_tick = ticks.idle;
+                k.ack_timeout = s.kafka_ack_timeout.map_or(k.ack_timeout, |t| t.0);
+                if k.partitions < 1 || k.replication < 1 || k.tick.is_zero() {
+                    bail!(
+                        "--kafka-partitions, --kafka-replication and --kafka-tick must be positive"
+                    );
+                }
+                Some(k)
+            }
+            None => None,
+        };
+        let redis = s.redis.clone().map(|url| {
+            let prefix = s.redis_prefix.clone().unwrap_or_else(|| "grabflow:".into());
+            (url, prefix)
+        });
+        let processes = s.processes.unwrap_or(1).max(1);
+        let process = s.process.unwrap_or(0);
+        let hosts: Vec<String> = s
+            .hosts
+            .iter()
+            .flat_map(|h| h.split(','))
+            .map(|x| x.trim().to_string())
+            .filter(|x| !x.is_empty())
+            .collect();
+        if processes > 1 && hosts.len() != processes {
+            bail!("--hosts must list {processes} HOST:PORT addresses, one per process");
+        }
+        if process >= processes {
+            bail!("--process must be below --processes");
+        }
+        Ok(Plan {
+            listen: s.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
+            data_dir: s.data_dir.unwrap_or_else(|| "./grabflow-data".into()),
+            workers: s.workers.unwrap_or(1).max(1),
+            ticks,
+            dispatch,
+            kafka,
+            redis,
+            cluster: (process, if processes > 1 { hosts } else { Vec::new() }),
+        })
+    }
+
+    /// Rider trackers the egress view can read, when every worker of the
+    /// dataflow runs in this process.
+    pub fn rider_tables(&self) -> Option<RiderTables> {
+        self.cluster
+            .1
+            .is_empty()
+            .then(|| RiderTables::new(self.workers, self.dispatch.rider_ttl_ms))
+    }
+
+    /// The timely configuration: threads of this process, or a cluster.
+    pub fn timely(&self) -> timely::Config {
+        let (process, hosts) = &self.cluster;
+        let communication = if hosts.len() > 1 {
+            timely::CommunicationConfig::Cluster {
+                threads: self.workers,
+                process: *process,
+                addresses: hosts.clone(),
+                report: false,
+                zerocopy: false,
+            }
+        } else {
+            timely::CommunicationConfig::Process(self.workers)
+        };
+        timely::Config {
+            communication,
+            worker: timely::WorkerConfig::default(),
+        }
+    }
+
+    /// Production mode's Kafka, or an error saying this role needs it.
+    pub fn kafka(&self) -> anyhow::Result<&KafkaConfig> {
+        self.kafka
+            .as_ref()
+            .context("this role runs over Kafka: give --kafka HOST:PORT")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flags_beat_the_environment_which_beats_the_file_which_beats_the_defaults() {
+        let dir = std::env::temp_dir().join(format!("grabflow-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("grabflow.toml");
+        std::fs::write(
+            &file,
+            "workers = 3\noffers = 7\ntick = \"2s\"\ncapacity = 4\nlisten = \"127.0.0.1:1\"\n",
+        )
+        .unwrap();
+        // The only test here that sets these variables.
+        std::env::set_var("GRABFLOW_OFFERS", "9");
+        std::env::set_var("GRABFLOW_CAPACITY", "5");
+        std::env::set_var("GRABFLOW_TEST_SOMETHING_ELSE", "not a setting");
+        let flags = Settings {
+            config: Some(file.clone()),
+            capacity: Some(6),
+            ..Settings::default()
+        };
+        let plan = flags.plan().unwrap();
+        std::env::remove_var("GRABFLOW_OFFERS");
+        std::env::remove_var("GRABFLOW_CAPACITY");
+        std::env::remove_var("GRABFLOW_TEST_SOMETHING_ELSE");
+        assert_eq!(plan.workers, 3, "the file");
+        assert_eq!(plan.dispatch.offers, 9, "the environment over the file");
+        assert_eq!(plan.dispatch.default_capacity, 6, "the flag over both");
+        assert_eq!(
+            plan.ticks.idle,
+            Duration::from_secs(2),
+            "a duration in the file"
+        );
+        assert_eq!(plan.ticks.pings, Duration::from_millis(10), "a default");
+        assert_eq!(plan.listen, "127.0.0.1:1");
+        assert_eq!(plan.dispatch.radius_m, 3000.0, "a default");
+
+        std::fs::write(&file, "workerz = 3\n").unwrap();
+        let e = Settings {
+            config: Some(file.clone()),
+            ..Settings::default()
+        }
+        .plan()
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("workerz"), "{e:#}");
+        let e = Settings {
+            tick: Some("0ms".parse().unwrap()),
+            ..Settings::default()
+        }
+        .plan()
+        .unwrap_err();
+        assert_eq!(e.to_string(), "--tick must be positive");
+    }
+
+    #[test]
+    fn durations_read_with_units_or_as_milliseconds() {
+        let d = |s: &str| s.parse::<Dur>().map(|d| d.0);
+        assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(d("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(d("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(d("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(d("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(d("250"), Ok(Duration::from_millis(250)));
+        assert!(d("3 days").is_err() && d("fast").is_err());
+    }
+}
