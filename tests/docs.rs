@@ -200,3 +200,44 @@ fn the_link_parser_skips_code_and_keeps_targets() {
     let local: Vec<_> = found.iter().filter(|l| is_local(l)).collect();
     assert_eq!(local, ["docs/a.md#part", "b.png", "two.md", "after.md"]);
 }
+
+/// The `METHOD /path` rows of `docs/api.md`'s tables.
+fn documented_operations() -> std::collections::BTreeSet<String> {
+    let api = fs::read_to_string(root().join("docs/api.md")).expect("docs/api.md");
+    api.lines()
+        .filter_map(|line| line.strip_prefix("| `"))
+        .filter_map(|rest| rest.split('`').next())
+        .filter(|op| op.contains(" /"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn the_api_doc_lists_exactly_the_operations_of_openapi_json() {
+    use utoipa::OpenApi;
+    let doc = grabflow::contract::ApiDoc::openapi();
+    let mut served = std::collections::BTreeSet::new();
+    for (path, item) in &doc.paths.paths {
+        let methods = [
+            ("GET", item.get.is_some()),
+            ("PUT", item.put.is_some()),
+            ("POST", item.post.is_some()),
+            ("DELETE", item.delete.is_some()),
+            ("PATCH", item.patch.is_some()),
+        ];
+        for (method, present) in methods {
+            if present {
+                served.insert(format!("{method} {path}"));
+            }
+        }
+    }
+    // The document does not describe itself.
+    served.insert("GET /openapi.json".into());
+    let documented = documented_operations();
+    let missing: Vec<_> = served.difference(&documented).collect();
+    let stale: Vec<_> = documented.difference(&served).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "docs/api.md and /openapi.json differ: served but not documented {missing:?}, documented but not served {stale:?}"
+    );
+}
