@@ -20,7 +20,7 @@ use grabflow_dataflow::stats::DataflowStats;
 use grabflow_egress::grabs::follow_grabs;
 use grabflow_egress::kafka::{follow, OutputSink};
 use grabflow_egress::redis::RedisMirror;
-use grabflow_egress::routes::EgressState;
+use grabflow_egress::state::EgressState;
 use grabflow_egress::view::Egress;
 use grabflow_http::auth::Secret;
 use grabflow_http::grab::GrabResults;
@@ -397,4 +397,34 @@ pub async fn egress(plan: Plan) -> anyhow::Result<()> {
     });
     let threads = serve_then_close(&plan, router, &egress, Threads::default()).await?;
     tokio::task::spawn_blocking(move || threads.finish()).await?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_thread_that_panics_ends_the_wait_and_fails_the_finish() {
+        let mut threads = Threads::default();
+        threads.add(
+            Thread::spawn("waits", |stop| {
+                while !stop.stopped() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            })
+            .unwrap(),
+        );
+        threads.add(
+            Thread::spawn("fails", |_| {
+                std::thread::sleep(Duration::from_millis(50));
+                panic!("the sink lost its broker")
+            })
+            .unwrap(),
+        );
+        tokio::time::timeout(Duration::from_secs(10), threads.any_ended())
+            .await
+            .expect("the panic ends the wait");
+        let e = threads.finish().unwrap_err().to_string();
+        assert_eq!(e, "thread fails panicked: the sink lost its broker");
+    }
 }

@@ -130,7 +130,10 @@ fn every_link_in_the_docs_resolves_inside_the_repository() {
             checked += 1;
         }
     }
-    assert!(checked > 0, "no relative links found: is the parser broken?");
+    assert!(
+        checked > 0,
+        "no relative links found: is the parser broken?"
+    );
 }
 
 #[test]

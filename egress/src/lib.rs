@@ -13,6 +13,7 @@
 //!   runtime (it implements the runtime's `Observer` and the grab call's
 //!   `GrabWaiter`). An offer leaves for a rider in `Egress::decisions`,
 //!   which puts it in the rider's ring and wakes the rider's stream.
+//! - [`state`]: [`EgressState`](state::EgressState), what the routes share.
 //! - [`streams`]: the rider streams (WebSocket and SSE) reading the rings.
 //! - [`routes`]: `routes(EgressState) -> Router`: the streams, the queries
 //!   (orders, riders, nearby riders), ops figures, health.
@@ -26,5 +27,6 @@ pub mod grabs;
 pub mod kafka;
 pub mod redis;
 pub mod routes;
+pub mod state;
 pub mod streams;
 pub mod view;

@@ -1,8 +1,8 @@
 //! The egress routes: rider streams (WebSocket, SSE), queries, ops figures,
 //! health, and the composed service router.
 
+use crate::state::EgressState;
 use crate::streams;
-use crate::view::Egress;
 use crate::view::HistoryItem;
 use axum::extract::{Path, State};
 use axum::http::header;
@@ -11,32 +11,13 @@ use axum::routing::get;
 use axum::{Json, Router};
 use grabflow_api::Id;
 use grabflow_api::OrderState;
-use grabflow_dataflow::stats::DataflowStats;
-use grabflow_http::auth::{Auth, Claims, HasSecret, Role, Secret};
+use grabflow_http::auth::{Auth, Claims, Role};
 use grabflow_http::extract::{self as wire, IdSchema, QueryParams};
 use grabflow_http::ApiError;
 use serde::Deserialize;
 use serde::Serialize;
 use serde_json::json;
-use std::sync::Arc;
 use utoipa::ToSchema;
-
-/// The egress state handed to the routes.
-#[derive(Clone)]
-pub struct EgressState {
-    /// The live view.
-    pub egress: Arc<Egress>,
-    /// Verifies tokens.
-    pub secret: Secret,
-    /// Per-operator figures from timely's logging.
-    pub stats: DataflowStats,
-}
-
-impl HasSecret for EgressState {
-    fn secret(&self) -> &Secret {
-        &self.secret
-    }
-}
 
 /// The egress router.
 pub fn routes(state: EgressState) -> Router {

@@ -3,7 +3,7 @@
 //! rider's ring in the view from a `seq` on, so a client resumes where it
 //! left off (`?after=SEQ`, or `Last-Event-ID`).
 
-use crate::routes::EgressState;
+use crate::state::EgressState;
 use crate::view::Egress;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};

@@ -49,20 +49,9 @@ use grabflow_api::lifecycle::Thread;
 use grabflow_api::{EventKind, Feed, Id, Time};
 use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
-use std::time::Duration;
 use tokio::sync::oneshot;
+pub use writer::Ticks;
 use writer::{Command, Writer};
-
-/// How often the writer tells the dataflow that time has passed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Ticks {
-    /// With nothing committed since the last tick (timers fire on these).
-    pub idle: Duration,
-    /// With only location pings committed since the last tick: they reach
-    /// the dataflow within this long. Any other event ticks as soon as the
-    /// clock passes its millisecond.
-    pub pings: Duration,
-}
 
 /// What opening the log found.
 pub struct Opened {

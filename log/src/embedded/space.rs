@@ -16,11 +16,10 @@
 //! A header of zeros (length 0; every record holds at least its form byte)
 //! marks the end of the records when the log is read back.
 
+use grabflow_api::lifecycle::{Stop, Thread};
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Condvar, Mutex};
-use std::thread::JoinHandle;
 
 /// How much room is added at a time: ~3 s of a million batched pings a
 /// second.
@@ -41,8 +40,7 @@ pub struct Space {
     /// Room requests to the helper: fill from `.0` to `.1`.
     fill: Option<mpsc::Sender<(u64, u64)>>,
     /// Set when the writer is done: the helper stops filling.
-    closing: Arc<AtomicBool>,
-    helper: Option<JoinHandle<()>>,
+    helper: Option<Thread>,
 }
 
 impl Space {
@@ -56,29 +54,25 @@ impl Space {
             }),
             Condvar::new(),
         ));
-        let closing = Arc::new(AtomicBool::new(false));
         let (fill, requests) = mpsc::channel::<(u64, u64)>();
-        let (file, shared, stop) = (file.try_clone()?, Arc::clone(&ready), Arc::clone(&closing));
-        let helper = std::thread::Builder::new()
-            .name("grabflow-log-space".into())
-            .spawn(move || {
-                for (from, to) in requests {
-                    let done = zero_fill(&file, from, to, &stop);
-                    let (lock, cond) = &*shared;
-                    let mut r = lock.lock().expect("space lock");
-                    match done {
-                        Ok(true) => r.len = r.len.max(to),
-                        Ok(false) => {}
-                        Err(e) => tracing::warn!("log: could not add room: {e}"),
-                    }
-                    r.filling = false;
-                    cond.notify_all();
+        let (file, shared) = (file.try_clone()?, Arc::clone(&ready));
+        let helper = Thread::spawn("grabflow-log-space", move |stop| {
+            for (from, to) in requests {
+                let done = zero_fill(&file, from, to, &stop);
+                let (lock, cond) = &*shared;
+                let mut r = lock.lock().expect("space lock");
+                match done {
+                    Ok(true) => r.len = r.len.max(to),
+                    Ok(false) => {}
+                    Err(e) => tracing::warn!("log: could not add room: {e}"),
                 }
-            })?;
+                r.filling = false;
+                cond.notify_all();
+            }
+        })?;
         Ok(Space {
             ready,
             fill: Some(fill),
-            closing,
             helper: Some(helper),
         })
     }
@@ -115,21 +109,26 @@ impl Drop for Space {
     /// Stops the helper (a half-filled chunk is only zeros past the
     /// records) and waits for it.
     fn drop(&mut self) {
-        self.closing.store(true, Ordering::Release);
         self.fill.take();
         if let Some(helper) = self.helper.take() {
-            let _ = helper.join();
+            // A panic of the helper becomes the writer's, so the process
+            // reports it (unless the writer is unwinding already).
+            if let Err(p) = helper.stop_and_join() {
+                if !std::thread::panicking() {
+                    panic!("{p}");
+                }
+            }
         }
     }
 }
 
 /// Writes zeros to `file` from `from` to `to`, then syncs data and size;
 /// `false` if `stop` was set first.
-fn zero_fill(file: &File, from: u64, to: u64, stop: &AtomicBool) -> std::io::Result<bool> {
+fn zero_fill(file: &File, from: u64, to: u64, stop: &Stop) -> std::io::Result<bool> {
     let zeros = vec![0u8; 1 << 20];
     let mut at = from;
     while at < to {
-        if stop.load(Ordering::Acquire) {
+        if stop.stopped() {
             return Ok(false);
         }
         let n = (to - at).min(zeros.len() as u64) as usize;

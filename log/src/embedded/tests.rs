@@ -9,7 +9,7 @@ use grabflow_api::Event;
 use std::fs::OpenOptions;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 fn ping(n: usize) -> (Id, EventKind) {
     (

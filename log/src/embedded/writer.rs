@@ -7,7 +7,6 @@
 use super::direct::DirectAppender;
 use super::format::{encode, AppendRecordRef};
 use super::space::Space;
-use super::Ticks;
 use crate::keys::{FirstUse, Print};
 use crate::ledger::{Admission, Claim, Ledger};
 use crate::{now_ms, Appended, LogError};
@@ -19,6 +18,17 @@ use std::path::Path;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
+
+/// How often the writer tells the dataflow that time has passed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ticks {
+    /// With nothing committed since the last tick (timers fire on these).
+    pub idle: Duration,
+    /// With only location pings committed since the last tick: they reach
+    /// the dataflow within this long. Any other event ticks as soon as the
+    /// clock passes its millisecond.
+    pub pings: Duration,
+}
 
 /// One append, as sent to the writer.
 pub(crate) struct Command {

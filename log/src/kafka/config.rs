@@ -9,6 +9,11 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use serde::Deserialize;
 use std::time::{Duration, Instant};
 
+/// The header carrying a client's `Idempotency-Key`.
+pub const KEY_HEADER: &str = "idempotency-key";
+/// The header carrying the size of the batch a record belongs to.
+pub const BATCH_HEADER: &str = "grabflow-batch";
+
 /// Settings of production mode's Kafka.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -1,7 +1,7 @@
 //! Keeps a process's ledger when other processes append too: reads the
 //! input topics from the start, noting every id and idempotency key.
 
-use super::{partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
+use super::config::{partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
 use crate::ledger::Ledger;
 use grabflow_api::lifecycle::Thread;
 use grabflow_api::topics::InputRecord;

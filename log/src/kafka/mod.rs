@@ -19,7 +19,7 @@ pub mod follower;
 pub mod producer;
 pub mod source;
 
-pub use config::{ensure_topics, partitions, KafkaConfig, KafkaError};
+pub use config::{ensure_topics, partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
 pub use follower::Follower;
 pub use producer::KafkaLog;
 pub use source::{KafkaSource, KafkaSources};
@@ -28,11 +28,6 @@ use crate::ledger::Ledger;
 use crate::LogHandle;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// The header carrying a client's `Idempotency-Key`.
-pub const KEY_HEADER: &str = "idempotency-key";
-/// The header carrying the size of the batch a record belongs to.
-pub const BATCH_HEADER: &str = "grabflow-batch";
 
 /// Opens the Kafka log for appending: reads the input topics to their ends
 /// (within `catch_up`) into a ledger, then makes the producer. The

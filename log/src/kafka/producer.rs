@@ -2,7 +2,7 @@
 //! entity; an append answers only once the broker has acked every event
 //! (`acks=all`, idempotent producer), so a 2xx means durable.
 
-use super::{KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
+use super::config::{KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
 use crate::ledger::{Admission, Ledger};
 use crate::{now_ms, Append, Appended, LogError, Pending};
 use grabflow_api::topics::{InputRecord, Topics};

@@ -5,7 +5,7 @@
 //! records (no value): soon when a newer event waits on them, rarely
 //! otherwise.
 
-use super::{partitions, KafkaConfig, KafkaError};
+use super::config::{partitions, KafkaConfig, KafkaError};
 use crate::now_ms;
 use grabflow_api::lifecycle::Stop;
 use grabflow_api::topics::InputRecord;
