@@ -16,6 +16,8 @@
 //! - [`event`]: [`Event`] and [`EventKind`], what the log holds.
 //! - [`output`]: [`Output`], what dispatch decides: offers, withdrawals, grab
 //!   results, assignments, order transitions and rejections.
+//! - [`source`]: [`Source`], where one dataflow worker's events come from
+//!   (implemented by the logs, polled by the dataflow's runtime).
 //! - [`topics`]: production mode's Kafka topics and record values.
 //! - [`config`]: [`DispatchConfig`], the tunables of the dispatch rules.
 
@@ -24,6 +26,7 @@ pub mod event;
 pub mod geo;
 pub mod id;
 pub mod output;
+pub mod source;
 pub mod topics;
 
 pub use config::DispatchConfig;
@@ -31,6 +34,7 @@ pub use event::{Event, EventKind, Feed};
 pub use geo::Coord;
 pub use id::{Id, IdError};
 pub use output::{GrabOutcome, LossReason, OrderState, Output, RejectReason, WithdrawReason};
+pub use source::Source;
 
 /// Log time: Unix milliseconds assigned by the log. It is the dataflow's timestamp.
 pub type Time = u64;

@@ -68,19 +68,10 @@ impl Observer for Fanout {
     }
 }
 
-/// Where one worker's events come from.
-pub trait Source {
-    /// Moves the events that arrived into `out`, waiting up to `wait` when
-    /// none has, and returns the frontier: no event still to come has an
-    /// earlier time. `None` once the source has ended.
-    fn poll(&mut self, out: &mut Vec<Event>, wait: Duration) -> Option<Time>;
-
-    /// How long a caught-up worker waits for this source before it steps
-    /// again anyway (other workers' messages do not wake it).
-    fn idle_wait(&self) -> Duration {
-        Duration::from_millis(1)
-    }
-}
+// Where one worker's events come from. It lives in the vocabulary crate, so
+// the logs can implement it without depending on timely; re-exported here so
+// `runtime::Source` keeps naming it.
+pub use grabflow_api::Source;
 
 /// Makes worker `index` of `peers` its source.
 pub type Sources = Arc<dyn Fn(usize, usize) -> Box<dyn Source> + Send + Sync>;

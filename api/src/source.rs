@@ -1,0 +1,22 @@
+//! Where one dataflow worker's events come from.
+//!
+//! The trait lives in the vocabulary crate, over std types only, so the log
+//! implementations (the embedded log's feed, Kafka partitions) can implement
+//! it without depending on timely; the dataflow's runtime only polls it.
+
+use crate::{Event, Time};
+use std::time::Duration;
+
+/// Where one worker's events come from.
+pub trait Source {
+    /// Moves the events that arrived into `out`, waiting up to `wait` when
+    /// none has, and returns the frontier: no event still to come has an
+    /// earlier time. `None` once the source has ended.
+    fn poll(&mut self, out: &mut Vec<Event>, wait: Duration) -> Option<Time>;
+
+    /// How long a caught-up worker waits for this source before it steps
+    /// again anyway (other workers' messages do not wake it).
+    fn idle_wait(&self) -> Duration {
+        Duration::from_millis(1)
+    }
+}
