@@ -58,7 +58,7 @@ struct Merchant {
 struct Order {
     /// Where offers are searched from: the merchant's position at placement.
     at: Coord,
-    /// The merchant, for offer records.
+    /// The merchant, for offer and transition records.
     merchant: Id,
     state: OrderState,
     /// Offer rounds that timed out so far; the radius grows with it.
@@ -232,6 +232,7 @@ impl Dispatcher {
                 );
                 out.push(Output::Transition {
                     order: order.clone(),
+                    merchant: merchant.clone(),
                     from: None,
                     to: OrderState::Created,
                     reason: Why::Placed,
@@ -461,13 +462,13 @@ impl Dispatcher {
             o.offers = Vec::new();
             o.past_offers = FxHashSet::default();
         }
-        let rider = o.rider.clone();
         out.push(Output::Transition {
             order: id.clone(),
+            merchant: o.merchant.clone(),
             from: Some(from),
             to,
             reason,
-            rider,
+            rider: o.rider.clone(),
         });
     }
 

@@ -143,8 +143,6 @@ struct View {
     orders: HashMap<Id, OrderView>,
     index: GeoIndex,
     streams: HashMap<Id, Stream>,
-    /// Merchant of each placed order, known from the event before any decision.
-    placed: HashMap<Id, Id>,
 }
 
 /// Business counters for `/v1/ops/metrics` and `/metrics`.
@@ -376,13 +374,6 @@ impl Observer for Egress {
                         v.riders.entry(rider.clone()).or_default().at = Some(*at);
                     }
                 },
-                EventKind::OrderPlaced {
-                    order, merchant, ..
-                } => {
-                    v.placed
-                        .entry(order.clone())
-                        .or_insert_with(|| merchant.clone());
-                }
                 _ => {}
             }
         }
@@ -479,6 +470,7 @@ impl Observer for Egress {
                     }
                     Output::Transition {
                         order,
+                        merchant,
                         from,
                         to,
                         reason,
@@ -494,12 +486,10 @@ impl Observer for Egress {
                                 r.load = r.load.saturating_sub(1);
                             }
                         }
-                        let merchant = v.placed.get(&order).cloned();
                         let entry = v.orders.entry(order).or_insert_with(|| OrderView {
                             state: to,
                             rider: None,
-                            merchant: merchant
-                                .expect("an order is placed before its first transition"),
+                            merchant,
                             history: Vec::new(),
                         });
                         entry.state = to;
