@@ -4,8 +4,6 @@
 //! events ─┬─(pings)──────────────┬─ track_riders ──▶ index ─┐
 //!         └─(the rest)── dedup ──┴─(shifts)                  │
 //!                               └─(all but pings)────────────┴─ decide ──▶ outputs
-//!                                                                   ├─▶ offers (open offers)
-//!                                                                   └─▶ live_orders (order → state)
 //! ```
 //!
 //! Every operator buffers its input by log millisecond and handles a
@@ -25,14 +23,13 @@ use crate::stats::StateLog;
 use crate::IndexEntry;
 use differential_dataflow::collection::vec::Collection as VecCollection;
 use differential_dataflow::AsCollection;
-use grabflow_api::{DispatchConfig, Event, EventKind, GrabOutcome, Id, OrderState, Output, Time};
+use grabflow_api::{DispatchConfig, Event, EventKind, Output, Time};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::generic::operator::Operator;
-use timely::dataflow::operators::vec::Map;
 use timely::dataflow::operators::{Capability, InputCapability};
 
 /// The log: every event at its log time, each with multiplicity one.
@@ -48,10 +45,6 @@ pub struct Dispatch<'s> {
     pub index: Index<'s>,
     /// Every decision, as an append-only collection (the change stream).
     pub outputs: Outputs<'s>,
-    /// Open offers: `(order, rider)` while the order is `notified`.
-    pub offers: VecCollection<'s, Time, (Id, Id)>,
-    /// Orders not yet closed, with their current state.
-    pub live_orders: VecCollection<'s, Time, (Id, OrderState)>,
 }
 
 /// Builds the whole dispatch computation over the event log.
@@ -80,12 +73,7 @@ pub fn dispatch_sharing<'s>(
     let shifts = order_events.clone().filter(|e| e.kind.is_rider_state());
     let index = track_riders(pings.concat(shifts), cfg.rider_ttl_ms, riders);
     let outputs = decide(index.clone(), order_events, cfg.clone());
-    Dispatch {
-        offers: open_offers(outputs.clone()),
-        live_orders: live_orders(outputs.clone()),
-        index,
-        outputs,
-    }
+    Dispatch { index, outputs }
 }
 
 /// A stable hash for routing records to workers (the same in every process).
@@ -394,47 +382,5 @@ pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> 
                 }
             },
         )
-        .as_collection()
-}
-
-/// Open offers, from the decisions: an offer opens when made and closes when
-/// withdrawn or won.
-pub fn open_offers<'s>(outputs: Outputs<'s>) -> VecCollection<'s, Time, (Id, Id)> {
-    outputs
-        .inner
-        .flat_map(|(o, t, d)| match o {
-            Output::Offered { order, rider, .. } => Some(((order, rider), t, d)),
-            Output::Withdrawn { order, rider, .. } => Some(((order, rider), t, -d)),
-            Output::GrabDecided {
-                order,
-                rider,
-                outcome: GrabOutcome::Won,
-                ..
-            } => Some(((order, rider), t, -d)),
-            _ => None,
-        })
-        .as_collection()
-}
-
-/// Orders not yet closed and their states, from the transitions.
-pub fn live_orders<'s>(outputs: Outputs<'s>) -> VecCollection<'s, Time, (Id, OrderState)> {
-    outputs
-        .inner
-        .flat_map(|(o, t, d)| {
-            let Output::Transition {
-                order, from, to, ..
-            } = o
-            else {
-                return Vec::new();
-            };
-            let mut changes = Vec::with_capacity(2);
-            if let Some(from) = from {
-                changes.push(((order.clone(), from), t, -d));
-            }
-            if to != OrderState::Closed {
-                changes.push(((order, to), t, d));
-            }
-            changes
-        })
         .as_collection()
 }
