@@ -16,6 +16,8 @@
 //! - [`event`]: [`Event`] and [`EventKind`], what the log holds.
 //! - [`output`]: [`Output`], what dispatch decides: offers, withdrawals, grab
 //!   results, assignments, order transitions and rejections.
+//! - [`source`]: [`Source`], where one dataflow worker's events come from
+//!   (implemented by the logs, polled by the dataflow's runtime).
 //! - [`topics`]: production mode's Kafka topics and record values.
 //! - [`source`]: [`Source`], where a dataflow worker's events come from
 //!   (implemented by the log, read by the dataflow's runtime).

@@ -193,6 +193,9 @@ pub enum Output {
     Transition {
         /// The order.
         order: Id,
+        /// The order's merchant: sinks keyed or grouped by merchant need no
+        /// map of their own from orders to merchants.
+        merchant: Id,
         /// Previous state; none when the order was just placed.
         from: Option<OrderState>,
         /// New state.
@@ -299,6 +302,7 @@ mod tests {
             },
             Output::Transition {
                 order: id(),
+                merchant: id(),
                 from: None,
                 to: OrderState::Created,
                 reason: TransitionReason::Placed,

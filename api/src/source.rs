@@ -1,6 +1,8 @@
-//! Where a dataflow worker's events come from: the seam between the log
-//! (the embedded log's feed, or a worker's Kafka partitions) and the
-//! dataflow's runtime, so neither side depends on the other.
+//! Where one dataflow worker's events come from.
+//!
+//! The trait lives in the vocabulary crate, over std types only, so the log
+//! implementations (the embedded log's feed, Kafka partitions) can implement
+//! it without depending on timely; the dataflow's runtime only polls it.
 
 use crate::{Event, Time};
 use std::time::Duration;

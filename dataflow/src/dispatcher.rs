@@ -58,7 +58,7 @@ struct Merchant {
 struct Order {
     /// Where offers are searched from: the merchant's position at placement.
     at: Coord,
-    /// The merchant, for offer records.
+    /// The merchant, for offer and transition records.
     merchant: Id,
     state: OrderState,
     /// Offer rounds that timed out so far; the radius grows with it.
@@ -78,6 +78,41 @@ struct Order {
     ever_overtime: bool,
     /// Cells this waiting order is registered on in the watch map.
     watching: Vec<u64>,
+}
+
+/// An order as an order event finds it, before the event changes it.
+struct Found {
+    state: OrderState,
+    /// The assigned rider.
+    rider: Option<Id>,
+    picked_up: bool,
+}
+
+impl Found {
+    /// A rider has it: `delivering` or `overtime`.
+    fn carrying(&self) -> bool {
+        matches!(self.state, OrderState::Delivering | OrderState::Overtime)
+    }
+
+    /// A rider has it and has not picked it up: it may still be cancelled,
+    /// redispatched or reassigned.
+    fn on_the_way(&self) -> bool {
+        self.carrying() && !self.picked_up
+    }
+
+    /// Whether `rider` is the one assigned.
+    fn assigned_to(&self, rider: &Id) -> bool {
+        self.rider.as_ref() == Some(rider)
+    }
+}
+
+/// Records that `event` (naming `order`) had no effect, and why.
+fn reject(event: &Id, order: &Id, reason: RejectReason, out: &mut Vec<Output>) {
+    out.push(Output::Rejected {
+        event: event.clone(),
+        order: Some(order.clone()),
+        reason,
+    });
 }
 
 /// The decision core. See the module doc for the per-millisecond protocol.
@@ -179,22 +214,10 @@ impl Dispatcher {
     /// Step 3: one order event (merchant, order or ops event) at `t`.
     /// Location pings and shifts arrive through steps 1a/1b instead.
     pub fn apply_event(&mut self, event: &Event, t: Time, out: &mut Vec<Output>) {
-        let reject = |reason, order: Option<&Id>, out: &mut Vec<Output>| {
-            out.push(Output::Rejected {
-                event: event.id.clone(),
-                order: order.cloned(),
-                reason,
-            })
-        };
+        let id = &event.id;
         match &event.kind {
             EventKind::MerchantUpserted { merchant, at, open } => {
-                self.merchants.insert(
-                    merchant.clone(),
-                    Merchant {
-                        at: *at,
-                        open: *open,
-                    },
-                );
+                self.on_merchant(merchant, *at, *open)
             }
             EventKind::ShiftChanged { .. } | EventKind::LocationPinged { .. } => {}
             EventKind::OrderPlaced {
@@ -202,146 +225,215 @@ impl Dispatcher {
                 merchant,
                 promised_minutes,
                 ..
-            } => {
-                if self.orders.contains_key(order) {
-                    return reject(RejectReason::DuplicateOrder, Some(order), out);
-                }
-                let at = match self.merchants.get(merchant) {
-                    None => return reject(RejectReason::UnknownMerchant, Some(order), out),
-                    Some(m) if !m.open => {
-                        return reject(RejectReason::MerchantClosed, Some(order), out)
-                    }
-                    Some(m) => m.at,
-                };
-                self.orders.insert(
-                    order.clone(),
-                    Order {
-                        at,
-                        merchant: merchant.clone(),
-                        state: OrderState::Created,
-                        round: 0,
-                        offer_seq: 0,
-                        offers: Vec::new(),
-                        past_offers: FxHashSet::default(),
-                        rider: None,
-                        picked_up: false,
-                        overdue: false,
-                        ever_overtime: false,
-                        watching: Vec::new(),
-                    },
-                );
-                out.push(Output::Transition {
-                    order: order.clone(),
-                    from: None,
-                    to: OrderState::Created,
-                    reason: Why::Placed,
-                    rider: None,
-                });
-                let deadline = t + u64::from((*promised_minutes).max(1)) * 60_000;
-                self.set_timer(deadline, order.clone(), Timer::Deadline);
-                self.dirty.insert(order.clone());
+            } => self.on_order_placed(id, order, merchant, *promised_minutes, t, out),
+            EventKind::GrabAttempted { order, rider } => self.on_grab(id, order, rider, out),
+            EventKind::OrderCancelled { order } => self.on_cancelled(id, order, out),
+            EventKind::PickedUp { order, rider } => self.on_picked_up(id, order, rider, out),
+            EventKind::Delivered { order, rider } => self.on_delivered(id, order, rider, out),
+            EventKind::CompensationSettled { order, .. } => {
+                self.on_compensation_settled(id, order, out)
             }
-            EventKind::GrabAttempted { order, rider } => {
-                let outcome = self.judge_grab(order, rider);
-                out.push(Output::GrabDecided {
-                    attempt: event.id.clone(),
-                    order: order.clone(),
-                    rider: rider.clone(),
-                    outcome,
-                });
-                if outcome == GrabOutcome::Won {
-                    self.withdraw_offers(order, WithdrawReason::Taken, Some(rider), out);
-                    self.assign(order, rider, Why::Grabbed, out);
-                }
-            }
-            kind => {
-                let id = kind.order().expect("the remaining kinds name an order");
-                let Some(o) = self.orders.get(id) else {
-                    return reject(RejectReason::UnknownOrder, Some(id), out);
-                };
-                let (state, assigned, picked) = (o.state, o.rider.clone(), o.picked_up);
-                let carrying = matches!(state, OrderState::Delivering | OrderState::Overtime);
-                match kind {
-                    EventKind::OrderCancelled { .. } => match state {
-                        OrderState::Created | OrderState::Notified => {
-                            self.withdraw_offers(id, WithdrawReason::Cancelled, None, out);
-                            self.transition(id, OrderState::Closed, Why::Cancelled, out);
-                        }
-                        _ if carrying && !picked => {
-                            self.unassign(id, WithdrawReason::Cancelled, out);
-                            self.transition(id, OrderState::Closed, Why::Cancelled, out);
-                        }
-                        _ => reject(RejectReason::InvalidState, Some(id), out),
-                    },
-                    EventKind::PickedUp { rider, .. } => {
-                        if !carrying || picked {
-                            reject(RejectReason::InvalidState, Some(id), out)
-                        } else if assigned.as_ref() != Some(rider) {
-                            reject(RejectReason::NotAssignedRider, Some(id), out)
-                        } else {
-                            self.order_mut(id).picked_up = true;
-                            self.transition(id, state, Why::PickedUp, out);
-                        }
-                    }
-                    EventKind::Delivered { rider, .. } => {
-                        if !carrying {
-                            reject(RejectReason::InvalidState, Some(id), out)
-                        } else if assigned.as_ref() != Some(rider) {
-                            reject(RejectReason::NotAssignedRider, Some(id), out)
-                        } else {
-                            self.release(rider);
-                            let o = self.order_mut(id);
-                            o.picked_up = true;
-                            let late = o.ever_overtime;
-                            self.transition(id, OrderState::Received, Why::Delivered, out);
-                            if late {
-                                self.transition(
-                                    id,
-                                    OrderState::Compensating,
-                                    Why::CompensationDue,
-                                    out,
-                                );
-                            } else {
-                                self.transition(id, OrderState::Closed, Why::Completed, out);
-                            }
-                        }
-                    }
-                    EventKind::CompensationSettled { .. } => {
-                        if state == OrderState::Compensating {
-                            self.transition(id, OrderState::Closed, Why::Compensated, out);
-                        } else {
-                            reject(RejectReason::InvalidState, Some(id), out)
-                        }
-                    }
-                    EventKind::Redispatched { .. } => match state {
-                        OrderState::Created => {
-                            self.dirty.insert(id.clone());
-                        }
-                        OrderState::Notified => {
-                            self.withdraw_offers(id, WithdrawReason::Redispatched, None, out);
-                            self.transition(id, OrderState::Created, Why::Redispatched, out);
-                        }
-                        _ if carrying && !picked => {
-                            self.unassign(id, WithdrawReason::Redispatched, out);
-                            self.transition(id, OrderState::Created, Why::Redispatched, out);
-                        }
-                        _ => reject(RejectReason::InvalidState, Some(id), out),
-                    },
-                    EventKind::Reassigned { rider, .. } => match state {
-                        OrderState::Created | OrderState::Notified => {
-                            self.withdraw_offers(id, WithdrawReason::Reassigned, None, out);
-                            self.assign(id, rider, Why::Reassigned, out);
-                        }
-                        _ if carrying && !picked && assigned.as_ref() != Some(rider) => {
-                            self.unassign(id, WithdrawReason::Reassigned, out);
-                            self.assign(id, rider, Why::Reassigned, out);
-                        }
-                        _ => reject(RejectReason::InvalidState, Some(id), out),
-                    },
-                    _ => unreachable!("handled above"),
-                }
-            }
+            EventKind::Redispatched { order } => self.on_redispatched(id, order, out),
+            EventKind::Reassigned { order, rider } => self.on_reassigned(id, order, rider, out),
         }
+    }
+
+    /// A merchant registered, moved, opened or closed: orders placed from
+    /// now on see it so.
+    fn on_merchant(&mut self, merchant: &Id, at: Coord, open: bool) {
+        self.merchants
+            .insert(merchant.clone(), Merchant { at, open });
+    }
+
+    /// An order placed at an open merchant starts `created`, with its
+    /// promised-time deadline set, and is offered in this millisecond's pass.
+    fn on_order_placed(
+        &mut self,
+        event: &Id,
+        order: &Id,
+        merchant: &Id,
+        promised_minutes: u32,
+        t: Time,
+        out: &mut Vec<Output>,
+    ) {
+        if self.orders.contains_key(order) {
+            return reject(event, order, RejectReason::DuplicateOrder, out);
+        }
+        let at = match self.merchants.get(merchant) {
+            None => return reject(event, order, RejectReason::UnknownMerchant, out),
+            Some(m) if !m.open => return reject(event, order, RejectReason::MerchantClosed, out),
+            Some(m) => m.at,
+        };
+        self.orders.insert(
+            order.clone(),
+            Order {
+                at,
+                merchant: merchant.clone(),
+                state: OrderState::Created,
+                round: 0,
+                offer_seq: 0,
+                offers: Vec::new(),
+                past_offers: FxHashSet::default(),
+                rider: None,
+                picked_up: false,
+                overdue: false,
+                ever_overtime: false,
+                watching: Vec::new(),
+            },
+        );
+        out.push(Output::Transition {
+            order: order.clone(),
+            merchant: merchant.clone(),
+            from: None,
+            to: OrderState::Created,
+            reason: Why::Placed,
+            rider: None,
+        });
+        let deadline = t + u64::from(promised_minutes.max(1)) * 60_000;
+        self.set_timer(deadline, order.clone(), Timer::Deadline);
+        self.dirty.insert(order.clone());
+    }
+
+    /// A grab attempt is decided; the winner takes the order, and the other
+    /// riders offered it lose their offers.
+    fn on_grab(&mut self, event: &Id, order: &Id, rider: &Id, out: &mut Vec<Output>) {
+        let outcome = self.judge_grab(order, rider);
+        out.push(Output::GrabDecided {
+            attempt: event.clone(),
+            order: order.clone(),
+            rider: rider.clone(),
+            outcome,
+        });
+        if outcome == GrabOutcome::Won {
+            self.withdraw_offers(order, WithdrawReason::Taken, Some(rider), out);
+            self.assign(order, rider, Why::Grabbed, out);
+        }
+    }
+
+    /// Cancelling closes an order not yet picked up (taking back its offers
+    /// or its rider).
+    fn on_cancelled(&mut self, event: &Id, id: &Id, out: &mut Vec<Output>) {
+        let Some(o) = self.look_up(event, id, out) else {
+            return;
+        };
+        match o.state {
+            OrderState::Created | OrderState::Notified => {
+                self.withdraw_offers(id, WithdrawReason::Cancelled, None, out);
+                self.transition(id, OrderState::Closed, Why::Cancelled, out);
+            }
+            _ if o.on_the_way() => {
+                self.unassign(id, WithdrawReason::Cancelled, out);
+                self.transition(id, OrderState::Closed, Why::Cancelled, out);
+            }
+            _ => reject(event, id, RejectReason::InvalidState, out),
+        }
+    }
+
+    /// The assigned rider picked the food up (a sub-state: the order stays
+    /// in its state).
+    fn on_picked_up(&mut self, event: &Id, id: &Id, rider: &Id, out: &mut Vec<Output>) {
+        let Some(o) = self.look_up(event, id, out) else {
+            return;
+        };
+        if !o.on_the_way() {
+            reject(event, id, RejectReason::InvalidState, out)
+        } else if !o.assigned_to(rider) {
+            reject(event, id, RejectReason::NotAssignedRider, out)
+        } else {
+            self.order_mut(id).picked_up = true;
+            self.transition(id, o.state, Why::PickedUp, out);
+        }
+    }
+
+    /// The assigned rider delivered: the order is received, then closed, or
+    /// owed compensation if it was ever overtime; the rider is freed.
+    fn on_delivered(&mut self, event: &Id, id: &Id, rider: &Id, out: &mut Vec<Output>) {
+        let Some(o) = self.look_up(event, id, out) else {
+            return;
+        };
+        if !o.carrying() {
+            return reject(event, id, RejectReason::InvalidState, out);
+        }
+        if !o.assigned_to(rider) {
+            return reject(event, id, RejectReason::NotAssignedRider, out);
+        }
+        self.release(rider);
+        let o = self.order_mut(id);
+        o.picked_up = true;
+        let late = o.ever_overtime;
+        self.transition(id, OrderState::Received, Why::Delivered, out);
+        if late {
+            self.transition(id, OrderState::Compensating, Why::CompensationDue, out);
+        } else {
+            self.transition(id, OrderState::Closed, Why::Completed, out);
+        }
+    }
+
+    /// Ops settled a late order's compensation: it closes.
+    fn on_compensation_settled(&mut self, event: &Id, id: &Id, out: &mut Vec<Output>) {
+        let Some(o) = self.look_up(event, id, out) else {
+            return;
+        };
+        if o.state == OrderState::Compensating {
+            self.transition(id, OrderState::Closed, Why::Compensated, out);
+        } else {
+            reject(event, id, RejectReason::InvalidState, out)
+        }
+    }
+
+    /// Ops take an order not yet picked up back to `created`, to offer it
+    /// again (a waiting order is just tried again).
+    fn on_redispatched(&mut self, event: &Id, id: &Id, out: &mut Vec<Output>) {
+        let Some(o) = self.look_up(event, id, out) else {
+            return;
+        };
+        match o.state {
+            OrderState::Created => {
+                self.dirty.insert(id.clone());
+            }
+            OrderState::Notified => {
+                self.withdraw_offers(id, WithdrawReason::Redispatched, None, out);
+                self.transition(id, OrderState::Created, Why::Redispatched, out);
+            }
+            _ if o.on_the_way() => {
+                self.unassign(id, WithdrawReason::Redispatched, out);
+                self.transition(id, OrderState::Created, Why::Redispatched, out);
+            }
+            _ => reject(event, id, RejectReason::InvalidState, out),
+        }
+    }
+
+    /// Ops give an order not yet picked up to a rider directly, taking it
+    /// from its offers or from another rider.
+    fn on_reassigned(&mut self, event: &Id, id: &Id, rider: &Id, out: &mut Vec<Output>) {
+        let Some(o) = self.look_up(event, id, out) else {
+            return;
+        };
+        match o.state {
+            OrderState::Created | OrderState::Notified => {
+                self.withdraw_offers(id, WithdrawReason::Reassigned, None, out);
+                self.assign(id, rider, Why::Reassigned, out);
+            }
+            _ if o.on_the_way() && !o.assigned_to(rider) => {
+                self.unassign(id, WithdrawReason::Reassigned, out);
+                self.assign(id, rider, Why::Reassigned, out);
+            }
+            _ => reject(event, id, RejectReason::InvalidState, out),
+        }
+    }
+
+    /// The order event `event` names, as it finds it; `None`, with the event
+    /// rejected as `unknown_order`, when there is no such order.
+    fn look_up(&self, event: &Id, id: &Id, out: &mut Vec<Output>) -> Option<Found> {
+        let Some(o) = self.orders.get(id) else {
+            reject(event, id, RejectReason::UnknownOrder, out);
+            return None;
+        };
+        Some(Found {
+            state: o.state,
+            rider: o.rider.clone(),
+            picked_up: o.picked_up,
+        })
     }
 
     /// Step 4: offers every waiting order that may have gained a candidate.
@@ -461,13 +553,13 @@ impl Dispatcher {
             o.offers = Vec::new();
             o.past_offers = FxHashSet::default();
         }
-        let rider = o.rider.clone();
         out.push(Output::Transition {
             order: id.clone(),
+            merchant: o.merchant.clone(),
             from: Some(from),
             to,
             reason,
-            rider,
+            rider: o.rider.clone(),
         });
     }
 

@@ -4,8 +4,6 @@
 //! events ─┬─(pings)──────────────┬─ track_riders ──▶ index ─┐
 //!         └─(the rest)── dedup ──┴─(shifts)                  │
 //!                               └─(all but pings)────────────┴─ decide ──▶ outputs
-//!                                                                   ├─▶ offers (open offers)
-//!                                                                   └─▶ live_orders (order → state)
 //! ```
 //!
 //! Every operator buffers its input by log millisecond and handles a
@@ -21,18 +19,20 @@
 use crate::dedup::Deduper;
 use crate::dispatcher::Dispatcher;
 use crate::riders::{rider_route, RiderTables};
-use crate::stats::StateLog;
+use crate::stats::{StateLog, StateSizes};
 use crate::IndexEntry;
 use differential_dataflow::collection::vec::Collection as VecCollection;
 use differential_dataflow::AsCollection;
-use grabflow_api::{DispatchConfig, Event, EventKind, GrabOutcome, Id, OrderState, Output, Time};
+use grabflow_api::{DispatchConfig, Event, EventKind, Output, Time};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
+use timely::communication::Pull;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
+use timely::dataflow::channels::Message;
 use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::generic::operator::Operator;
-use timely::dataflow::operators::vec::Map;
+use timely::dataflow::operators::generic::{InputHandleCore, OutputBuilderSession, Session};
 use timely::dataflow::operators::{Capability, InputCapability};
 
 /// The log: every event at its log time, each with multiplicity one.
@@ -48,10 +48,6 @@ pub struct Dispatch<'s> {
     pub index: Index<'s>,
     /// Every decision, as an append-only collection (the change stream).
     pub outputs: Outputs<'s>,
-    /// Open offers: `(order, rider)` while the order is `notified`.
-    pub offers: VecCollection<'s, Time, (Id, Id)>,
-    /// Orders not yet closed, with their current state.
-    pub live_orders: VecCollection<'s, Time, (Id, OrderState)>,
 }
 
 /// Builds the whole dispatch computation over the event log.
@@ -80,12 +76,7 @@ pub fn dispatch_sharing<'s>(
     let shifts = order_events.clone().filter(|e| e.kind.is_rider_state());
     let index = track_riders(pings.concat(shifts), cfg.rider_ttl_ms, riders);
     let outputs = decide(index.clone(), order_events, cfg.clone());
-    Dispatch {
-        offers: open_offers(outputs.clone()),
-        live_orders: live_orders(outputs.clone()),
-        index,
-        outputs,
-    }
+    Dispatch { index, outputs }
 }
 
 /// A stable hash for routing records to workers (the same in every process).
@@ -201,6 +192,107 @@ impl<W: Work> Pending<W> {
 }
 
 type Builder<D> = CapacityContainerBuilder<Vec<(D, Time, isize)>>;
+/// Where an operator emits a millisecond's records.
+type Emit<'a, 'b, D> = Session<'a, 'b, Time, Builder<D>, Capability<Time>>;
+
+/// Lets an operator's [`PerMillisecond::handle`] ask for a later millisecond
+/// to be visited (a timer).
+struct Wake<'p, W>(&'p mut Pending<W>);
+
+impl<W: Work> Wake<'_, W> {
+    /// Visits millisecond `t` (later than the one being handled).
+    fn at(&mut self, t: Time) {
+        self.0.wake_at(t);
+    }
+}
+
+/// What one of the operators here does with each complete millisecond of
+/// its input; [`MillisecondOperator`] does the rest.
+trait PerMillisecond {
+    /// One millisecond of input.
+    type Work: Work;
+    /// The records it emits.
+    type Out: Clone + 'static;
+    /// Handles millisecond `t`: emits its records, at `t`, into `out`, and
+    /// sets its timers with `wake`. Gives the work's buffer back for reuse.
+    fn handle(
+        &mut self,
+        t: Time,
+        work: Self::Work,
+        out: &mut Emit<'_, '_, Self::Out>,
+        wake: &mut Wake<'_, Self::Work>,
+    ) -> Self::Work;
+    /// What it holds, for the state figures (the skeleton adds what is
+    /// buffered).
+    fn sizes(&self) -> StateSizes;
+}
+
+/// The skeleton every operator here shares, around its [`PerMillisecond`]
+/// part: input buffered by millisecond ([`Pending`]); each millisecond
+/// handled, in time order, once every input's frontier has passed it; the
+/// capability then held only as far back as still needed; and the state
+/// figures reported.
+struct MillisecondOperator<H: PerMillisecond> {
+    part: H,
+    pending: Pending<H::Work>,
+    state: StateLog,
+}
+
+impl<H: PerMillisecond> MillisecondOperator<H> {
+    fn new(part: H, state: StateLog) -> Self {
+        MillisecondOperator {
+            part,
+            pending: Pending::new(),
+            state,
+        }
+    }
+
+    /// Files every record arrived on `input` in its millisecond's work, with
+    /// `put` (given the work, the record and its diff).
+    fn absorb<D, P>(
+        &mut self,
+        input: &mut InputHandleCore<Time, Vec<(D, Time, isize)>, P>,
+        mut put: impl FnMut(&mut H::Work, D, isize),
+    ) where
+        P: Pull<Message<Time, Vec<(D, Time, isize)>>>,
+    {
+        let pending = &mut self.pending;
+        input.for_each_stamp(|cap, data| {
+            for batch in data {
+                for (record, t, diff) in batch.drain(..) {
+                    put(pending.slot(&cap, t), record, diff);
+                }
+            }
+        });
+    }
+
+    /// Handles every buffered millisecond `ready` says is complete, in time
+    /// order, emitting into `output`.
+    fn step(
+        &mut self,
+        output: &mut OutputBuilderSession<'_, Time, Builder<H::Out>>,
+        ready: impl Fn(&Time) -> bool,
+    ) {
+        let Some(cap) = self.pending.cap.clone() else {
+            return;
+        };
+        let mut session = output.session(&cap);
+        while let Some((t, work)) = self.pending.pop_ready(&ready) {
+            let work = self
+                .part
+                .handle(t, work, &mut session, &mut Wake(&mut self.pending));
+            self.pending.recycle(work);
+        }
+        drop(session);
+        self.pending.downgrade();
+        let (part, pending) = (&self.part, &self.pending);
+        self.state.report(|| {
+            let mut sizes = part.sizes();
+            sizes.push(("buffered", pending.buffered()));
+            sizes
+        });
+    }
+}
 
 /// Drops events whose id was already seen within the window (see
 /// [`Deduper`]). Pings do not come through here: applying one twice changes
@@ -211,34 +303,42 @@ pub fn dedup<'s>(events: Events<'s>, window: Time) -> Events<'s> {
     events
         .inner
         .unary_frontier::<Builder<Event>, _, _, _>(pact, "Dedup", move |_, info| {
-            let mut pending = Pending::<Vec<Event>>::new();
-            let mut deduper = Deduper::new(window);
-            let mut state = StateLog::new(scope.worker(), &info.address);
+            let state = StateLog::new(scope.worker(), &info.address);
+            let mut op = MillisecondOperator::new(Dedup(Deduper::new(window)), state);
             move |(input, frontier), output| {
-                input.for_each_stamp(|cap, data| {
-                    for batch in data {
-                        for (event, t, diff) in batch.drain(..) {
-                            if diff > 0 {
-                                pending.slot(&cap, t).push(event);
-                            }
-                        }
+                op.absorb(input, |batch, event, diff| {
+                    if diff > 0 {
+                        batch.push(event);
                     }
                 });
-                let Some(cap) = pending.cap.clone() else {
-                    return;
-                };
-                let mut session = output.session(&cap);
-                while let Some((t, batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
-                    let mut admitted = deduper.admit(t, batch);
-                    session.give_iterator(admitted.drain(..).map(|e| (e, t, 1)));
-                    pending.recycle(admitted);
-                }
-                drop(session);
-                pending.downgrade();
-                state.report(|| vec![("ids", deduper.len()), ("buffered", pending.buffered())]);
+                op.step(output, |t| !frontier.less_equal(t));
             }
         })
         .as_collection()
+}
+
+/// [`dedup`]'s millisecond: the first occurrence of each id goes on.
+struct Dedup(Deduper);
+
+impl PerMillisecond for Dedup {
+    type Work = Vec<Event>;
+    type Out = Event;
+
+    fn handle(
+        &mut self,
+        t: Time,
+        batch: Vec<Event>,
+        out: &mut Emit<'_, '_, Event>,
+        _: &mut Wake<'_, Vec<Event>>,
+    ) -> Vec<Event> {
+        let mut admitted = self.0.admit(t, batch);
+        out.give_iterator(admitted.drain(..).map(|e| (e, t, 1)));
+        admitted
+    }
+
+    fn sizes(&self) -> StateSizes {
+        vec![("ids", self.0.len())]
+    }
 }
 
 /// Turns pings and shifts into the index of available riders (see
@@ -260,48 +360,62 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time, shared: Option<&RiderTabl
     events
         .inner
         .unary_frontier::<Builder<IndexEntry>, _, _, _>(pact, "TrackRiders", move |_, info| {
-            let mut pending = Pending::<Vec<Event>>::new();
-            let mut changes = Vec::new();
-            let mut state = StateLog::new(scope.worker(), &info.address);
+            let state = StateLog::new(scope.worker(), &info.address);
+            let part = TrackRiders {
+                tables,
+                slot,
+                changes: Vec::new(),
+            };
+            let mut op = MillisecondOperator::new(part, state);
             move |(input, frontier), output| {
-                input.for_each_stamp(|cap, data| {
-                    for batch in data {
-                        for (event, t, _) in batch.drain(..) {
-                            pending.slot(&cap, t).push(event);
-                        }
-                    }
-                });
-                let Some(cap) = pending.cap.clone() else {
-                    return;
-                };
-                let mut session = output.session(&cap);
-                while let Some((t, mut batch)) = pending.pop_ready(|t| !frontier.less_equal(t)) {
-                    // Offsets are unique: an unstable sort gives the one order.
-                    batch.sort_unstable_by_key(|e| e.offset);
-                    // Locked a millisecond at a time: a replay's long run of
-                    // milliseconds never keeps a rider query waiting.
-                    let mut tracker = tables.lock(slot);
-                    for event in &batch {
-                        tracker.apply(&event.kind, t);
-                    }
-                    tracker.settle(t, &mut changes);
-                    for at in tracker.take_new_check_times() {
-                        pending.wake_at(at);
-                    }
-                    session.give_iterator(changes.drain(..).map(|(e, d)| (e, t, d)));
-                    drop(tracker);
-                    pending.recycle(batch);
-                }
-                drop(session);
-                pending.downgrade();
-                state.report(|| {
-                    let mut sizes = tables.lock(slot).sizes();
-                    sizes.push(("buffered", pending.buffered()));
-                    sizes
-                });
+                op.absorb(input, |batch, event, _| batch.push(event));
+                op.step(output, |t| !frontier.less_equal(t));
             }
         })
         .as_collection()
+}
+
+/// [`track_riders`]' millisecond: this worker's riders' pings and shifts
+/// applied to its tracker, and the index changes they make.
+struct TrackRiders {
+    tables: RiderTables,
+    /// This worker's tracker in `tables`.
+    slot: usize,
+    /// The index changes of the millisecond being handled.
+    changes: Vec<(IndexEntry, isize)>,
+}
+
+impl PerMillisecond for TrackRiders {
+    type Work = Vec<Event>;
+    type Out = IndexEntry;
+
+    fn handle(
+        &mut self,
+        t: Time,
+        mut batch: Vec<Event>,
+        out: &mut Emit<'_, '_, IndexEntry>,
+        wake: &mut Wake<'_, Vec<Event>>,
+    ) -> Vec<Event> {
+        // Offsets are unique: an unstable sort gives the one order.
+        batch.sort_unstable_by_key(|e| e.offset);
+        // Locked a millisecond at a time: a replay's long run of
+        // milliseconds never keeps a rider query waiting.
+        let mut tracker = self.tables.lock(self.slot);
+        for event in &batch {
+            tracker.apply(&event.kind, t);
+        }
+        tracker.settle(t, &mut self.changes);
+        for at in tracker.take_new_check_times() {
+            wake.at(at);
+        }
+        out.give_iterator(self.changes.drain(..).map(|(e, d)| (e, t, d)));
+        drop(tracker);
+        batch
+    }
+
+    fn sizes(&self) -> StateSizes {
+        self.tables.lock(self.slot).sizes()
+    }
 }
 
 /// The per-millisecond input of `decide`.
@@ -337,59 +451,17 @@ pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> 
             to_one_too,
             "Decide",
             move |_, info| {
-                let mut pending = Pending::<DecideWork>::new();
-                let mut core = Dispatcher::new(cfg);
-                let mut out = Vec::new();
-                let mut state = StateLog::new(scope.worker(), &info.address);
+                let state = StateLog::new(scope.worker(), &info.address);
+                let part = Decide {
+                    core: Dispatcher::new(cfg),
+                    out: Vec::new(),
+                };
+                let mut op = MillisecondOperator::new(part, state);
                 move |(index, index_frontier), (events, event_frontier), output| {
-                    index.for_each_stamp(|cap, data| {
-                        for batch in data {
-                            for (entry, t, diff) in batch.drain(..) {
-                                pending.slot(&cap, t).index.push((entry, diff));
-                            }
-                        }
-                    });
-                    events.for_each_stamp(|cap, data| {
-                        for batch in data {
-                            for (event, t, _) in batch.drain(..) {
-                                pending.slot(&cap, t).events.push(event);
-                            }
-                        }
-                    });
-                    let ready =
-                        |t: &Time| !index_frontier.less_equal(t) && !event_frontier.less_equal(t);
-                    let Some(cap) = pending.cap.clone() else {
-                        return;
-                    };
-                    let mut session = output.session(&cap);
-                    while let Some((t, mut work)) = pending.pop_ready(ready) {
-                        work.events.sort_unstable_by_key(|e| e.offset);
-                        core.apply_index(&work.index);
-                        for e in &work.events {
-                            if let EventKind::ShiftChanged {
-                                rider, capacity, ..
-                            } = &e.kind
-                            {
-                                core.apply_capacity(rider, *capacity);
-                            }
-                        }
-                        core.fire_timers(t, &mut out);
-                        for e in &work.events {
-                            core.apply_event(e, t, &mut out);
-                        }
-                        core.offer_pass(t, &mut out);
-                        for at in core.take_new_timer_times() {
-                            pending.wake_at(at);
-                        }
-                        session.give_iterator(out.drain(..).map(|o| (o, t, 1)));
-                        pending.recycle(work);
-                    }
-                    drop(session);
-                    pending.downgrade();
-                    state.report(|| {
-                        let mut sizes = core.sizes();
-                        sizes.push(("buffered", pending.buffered()));
-                        sizes
+                    op.absorb(index, |work, entry, diff| work.index.push((entry, diff)));
+                    op.absorb(events, |work, event, _| work.events.push(event));
+                    op.step(output, |t| {
+                        !index_frontier.less_equal(t) && !event_frontier.less_equal(t)
                     });
                 }
             },
@@ -397,44 +469,49 @@ pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> 
         .as_collection()
 }
 
-/// Open offers, from the decisions: an offer opens when made and closes when
-/// withdrawn or won.
-pub fn open_offers<'s>(outputs: Outputs<'s>) -> VecCollection<'s, Time, (Id, Id)> {
-    outputs
-        .inner
-        .flat_map(|(o, t, d)| match o {
-            Output::Offered { order, rider, .. } => Some(((order, rider), t, d)),
-            Output::Withdrawn { order, rider, .. } => Some(((order, rider), t, -d)),
-            Output::GrabDecided {
-                order,
-                rider,
-                outcome: GrabOutcome::Won,
-                ..
-            } => Some(((order, rider), t, -d)),
-            _ => None,
-        })
-        .as_collection()
+/// [`decide`]'s millisecond: the decision core's per-millisecond protocol
+/// (see [`crate::dispatcher`]).
+struct Decide {
+    core: Dispatcher,
+    /// The decisions of the millisecond being handled.
+    out: Vec<Output>,
 }
 
-/// Orders not yet closed and their states, from the transitions.
-pub fn live_orders<'s>(outputs: Outputs<'s>) -> VecCollection<'s, Time, (Id, OrderState)> {
-    outputs
-        .inner
-        .flat_map(|(o, t, d)| {
-            let Output::Transition {
-                order, from, to, ..
-            } = o
-            else {
-                return Vec::new();
-            };
-            let mut changes = Vec::with_capacity(2);
-            if let Some(from) = from {
-                changes.push(((order.clone(), from), t, -d));
+impl PerMillisecond for Decide {
+    type Work = DecideWork;
+    type Out = Output;
+
+    fn handle(
+        &mut self,
+        t: Time,
+        mut work: DecideWork,
+        out: &mut Emit<'_, '_, Output>,
+        wake: &mut Wake<'_, DecideWork>,
+    ) -> DecideWork {
+        let core = &mut self.core;
+        work.events.sort_unstable_by_key(|e| e.offset);
+        core.apply_index(&work.index);
+        for e in &work.events {
+            if let EventKind::ShiftChanged {
+                rider, capacity, ..
+            } = &e.kind
+            {
+                core.apply_capacity(rider, *capacity);
             }
-            if to != OrderState::Closed {
-                changes.push(((order, to), t, d));
-            }
-            changes
-        })
-        .as_collection()
+        }
+        core.fire_timers(t, &mut self.out);
+        for e in &work.events {
+            core.apply_event(e, t, &mut self.out);
+        }
+        core.offer_pass(t, &mut self.out);
+        for at in core.take_new_timer_times() {
+            wake.at(at);
+        }
+        out.give_iterator(self.out.drain(..).map(|o| (o, t, 1)));
+        work
+    }
+
+    fn sizes(&self) -> StateSizes {
+        self.core.sizes()
+    }
 }

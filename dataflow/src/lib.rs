@@ -2,8 +2,8 @@
 //!
 //! Rider pings, shifts, merchants, orders and grab attempts go in as one
 //! differential collection of [`Event`](grabflow_api::Event)s timestamped
-//! with their log time; the merchant→rider index, offers, grab results and
-//! order transitions come out as collections. Everything is a pure function of
+//! with their log time; the merchant→rider index and the decisions (offers,
+//! grab results, order transitions, …) come out as collections. Everything is a pure function of
 //! the event log, so replaying the log (at any number of workers) gives the
 //! same outputs; [`reference`](mod@reference) is the same rules written as one plain loop,
 //! and the tests hold the two equal on many random logs.
@@ -11,7 +11,7 @@
 //! ## Layout
 //!
 //! - [`graph`]: the dataflow — `dispatch(events) -> Dispatch` and its named
-//!   operators (`dedup`, `track_riders`, `decide`, `open_offers`, `live_orders`).
+//!   operators (`dedup`, `track_riders`, `decide`).
 //! - [`dispatcher`]: the decision core run by `decide` (orders, offers, grab
 //!   races, loads, timers).
 //! - [`riders`]: per-rider tracking run by `track_riders` (positions, shifts,

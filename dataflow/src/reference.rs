@@ -226,6 +226,7 @@ impl Reference {
         o.state = to;
         out.push(Output::Transition {
             order: id.clone(),
+            merchant: o.merchant.clone(),
             from: Some(from),
             to,
             reason,
@@ -350,6 +351,7 @@ impl Reference {
                 );
                 out.push(Output::Transition {
                     order: order.clone(),
+                    merchant: merchant.clone(),
                     from: None,
                     to: Created,
                     reason: Why::Placed,

@@ -22,7 +22,7 @@
 use crate::graph::dispatch_sharing;
 use crate::riders::RiderTables;
 use crate::IndexEntry;
-use differential_dataflow::input::Input;
+use differential_dataflow::input::{Input, InputSession};
 use grabflow_api::{DispatchConfig, Event, Feed, Output, Time};
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -31,6 +31,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use timely::dataflow::operators::vec::{Broadcast, Input as VecInput};
 use timely::dataflow::operators::{Exchange, Inspect, Probe};
+use timely::dataflow::ProbeHandle;
 
 /// Receives what the dataflow produces. Called from worker 0's thread.
 pub trait Observer: Send + Sync + 'static {
@@ -68,6 +69,9 @@ impl Observer for Fanout {
     }
 }
 
+// Where one worker's events come from. It lives in the vocabulary crate, so
+// the logs can implement it without depending on timely; re-exported here so
+// `runtime::Source` keeps naming it.
 pub use grabflow_api::Source;
 
 /// Makes worker `index` of `peers` its source.
@@ -202,125 +206,11 @@ pub fn spawn(
         .name("grabflow-dataflow".into())
         .spawn(move || {
             let run = timely::execute(timely, move |worker| {
-                let (me, peers) = (worker.index(), worker.peers());
-                let mut source = sources(me, peers);
+                let mut source = sources(worker.index(), worker.peers());
                 stats.register(worker);
-                let seen = Rc::new(RefCell::new(Vec::new()));
-                let decided = Rc::new(RefCell::new(Vec::new()));
-                let indexed = Rc::new(RefCell::new(Vec::new()));
-                let (s, d, i) = (Rc::clone(&seen), Rc::clone(&decided), Rc::clone(&indexed));
-                // A lone worker tells the observer of events as it reads them.
-                let direct = peers == 1;
-                let (mut input, probe, seen_probe) = worker.dataflow::<Time, _, _>(|scope| {
-                    let (input, events) = scope.new_collection::<Event, isize>();
-                    let out = dispatch_sharing(events.clone(), &cfg, riders.as_ref());
-                    // Otherwise, gather the events at worker 0.
-                    let seen_probe = (!direct).then(|| {
-                        events
-                            .inner
-                            .exchange(|_| 0)
-                            .inspect(move |(e, _, _)| s.borrow_mut().push(e.clone()))
-                            .probe()
-                            .0
-                    });
-                    out.index
-                        .inner
-                        .exchange(|_| 0)
-                        .inspect(move |x| i.borrow_mut().push(x.clone()));
-                    let (probe, _) = out
-                        .outputs
-                        .inner
-                        .inspect(move |(o, t, _)| d.borrow_mut().push((*t, o.clone())))
-                        .probe();
-                    (input, probe, seen_probe)
-                });
-                let frontier = |p: &timely::dataflow::ProbeHandle<Time>| {
-                    p.with_frontier(|f| f.first().copied().unwrap_or(Time::MAX))
-                };
-                let mut reported = 0;
-                let mut held: Vec<(Time, Output)> = Vec::new();
-                let deliver = |held: &mut Vec<(Time, Output)>, upto: Time| {
-                    let events: Vec<Event> = seen.borrow_mut().drain(..).collect();
-                    if !events.is_empty() {
-                        observer.events(&events);
-                    }
-                    let changes: Vec<_> = indexed.borrow_mut().drain(..).collect();
-                    if !changes.is_empty() {
-                        observer.index(changes);
-                    }
-                    held.extend(decided.borrow_mut().drain(..));
-                    // Decisions go out once every event of their time has.
-                    let ready = held.partition_point(|(t, _)| *t < upto);
-                    if ready > 0 {
-                        observer.decisions(held.drain(..ready).collect());
-                    }
-                };
-                // How far every event has reached the observer.
-                let seen_upto = |input_time: Time| {
-                    seen_probe
-                        .as_ref()
-                        .map_or(input_time, |p| frontier(p).min(input_time))
-                };
-                let mut batch = Vec::new();
-                let mut wait = Duration::ZERO;
-                while let Some(at) = source.poll(&mut batch, wait) {
-                    if direct && !batch.is_empty() {
-                        observer.events(&batch);
-                    }
-                    for e in batch.drain(..) {
-                        // Sources promise events no older than the frontier
-                        // they gave; the clamp only keeps a broken promise
-                        // from panicking a live service.
-                        debug_assert!(e.time >= *input.time(), "events in time order");
-                        let t = e.time.max(*input.time());
-                        input.update_at(e, t, 1);
-                    }
-                    if at > *input.time() {
-                        input.advance_to(at);
-                    }
-                    input.flush();
-                    worker.step();
-                    if me == 0 {
-                        let seen_upto = seen_upto(*input.time());
-                        deliver(&mut held, seen_upto);
-                        let at = frontier(&probe).min(seen_upto);
-                        if at > reported {
-                            reported = at;
-                            observer.progress(at);
-                        }
-                    }
-                    // While the outputs are behind the input, step again at
-                    // once (a change crosses the graph in several steps);
-                    // once caught up, wait for the source.
-                    wait = if probe.less_than(input.time())
-                        || seen_upto(*input.time()) < *input.time()
-                    {
-                        Duration::ZERO
-                    } else {
-                        source.idle_wait()
-                    };
-                }
-                // Drain what every worker's clock has passed, then stop
-                // without letting time run to infinity (which would fire
-                // every pending timer). The workers agree on where to stop
-                // and on when all have got there: sources may end at
-                // different times, and a worker that dropped its dataflow
-                // early would leave the others waiting on it for ever.
-                input.flush();
-                let mut ending = Ending::new(worker);
-                let until = ending.agree(worker, *input.time());
-                if until < Time::MAX {
-                    worker.step_or_park_while(PARK, || {
-                        probe.less_than(&until) || seen_upto(until) < until
-                    });
-                }
-                if me == 0 {
-                    deliver(&mut held, until);
-                }
-                ending.all_drained(worker);
-                for dataflow in worker.installed_dataflows() {
-                    worker.drop_dataflow(dataflow);
-                }
+                let mut dataflow = WorkerDataflow::build(worker, &cfg, riders.as_ref());
+                dataflow.follow(worker, source.as_mut(), &*observer);
+                dataflow.finish(worker, &*observer);
             });
             match run {
                 Ok(guards) => drop(guards.join()),
@@ -328,6 +218,199 @@ pub fn spawn(
             }
         })
         .expect("spawn dataflow")
+}
+
+/// One worker's dispatch dataflow, with what worker 0 gathers from it for
+/// the observer (see the module doc).
+struct WorkerDataflow {
+    me: usize,
+    /// A lone worker tells the observer of events as it reads them; several
+    /// gather them at worker 0 through the dataflow.
+    direct: bool,
+    input: InputSession<Time, Event, isize>,
+    /// How far the decisions have got.
+    probe: ProbeHandle<Time>,
+    /// How far the events gathered at worker 0 have got (several workers).
+    seen_probe: Option<ProbeHandle<Time>>,
+    /// Events gathered at worker 0, not yet handed to the observer.
+    seen: Rc<RefCell<Vec<Event>>>,
+    /// Decisions gathered at worker 0, not yet held or handed over.
+    decided: Rc<RefCell<Vec<(Time, Output)>>>,
+    /// Index changes gathered at worker 0, not yet handed over.
+    indexed: Rc<RefCell<Vec<(IndexEntry, Time, isize)>>>,
+    /// Decisions waiting for every event of their time to be handed over.
+    held: Vec<(Time, Output)>,
+    /// The progress last told to the observer.
+    reported: Time,
+}
+
+impl WorkerDataflow {
+    /// Builds the dispatch dataflow on `worker`, with the operators that
+    /// gather at worker 0 what the observer hears.
+    fn build(
+        worker: &mut timely::worker::Worker,
+        cfg: &DispatchConfig,
+        riders: Option<&RiderTables>,
+    ) -> Self {
+        let (me, peers) = (worker.index(), worker.peers());
+        let seen = Rc::new(RefCell::new(Vec::new()));
+        let decided = Rc::new(RefCell::new(Vec::new()));
+        let indexed = Rc::new(RefCell::new(Vec::new()));
+        let (s, d, i) = (Rc::clone(&seen), Rc::clone(&decided), Rc::clone(&indexed));
+        let direct = peers == 1;
+        let (input, probe, seen_probe) = worker.dataflow::<Time, _, _>(|scope| {
+            let (input, events) = scope.new_collection::<Event, isize>();
+            let out = dispatch_sharing(events.clone(), cfg, riders);
+            // Without a lone worker to tell the observer directly, gather
+            // the events at worker 0.
+            let seen_probe = (!direct).then(|| {
+                events
+                    .inner
+                    .exchange(|_| 0)
+                    .inspect(move |(e, _, _)| s.borrow_mut().push(e.clone()))
+                    .probe()
+                    .0
+            });
+            out.index
+                .inner
+                .exchange(|_| 0)
+                .inspect(move |x| i.borrow_mut().push(x.clone()));
+            let (probe, _) = out
+                .outputs
+                .inner
+                .inspect(move |(o, t, _)| d.borrow_mut().push((*t, o.clone())))
+                .probe();
+            (input, probe, seen_probe)
+        });
+        WorkerDataflow {
+            me,
+            direct,
+            input,
+            probe,
+            seen_probe,
+            seen,
+            decided,
+            indexed,
+            held: Vec::new(),
+            reported: 0,
+        }
+    }
+
+    /// The worker loop: reads `source` until it ends, inserting its events
+    /// at their log times and advancing the input to its frontier, and
+    /// steps the worker; worker 0 reports to `observer` after each step.
+    fn follow(
+        &mut self,
+        worker: &mut timely::worker::Worker,
+        source: &mut dyn Source,
+        observer: &dyn Observer,
+    ) {
+        let mut batch = Vec::new();
+        let mut wait = Duration::ZERO;
+        while let Some(at) = source.poll(&mut batch, wait) {
+            if self.direct && !batch.is_empty() {
+                observer.events(&batch);
+            }
+            self.insert(&mut batch, at);
+            worker.step();
+            if self.me == 0 {
+                self.report(observer);
+            }
+            // While the outputs are behind the input, step again at once (a
+            // change crosses the graph in several steps); once caught up,
+            // wait for the source.
+            let now = *self.input.time();
+            wait = if self.probe.less_than(&now) || self.seen_upto(now) < now {
+                Duration::ZERO
+            } else {
+                source.idle_wait()
+            };
+        }
+    }
+
+    /// Inserts `batch`'s events (emptying it) and advances the input to the
+    /// source's `frontier`.
+    fn insert(&mut self, batch: &mut Vec<Event>, frontier: Time) {
+        for e in batch.drain(..) {
+            // Sources promise events no older than the frontier they gave;
+            // the clamp only keeps a broken promise from panicking a live
+            // service.
+            debug_assert!(e.time >= *self.input.time(), "events in time order");
+            let t = e.time.max(*self.input.time());
+            self.input.update_at(e, t, 1);
+        }
+        if frontier > *self.input.time() {
+            self.input.advance_to(frontier);
+        }
+        self.input.flush();
+    }
+
+    /// Worker 0, after a step: hands over what has reached it, and tells
+    /// how far every decision has.
+    fn report(&mut self, observer: &dyn Observer) {
+        let seen_upto = self.seen_upto(*self.input.time());
+        self.deliver(observer, seen_upto);
+        let at = frontier(&self.probe).min(seen_upto);
+        if at > self.reported {
+            self.reported = at;
+            observer.progress(at);
+        }
+    }
+
+    /// How far every event has reached the observer, the input being at
+    /// `input_time`.
+    fn seen_upto(&self, input_time: Time) -> Time {
+        self.seen_probe
+            .as_ref()
+            .map_or(input_time, |p| frontier(p).min(input_time))
+    }
+
+    /// Worker 0: hands the observer the events and index changes gathered,
+    /// and the decisions before `upto` (once every event of their time has
+    /// been handed over).
+    fn deliver(&mut self, observer: &dyn Observer, upto: Time) {
+        let events: Vec<Event> = self.seen.borrow_mut().drain(..).collect();
+        if !events.is_empty() {
+            observer.events(&events);
+        }
+        let changes: Vec<_> = self.indexed.borrow_mut().drain(..).collect();
+        if !changes.is_empty() {
+            observer.index(changes);
+        }
+        self.held.extend(self.decided.borrow_mut().drain(..));
+        let ready = self.held.partition_point(|(t, _)| *t < upto);
+        if ready > 0 {
+            observer.decisions(self.held.drain(..ready).collect());
+        }
+    }
+
+    /// Drains what every worker's clock has passed, then stops without
+    /// letting time run to infinity (which would fire every pending timer).
+    /// The workers agree on where to stop and on when all have got there:
+    /// sources may end at different times, and a worker that dropped its
+    /// dataflow early would leave the others waiting on it for ever.
+    fn finish(mut self, worker: &mut timely::worker::Worker, observer: &dyn Observer) {
+        self.input.flush();
+        let mut ending = Ending::new(worker);
+        let until = ending.agree(worker, *self.input.time());
+        if until < Time::MAX {
+            worker.step_or_park_while(PARK, || {
+                self.probe.less_than(&until) || self.seen_upto(until) < until
+            });
+        }
+        if self.me == 0 {
+            self.deliver(observer, until);
+        }
+        ending.all_drained(worker);
+        for dataflow in worker.installed_dataflows() {
+            worker.drop_dataflow(dataflow);
+        }
+    }
+}
+
+/// The earliest time a probe's operators may still produce.
+fn frontier(probe: &ProbeHandle<Time>) -> Time {
+    probe.with_frontier(|f| f.first().copied().unwrap_or(Time::MAX))
 }
 
 /// How long a worker waiting for the others to end sleeps between steps

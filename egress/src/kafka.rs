@@ -323,130 +323,196 @@ pub fn follow(cfg: &KafkaConfig, observer: Arc<dyn Observer>) -> Result<Followin
     let topics = cfg.topics();
     let consumer: BaseConsumer = cfg.consumer(&format!("{}egress", cfg.outputs())).create()?;
     let mut tpl = TopicPartitionList::new();
-    let mut ends = HashMap::new();
-    let mut input_parts = HashMap::new();
-    let all: Vec<&str> = topics
-        .inputs()
-        .into_iter()
-        .chain(topics.outputs())
-        .chain([topics.index.as_str()])
-        .collect();
-    for (ti, t) in all.iter().enumerate() {
+    let mut inputs = HashMap::new();
+    for (topic, t) in topics.inputs().into_iter().enumerate() {
         for p in 0..partitions(&consumer, t)? {
             tpl.add_partition_offset(t, p, Offset::Beginning)?;
-            if ti < 3 {
-                input_parts.insert((t.to_string(), p), (ti, 0 as Time));
-            } else {
-                let (_, high) = consumer.fetch_watermarks(t, p, Duration::from_secs(10))?;
-                if high > 0 {
-                    ends.insert((t.to_string(), p), high);
-                }
+            inputs.insert((t.to_string(), p), InputPartition { topic, time: 0 });
+        }
+    }
+    // Caught up once the decisions and the index are read to where they
+    // end now.
+    let mut ends = HashMap::new();
+    for t in topics.outputs().into_iter().chain([topics.index.as_str()]) {
+        for p in 0..partitions(&consumer, t)? {
+            tpl.add_partition_offset(t, p, Offset::Beginning)?;
+            let (_, high) = consumer.fetch_watermarks(t, p, Duration::from_secs(10))?;
+            if high > 0 {
+                ends.insert((t.to_string(), p), high);
             }
         }
     }
     consumer.assign(&tpl)?;
     let caught_up = Arc::new(AtomicBool::new(ends.is_empty()));
-    let done = Arc::clone(&caught_up);
+    let follower = Follower {
+        observer,
+        index_topic: topics.index.clone(),
+        inputs,
+        ends,
+        caught_up: Arc::clone(&caught_up),
+        pending: BTreeMap::new(),
+        next_seq: 0,
+        ready: Vec::new(),
+        current: HashMap::new(),
+        events: Vec::new(),
+        changes: Vec::new(),
+    };
     std::thread::Builder::new()
         .name("grabflow-egress-follow".into())
-        .spawn(move || {
-            let mut pending: BTreeMap<u64, (Time, Output)> = BTreeMap::new();
-            let mut next_seq = 0u64;
-            let mut ready: Vec<(Time, Output)> = Vec::new();
-            let mut current: HashMap<grabflow_api::Id, IndexRecord> = HashMap::new();
-            let mut events = Vec::new();
-            let mut changes = Vec::new();
-            loop {
-                let mut timeout = Duration::from_millis(50);
-                for _ in 0..10_000 {
-                    let Some(Ok(m)) = consumer.poll(timeout) else {
-                        break;
-                    };
-                    timeout = Duration::ZERO;
-                    let at = (m.topic().to_string(), m.partition());
-                    if let Some((ti, time)) = input_parts.get_mut(&at) {
-                        let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as Time;
-                        *time = (*time).max(ts);
-                        if let Some(v) = m.payload() {
-                            if let Ok(e) =
-                                InputRecord::decode(v, *ti, m.partition(), m.offset(), *time)
-                            {
-                                events.push(e);
-                            }
-                        }
-                    } else if m.topic() == topics.index {
-                        if let Some(r) = m
-                            .payload()
-                            .and_then(|v| serde_json::from_slice::<IndexRecord>(v).ok())
-                        {
-                            let old = current.get(&r.rider);
-                            if old.is_some_and(|o| o.time > r.time) {
-                                continue;
-                            }
-                            if let Some(IndexRecord {
-                                cell: Some(cell),
-                                at: Some(at),
-                                time,
-                                ..
-                            }) = old
-                            {
-                                changes.push((
-                                    IndexEntry {
-                                        cell: *cell,
-                                        rider: r.rider.clone(),
-                                        at: *at,
-                                    },
-                                    *time,
-                                    -1,
-                                ));
-                            }
-                            if let (Some(cell), Some(at)) = (r.cell, r.at) {
-                                changes.push((
-                                    IndexEntry {
-                                        cell,
-                                        rider: r.rider.clone(),
-                                        at,
-                                    },
-                                    r.time,
-                                    1,
-                                ));
-                            }
-                            current.insert(r.rider.clone(), r);
-                        }
-                    } else if let Some(r) = m
-                        .payload()
-                        .and_then(|v| serde_json::from_slice::<OutputRecord>(v).ok())
-                    {
-                        if r.seq >= next_seq {
-                            pending.insert(r.seq, (r.time, r.output));
-                        }
-                    }
-                    if ends.get(&at).is_some_and(|&high| m.offset() + 1 >= high) {
-                        ends.remove(&at);
-                    }
-                }
-                while let Some(d) = pending.remove(&next_seq) {
-                    ready.push(d);
-                    next_seq += 1;
-                }
-                if !events.is_empty() {
-                    observer.events(&std::mem::take(&mut events));
-                }
-                if !changes.is_empty() {
-                    observer.index(std::mem::take(&mut changes));
-                }
-                let inputs_at = input_parts.values().map(|(_, t)| *t).min().unwrap_or(0);
-                let n = ready.partition_point(|(t, _)| *t < inputs_at);
-                if n > 0 {
-                    let last = ready[n - 1].0;
-                    observer.decisions(ready.drain(..n).collect());
-                    observer.progress(last);
-                }
-                if ends.is_empty() && ready.is_empty() && pending.is_empty() {
-                    done.store(true, Ordering::Release);
-                }
-            }
-        })
+        .spawn(move || follower.run(&consumer))
         .expect("spawn follower");
     Ok(Following { caught_up })
+}
+
+/// How long the follower waits for a first record before handing over what
+/// it has.
+const FOLLOW_WAIT: Duration = Duration::from_millis(50);
+/// The most records the follower reads before handing over.
+const FOLLOW_BATCH: usize = 10_000;
+
+/// An input partition as followed.
+struct InputPartition {
+    /// The topic's place in [`Topics::inputs`], which numbers its events'
+    /// offsets.
+    topic: usize,
+    /// The partition's time so far: its records' timestamps, made monotonic.
+    time: Time,
+}
+
+/// The follower thread: what it has read from the topics and not yet
+/// handed to the observer.
+struct Follower {
+    observer: Arc<dyn Observer>,
+    index_topic: String,
+    inputs: HashMap<(String, i32), InputPartition>,
+    /// Output and index partitions not yet read to where they ended at start.
+    ends: HashMap<(String, i32), i64>,
+    caught_up: Arc<AtomicBool>,
+    /// Decisions read ahead of `next_seq`, by seq.
+    pending: BTreeMap<u64, (Time, Output)>,
+    /// The seq of the next decision to hand over.
+    next_seq: u64,
+    /// Decisions in seq order, waiting for every input to pass their time.
+    ready: Vec<(Time, Output)>,
+    /// Each rider's last index upsert.
+    current: HashMap<grabflow_api::Id, IndexRecord>,
+    /// Input events read, not yet handed over.
+    events: Vec<Event>,
+    /// Index changes read, not yet handed over.
+    changes: Vec<(IndexEntry, Time, isize)>,
+}
+
+impl Follower {
+    /// Reads and hands over, for ever.
+    fn run(mut self, consumer: &BaseConsumer) {
+        loop {
+            let mut wait = FOLLOW_WAIT;
+            for _ in 0..FOLLOW_BATCH {
+                let Some(Ok(m)) = consumer.poll(wait) else {
+                    break;
+                };
+                wait = Duration::ZERO;
+                self.take(&m);
+            }
+            self.hand_over();
+        }
+    }
+
+    /// Files one record: an input event, an index upsert or a decision.
+    fn take(&mut self, m: &impl Message) {
+        let at = (m.topic().to_string(), m.partition());
+        if let Some(input) = self.inputs.get_mut(&at) {
+            let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as Time;
+            input.time = input.time.max(ts);
+            if let Some(v) = m.payload() {
+                if let Ok(e) =
+                    InputRecord::decode(v, input.topic, m.partition(), m.offset(), input.time)
+                {
+                    self.events.push(e);
+                }
+            }
+        } else if m.topic() == self.index_topic {
+            if let Some(r) = m
+                .payload()
+                .and_then(|v| serde_json::from_slice::<IndexRecord>(v).ok())
+            {
+                if !self.upsert(r) {
+                    // Skipped whole: it does not count as read to the end.
+                    return;
+                }
+            }
+        } else if let Some(r) = m
+            .payload()
+            .and_then(|v| serde_json::from_slice::<OutputRecord>(v).ok())
+        {
+            if r.seq >= self.next_seq {
+                self.pending.insert(r.seq, (r.time, r.output));
+            }
+        }
+        if self
+            .ends
+            .get(&at)
+            .is_some_and(|&high| m.offset() + 1 >= high)
+        {
+            self.ends.remove(&at);
+        }
+    }
+
+    /// A rider's index upsert, as the change from their last one; `false`
+    /// (and nothing changed) for one older than that.
+    fn upsert(&mut self, r: IndexRecord) -> bool {
+        let old = self.current.get(&r.rider);
+        if old.is_some_and(|o| o.time > r.time) {
+            return false;
+        }
+        if let Some(IndexRecord {
+            cell: Some(cell),
+            at: Some(at),
+            time,
+            ..
+        }) = old
+        {
+            let entry = IndexEntry {
+                cell: *cell,
+                rider: r.rider.clone(),
+                at: *at,
+            };
+            self.changes.push((entry, *time, -1));
+        }
+        if let (Some(cell), Some(at)) = (r.cell, r.at) {
+            let entry = IndexEntry {
+                cell,
+                rider: r.rider.clone(),
+                at,
+            };
+            self.changes.push((entry, r.time, 1));
+        }
+        self.current.insert(r.rider.clone(), r);
+        true
+    }
+
+    /// Hands the observer the events and index changes read, and the
+    /// decisions, in seq order, whose time every input partition has passed.
+    fn hand_over(&mut self) {
+        while let Some(d) = self.pending.remove(&self.next_seq) {
+            self.ready.push(d);
+            self.next_seq += 1;
+        }
+        if !self.events.is_empty() {
+            self.observer.events(&std::mem::take(&mut self.events));
+        }
+        if !self.changes.is_empty() {
+            self.observer.index(std::mem::take(&mut self.changes));
+        }
+        let inputs_at = self.inputs.values().map(|i| i.time).min().unwrap_or(0);
+        let n = self.ready.partition_point(|(t, _)| *t < inputs_at);
+        if n > 0 {
+            let last = self.ready[n - 1].0;
+            self.observer.decisions(self.ready.drain(..n).collect());
+            self.observer.progress(last);
+        }
+        if self.ends.is_empty() && self.ready.is_empty() && self.pending.is_empty() {
+            self.caught_up.store(true, Ordering::Release);
+        }
+    }
 }

@@ -73,7 +73,6 @@ impl RedisMirror {
             riders: GeoIndex::default(),
             rider_time: HashMap::new(),
             merchants: HashMap::new(),
-            placed: HashMap::new(),
             orders: HashMap::new(),
             waiting: HashMap::new(),
             hot: GeoIndex::default(),
@@ -100,14 +99,11 @@ impl RedisMirror {
 
 impl Observer for RedisMirror {
     fn events(&self, events: &[Event]) {
+        // Merchants' positions place their rider sets; orders come with
+        // their merchant in the transitions.
         let wanted: Vec<Event> = events
             .iter()
-            .filter(|e| {
-                matches!(
-                    e.kind,
-                    EventKind::MerchantUpserted { .. } | EventKind::OrderPlaced { .. }
-                )
-            })
+            .filter(|e| matches!(e.kind, EventKind::MerchantUpserted { .. }))
             .cloned()
             .collect();
         if !wanted.is_empty() {
@@ -141,7 +137,6 @@ struct Mirror {
     riders: GeoIndex,
     rider_time: HashMap<Id, Time>,
     merchants: HashMap<Id, Coord>,
-    placed: HashMap<Id, Id>,
     orders: HashMap<Id, OrderRow>,
     /// Orders waiting for a rider, per merchant.
     waiting: HashMap<Id, usize>,
@@ -219,34 +214,32 @@ impl Mirror {
         match m {
             Msg::Events(events) => {
                 for e in events {
-                    match e.kind {
-                        EventKind::MerchantUpserted { merchant, at, .. } => {
-                            if self.hot.get(&merchant).is_some()
-                                && self.merchants.get(&merchant) != Some(&at)
-                            {
-                                self.merchants.insert(merchant.clone(), at);
-                                self.cool(&merchant);
-                                self.heat(&merchant);
-                            } else {
-                                self.merchants.insert(merchant, at);
-                            }
+                    if let EventKind::MerchantUpserted { merchant, at, .. } = e.kind {
+                        if self.hot.get(&merchant).is_some()
+                            && self.merchants.get(&merchant) != Some(&at)
+                        {
+                            self.merchants.insert(merchant.clone(), at);
+                            self.cool(&merchant);
+                            self.heat(&merchant);
+                        } else {
+                            self.merchants.insert(merchant, at);
                         }
-                        EventKind::OrderPlaced {
-                            order, merchant, ..
-                        } => {
-                            self.placed.insert(order, merchant);
-                        }
-                        _ => {}
                     }
                 }
             }
             Msg::Decisions(ds) => {
                 for (t, o) in ds {
                     if let Output::Transition {
-                        order, to, rider, ..
+                        order,
+                        merchant,
+                        from,
+                        to,
+                        rider,
+                        ..
                     } = o
                     {
-                        self.transition(order, to, rider, t);
+                        let waited = from.is_some_and(waits);
+                        self.transition(order, merchant, waited, to, rider, t);
                     }
                 }
             }
@@ -264,16 +257,21 @@ impl Mirror {
         }
     }
 
-    fn transition(&mut self, order: Id, to: OrderState, rider: Option<Id>, t: Time) {
-        let Some(merchant) = self.placed.get(&order).cloned() else {
-            return;
-        };
-        let was_waiting = self.orders.get(&order).is_some_and(|r| waits(r.state));
+    /// An order entered state `to`, from a state that was waiting for a
+    /// rider or not (`was_waiting`).
+    fn transition(
+        &mut self,
+        order: Id,
+        merchant: Id,
+        was_waiting: bool,
+        to: OrderState,
+        rider: Option<Id>,
+        t: Time,
+    ) {
         let okey = self.key(&["order:", order.as_str()]);
         let live = self.key(&["orders"]);
         if to == OrderState::Closed {
             self.orders.remove(&order);
-            self.placed.remove(&order);
             self.ops.cmd("DEL").arg(&okey).ignore();
             self.ops.cmd("SREM").arg(&live).arg(order.as_str()).ignore();
         } else {

@@ -23,7 +23,7 @@ use grabflow_http::grab::{GrabAnswer, GrabResults, GrabWaiter};
 use serde::Serialize;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use tokio::sync::{oneshot, Notify};
 use utoipa::ToSchema;
 
@@ -142,8 +142,6 @@ struct View {
     orders: HashMap<Id, OrderView>,
     index: GeoIndex,
     streams: HashMap<Id, Stream>,
-    /// Merchant of each placed order, known from the event before any decision.
-    placed: HashMap<Id, Id>,
 }
 
 /// Business counters for `/v1/ops/metrics` and `/metrics`.
@@ -319,23 +317,6 @@ impl Egress {
         let mut v = self.view.write().expect("view");
         Arc::clone(&v.streams.entry(rider.clone()).or_default().notify)
     }
-
-    /// Adds the message `msg(seq)` to `rider`'s stream, at its next seq.
-    fn push<'a>(
-        v: &mut View,
-        rider: &Id,
-        msg: impl FnOnce(u64) -> RiderMessage<'a>,
-        woken: &mut Vec<Arc<Notify>>,
-    ) {
-        let s = v.streams.entry(rider.clone()).or_default();
-        s.next_seq += 1;
-        let text = serde_json::to_string(&msg(s.next_seq)).expect("messages serialize");
-        s.messages.push_back((s.next_seq, Arc::from(text)));
-        while s.messages.len() > STREAM_KEEP {
-            s.messages.pop_front();
-        }
-        woken.push(Arc::clone(&s.notify));
-    }
 }
 
 impl Observer for Egress {
@@ -375,13 +356,6 @@ impl Observer for Egress {
                         v.riders.entry(rider.clone()).or_default().at = Some(*at);
                     }
                 },
-                EventKind::OrderPlaced {
-                    order, merchant, ..
-                } => {
-                    v.placed
-                        .entry(order.clone())
-                        .or_insert_with(|| merchant.clone());
-                }
                 _ => {}
             }
         }
@@ -394,125 +368,19 @@ impl Observer for Egress {
     }
 
     fn decisions(&self, decisions: Vec<(Time, Output)>) {
-        let mut woken = Vec::new();
-        let mut resolved = Vec::new();
-        {
-            let mut v = self.view.write().expect("view");
-            let mut c = self.counters.lock().expect("counters");
-            for (t, o) in decisions {
-                *c.decisions.entry(o.name()).or_default() += 1;
-                match o {
-                    Output::Offered {
-                        order,
-                        rider,
-                        merchant,
-                        distance_m,
-                        expires_at,
-                        ..
-                    } => {
-                        let msg = |seq| RiderMessage::Offer {
-                            seq,
-                            order_id: &order,
-                            merchant_id: &merchant,
-                            distance_m,
-                            expires_at,
-                        };
-                        Self::push(&mut v, &rider, msg, &mut woken);
-                    }
-                    Output::Withdrawn {
-                        order,
-                        rider,
-                        reason,
-                    } => {
-                        let msg = |seq| RiderMessage::Withdrawn {
-                            seq,
-                            order_id: &order,
-                            reason,
-                        };
-                        Self::push(&mut v, &rider, msg, &mut woken);
-                    }
-                    Output::Unassigned {
-                        order,
-                        rider,
-                        reason,
-                    } => {
-                        let r = v.riders.entry(rider.clone()).or_default();
-                        r.load = r.load.saturating_sub(1);
-                        let msg = |seq| RiderMessage::Withdrawn {
-                            seq,
-                            order_id: &order,
-                            reason,
-                        };
-                        Self::push(&mut v, &rider, msg, &mut woken);
-                    }
-                    Output::GrabDecided {
-                        attempt,
-                        order,
-                        rider,
-                        outcome,
-                    } => {
-                        match outcome {
-                            GrabOutcome::Won => c.grabs_won += 1,
-                            GrabOutcome::Lost(reason) => {
-                                let name = serde_json::to_value(reason)
-                                    .ok()
-                                    .and_then(|x| x.as_str().map(str::to_string));
-                                *c.grabs_lost.entry(name.unwrap_or_default()).or_default() += 1;
-                            }
-                        }
-                        let msg = |seq| RiderMessage::GrabResult {
-                            seq,
-                            order_id: &order,
-                            answer: GrabAnswer::from(outcome),
-                        };
-                        Self::push(&mut v, &rider, msg, &mut woken);
-                        resolved.push((attempt, outcome));
-                    }
-                    Output::Assigned { order, rider } => {
-                        v.riders.entry(rider.clone()).or_default().load += 1;
-                        let msg = |seq| RiderMessage::Assigned {
-                            seq,
-                            order_id: &order,
-                        };
-                        Self::push(&mut v, &rider, msg, &mut woken);
-                    }
-                    Output::Transition {
-                        order,
-                        from,
-                        to,
-                        reason,
-                        rider,
-                    } => {
-                        if let Some(from) = from {
-                            *c.orders_by_state.entry(from.name()).or_default() -= 1;
-                        }
-                        *c.orders_by_state.entry(to.name()).or_default() += 1;
-                        if to == OrderState::Received {
-                            if let Some(r) = &rider {
-                                let r = v.riders.entry(r.clone()).or_default();
-                                r.load = r.load.saturating_sub(1);
-                            }
-                        }
-                        let merchant = v.placed.get(&order).cloned();
-                        let entry = v.orders.entry(order).or_insert_with(|| OrderView {
-                            state: to,
-                            rider: None,
-                            merchant: merchant
-                                .expect("an order is placed before its first transition"),
-                            history: Vec::new(),
-                        });
-                        entry.state = to;
-                        entry.rider = rider;
-                        entry.history.push(HistoryItem {
-                            state: to,
-                            at: t,
-                            reason,
-                        });
-                    }
-                    Output::Rejected { .. } => {}
-                }
-            }
+        let mut batch = Decisions {
+            view: self.view.write().expect("view"),
+            counters: self.counters.lock().expect("counters"),
+            woken: Vec::new(),
+            resolved: Vec::new(),
+        };
+        for (t, o) in decisions {
+            batch.apply(t, o);
         }
+        // Callers and streams are woken once the locks are released.
+        let Decisions {
+            woken, resolved, ..
+        } = batch;
         for (attempt, outcome) in resolved {
             self.waiters.resolve(&attempt, outcome);
         }
@@ -532,6 +400,185 @@ impl Observer for Egress {
         if time > self.replay_until.load(Ordering::Acquire) {
             self.ready.store(true, Ordering::Release);
         }
+    }
+}
+
+/// A batch of decisions being applied to the view, under its locks, and
+/// what to do once they are released.
+struct Decisions<'e> {
+    view: RwLockWriteGuard<'e, View>,
+    counters: MutexGuard<'e, Counters>,
+    /// Rider streams given a message.
+    woken: Vec<Arc<Notify>>,
+    /// Grab attempts decided, for the grab calls waiting on them.
+    resolved: Vec<(Id, GrabOutcome)>,
+}
+
+impl Decisions<'_> {
+    /// Applies decision `o`, made at `t`.
+    fn apply(&mut self, t: Time, o: Output) {
+        *self.counters.decisions.entry(o.name()).or_default() += 1;
+        match o {
+            Output::Offered {
+                order,
+                rider,
+                merchant,
+                distance_m,
+                expires_at,
+                ..
+            } => self.offered(&order, &rider, &merchant, distance_m, expires_at),
+            Output::Withdrawn {
+                order,
+                rider,
+                reason,
+            } => self.withdrawn(&order, &rider, reason),
+            Output::Unassigned {
+                order,
+                rider,
+                reason,
+            } => self.unassigned(&order, &rider, reason),
+            Output::GrabDecided {
+                attempt,
+                order,
+                rider,
+                outcome,
+            } => self.grab_decided(attempt, &order, &rider, outcome),
+            Output::Assigned { order, rider } => self.assigned(&order, &rider),
+            Output::Transition {
+                order,
+                merchant,
+                from,
+                to,
+                reason,
+                rider,
+            } => {
+                let step = HistoryItem {
+                    state: to,
+                    at: t,
+                    reason,
+                };
+                self.transition(order, merchant, from, step, rider)
+            }
+            Output::Rejected { .. } => {}
+        }
+    }
+
+    /// An offer: on the rider's stream.
+    fn offered(
+        &mut self,
+        order: &Id,
+        rider: &Id,
+        merchant: &Id,
+        distance_m: u32,
+        expires_at: Time,
+    ) {
+        self.tell(rider, |seq| RiderMessage::Offer {
+            seq,
+            order_id: order,
+            merchant_id: merchant,
+            distance_m,
+            expires_at,
+        });
+    }
+
+    /// An offer taken back: on the rider's stream.
+    fn withdrawn(&mut self, order: &Id, rider: &Id, reason: WithdrawReason) {
+        self.tell(rider, |seq| RiderMessage::Withdrawn {
+            seq,
+            order_id: order,
+            reason,
+        });
+    }
+
+    /// An order taken from its rider: one order less on the rider, and a
+    /// withdrawal on their stream.
+    fn unassigned(&mut self, order: &Id, rider: &Id, reason: WithdrawReason) {
+        let r = self.view.riders.entry(rider.clone()).or_default();
+        r.load = r.load.saturating_sub(1);
+        self.tell(rider, |seq| RiderMessage::Withdrawn {
+            seq,
+            order_id: order,
+            reason,
+        });
+    }
+
+    /// A grab decided: counted, on the rider's stream, and answered to the
+    /// grab call waiting for it.
+    fn grab_decided(&mut self, attempt: Id, order: &Id, rider: &Id, outcome: GrabOutcome) {
+        match outcome {
+            GrabOutcome::Won => self.counters.grabs_won += 1,
+            GrabOutcome::Lost(reason) => {
+                let name = serde_json::to_value(reason)
+                    .ok()
+                    .and_then(|x| x.as_str().map(str::to_string));
+                *self
+                    .counters
+                    .grabs_lost
+                    .entry(name.unwrap_or_default())
+                    .or_default() += 1;
+            }
+        }
+        self.tell(rider, |seq| RiderMessage::GrabResult {
+            seq,
+            order_id: order,
+            answer: GrabAnswer::from(outcome),
+        });
+        self.resolved.push((attempt, outcome));
+    }
+
+    /// An order now the rider's: one order more on the rider, and on their
+    /// stream.
+    fn assigned(&mut self, order: &Id, rider: &Id) {
+        self.view.riders.entry(rider.clone()).or_default().load += 1;
+        self.tell(rider, |seq| RiderMessage::Assigned {
+            seq,
+            order_id: order,
+        });
+    }
+
+    /// An order entered `step.state`: counted by state, a delivery frees
+    /// its rider, and the order's view and history follow.
+    fn transition(
+        &mut self,
+        order: Id,
+        merchant: Id,
+        from: Option<OrderState>,
+        step: HistoryItem,
+        rider: Option<Id>,
+    ) {
+        let to = step.state;
+        let by_state = &mut self.counters.orders_by_state;
+        if let Some(from) = from {
+            *by_state.entry(from.name()).or_default() -= 1;
+        }
+        *by_state.entry(to.name()).or_default() += 1;
+        if to == OrderState::Received {
+            if let Some(r) = &rider {
+                let r = self.view.riders.entry(r.clone()).or_default();
+                r.load = r.load.saturating_sub(1);
+            }
+        }
+        let entry = self.view.orders.entry(order).or_insert_with(|| OrderView {
+            state: to,
+            rider: None,
+            merchant,
+            history: Vec::new(),
+        });
+        entry.state = to;
+        entry.rider = rider;
+        entry.history.push(step);
+    }
+
+    /// Adds the message `msg(seq)` to `rider`'s stream, at its next seq.
+    fn tell<'a>(&mut self, rider: &Id, msg: impl FnOnce(u64) -> RiderMessage<'a>) {
+        let s = self.view.streams.entry(rider.clone()).or_default();
+        s.next_seq += 1;
+        let text = serde_json::to_string(&msg(s.next_seq)).expect("messages serialize");
+        s.messages.push_back((s.next_seq, Arc::from(text)));
+        while s.messages.len() > STREAM_KEEP {
+            s.messages.pop_front();
+        }
+        self.woken.push(Arc::clone(&s.notify));
     }
 }
 
