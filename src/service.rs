@@ -136,13 +136,15 @@ async fn serve_http(
     Ok(())
 }
 
-/// The Redis mirror, when `--redis` is given.
-fn mirror(plan: &Plan) -> anyhow::Result<Option<Arc<dyn Observer>>> {
+/// The Redis mirror, when `--redis` is given, and its thread (which ends
+/// once the dataflow, holding the mirror, has).
+fn mirror(plan: &Plan) -> anyhow::Result<Option<(Arc<dyn Observer>, Thread)>> {
     Ok(match &plan.redis {
-        Some((url, prefix)) => Some(
-            RedisMirror::start(url, prefix, plan.dispatch.radius_m).context("--redis")?
-                as Arc<dyn Observer>,
-        ),
+        Some((url, prefix)) => {
+            let (mirror, thread) =
+                RedisMirror::start(url, prefix, plan.dispatch.radius_m).context("--redis")?;
+            Some((mirror as Arc<dyn Observer>, thread))
+        }
         None => None,
     })
 }
@@ -180,7 +182,8 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
             .iter()
             .map(|s| Arc::clone(s) as Arc<dyn Observer>),
     );
-    observers.extend(mirror(&plan)?);
+    let mirror = mirror(&plan)?;
+    observers.extend(mirror.as_ref().map(|(m, _)| Arc::clone(m)));
     let dataflow = runtime::spawn(
         plan.dispatch.clone(),
         plan.timely(),
@@ -194,6 +197,12 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         dataflow,
         input.stop_sources,
     ));
+    if let Some((handle, thread)) = mirror {
+        // Only the dataflow holds the mirror from here: its thread ends
+        // once the dataflow has.
+        drop(handle);
+        threads.add(thread);
+    }
     let ingress = Ingress {
         log: input.log,
         secret: secret.clone(),
@@ -279,7 +288,9 @@ async fn open_kafka(
         Ok((log, follower, OutputSink::new(&k)?))
     })
     .await??;
+    let (sink, committer) = sink;
     threads.add(follower.into_thread());
+    threads.add(committer);
     let (sources, stop_sources) = kafka_sources(plan)?;
     Ok(Input {
         log,
@@ -349,11 +360,17 @@ pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
     // it writes the output topics and the mirror.
     let mut observers: Vec<Arc<dyn Observer>> = Vec::new();
     let mut sink = None;
+    let mut threads = Threads::default();
+    let mut after_dataflow = Vec::new();
     if first {
-        let out = tokio::task::spawn_blocking(move || OutputSink::new(&k)).await??;
+        let (out, committer) = tokio::task::spawn_blocking(move || OutputSink::new(&k)).await??;
         observers.push(out.clone());
         sink = Some(out);
-        observers.extend(mirror(&plan)?);
+        threads.add(committer);
+        if let Some((mirror, thread)) = mirror(&plan)? {
+            observers.push(mirror);
+            after_dataflow.push(thread);
+        }
     }
     let (sources, stop) = kafka_sources(&plan)?;
     // No egress reads this process's rider trackers.
@@ -365,8 +382,8 @@ pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
         DataflowStats::default(),
         None,
     );
-    let mut threads = Threads::default();
     threads.add(Thread::adopt("grabflow-dataflow", dataflow, stop));
+    after_dataflow.into_iter().for_each(|t| threads.add(t));
     println!("grabflow dataflow process {} running", plan.cluster.0);
     stopping(&threads).await;
     tokio::task::spawn_blocking(move || {
@@ -386,16 +403,18 @@ pub async fn egress(plan: Plan) -> anyhow::Result<()> {
     let secret = Secret::load_or_create(&plan.data_dir)?;
     // A separate process: the view keeps the riders' positions itself.
     let egress = Egress::new(plan.dispatch.clone(), 0, None);
-    let _following = {
+    let following = {
         let (k, e) = (k.clone(), egress.clone());
         tokio::task::spawn_blocking(move || follow(&k, e)).await??
     };
+    let mut threads = Threads::default();
+    threads.add(following.into_thread());
     let router = egress_app(EgressState {
         egress: egress.clone(),
         secret,
         stats: DataflowStats::default(),
     });
-    let threads = serve_then_close(&plan, router, &egress, Threads::default()).await?;
+    let threads = serve_then_close(&plan, router, &egress, threads).await?;
     tokio::task::spawn_blocking(move || threads.finish()).await?
 }
 

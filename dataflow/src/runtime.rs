@@ -191,7 +191,9 @@ pub fn feed_sources(feed: mpsc::Receiver<Feed>, workers: usize) -> Sources {
 }
 
 /// Starts the workers `timely` describes, each reading its [`Source`] until
-/// it ends; returns the thread that waits for them. With `riders`, the
+/// it ends; returns the thread that waits for them. That thread panics if
+/// the workers could not start or one of them panicked, so whoever joins
+/// it learns of the failure. With `riders`, the
 /// workers keep their rider trackers there (one per worker, all in this
 /// process), for the rider query to read.
 pub fn spawn(
@@ -212,9 +214,10 @@ pub fn spawn(
                 dataflow.follow(worker, source.as_mut(), &*observer);
                 dataflow.finish(worker, &*observer);
             });
-            match run {
-                Ok(guards) => drop(guards.join()),
-                Err(e) => tracing_error(&e),
+            let guards = run.unwrap_or_else(|e| panic!("the dataflow could not start: {e}"));
+            let failed: Vec<String> = guards.join().into_iter().filter_map(Result::err).collect();
+            if !failed.is_empty() {
+                panic!("a dataflow worker failed: {}", failed.join("; "));
             }
         })
         .expect("spawn dataflow")
@@ -463,8 +466,4 @@ impl Ending {
         let probe = &self.probe;
         worker.step_or_park_while(PARK, || probe.less_than(&2));
     }
-}
-
-fn tracing_error(e: &str) {
-    eprintln!("grabflow: the dataflow could not start: {e}");
 }

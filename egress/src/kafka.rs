@@ -12,6 +12,7 @@
 //!   events, the index, and the decisions put back in `seq` order, each one
 //!   only after every input event of its time.
 
+use grabflow_api::lifecycle::{Stop, Thread};
 use grabflow_api::topics::{partition_for, IndexRecord, InputRecord, OutputRecord, Topics};
 use grabflow_api::{Event, Output, Time};
 use grabflow_dataflow::runtime::Observer;
@@ -71,7 +72,6 @@ pub struct OutputSink {
     progress: AtomicU64,
     /// Decisions skipped as already delivered (a restart's replay).
     pub skipped: AtomicU64,
-    stop: Arc<AtomicBool>,
 }
 
 /// Reads the last `OutputRecord` of `(topic, partition)`, if any.
@@ -111,8 +111,9 @@ fn last_seq(cfg: &KafkaConfig, topic: &str, partition: i32) -> Result<Option<u64
 }
 
 impl OutputSink {
-    /// Reads where every output partition ends and starts the committer.
-    pub fn new(cfg: &KafkaConfig) -> Result<Arc<OutputSink>, KafkaError> {
+    /// Reads where every output partition ends and starts the committer
+    /// (its thread is returned, to stop and join with the process's others).
+    pub fn new(cfg: &KafkaConfig) -> Result<(Arc<OutputSink>, Thread), KafkaError> {
         let topics = cfg.topics();
         let probe: BaseConsumer = cfg.client().create()?;
         let mut counts = HashMap::new();
@@ -169,7 +170,6 @@ impl OutputSink {
             next_seq: Mutex::new(0),
             progress: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
-            stop: Arc::new(AtomicBool::new(false)),
         });
         let committer = Arc::clone(&sink);
         let consumer: BaseConsumer = cfg
@@ -181,16 +181,16 @@ impl OutputSink {
             .iter()
             .map(|t| partitions(&probe, t).map(|n| (t.to_string(), n)))
             .collect::<Result<_, _>>()?;
-        std::thread::Builder::new()
-            .name("grabflow-commit".into())
-            .spawn(move || committer.commit_loop(&consumer, &inputs))
-            .expect("spawn committer");
-        Ok(sink)
+        let committing = Thread::spawn("grabflow-commit", move |stop| {
+            committer.commit_loop(&consumer, &inputs, &stop)
+        })
+        .map_err(KafkaError::Thread)?;
+        Ok((sink, committing))
     }
 
-    fn commit_loop(&self, consumer: &BaseConsumer, inputs: &[(String, i32)]) {
+    fn commit_loop(&self, consumer: &BaseConsumer, inputs: &[(String, i32)], stop: &Stop) {
         let mut committed = 0;
-        while !self.stop.load(Ordering::Acquire) {
+        while !stop.stopped() {
             std::thread::sleep(Duration::from_secs(1));
             let t = self.progress.load(Ordering::Acquire);
             if t <= committed || self.producer.flush(Duration::from_secs(10)).is_err() {
@@ -225,9 +225,9 @@ impl OutputSink {
         }
     }
 
-    /// Stops the committer and waits (up to `timeout`) for every record's ack.
+    /// Waits (up to `timeout`) for every record's ack (the committer is
+    /// stopped with its thread).
     pub fn close(&self, timeout: Duration) {
-        self.stop.store(true, Ordering::Release);
         let _ = self.producer.flush(timeout);
     }
 
@@ -304,15 +304,21 @@ impl Observer for OutputSink {
     }
 }
 
-/// What [`follow`] has read, for readiness.
+/// What [`follow`] has read, for readiness, and its thread.
 pub struct Following {
     caught_up: Arc<AtomicBool>,
+    thread: Thread,
 }
 
 impl Following {
     /// Whether the topics were read to where they ended at start.
     pub fn caught_up(&self) -> bool {
         self.caught_up.load(Ordering::Acquire)
+    }
+
+    /// The following thread, to stop and join with the process's others.
+    pub fn into_thread(self) -> Thread {
+        self.thread
     }
 }
 
@@ -357,11 +363,11 @@ pub fn follow(cfg: &KafkaConfig, observer: Arc<dyn Observer>) -> Result<Followin
         events: Vec::new(),
         changes: Vec::new(),
     };
-    std::thread::Builder::new()
-        .name("grabflow-egress-follow".into())
-        .spawn(move || follower.run(&consumer))
-        .expect("spawn follower");
-    Ok(Following { caught_up })
+    let thread = Thread::spawn("grabflow-egress-follow", move |stop| {
+        follower.run(&consumer, &stop)
+    })
+    .map_err(KafkaError::Thread)?;
+    Ok(Following { caught_up, thread })
 }
 
 /// How long the follower waits for a first record before handing over what
@@ -404,8 +410,8 @@ struct Follower {
 
 impl Follower {
     /// Reads and hands over, for ever.
-    fn run(mut self, consumer: &BaseConsumer) {
-        loop {
+    fn run(mut self, consumer: &BaseConsumer, stop: &Stop) {
+        while !stop.stopped() {
             let mut wait = FOLLOW_WAIT;
             for _ in 0..FOLLOW_BATCH {
                 let Some(Ok(m)) = consumer.poll(wait) else {

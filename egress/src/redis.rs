@@ -18,6 +18,7 @@
 //! it deletes the prefix's keys and writes the whole state again, so Redis
 //! converges to the in-memory state.
 
+use grabflow_api::lifecycle::Thread;
 use grabflow_api::{Coord, Event, EventKind, Id, OrderState, Output, Time};
 use grabflow_dataflow::geo_index::{cell_of, GeoIndex};
 use grabflow_dataflow::runtime::Observer;
@@ -33,6 +34,9 @@ pub enum RedisError {
     /// The URL is not a Redis URL.
     #[error("redis: {0}")]
     Client(#[from] redis::RedisError),
+    /// The mirror's thread could not be started.
+    #[error("starting the redis mirror: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 enum Msg {
@@ -62,8 +66,13 @@ pub struct RedisMirror {
 
 impl RedisMirror {
     /// Starts mirroring to `url` under `prefix`; `radius_m` is the base
-    /// offer radius of the merchants' rider sets.
-    pub fn start(url: &str, prefix: &str, radius_m: f64) -> Result<Arc<RedisMirror>, RedisError> {
+    /// offer radius of the merchants' rider sets. The mirror's thread ends
+    /// once every handle to the mirror is dropped.
+    pub fn start(
+        url: &str,
+        prefix: &str,
+        radius_m: f64,
+    ) -> Result<(Arc<RedisMirror>, Thread), RedisError> {
         let client = redis::Client::open(url)?;
         let (tx, rx) = mpsc::channel();
         let status = Arc::new(MirrorStatus::default());
@@ -82,14 +91,12 @@ impl RedisMirror {
             dirty: true,
         };
         let st = Arc::clone(&status);
-        std::thread::Builder::new()
-            .name("grabflow-redis".into())
-            .spawn(move || state.run(&client, &rx, &st))
-            .expect("spawn redis mirror");
-        Ok(Arc::new(RedisMirror {
+        let thread = Thread::spawn("grabflow-redis", move |_| state.run(&client, &rx, &st))?;
+        let mirror = Arc::new(RedisMirror {
             tx: Mutex::new(tx),
             status,
-        }))
+        });
+        Ok((mirror, thread))
     }
 
     fn send(&self, m: Msg) {
