@@ -8,7 +8,7 @@
 //!
 //! - [`auth`]: signed role tokens ([`Secret`](auth::Secret),
 //!   [`Claims`](auth::Claims), the [`Auth`](auth::Auth) extractor).
-//! - [`error`]: [`ApiError`](error::ApiError), the one error shape
+//! - [`error`]: [`ApiError`], the one error shape
 //!   `{"error": {"code", "message", "field"?}}`, and its body's schema.
 //! - [`extract`]: the JSON body and query extractors that name the field
 //!   at fault, the checks of ids and positions, the `Id` schema.

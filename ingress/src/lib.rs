@@ -8,7 +8,7 @@
 //!
 //! ## Layout
 //!
-//! - [`routes`]: `routes(Ingress) -> Router`, one handler per ingress path
+//! - [`routes`](mod@routes): `routes(Ingress) -> Router`, one handler per ingress path
 //!   (a ping is appended in `post_location` and `post_batch`), the
 //!   `Idempotency-Key` extractor, and how an append's failure is answered.
 //! - [`bodies`]: the request bodies, as strict serde types.

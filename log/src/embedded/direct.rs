@@ -11,7 +11,7 @@
 //! Direct I/O moves whole blocks from block-aligned memory, so the appender
 //! keeps the log's last partial block in memory and writes it again, with
 //! the new bytes after it and zeros up to the block's end. The zeros land in
-//! the log's zero-filled room (see [`crate::space`]), which reading already
+//! the log's zero-filled room (see [`super::space`]), which reading already
 //! takes as the end of the records, and the rewritten head of the block is
 //! byte for byte what is on disk, so a torn write of it cannot damage a
 //! record already acknowledged.

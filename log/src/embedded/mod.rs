@@ -1,6 +1,6 @@
 //! The embedded log: append-only, checksummed, group-committed.
 //!
-//! One file, `events.log`, in the data directory, in the [`format`] of
+//! One file, `events.log`, in the data directory, in the [`format`](mod@format) of
 //! framed, checksummed records. An append is one record, so a torn write loses a whole unacknowledged append, never part
 //! of one. A writer thread owns the file: it takes every append waiting,
 //! gives each event its log offset and time (`max(now, last time)`, so time
@@ -26,9 +26,9 @@
 //!
 //! - this module: [`open`] (read back, rebuild the ledger, replay, start
 //!   the writer), [`Ticks`], [`EmbeddedLog`] (the [`Append`] side).
-//! - [`format`]: framing and the record forms, old and new.
+//! - [`format`](mod@format): framing and the record forms, old and new.
 //! - [`recovery`]: reading the file back, cutting a torn tail.
-//! - [`writer`]: the writer thread: group commit and ticks.
+//! - `writer`: the writer thread: group commit and ticks.
 //! - [`space`]: the zero-filled room kept ahead of the writer.
 //! - [`direct`]: commits as direct, data-synchronous writes.
 
