@@ -94,6 +94,18 @@ impl Threads {
     }
 }
 
+/// Stops and joins `threads`, then lets `sink` deliver what it holds.
+async fn finish(threads: Threads, sink: Option<Arc<OutputSink>>) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        let finished = threads.finish();
+        if let Some(sink) = sink {
+            sink.close(SINK_CLOSE);
+        }
+        finished
+    })
+    .await?
+}
+
 /// Resolves on SIGTERM or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {
@@ -220,15 +232,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     // The router (and with it every log handle) is gone: the embedded
     // writer stops, the feed closes, and the dataflow drains what the clock
     // has passed (Kafka's sources are stopped).
-    let sink = input.sink;
-    tokio::task::spawn_blocking(move || {
-        let finished = threads.finish();
-        if let Some(sink) = sink {
-            sink.close(SINK_CLOSE);
-        }
-        finished
-    })
-    .await?
+    finish(threads, input.sink).await
 }
 
 /// Serves `router` until the process should stop, then ends the rider
@@ -345,7 +349,7 @@ pub async fn ingress(plan: Plan) -> anyhow::Result<()> {
     serve_http(&plan, router, async move { stopping(&watched).await }).await?;
     let threads = Arc::try_unwrap(threads)
         .map_err(|_| anyhow::anyhow!("the server still holds its threads"))?;
-    tokio::task::spawn_blocking(move || threads.finish()).await?
+    finish(threads, None).await
 }
 
 /// `grabflow dataflow`: Kafka → Kafka (and Redis); also one process of a
@@ -386,14 +390,7 @@ pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
     after_dataflow.into_iter().for_each(|t| threads.add(t));
     println!("grabflow dataflow process {} running", plan.cluster.0);
     stopping(&threads).await;
-    tokio::task::spawn_blocking(move || {
-        let finished = threads.finish();
-        if let Some(sink) = sink {
-            sink.close(SINK_CLOSE);
-        }
-        finished
-    })
-    .await?
+    finish(threads, sink).await
 }
 
 /// `grabflow egress`: Kafka → rider streams and queries.
@@ -415,7 +412,7 @@ pub async fn egress(plan: Plan) -> anyhow::Result<()> {
         stats: DataflowStats::default(),
     });
     let threads = serve_then_close(&plan, router, &egress, threads).await?;
-    tokio::task::spawn_blocking(move || threads.finish()).await?
+    finish(threads, None).await
 }
 
 #[cfg(test)]

@@ -17,7 +17,7 @@ use grabflow_api::topics::{partition_for, IndexRecord, InputRecord, OutputRecord
 use grabflow_api::{Event, Output, Time};
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
-use grabflow_log::kafka::{partitions, KafkaConfig, KafkaError};
+use grabflow_log::kafka::{from_start, partitions, KafkaConfig, KafkaError};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
@@ -340,13 +340,7 @@ pub fn follow(cfg: &KafkaConfig, observer: Arc<dyn Observer>) -> Result<Followin
     // end now.
     let mut ends = HashMap::new();
     for t in topics.outputs().into_iter().chain([topics.index.as_str()]) {
-        for p in 0..partitions(&consumer, t)? {
-            tpl.add_partition_offset(t, p, Offset::Beginning)?;
-            let (_, high) = consumer.fetch_watermarks(t, p, Duration::from_secs(10))?;
-            if high > 0 {
-                ends.insert((t.to_string(), p), high);
-            }
-        }
+        from_start(&consumer, t, &mut tpl, &mut ends)?;
     }
     consumer.assign(&tpl)?;
     let caught_up = Arc::new(AtomicBool::new(ends.is_empty()));

@@ -6,7 +6,9 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// The header carrying a client's `Idempotency-Key`.
@@ -163,6 +165,25 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Topics, KafkaError> {
         }
     }
     Ok(topics)
+}
+
+/// Adds every partition of `topic` to `tpl`, to be read from its start,
+/// and notes in `ends` where each one holding records ends now (its high
+/// watermark): read up to there, a reader has caught up.
+pub fn from_start(
+    consumer: &BaseConsumer,
+    topic: &str,
+    tpl: &mut TopicPartitionList,
+    ends: &mut HashMap<(String, i32), i64>,
+) -> Result<(), KafkaError> {
+    for p in 0..partitions(consumer, topic)? {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+        if high > 0 {
+            ends.insert((topic.to_string(), p), high);
+        }
+    }
+    Ok(())
 }
 
 /// Partitions of `topic`, from the broker's metadata.

@@ -1,13 +1,13 @@
 //! Keeps a process's ledger when other processes append too: reads the
 //! input topics from the start, noting every id and idempotency key.
 
-use super::config::{partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
+use super::config::{from_start, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
 use crate::ledger::Ledger;
 use grabflow_api::lifecycle::Thread;
 use grabflow_api::topics::InputRecord;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{BorrowedMessage, Headers, Message};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,13 +27,7 @@ impl Follower {
         let mut tpl = TopicPartitionList::new();
         let mut ends = HashMap::new();
         for t in cfg.topics().inputs() {
-            for p in 0..partitions(&consumer, t)? {
-                tpl.add_partition_offset(t, p, Offset::Beginning)?;
-                let (_, high) = consumer.fetch_watermarks(t, p, Duration::from_secs(10))?;
-                if high > 0 {
-                    ends.insert((t.to_string(), p), high);
-                }
-            }
+            from_start(&consumer, t, &mut tpl, &mut ends)?;
         }
         consumer.assign(&tpl)?;
         let caught_up = Arc::new(AtomicBool::new(ends.is_empty()));

@@ -19,7 +19,9 @@ pub mod follower;
 pub mod producer;
 pub mod source;
 
-pub use config::{ensure_topics, partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
+pub use config::{
+    ensure_topics, from_start, partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER,
+};
 pub use follower::Follower;
 pub use producer::KafkaLog;
 pub use source::{KafkaSource, KafkaSources};
