@@ -1,12 +1,14 @@
 //! The subcommands that are not roles: `token` (mint a token), `sim`
-//! (drive a running server like a city), `replay` (run a JSON-lines event
-//! log through the dataflow and print every decision).
+//! (drive a running server like a city), `log verify` / `log repair` (the
+//! embedded log's damage), `replay` (run a JSON-lines event log through the
+//! dataflow and print every decision).
 
 use anyhow::{bail, Context};
 use clap::Args;
 use grabflow_api::{DispatchConfig, Event, Id, Time};
 use grabflow_dataflow::replay::{replay, ReplayPlan};
 use grabflow_http::auth::{Claims, Role, Secret};
+use grabflow_log::embedded;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -145,4 +147,58 @@ pub fn replay_log(events: Vec<Event>, workers: usize, settle: Duration) -> anyho
         out.write_all(b"\n")?;
     }
     Ok(())
+}
+
+/// Prints what the embedded log in `data_dir` holds and any damage; an
+/// error (non-zero exit) when the log would not open.
+pub fn verify_log(data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join("events.log");
+    let report = embedded::verify(&path).with_context(|| format!("reading {}", path.display()))?;
+    print_report(&path, &report);
+    if report.refused() {
+        bail!(
+            "{} is damaged; `grabflow log repair --data-dir {}` keeps every whole record",
+            path.display(),
+            data_dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Repairs the embedded log in `data_dir` (see `grabflow_log::embedded::repair`).
+pub fn repair_log(data_dir: &Path) -> anyhow::Result<()> {
+    let path = data_dir.join("events.log");
+    let repaired =
+        embedded::repair(&path).with_context(|| format!("repairing {}", path.display()))?;
+    print_report(&path, &repaired.report);
+    match repaired.quarantine {
+        Some(q) => println!(
+            "repaired: kept {} whole records; the damaged bytes are in {} (offsets in {}.txt)",
+            repaired.report.records,
+            q.display(),
+            q.display()
+        ),
+        None => println!("nothing to repair"),
+    }
+    Ok(())
+}
+
+fn print_report(path: &Path, report: &embedded::Report) {
+    println!(
+        "{}: {} whole records ({} events)",
+        path.display(),
+        report.records,
+        report.events
+    );
+    for (offset, len) in &report.damaged {
+        println!("damaged: {len} bytes at byte {offset}");
+    }
+    if report.torn_tail {
+        println!("the damage is a torn tail (a write cut short): opening the log cuts it");
+    } else if !report.damaged.is_empty() {
+        println!(
+            "{} whole records follow the first damage: the log will not open until repaired",
+            report.after_damage
+        );
+    }
 }

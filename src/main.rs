@@ -50,6 +50,11 @@ enum Command {
     },
     /// Drive a running grabflow like a city's traffic and report what happened.
     Sim(SimArgs),
+    /// Check the embedded log for damage, or repair it.
+    Log {
+        #[command(subcommand)]
+        action: LogAction,
+    },
     /// Replay an event log (one JSON event per line) and print every decision.
     Replay {
         /// The log file; `-` reads standard input.
@@ -61,6 +66,24 @@ enum Command {
         /// Run the clock this long past the last event, so timers fire.
         #[arg(long, default_value = "1h")]
         settle: Dur,
+    },
+}
+
+#[derive(Subcommand)]
+enum LogAction {
+    /// Report what the log holds and any damage; changes nothing. Exits
+    /// non-zero when the log would not open.
+    Verify {
+        /// The data dir holding `events.log`.
+        #[arg(long, env = "GRABFLOW_DATA_DIR", default_value = "./grabflow-data")]
+        data_dir: PathBuf,
+    },
+    /// Keep every whole record (those after damage too) and move the
+    /// damaged bytes to a quarantine file beside the log. Stop the server first.
+    Repair {
+        /// The data dir holding `events.log`.
+        #[arg(long, env = "GRABFLOW_DATA_DIR", default_value = "./grabflow-data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -85,6 +108,12 @@ fn main() -> anyhow::Result<()> {
         Command::Egress(s) => block_on(service::egress(s.plan()?)),
         Command::Sim(args) => block_on(commands::sim(args)),
         Command::Token { role, id, data_dir } => commands::token(role, id, &data_dir),
+        Command::Log {
+            action: LogAction::Verify { data_dir },
+        } => commands::verify_log(&data_dir),
+        Command::Log {
+            action: LogAction::Repair { data_dir },
+        } => commands::repair_log(&data_dir),
         Command::Replay {
             log,
             workers,

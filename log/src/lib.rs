@@ -67,9 +67,24 @@ pub enum LogError {
     /// The file could not be read, written or synced.
     #[error("log i/o: {0}")]
     Io(#[from] std::io::Error),
-    /// A record in the middle of the log is unreadable (not a torn tail).
-    #[error("log record at byte {0} is corrupt")]
-    Corrupt(u64),
+    /// The log is damaged other than by a torn tail: nothing was cut, and
+    /// an operator decides (`grabflow log verify`, `grabflow log repair`).
+    #[error(
+        "{}: the record at byte {offset} is damaged and {following} whole records follow it \
+         (not a torn tail), so nothing was cut. See the damage with `grabflow log verify \
+         --data-dir {dir}`; `grabflow log repair --data-dir {dir}` keeps every whole record \
+         and moves the damaged bytes to a quarantine file beside the log",
+        path.display(),
+        dir = path.parent().map_or(".".into(), |d| d.display().to_string())
+    )]
+    Damaged {
+        /// The log file.
+        path: std::path::PathBuf,
+        /// Where the damage starts.
+        offset: u64,
+        /// Whole records after it.
+        following: usize,
+    },
     /// The broker did not take the event (or could not be reached).
     #[error(transparent)]
     Kafka(#[from] kafka::KafkaError),

@@ -1,9 +1,12 @@
 //! The file's format: framing and the forms of a record.
 //!
-//! Each record is `[len: u32 LE][crc32 of payload: u32 LE][payload]`, and
-//! holds one append (a single event or a whole batch): `0x02` and, in
-//! postcard, the key and time its events share, the first event's offset,
-//! their ids and their kinds (what is written since 0.7). A batch's ids are
+//! Each record is `[len: u32 LE][crc32: u32 LE][payload]`, and holds one
+//! append (a single event or a whole batch): `0x03` and, in postcard, the
+//! key and time its events share, the first event's offset, their ids and
+//! their kinds. Since 0.12 the checksum covers the length as well as the
+//! payload (form `0x03`), so a damaged length cannot frame other bytes as
+//! a record; records of form `0x02` (0.7 to 0.11), whose checksum covers
+//! the payload alone, are still read. A batch's ids are
 //! stored as the batch id alone when they are its items (`{batch}.{i}`, see
 //! `Id::item`), so a batched ping costs ~18 bytes. Older forms are still
 //! read: `0x01` and one event in postcard (0.6), or a JSON object (before
@@ -28,8 +31,13 @@ pub struct Record {
 /// The first byte of a 0.6 payload: one event (a JSON one starts with `{`).
 pub(crate) const BINARY: u8 = 1;
 
-/// The first byte of an append's payload, as written since 0.7.
+/// The first byte of an append's payload, as written from 0.7 to 0.11
+/// (checksum of the payload alone).
 pub(crate) const APPEND: u8 = 2;
+
+/// The first byte of an append's payload, as written since 0.12 (the
+/// checksum covers the length too).
+pub(crate) const APPEND_SEALED: u8 = 3;
 
 /// A 0.6 record: the key and the event.
 #[derive(Deserialize)]
@@ -113,7 +121,7 @@ pub(crate) fn decode(payload: &[u8], out: &mut Vec<Record>) -> bool {
         return false;
     };
     let records = match first {
-        APPEND => decode_append(rest),
+        APPEND | APPEND_SEALED => decode_append(rest),
         BINARY => match postcard::take_from_bytes::<BinaryRecord>(rest) {
             Ok((BinaryRecord(key, event), [])) => Some(vec![Record { key, event }]),
             _ => None,
@@ -159,16 +167,41 @@ fn decode_append(bytes: &[u8]) -> Option<Vec<Record>> {
 pub(crate) fn encode(record: &AppendRecordRef<'_>, out: &mut Vec<u8>) {
     let head = out.len();
     out.extend_from_slice(&[0; 8]);
-    out.push(APPEND);
+    out.push(APPEND_SEALED);
     *out = postcard::to_extend(record, std::mem::take(out)).expect("records serialize");
     let header = frame_header(&out[head + 8..]);
     out[head..head + 8].copy_from_slice(&header);
 }
 
-/// The framing before `payload`: its length and its crc32, little-endian.
+/// The framing before `payload`: its length and its checksum (of the
+/// length and the payload when the payload is of form
+/// [`APPEND_SEALED`], else of the payload alone), little-endian.
 pub(crate) fn frame_header(payload: &[u8]) -> [u8; 8] {
+    let len = (payload.len() as u32).to_le_bytes();
     let mut header = [0; 8];
-    header[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
-    header[4..].copy_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    header[..4].copy_from_slice(&len);
+    header[4..].copy_from_slice(&checksum(&len, payload).to_le_bytes());
     header
+}
+
+/// The checksum a record's header carries for `payload` of length `len`.
+fn checksum(len: &[u8; 4], payload: &[u8]) -> u32 {
+    if payload.first() == Some(&APPEND_SEALED) {
+        let mut h = crc32fast::Hasher::new();
+        h.update(len);
+        h.update(payload);
+        h.finalize()
+    } else {
+        crc32fast::hash(payload)
+    }
+}
+
+/// The payload of the record framed at the start of `bytes`, if it is
+/// there whole with its checksum right (its contents are not decoded).
+pub(crate) fn framed(bytes: &[u8]) -> Option<&[u8]> {
+    let len: [u8; 4] = bytes.get(..4)?.try_into().ok()?;
+    let crc = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
+    let n = u32::from_le_bytes(len) as usize;
+    let payload = bytes.get(8..8usize.checked_add(n)?)?;
+    (n > 0 && checksum(&len, payload) == crc).then_some(payload)
 }

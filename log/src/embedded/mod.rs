@@ -41,7 +41,7 @@ mod tests;
 mod writer;
 
 pub use format::Record;
-pub use recovery::{read_records, Scanned};
+pub use recovery::{read_records, repair, verify, Repaired, Report, Scanned};
 
 use crate::ledger::Ledger;
 use crate::{Append, LogError, LogHandle, Pending};

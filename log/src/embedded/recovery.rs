@@ -1,13 +1,23 @@
-//! Reading the file back on open: every whole record, in order. A torn or
-//! corrupt tail (a crash mid-write) is cut at the last whole record, never
-//! half-applied; garbage further on than one commit's write means
-//! corruption, and the log refuses to open.
+//! Reading the file back: on open, every whole record in order; for an
+//! operator, a report of any damage ([`verify`]) and a repair that keeps
+//! every whole record ([`repair`]).
+//!
+//! Only a genuinely torn tail is cut on open: damage with no whole record
+//! after it (a crash in the middle of the last write), no longer than one
+//! commit's write. Anything else — a damaged record with whole records
+//! after it, or more garbage than a write — stops the open with
+//! [`LogError::Damaged`], which names the file, the byte offset and how
+//! many records follow, and says to run `grabflow log repair`. A repair
+//! re-synchronises on the next whole record after each damaged stretch,
+//! keeps every whole record, and moves the damaged bytes into a
+//! quarantine file beside the log: nothing is deleted.
 
-use super::format::{decode, Record};
+use super::format::{decode, framed, Record};
 use crate::LogError;
-use std::fs::OpenOptions;
-use std::io::Read;
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
 
 /// What [`read_records`] found in a log file.
 #[derive(Debug)]
@@ -21,65 +31,229 @@ pub struct Scanned {
 }
 
 /// The longest torn tail taken for one (a commit's write at most); garbage
-/// further on means corruption, and the log refuses to open.
+/// further on means damage, and the log refuses to open.
 pub(crate) const MAX_TORN: usize = 64 << 20;
 
-/// Reads every whole record of `path` up to its end (a zero header, or the
-/// end of the file), cutting a torn tail (with the zero-filled room after
-/// it: the writer adds fresh room).
+/// The stretches of a log file's bytes, as a scan finds them.
+#[derive(Debug, Default)]
+struct Layout {
+    /// Whole records (framing included), in order.
+    records: Vec<Range<usize>>,
+    /// Damaged stretches, each up to the next whole record or the end of
+    /// the data.
+    damaged: Vec<Range<usize>>,
+    /// Where the data ends (the zero-filled room starts).
+    end: usize,
+}
+
+impl Layout {
+    /// Scans `bytes`: framed records one after another; where one is not
+    /// whole (or `accept` refuses its payload), a damaged stretch up to the
+    /// next offset where a whole record is framed.
+    fn of(bytes: &[u8], mut accept: impl FnMut(&[u8]) -> bool) -> Layout {
+        // The zero-filled room after the records: a record's header is
+        // never zero, so the data ends at the last non-zero byte's record.
+        let data = bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1);
+        let mut layout = Layout::default();
+        let mut pos = 0;
+        while pos < data {
+            if let Some(payload) = framed(&bytes[pos..]).filter(|p| accept(p)) {
+                let next = pos + 8 + payload.len();
+                layout.records.push(pos..next);
+                pos = next;
+                continue;
+            }
+            let next = (pos + 1..data)
+                .find(|&i| framed(&bytes[i..]).is_some())
+                .unwrap_or(data);
+            layout.damaged.push(pos..next);
+            pos = next;
+        }
+        layout.end = layout
+            .records
+            .last()
+            .map_or(0, |r| r.end)
+            .max(layout.damaged.last().map_or(0, |d| d.end));
+        layout
+    }
+
+    /// The torn tail, if the only damage is one: a stretch at the end, no
+    /// longer than a commit's write.
+    fn torn_tail(&self) -> Option<&Range<usize>> {
+        match self.damaged.as_slice() {
+            [d] if d.end == self.end
+                && self.records.last().is_none_or(|r| r.end <= d.start)
+                && d.len() <= MAX_TORN =>
+            {
+                Some(d)
+            }
+            _ => None,
+        }
+    }
+
+    /// The first damage that is not a torn tail, and the whole records
+    /// after it.
+    fn damage(&self) -> Option<(usize, usize)> {
+        if self.torn_tail().is_some() {
+            return None;
+        }
+        let first = self.damaged.first()?;
+        let after = self.records.iter().filter(|r| r.start >= first.end).count();
+        Some((first.start, after))
+    }
+}
+
+/// Reads every whole record of `path` up to its end (the zero-filled room,
+/// or the end of the file), cutting a torn tail (with the room after it:
+/// the writer adds fresh room). Any other damage is refused with
+/// [`LogError::Damaged`], and nothing is cut.
 pub fn read_records(path: &Path) -> Result<Scanned, LogError> {
-    let mut file = match OpenOptions::new().read(true).write(true).open(path) {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Ok(Scanned {
-                records: Vec::new(),
-                end: 0,
-                cut: 0,
+    let Some((file, bytes)) = read(path, true)? else {
+        return Ok(Scanned {
+            records: Vec::new(),
+            end: 0,
+            cut: 0,
+        });
+    };
+    let mut records = Vec::new();
+    let layout = Layout::of(&bytes, |payload| decode(payload, &mut records));
+    if let Some((offset, following)) = layout.damage() {
+        return Err(LogError::Damaged {
+            path: path.to_path_buf(),
+            offset: offset as u64,
+            following,
+        });
+    }
+    match layout.torn_tail() {
+        Some(torn) => {
+            file.set_len(torn.start as u64)?;
+            file.sync_all()?;
+            Ok(Scanned {
+                records,
+                end: torn.start as u64,
+                cut: torn.len() as u64,
             })
         }
+        None => Ok(Scanned {
+            records,
+            end: layout.end as u64,
+            cut: 0,
+        }),
+    }
+}
+
+/// The bytes of the log at `path`, and the file (opened for writing if
+/// `write`); `None` if there is no log.
+fn read(path: &Path, write: bool) -> Result<Option<(File, Vec<u8>)>, LogError> {
+    let mut file = match OpenOptions::new().read(true).write(write).open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e.into()),
     };
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes)?;
-    let mut records = Vec::new();
-    let mut pos = 0usize;
-    while pos < bytes.len() {
-        if bytes[pos..].starts_with(&[0; 8]) && bytes[pos..].iter().all(|&b| b == 0) {
-            // The zero-filled room after the last record.
-            break;
-        }
-        let good = (|| {
-            let head = bytes.get(pos..pos + 8)?;
-            let len = u32::from_le_bytes(head[0..4].try_into().ok()?) as usize;
-            let crc = u32::from_le_bytes(head[4..8].try_into().ok()?);
-            let payload = bytes.get(pos + 8..pos + 8 + len)?;
-            (len > 0 && crc32fast::hash(payload) == crc && decode(payload, &mut records))
-                .then_some(8 + len)
-        })();
-        match good {
-            Some(size) => pos += size,
-            None => {
-                // Only a tail can be torn: anything further on means corruption.
-                let torn = bytes
-                    .iter()
-                    .rposition(|&b| b != 0)
-                    .map_or(0, |last| last + 1 - pos);
-                if torn > MAX_TORN {
-                    return Err(LogError::Corrupt(pos as u64));
-                }
-                file.set_len(pos as u64)?;
-                file.sync_all()?;
-                return Ok(Scanned {
-                    records,
-                    end: pos as u64,
-                    cut: torn as u64,
-                });
-            }
-        }
+    Ok(Some((file, bytes)))
+}
+
+/// What [`verify`] found in a log file.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// Whole records (appends).
+    pub records: usize,
+    /// The events they hold.
+    pub events: usize,
+    /// Damaged stretches `(byte offset, length)`, a torn tail included.
+    pub damaged: Vec<(u64, u64)>,
+    /// Whether the only damage is a torn tail (which opening cuts).
+    pub torn_tail: bool,
+    /// Whole records after the first damage.
+    pub after_damage: usize,
+}
+
+impl Report {
+    /// Whether opening the log would refuse it.
+    pub fn refused(&self) -> bool {
+        !self.damaged.is_empty() && !self.torn_tail
     }
-    Ok(Scanned {
-        records,
-        end: pos as u64,
-        cut: 0,
+}
+
+/// Reads the log at `path` and reports what it holds and any damage;
+/// changes nothing.
+pub fn verify(path: &Path) -> Result<Report, LogError> {
+    let Some((_, bytes)) = read(path, false)? else {
+        return Ok(Report::default());
+    };
+    let (report, _) = survey(&bytes);
+    Ok(report)
+}
+
+/// A scan of `bytes` as a [`Report`], with its layout.
+fn survey(bytes: &[u8]) -> (Report, Layout) {
+    let mut events = Vec::new();
+    let layout = Layout::of(bytes, |payload| decode(payload, &mut events));
+    let report = Report {
+        records: layout.records.len(),
+        events: events.len(),
+        damaged: layout
+            .damaged
+            .iter()
+            .map(|d| (d.start as u64, d.len() as u64))
+            .collect(),
+        torn_tail: layout.torn_tail().is_some(),
+        after_damage: layout.damage().map_or(0, |(_, after)| after),
+    };
+    (report, layout)
+}
+
+/// What [`repair`] did.
+#[derive(Debug)]
+pub struct Repaired {
+    /// The log as it was found.
+    pub report: Report,
+    /// Where the damaged bytes went (none if there was no damage).
+    pub quarantine: Option<PathBuf>,
+}
+
+/// Rewrites the log at `path` with every whole record it holds, in order
+/// (also those after damage), and moves each damaged stretch into
+/// `<path>.quarantine-<unix ms>` (the bytes, one after another) with an
+/// index `<that>.txt` of their offsets and lengths. The new log replaces
+/// the old one only once written and synced.
+pub fn repair(path: &Path) -> Result<Repaired, LogError> {
+    let Some((_, bytes)) = read(path, false)? else {
+        return Ok(Repaired {
+            report: Report::default(),
+            quarantine: None,
+        });
+    };
+    let (report, layout) = survey(&bytes);
+    if layout.damaged.is_empty() {
+        return Ok(Repaired {
+            report,
+            quarantine: None,
+        });
+    }
+    let quarantine = PathBuf::from(format!("{}.quarantine-{}", path.display(), crate::now_ms()));
+    let mut q = File::create(&quarantine)?;
+    let mut index = String::from("# offset length (bytes of the damaged log, in order)\n");
+    for d in &layout.damaged {
+        q.write_all(&bytes[d.clone()])?;
+        index.push_str(&format!("{} {}\n", d.start, d.len()));
+    }
+    q.sync_all()?;
+    std::fs::write(format!("{}.txt", quarantine.display()), index)?;
+    let fresh = path.with_extension("log.repair");
+    let mut out = File::create(&fresh)?;
+    for r in &layout.records {
+        out.write_all(&bytes[r.clone()])?;
+    }
+    out.sync_all()?;
+    std::fs::rename(&fresh, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    Ok(Repaired {
+        report,
+        quarantine: Some(quarantine),
     })
 }

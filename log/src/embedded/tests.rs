@@ -1,6 +1,6 @@
 //! The embedded log's tests: appends, keys, ticks, formats, torn tails.
 
-use super::format::{frame_header, APPEND, BINARY};
+use super::format::{frame_header, APPEND_SEALED, BINARY};
 use super::recovery::MAX_TORN;
 use super::*;
 use crate::{now_ms, Appended};
@@ -371,7 +371,11 @@ async fn records_of_older_logs_are_read_beside_new_ones() {
     log.writer.join().unwrap();
 
     let bytes = std::fs::read(dir.join("events.log")).unwrap();
-    assert_eq!(bytes[old.len() + 8], APPEND, "new records are appends");
+    assert_eq!(
+        bytes[old.len() + 8],
+        APPEND_SEALED,
+        "new records are sealed appends"
+    );
     let Scanned { records, cut, .. } = read_records(&dir.join("events.log")).unwrap();
     assert_eq!(cut, 0);
     let got: Vec<_> = records
@@ -501,6 +505,100 @@ async fn the_zero_filled_room_is_reused_and_a_record_torn_in_it_is_cut() {
     // Garbage far past the records is corruption, not a torn tail.
     f.write_all_at(b"junk", second.end + MAX_TORN as u64 + 100)
         .unwrap();
-    assert!(matches!(read_records(&path), Err(LogError::Corrupt(at)) if at == second.end));
+    assert!(
+        matches!(read_records(&path), Err(LogError::Damaged { offset, .. }) if offset == second.end)
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Flips the bits of the byte at `at` of `path`.
+fn flip(path: &Path, at: u64) {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    f.write_all_at(&[!b[0]], at).unwrap();
+}
+
+#[tokio::test]
+async fn damage_before_whole_records_is_refused_reported_and_repaired_keeping_them() {
+    let dir = scratch();
+    let path = dir.join("events.log");
+    let (log, _rx) = open_in(&dir);
+    for n in 0..40 {
+        log.handle
+            .append(None, vec![place(n, &format!("o{n}"))])
+            .await
+            .unwrap();
+    }
+    drop(log.handle);
+    log.writer.join().unwrap();
+    let whole = read_records(&path).unwrap();
+    let size = std::fs::read(&path).unwrap().len();
+
+    // A flipped byte in the 10th record's payload, and one in the 30th's
+    // length: neither is a torn tail.
+    let bytes = std::fs::read(&path).unwrap();
+    let starts: Vec<u64> = {
+        let (mut at, mut v) = (0usize, Vec::new());
+        while v.len() < 40 {
+            v.push(at as u64);
+            at += 8 + u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+        }
+        v
+    };
+    flip(&path, starts[10] + 12);
+    flip(&path, starts[30] + 1);
+    let e = read_records(&path).unwrap_err();
+    assert!(
+        matches!(&e, LogError::Damaged { offset, following, .. } if *offset == starts[10] && *following == 28),
+        "{e}"
+    );
+    let message = e.to_string();
+    assert!(
+        message.contains("events.log") && message.contains("grabflow log repair"),
+        "{message}"
+    );
+    assert_eq!(std::fs::read(&path).unwrap().len(), size, "nothing is cut");
+
+    let report = verify(&path).unwrap();
+    assert_eq!((report.records, report.events), (38, 38));
+    assert_eq!(report.damaged.len(), 2);
+    assert_eq!(report.damaged[0].0, starts[10]);
+    assert_eq!(report.damaged[1].0, starts[30]);
+    assert!(report.refused() && !report.torn_tail);
+
+    let repaired = repair(&path).unwrap();
+    let quarantine = repaired.quarantine.expect("damaged bytes kept");
+    let kept = std::fs::read(&quarantine).unwrap();
+    assert_eq!(
+        kept.len() as u64,
+        (starts[11] - starts[10]) + (starts[31] - starts[30]),
+        "each damaged record's bytes, whole"
+    );
+    let back = read_records(&path).unwrap();
+    assert_eq!(back.cut, 0);
+    let ids: Vec<u64> = back.records.iter().map(|r| r.event.offset).collect();
+    let expected: Vec<u64> = (0..40).filter(|&n| n != 10 && n != 30).collect();
+    assert_eq!(
+        ids, expected,
+        "every whole record, those after the damage too"
+    );
+    assert_eq!(
+        back.records.last().map(|r| r.event.clone()),
+        whole.records.last().map(|r| r.event.clone())
+    );
+
+    // The repaired log opens and goes on after its last offset.
+    let (log, _rx) = open_in(&dir);
+    assert_eq!(log.replayed, 38);
+    let next = log.handle.append(None, vec![ping(99)]).await.unwrap();
+    assert!(matches!(next, Appended::One { offset: 40, .. }), "{next:?}");
+    drop(log.handle);
+    log.writer.join().unwrap();
+    assert!(!verify(&path).unwrap().refused());
     std::fs::remove_dir_all(&dir).unwrap();
 }
