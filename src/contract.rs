@@ -89,10 +89,11 @@ pub async fn openapi() -> Response {
 pub struct Contract;
 
 /// What each error status means, for every operation that can give it.
-const ERRORS: [(&str, &str); 8] = [
+const ERRORS: [(&str, &str); 9] = [
     (
         "400",
-        "`invalid_json` or `unknown_field`: the body or the query is not of the expected shape",
+        "`invalid_json` or `unknown_field`: the body or the query is not of the expected shape \
+         (a body is a JSON object, or for a batch an array)",
     ),
     (
         "401",
@@ -107,6 +108,12 @@ const ERRORS: [(&str, &str); 8] = [
     (
         "413",
         "`too_large`: the body is over the limit (the connection is closed)",
+    ),
+    (
+        "415",
+        "`unsupported_media_type`: the body is sent as something other than JSON \
+         (`application/json`, `application/…+json`, or `application/x-www-form-urlencoded` \
+         as `curl -d` sends, whose body is read as JSON)",
     ),
     (
         "422",
@@ -238,7 +245,7 @@ fn complete(path: &str, op: &mut Operation, is_event: bool, optional: &[String])
         let applies = match code {
             "400" => with_body || by_query,
             "401" | "403" => secured,
-            "413" | "503" => with_body,
+            "413" | "415" | "503" => with_body,
             "422" => with_body || by_path || by_query,
             // Declared by the handler where it applies.
             _ => responses.contains_key(code),

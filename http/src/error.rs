@@ -105,6 +105,14 @@ impl ApiError {
     pub fn upgrade_required(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UPGRADE_REQUIRED, "upgrade_required", message)
     }
+    /// 415 `unsupported_media_type`: the body is not sent as JSON.
+    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
+        Self::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            message,
+        )
+    }
     /// 503 `unavailable`.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)

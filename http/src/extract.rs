@@ -12,28 +12,89 @@ use grabflow_api::{Coord, Id};
 use serde::de::DeserializeOwned;
 use utoipa::ToSchema;
 
-/// Extractor: a JSON body of type `T`, or a 4xx in API.md's error shape.
-/// An empty body reads as `{}`.
+/// Extractor: a JSON object body of type `T`, or a 4xx in the API's error
+/// shape. An empty body reads as `{}`; any other JSON value (an array, a
+/// number) is a 400. See [`media_type`] for the `Content-Type`s taken.
 pub struct JsonBody<T>(pub T);
+
+/// Extractor: a JSON array body of type `T` (a batch), or a 4xx in the
+/// API's error shape, as [`JsonBody`] is for objects.
+pub struct JsonList<T>(pub T);
+
+/// What a body must be at the top.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Object,
+    Array,
+}
 
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = Bytes::from_request(req, state).await.map_err(|e| {
-            if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::too_large("the body is larger than this endpoint takes")
-            } else {
-                ApiError::invalid_json(e.body_text())
-            }
-        })?;
-        let bytes: &[u8] = if bytes.iter().all(u8::is_ascii_whitespace) {
-            b"{}"
-        } else {
-            &bytes
-        };
-        parse(bytes).map(JsonBody)
+        json_body(req, state, Shape::Object).await.map(JsonBody)
     }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonList<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        json_body(req, state, Shape::Array).await.map(JsonList)
+    }
+}
+
+/// Checks a request body's `Content-Type`: none, `application/json` or any
+/// `application/…+json` is JSON; so is `application/x-www-form-urlencoded`,
+/// what `curl -d` sends unless told otherwise, whose body is then read as
+/// JSON too (a form-encoded body fails as invalid JSON). Anything else is a
+/// 415: the API reads JSON only.
+pub fn media_type(content_type: Option<&axum::http::HeaderValue>) -> Result<(), ApiError> {
+    let Some(value) = content_type else {
+        return Ok(());
+    };
+    let essence = value
+        .to_str()
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    let json = essence == "application/json"
+        || (essence.starts_with("application/") && essence.ends_with("+json"))
+        || essence == "application/x-www-form-urlencoded";
+    if json {
+        Ok(())
+    } else {
+        Err(ApiError::unsupported_media_type(format!(
+            "bodies are JSON: send Content-Type: application/json (got {essence:?})"
+        )))
+    }
+}
+
+/// Reads the body of `req` as a JSON value of `shape` and type `T`.
+async fn json_body<S: Send + Sync, T: DeserializeOwned>(
+    req: Request,
+    state: &S,
+    shape: Shape,
+) -> Result<T, ApiError> {
+    media_type(req.headers().get(axum::http::header::CONTENT_TYPE))?;
+    let bytes = Bytes::from_request(req, state).await.map_err(|e| {
+        if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::too_large("the body is larger than this endpoint takes")
+        } else {
+            ApiError::invalid_json(e.body_text())
+        }
+    })?;
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace()).copied();
+    let bytes: &[u8] = match (first, shape) {
+        (None, Shape::Object) => b"{}",
+        (Some(b'{'), Shape::Object) | (Some(b'['), Shape::Array) => &bytes,
+        (_, Shape::Object) => return Err(ApiError::invalid_json("the body must be a JSON object")),
+        (_, Shape::Array) => return Err(ApiError::invalid_json("the body must be a JSON array")),
+    };
+    parse(bytes)
 }
 
 /// Parses `bytes` as `T`, naming the offending field on failure. Good

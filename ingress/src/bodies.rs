@@ -118,7 +118,8 @@ pub struct EmptyBody {}
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CompensationBody {
-    /// What was paid, cents.
+    /// What was paid, cents (1 to 10 000 000).
+    #[schema(minimum = 1, maximum = 10_000_000)]
     pub amount_cents: u64,
 }
 

@@ -10,7 +10,7 @@ use axum::routing::{post, put};
 use axum::{Json, Router};
 use grabflow_api::{EventKind, Id};
 use grabflow_http::auth::{Auth, Claims, HasSecret, Role, Secret};
-use grabflow_http::extract::{self as wire, JsonBody};
+use grabflow_http::extract::{self as wire, JsonBody, JsonList};
 use grabflow_http::grab::{GrabAnswer, GrabWaiter, GRAB_WAIT};
 use grabflow_http::ApiError;
 use grabflow_log::{Appended, LogError, LogHandle};
@@ -20,6 +20,8 @@ use utoipa::ToSchema;
 
 /// The most pings one batch request may carry.
 pub const MAX_BATCH: usize = 10_000;
+/// The largest compensation one call settles, in cents.
+pub const MAX_COMPENSATION_CENTS: u64 = 10_000_000;
 /// The longest `Idempotency-Key` (printable ASCII).
 pub const MAX_IDEMPOTENCY_KEY: usize = 128;
 
@@ -270,7 +272,7 @@ pub async fn post_batch(
     State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
     IdempotencyKey(key): IdempotencyKey,
-    JsonBody(items): JsonBody<Vec<BatchPing>>,
+    JsonList(items): JsonList<Vec<BatchPing>>,
 ) -> Result<Response, ApiError> {
     claims.require(&[Role::App], None)?;
     if items.is_empty() || items.len() > MAX_BATCH {
@@ -355,7 +357,8 @@ pub async fn post_cancel(
 /// A grab attempt; waits up to 2 s for the decision.
 #[utoipa::path(post, path = "/v1/orders/{order_id}/grab", request_body = EmptyBody,
     params(("order_id" = String, Path)), responses((status = 200, description = "Decided: `won`, or `lost` with the reason", body = GrabAnswer),
-        (status = 202, description = "Durable, but not decided within 2 s: the result comes on the rider's stream", body = GrabPending)),
+        (status = 202, description = "Durable, but not decided within 2 s: the result comes on the rider's stream", body = GrabPending),
+        (status = 404)),
     security(("bearer" = [])))]
 pub async fn post_grab(
     State(s): State<Arc<Ingress>>,
@@ -366,7 +369,8 @@ pub async fn post_grab(
 ) -> Result<Response, ApiError> {
     claims.require(&[Role::Rider], None)?;
     let rider = Ingress::rider_of(&claims)?;
-    let order = wire::id(&order_id, "order_id")?;
+    // An unknown order is a 404, and nothing is appended.
+    let order = s.order(&order_id)?;
     let attempt = Id::new_event();
     let decision = s.grabs.expect(&attempt);
     let answer = s
@@ -463,6 +467,12 @@ pub async fn post_compensation(
     JsonBody(b): JsonBody<CompensationBody>,
 ) -> Result<Response, ApiError> {
     let amount_cents = b.amount_cents;
+    if !(1..=MAX_COMPENSATION_CENTS).contains(&amount_cents) {
+        return Err(ApiError::invalid_field(
+            "amount_cents",
+            format!("amount_cents must be from 1 to {MAX_COMPENSATION_CENTS}"),
+        ));
+    }
     s.order_event(&claims, &[Role::App], &order_id, key, |order| {
         Ok(EventKind::CompensationSettled {
             order,

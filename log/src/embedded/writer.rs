@@ -206,6 +206,7 @@ impl Writer {
     /// nothing of the batch is acknowledged.
     fn commit(&mut self, batch: Vec<Command>) {
         self.buf.clear();
+        let first_offset = self.next_offset;
         let mut events = Vec::with_capacity(batch.iter().map(|c| c.events.len()).sum());
         let mut group = HashMap::new();
         let staged: Vec<Staged> = batch
@@ -239,8 +240,10 @@ impl Writer {
             }
             Err(e) => {
                 // Nothing of this batch is acknowledged; a partial write is a
-                // torn tail that the next open cuts.
+                // torn tail that the next open cuts. Its offsets go to the
+                // next commit: acknowledged offsets have no gaps.
                 tracing::error!("log write failed: {e}");
+                self.next_offset = first_offset;
                 let mut ledger = self.ledger.lock().expect("ledger");
                 for s in staged {
                     if let Some(claim) = s.claim {
