@@ -90,32 +90,67 @@ const VERIFIED_CACHE: usize = 100_000;
 #[derive(Debug, thiserror::Error)]
 pub enum SecretError {
     /// The file could not be read or created.
-    #[error("secret file: {0}")]
-    Io(#[from] std::io::Error),
+    #[error("secret file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
     /// The file exists but is not 32 bytes.
     #[error("secret file {0} is damaged (expected 32 bytes)")]
     Damaged(String),
+    /// Other users may read the file, and so sign any token.
+    #[error(
+        "secret file {path} can be read by other users (mode {mode:o}), who could sign any \
+         token with it; run `chmod 600 {path}` (and rotate it if others may have read it)"
+    )]
+    Exposed {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
+    },
 }
 
 impl Secret {
-    /// Loads `<dir>/secret.key`, creating it with fresh random bytes if missing.
+    /// Loads `<dir>/secret.key`, creating it (readable by its owner only)
+    /// with fresh random bytes if missing. A file other users may read is
+    /// refused.
     pub fn load_or_create(dir: &Path) -> Result<Secret, SecretError> {
-        std::fs::create_dir_all(dir)?;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let path = dir.join("secret.key");
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let key: [u8; 32] = bytes
-                    .try_into()
-                    .map_err(|_| SecretError::Damaged(path.display().to_string()))?;
-                Ok(Secret(Arc::new(key), Arc::default()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+        let shown = path.display().to_string();
+        let io = |source| SecretError::Io {
+            path: shown.clone(),
+            source,
+        };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        let created = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path);
+        match created {
+            Ok(mut file) => {
                 let key: [u8; 32] = rand::random();
-                std::fs::write(&path, key)?;
-                Ok(Secret(Arc::new(key), Arc::default()))
+                std::io::Write::write_all(&mut file, &key).map_err(io)?;
+                file.sync_all().map_err(io)?;
+                return Ok(Secret(Arc::new(key), Arc::default()));
             }
-            Err(e) => Err(e.into()),
+            // Made already (perhaps a moment ago by another process).
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(io(e)),
         }
+        let mode = std::fs::metadata(&path).map_err(io)?.permissions().mode() & 0o777;
+        if mode & 0o007 != 0 {
+            return Err(SecretError::Exposed { path: shown, mode });
+        }
+        let key: [u8; 32] = std::fs::read(&path)
+            .map_err(io)?
+            .try_into()
+            .map_err(|_| SecretError::Damaged(shown.clone()))?;
+        Ok(Secret(Arc::new(key), Arc::default()))
     }
 
     fn mac(&self, data: &[u8]) -> Hmac<Sha256> {
@@ -221,6 +256,30 @@ mod tests {
             claims.require(&[Role::App], None).unwrap_err().code,
             "forbidden"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn the_secret_is_made_for_its_owner_alone_and_refused_when_others_may_read_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("grabflow-secret-{}", rand::random::<u64>()));
+        let secret = Secret::load_or_create(&dir).unwrap();
+        let path = dir.join("secret.key");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let Err(e) = Secret::load_or_create(&dir) else {
+            panic!("a secret others may read is refused");
+        };
+        assert!(matches!(e, SecretError::Exposed { mode: 0o644, .. }), "{e}");
+        assert!(e.to_string().contains("chmod 600"), "{e}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let again = Secret::load_or_create(&dir).unwrap();
+        let claims = Claims {
+            role: Role::Ops,
+            id: None,
+        };
+        assert_eq!(again.verify(&secret.sign(&claims)), Some(claims));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
