@@ -28,6 +28,7 @@
 //! - [`embedded`]: the file log — `format` (framing and record forms),
 //!   `recovery` (reading back, cutting a torn tail), `writer` (group
 //!   commit, ticks), `space` (zero-filled room), `direct` (direct I/O).
+//! - [`throttle`]: repeated identical warnings, rate-limited.
 //! - [`kafka`]: `config` (settings, topics, errors), `producer` (appends),
 //!   `source` (the dataflow's partitions, time from the log, ticks),
 //!   `follower` (rebuilding the ledger from the input topics).
@@ -36,6 +37,7 @@ pub mod embedded;
 pub mod kafka;
 pub mod keys;
 pub mod ledger;
+pub mod throttle;
 
 pub use ledger::{Known, Ledger};
 

@@ -9,6 +9,7 @@ use super::format::{encode, AppendRecordRef};
 use super::space::Space;
 use crate::keys::{FirstUse, Print};
 use crate::ledger::{Admission, Claim, Ledger};
+use crate::throttle::Throttle;
 use crate::{now_ms, Appended, LogError};
 use grabflow_api::{Event, EventKind, Feed, Id, Time};
 use std::collections::HashMap;
@@ -64,6 +65,8 @@ pub(crate) struct Writer {
     /// next tick (see [`Writer::tick`]).
     unsent: Vec<Event>,
     buf: Vec<u8>,
+    /// Failed writes are logged once per 10 s (a full disk fails them all).
+    failures: Throttle,
 }
 
 impl Writer {
@@ -109,6 +112,7 @@ impl Writer {
             ticks,
             unsent: Vec::new(),
             buf: Vec::new(),
+            failures: Throttle::new(Duration::from_secs(10)),
         })
     }
 
@@ -242,7 +246,12 @@ impl Writer {
                 // Nothing of this batch is acknowledged; a partial write is a
                 // torn tail that the next open cuts. Its offsets go to the
                 // next commit: acknowledged offsets have no gaps.
-                tracing::error!("log write failed: {e}");
+                if let Some(held) = self.failures.admit() {
+                    tracing::error!(
+                        similar_since_last = held,
+                        "log write failed (the appends are answered 503): {e}"
+                    );
+                }
                 self.next_offset = first_offset;
                 let mut ledger = self.ledger.lock().expect("ledger");
                 for s in staged {

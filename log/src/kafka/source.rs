@@ -7,6 +7,7 @@
 
 use super::config::{partitions, KafkaConfig, KafkaError};
 use crate::now_ms;
+use crate::throttle::Throttle;
 use grabflow_api::lifecycle::Stop;
 use grabflow_api::topics::InputRecord;
 use grabflow_api::{Source, Time};
@@ -44,6 +45,8 @@ pub struct KafkaSource {
     stop: Stop,
     /// Records that were not events (logged and skipped).
     pub skipped: u64,
+    /// Skipped records are logged at most once a second.
+    skips: Throttle,
 }
 
 /// Makes the sources of a process's workers (the factory the runtime calls).
@@ -125,6 +128,7 @@ impl KafkaSources {
             newest: Arc::clone(&self.newest),
             stop: self.stop.clone(),
             skipped: 0,
+            skips: Throttle::new(Duration::from_secs(1)),
         })
     }
 }
@@ -204,7 +208,9 @@ impl Source for KafkaSource {
                     }
                     Err(e) => {
                         self.skipped += 1;
-                        tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, "skipped a record that is not an event");
+                        if let Some(held) = self.skips.admit() {
+                            tracing::warn!(topic = m.topic(), partition = m.partition(), offset = m.offset(), error = %e, similar_since_last = held, "skipped a record that is not an event");
+                        }
                     }
                 }
             }
