@@ -105,14 +105,15 @@ async fn bodies_are_json_objects_amounts_are_in_range_and_unknown_orders_are_not
 
     // A grab on an unknown order: 404, and nothing is appended (the next
     // event's offset follows the last one's).
-    let (_, before) = s
-        .call(
+    let m3 = || {
+        s.call(
             "PUT",
             "/v1/merchants/M3",
             &app,
             Some(json!({"lat": 31.2, "lon": 121.4})),
         )
-        .await;
+    };
+    let (_, before) = m3().await;
     let (status, b) = raw(&s, "POST", "/v1/orders/NOPE/grab", &r1, None, "").await;
     assert_eq!(
         (
@@ -123,14 +124,7 @@ async fn bodies_are_json_objects_amounts_are_in_range_and_unknown_orders_are_not
         (404, Some("not_found"), Some("order_id")),
         "{b}"
     );
-    let (_, after) = s
-        .call(
-            "PUT",
-            "/v1/merchants/M3",
-            &app,
-            Some(json!({"lat": 31.2, "lon": 121.4})),
-        )
-        .await;
+    let (_, after) = m3().await;
     assert_eq!(
         after["offset"].as_u64(),
         before["offset"].as_u64().map(|o| o + 1),
