@@ -21,11 +21,14 @@
 //! - [`service`]: the roles (`serve`, `ingress`, `dataflow`, `egress`), the
 //!   routers that join ingress and egress (`app`), and the threads' one
 //!   lifecycle ([`Threads`](service::Threads)).
+//! - [`server`]: the HTTP server loop and its limits (header and idle
+//!   time, a cap on connections, accept errors).
 //! - [`contract`]: the OpenAPI document of every handler, served at
 //!   `/openapi.json`.
 //! - [`commands`]: the other subcommands: `token`, `sim`, `replay`.
 
 pub mod commands;
 pub mod contract;
+pub mod server;
 pub mod service;
 pub mod settings;

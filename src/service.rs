@@ -131,8 +131,8 @@ async fn stopping(threads: &Threads) {
     }
 }
 
-/// Serves `router` on the plan's address until `until` resolves, then
-/// runs `closing` (which ends the rider streams).
+/// Serves `router` on the plan's address, within its limits, until
+/// `until` resolves.
 async fn serve_http(
     plan: &Plan,
     router: Router,
@@ -142,9 +142,12 @@ async fn serve_http(
         .await
         .with_context(|| format!("listening on {}", plan.listen))?;
     println!("grabflow listening on http://{}", listener.local_addr()?);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(until)
-        .await?;
+    tracing::info!(
+        max_connections = plan.limits.max_connections,
+        header_timeout = ?plan.limits.header_timeout,
+        "serving"
+    );
+    crate::server::serve(listener, router, plan.limits, until).await?;
     Ok(())
 }
 

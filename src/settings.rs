@@ -3,6 +3,7 @@
 //! defaults < file < environment < flags; then checked and turned into the
 //! typed configurations of the parts ([`Plan`]).
 
+use crate::server::Limits;
 use anyhow::{bail, Context};
 use clap::Args;
 use figment::providers::{Env, Format, Serialized, Toml};
@@ -32,6 +33,16 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    /// Connections served at once; over it, the quietest is closed
+    /// [default: 0, what the open-file limit leaves room for].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<usize>,
+    /// Time a connection has to send a request's head, from when it opens
+    /// or its last response ends (idle keep-alive included) [default: 10s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_timeout: Option<Dur>,
     /// Timely worker threads [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -131,6 +142,8 @@ pub struct Settings {
 const NAMES: &[&str] = &[
     "listen",
     "data_dir",
+    "max_connections",
+    "header_timeout",
     "workers",
     "radius_m",
     "max_radius_m",
@@ -164,6 +177,8 @@ impl Settings {
             config: None,
             listen: Some("127.0.0.1:8080".into()),
             data_dir: Some("./grabflow-data".into()),
+            max_connections: Some(0),
+            header_timeout: Some(Dur(Duration::from_secs(10))),
             workers: Some(1),
             radius_m: Some(d.radius_m),
             max_radius_m: Some(d.max_radius_m),
@@ -276,6 +291,8 @@ pub struct Plan {
     pub listen: String,
     /// Where the log and the secret live.
     pub data_dir: PathBuf,
+    /// The HTTP server's limits.
+    pub limits: Limits,
     /// Timely worker threads of this process.
     pub workers: usize,
     /// The embedded log's ticks.
@@ -316,6 +333,11 @@ impl Plan {
         if ticks.idle.is_zero() {
             bail!("--tick must be positive");
         }
+        let header_timeout = dur(s.header_timeout, d.header_timeout);
+        if header_timeout.is_zero() {
+            bail!("--header-timeout must be positive");
+        }
+        let limits = Limits::new(s.max_connections.unwrap_or(0), header_timeout);
         let kafka = match &s.kafka {
             Some(brokers) => {
                 let mut k = KafkaConfig::new(brokers);
@@ -357,6 +379,7 @@ impl Plan {
         Ok(Plan {
             listen: s.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
             data_dir: s.data_dir.unwrap_or_else(|| "./grabflow-data".into()),
+            limits,
             workers: s.workers.unwrap_or(1).max(1),
             ticks,
             dispatch,

@@ -1,0 +1,116 @@
+//! Connection limits through the real binary: with the open-file limit at
+//! 1024 and 1 100 idle connections held, a new request is still answered
+//! within a second; a request head sent too slowly, and a keep-alive
+//! connection left idle, are closed after `--header-timeout`.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_and_slow_connections_cannot_shut_out_a_new_request() {
+    let dir = temp_dir();
+    let mut child = Command::new("bash")
+        .args([
+            "-c",
+            "ulimit -n 1024 && exec \"$0\" \"$@\"",
+            env!("CARGO_BIN_EXE_grabflow"),
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--header-timeout",
+            "2s",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    let addr = url.trim_start_matches("http://").to_string();
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
+    assert_eq!(ready.status().as_u16(), 200);
+
+    // 1 100 connections that send nothing, more than the server has
+    // descriptors for.
+    let mut idle = Vec::new();
+    for _ in 0..1100 {
+        if let Ok(Ok(c)) =
+            tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(&addr)).await
+        {
+            idle.push(c);
+        }
+    }
+    assert!(idle.len() >= 1000, "connected {}", idle.len());
+
+    // A new request is answered within a second, more than once.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let r = tokio::time::timeout(
+            Duration::from_secs(1),
+            http.get(format!("{url}/healthz")).send(),
+        )
+        .await
+        .expect("answered within a second")
+        .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        assert!(started.elapsed() < Duration::from_secs(1));
+    }
+    drop(idle);
+
+    // A head dribbled out too slowly is cut off after the header timeout.
+    let mut slow = TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 256];
+    loop {
+        let n = tokio::time::timeout(Duration::from_secs(6), slow.read(&mut buf))
+            .await
+            .expect("closed within the header timeout")
+            .unwrap_or(0);
+        if n == 0 {
+            break;
+        }
+    }
+    assert!(started.elapsed() >= Duration::from_millis(1500));
+
+    // A keep-alive connection left idle after its answer is closed too.
+    let mut kept = TcpStream::connect(&addr).await.unwrap();
+    kept.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let n = kept.read(&mut buf).await.unwrap();
+    assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+    let closed = tokio::time::timeout(Duration::from_secs(6), async {
+        loop {
+            if kept.read(&mut buf).await.unwrap_or(0) == 0 {
+                break;
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle keep-alive connection is closed");
+
+    // Still serving.
+    let r = http.get(format!("{url}/healthz")).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+}
