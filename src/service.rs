@@ -25,6 +25,7 @@ use grabflow_egress::view::Egress;
 use grabflow_http::auth::Secret;
 use grabflow_http::grab::GrabResults;
 use grabflow_ingress::Ingress;
+use grabflow_log::embedded::backlog::Backlog;
 use grabflow_log::kafka::{ensure_topics, KafkaSources};
 use grabflow_log::{embedded, kafka, now_ms, LogHandle};
 use std::collections::HashMap;
@@ -176,6 +177,20 @@ struct Input {
     since: Time,
     /// The Kafka output sink, when decisions go to topics.
     sink: Option<Arc<OutputSink>>,
+    /// The embedded log's backlog, told the dataflow's progress.
+    backlog: Option<Arc<Backlog>>,
+}
+
+/// Tells the embedded log's backlog how far the dataflow has got.
+struct Progress(Arc<Backlog>);
+
+impl Observer for Progress {
+    fn events(&self, _: &[grabflow_api::Event]) {}
+    fn decisions(&self, _: Vec<(Time, grabflow_api::Output)>) {}
+    fn index(&self, _: Vec<(grabflow_dataflow::IndexEntry, Time, isize)>) {}
+    fn progress(&self, time: Time) {
+        self.0.progress(time);
+    }
 }
 
 /// `grabflow serve`: ingress, dataflow and egress in this process, over
@@ -196,6 +211,11 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
             .sink
             .iter()
             .map(|s| Arc::clone(s) as Arc<dyn Observer>),
+    );
+    observers.extend(
+        input
+            .backlog
+            .map(|b| Arc::new(Progress(b)) as Arc<dyn Observer>),
     );
     let mirror = mirror(&plan)?;
     observers.extend(mirror.as_ref().map(|(m, _)| Arc::clone(m)));
@@ -261,12 +281,14 @@ async fn serve_then_close(
 /// Opens the embedded log: replays it into the feed, starts its writer.
 fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
     let (feed_tx, feed_rx) = std::sync::mpsc::channel();
-    let opened = embedded::open(&plan.data_dir, feed_tx, plan.ticks).with_context(|| {
-        format!(
-            "opening the log in {}",
-            plan.data_dir.join("events.log").display()
-        )
-    })?;
+    let backlog = Arc::new(Backlog::new(plan.max_backlog));
+    let opened = embedded::open(&plan.data_dir, feed_tx, plan.ticks, Arc::clone(&backlog))
+        .with_context(|| {
+            format!(
+                "opening the log in {}",
+                plan.data_dir.join("events.log").display()
+            )
+        })?;
     tracing::info!(
         replayed = opened.replayed,
         cut_bytes = opened.cut,
@@ -279,6 +301,7 @@ fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
         stop_sources: Stop::default(),
         since: opened.last_time,
         sink: None,
+        backlog: Some(backlog),
     })
 }
 
@@ -305,6 +328,7 @@ async fn open_kafka(
         stop_sources,
         since: now_ms(),
         sink: Some(sink),
+        backlog: None,
     })
 }
 

@@ -43,6 +43,12 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub header_timeout: Option<Dur>,
+    /// Embedded log: events committed ahead of the dataflow beyond which
+    /// pings are answered 503 (other events: twice as many); 0 never
+    /// [default: 200000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_backlog: Option<u64>,
     /// Timely worker threads [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -144,6 +150,7 @@ const NAMES: &[&str] = &[
     "data_dir",
     "max_connections",
     "header_timeout",
+    "max_backlog",
     "workers",
     "radius_m",
     "max_radius_m",
@@ -179,6 +186,7 @@ impl Settings {
             data_dir: Some("./grabflow-data".into()),
             max_connections: Some(0),
             header_timeout: Some(Dur(Duration::from_secs(10))),
+            max_backlog: Some(200_000),
             workers: Some(1),
             radius_m: Some(d.radius_m),
             max_radius_m: Some(d.max_radius_m),
@@ -293,6 +301,9 @@ pub struct Plan {
     pub data_dir: PathBuf,
     /// The HTTP server's limits.
     pub limits: Limits,
+    /// Embedded log: events ahead of the dataflow beyond which pings are
+    /// refused (0: never).
+    pub max_backlog: u64,
     /// Timely worker threads of this process.
     pub workers: usize,
     /// The embedded log's ticks.
@@ -380,6 +391,7 @@ impl Plan {
             listen: s.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
             data_dir: s.data_dir.unwrap_or_else(|| "./grabflow-data".into()),
             limits,
+            max_backlog: s.max_backlog.unwrap_or(200_000),
             workers: s.workers.unwrap_or(1).max(1),
             ticks,
             dispatch,

@@ -114,3 +114,72 @@ async fn idle_and_slow_connections_cannot_shut_out_a_new_request() {
     let _ = child.wait();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The server's peak resident memory, from `/proc`.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    kib / 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_pings_is_held_back_with_503s_not_memory() {
+    let dir = temp_dir();
+    // A backlog small enough that the pings' own 10 ms cadence exceeds it.
+    let s = Server::start(&dir, &["--max-backlog", "5000"]);
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let url = s.url.clone();
+    let deadline = Instant::now() + Duration::from_secs(6);
+    let mut clients = Vec::new();
+    for c in 0..6u64 {
+        let (url, app) = (url.clone(), app.clone());
+        clients.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let (mut acked, mut held_back, mut other) = (0u64, 0u64, Vec::new());
+            let mut n = c;
+            while Instant::now() < deadline {
+                let items: Vec<_> = (0..1000u64)
+                    .map(|i| {
+                        n = n.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407 + i);
+                        let north = (n >> 33) as f64 / (1u64 << 31) as f64 - 0.5;
+                        serde_json::json!({"rider_id": format!("R{}", n % 50_000), "lat": 31.23 + north * 0.2, "lon": 121.47})
+                    })
+                    .collect();
+                let r = http
+                    .post(format!("{url}/v1/locations:batch"))
+                    .bearer_auth(&app)
+                    .json(&items)
+                    .send()
+                    .await
+                    .unwrap();
+                match r.status().as_u16() {
+                    202 => acked += 1000,
+                    503 => {
+                        assert!(r.headers().contains_key("retry-after"));
+                        held_back += 1;
+                    }
+                    s => other.push(s),
+                }
+            }
+            (acked, held_back, other)
+        }));
+    }
+    let (mut acked, mut held_back) = (0, 0);
+    for c in clients {
+        let (a, h, other) = c.await.unwrap();
+        assert!(other.is_empty(), "only 202 and 503: {other:?}");
+        acked += a;
+        held_back += h;
+    }
+    let peak = peak_rss_mib(s.child.id());
+    println!("flood: {acked} pings acked, {held_back} batches answered 503, peak RSS {peak} MiB");
+    assert!(acked > 100_000, "the flood got going: {acked}");
+    assert!(held_back > 0, "the backlog bound answered 503s");
+    assert!(peak <= 300, "peak RSS {peak} MiB over the 300 MiB bound");
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -90,6 +90,10 @@ pub enum LogError {
     /// The broker did not take the event (or could not be reached).
     #[error(transparent)]
     Kafka(#[from] kafka::KafkaError),
+    /// The dataflow is this many events behind the log: retry shortly
+    /// (see [`embedded::backlog`]).
+    #[error("the dataflow is {0} events behind the log; retry shortly")]
+    Behind(u64),
     /// The writer has stopped (shutting down).
     #[error("the log is closed")]
     Closed,

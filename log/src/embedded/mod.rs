@@ -26,12 +26,14 @@
 //!
 //! - this module: [`open`] (read back, rebuild the ledger, replay, start
 //!   the writer), [`Ticks`], [`EmbeddedLog`] (the [`Append`] side).
+//! - [`backlog`]: how far appends may run ahead of the dataflow.
 //! - [`format`](mod@format): framing and the record forms, old and new.
 //! - [`recovery`]: reading the file back, cutting a torn tail.
 //! - `writer`: the writer thread: group commit and ticks.
 //! - [`space`]: the zero-filled room kept ahead of the writer.
 //! - [`direct`]: commits as direct, data-synchronous writes.
 
+pub mod backlog;
 pub mod direct;
 pub mod format;
 pub mod recovery;
@@ -45,6 +47,7 @@ pub use recovery::{read_records, repair, verify, Repaired, Report, Scanned};
 
 use crate::ledger::Ledger;
 use crate::{Append, LogError, LogHandle, Pending};
+use backlog::Backlog;
 use grabflow_api::lifecycle::Thread;
 use grabflow_api::{EventKind, Feed, Id, Time};
 use std::path::Path;
@@ -71,8 +74,15 @@ pub struct Opened {
 /// and starts the writer thread, which sends clock ticks as `ticks` says.
 /// Commits are direct writes where the file system allows it (see
 /// [`direct`]), else buffered writes and `fdatasync`.
-pub fn open(dir: &Path, feed: mpsc::Sender<Feed>, ticks: Ticks) -> Result<Opened, LogError> {
-    open_with(dir, feed, ticks, true)
+/// Appends are refused while the dataflow is further behind than
+/// `backlog` allows (the service tells it the dataflow's progress).
+pub fn open(
+    dir: &Path,
+    feed: mpsc::Sender<Feed>,
+    ticks: Ticks,
+    backlog: Arc<Backlog>,
+) -> Result<Opened, LogError> {
+    open_with(dir, feed, ticks, backlog, true)
 }
 
 /// [`open`], with direct I/O only if `direct` (tests take both paths).
@@ -80,6 +90,7 @@ fn open_with(
     dir: &Path,
     feed: mpsc::Sender<Feed>,
     ticks: Ticks,
+    backlog: Arc<Backlog>,
     direct: bool,
 ) -> Result<Opened, LogError> {
     std::fs::create_dir_all(dir)?;
@@ -108,16 +119,15 @@ fn open_with(
     let (tx, rx) = mpsc::channel::<Command>();
     let writer = Writer::open(
         &path,
-        end,
+        (end, last_time, next_offset),
         direct,
-        Arc::clone(&ledger),
-        (last_time, next_offset),
+        (Arc::clone(&ledger), Arc::clone(&backlog)),
         feed,
         ticks,
     )?;
     let writer = Thread::spawn("grabflow-log", move |_| writer.run(rx))?;
     Ok(Opened {
-        handle: LogHandle::new(Arc::new(EmbeddedLog { tx }), ledger),
+        handle: LogHandle::new(Arc::new(EmbeddedLog { tx, backlog }), ledger),
         replayed: records.len(),
         cut,
         last_time,
@@ -129,10 +139,15 @@ fn open_with(
 /// thread and waits for its commit.
 pub struct EmbeddedLog {
     tx: mpsc::Sender<Command>,
+    backlog: Arc<Backlog>,
 }
 
 impl Append for EmbeddedLog {
     fn append(&self, key: Option<String>, events: Vec<(Id, EventKind)>) -> Pending<'_> {
+        if !self.backlog.admits(&events) {
+            let behind = self.backlog.ahead();
+            return Box::pin(async move { Err(LogError::Behind(behind)) });
+        }
         let (reply, rx) = oneshot::channel();
         let sent = self.tx.send(Command { key, events, reply });
         Box::pin(async move {

@@ -1,5 +1,6 @@
 //! The embedded log's tests: appends, keys, ticks, formats, torn tails.
 
+use super::backlog::Backlog;
 use super::format::{frame_header, APPEND_SEALED, BINARY};
 use super::recovery::MAX_TORN;
 use super::*;
@@ -150,6 +151,7 @@ async fn pings_wait_for_their_cadence_and_other_events_tick_at_once() {
             idle: slow,
             pings: slow,
         },
+        Arc::new(Backlog::new(0)),
     )
     .unwrap();
     // The first tick (nothing to replay) comes at once.
@@ -279,7 +281,11 @@ async fn an_order_is_placed_once_whatever_its_key() {
 
 fn open_in(dir: &Path) -> (Opened, mpsc::Receiver<Feed>) {
     let (tx, rx) = mpsc::channel();
-    (open(dir, tx, every(Duration::from_millis(5))).unwrap(), rx)
+    let unbounded = Arc::new(Backlog::new(0));
+    (
+        open(dir, tx, every(Duration::from_millis(5)), unbounded).unwrap(),
+        rx,
+    )
 }
 
 /// Where the file system has direct I/O, commits use it; one log may
@@ -292,7 +298,8 @@ async fn direct_and_buffered_commits_read_back_alike() {
     let mut acked = Vec::new();
     for (round, direct) in [false, true, false, true].into_iter().enumerate() {
         let (tx, rx) = mpsc::channel();
-        let log = open_with(&dir, tx, every(Duration::from_millis(5)), direct).unwrap();
+        let unbounded = Arc::new(Backlog::new(0));
+        let log = open_with(&dir, tx, every(Duration::from_millis(5)), unbounded, direct).unwrap();
         assert_eq!((log.replayed, log.cut), (acked.len(), 0));
         assert_eq!(events(&rx).len(), acked.len(), "replayed");
         for n in 0..3 {
@@ -600,5 +607,43 @@ async fn damage_before_whole_records_is_refused_reported_and_repaired_keeping_th
     drop(log.handle);
     log.writer.join().unwrap();
     assert!(!verify(&path).unwrap().refused());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn pings_are_refused_while_the_dataflow_is_too_far_behind_and_orders_later() {
+    let dir = scratch();
+    let (tx, _rx) = mpsc::channel();
+    let backlog = Arc::new(Backlog::new(3));
+    let log = open(
+        &dir,
+        tx,
+        every(Duration::from_millis(5)),
+        Arc::clone(&backlog),
+    )
+    .unwrap();
+    for n in 0..3 {
+        log.handle.append(None, vec![ping(n)]).await.unwrap();
+    }
+    assert_eq!(backlog.ahead(), 3);
+    let refused = log.handle.append(None, vec![ping(3)]).await;
+    assert!(matches!(refused, Err(LogError::Behind(3))), "{refused:?}");
+    // Other events have twice the room: dispatch goes on while pings wait.
+    for n in 0..3 {
+        let placed = log
+            .handle
+            .append(None, vec![place(10 + n, &format!("o{n}"))])
+            .await;
+        assert!(placed.is_ok(), "{placed:?}");
+    }
+    let refused = log.handle.append(None, vec![place(20, "o9")]).await;
+    assert!(matches!(refused, Err(LogError::Behind(6))), "{refused:?}");
+    // The dataflow catches up: appends are taken again, at the next offset.
+    backlog.progress(Time::MAX);
+    assert_eq!(backlog.ahead(), 0);
+    let next = log.handle.append(None, vec![ping(4)]).await.unwrap();
+    assert!(matches!(next, Appended::One { offset: 6, .. }), "{next:?}");
+    drop(log.handle);
+    log.writer.join().unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }

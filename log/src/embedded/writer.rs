@@ -4,6 +4,7 @@
 //! callers and hands the events to the dataflow. Between appends it sends
 //! clock ticks, so timers fire when nothing happens.
 
+use super::backlog::Backlog;
 use super::direct::DirectAppender;
 use super::format::{encode, AppendRecordRef};
 use super::space::Space;
@@ -67,17 +68,19 @@ pub(crate) struct Writer {
     buf: Vec<u8>,
     /// Failed writes are logged once per 10 s (a full disk fails them all).
     failures: Throttle,
+    /// Committed events not yet through the dataflow.
+    backlog: Arc<Backlog>,
 }
 
 impl Writer {
-    /// Opens `path` for appending after its records (which end at `end`),
-    /// going on from the log's last time and next offset.
+    /// Opens `path` for appending after its records (which end at byte
+    /// `end`), going on from the log's last time and next offset; the
+    /// ledger and the backlog are shared with the log's handles.
     pub(crate) fn open(
         path: &Path,
-        end: u64,
+        (end, last_time, next_offset): (u64, Time, u64),
         direct: bool,
-        ledger: Arc<Mutex<Ledger>>,
-        (last_time, next_offset): (Time, u64),
+        (ledger, backlog): (Arc<Mutex<Ledger>>, Arc<Backlog>),
         feed: mpsc::Sender<Feed>,
         ticks: Ticks,
     ) -> std::io::Result<Writer> {
@@ -113,6 +116,7 @@ impl Writer {
             unsent: Vec::new(),
             buf: Vec::new(),
             failures: Throttle::new(Duration::from_secs(10)),
+            backlog,
         })
     }
 
@@ -233,6 +237,9 @@ impl Writer {
                     answers.push((reply, answer));
                 }
                 drop(ledger);
+                if let Some(last) = events.last() {
+                    self.backlog.committed(last.time, events.len() as u64);
+                }
                 if self.unsent.is_empty() {
                     self.unsent = events;
                 } else {
