@@ -89,7 +89,7 @@ pub async fn openapi() -> Response {
 pub struct Contract;
 
 /// What each error status means, for every operation that can give it.
-const ERRORS: [(&str, &str); 9] = [
+const ERRORS: [(&str, &str); 10] = [
     (
         "400",
         "`invalid_json` or `unknown_field`: the body or the query is not of the expected shape \
@@ -119,6 +119,11 @@ const ERRORS: [(&str, &str); 9] = [
         "422",
         "`invalid_field`: the value of `field` is out of range or malformed, or the \
          `Idempotency-Key` was first used for a different request",
+    ),
+    (
+        "429",
+        "`too_many_requests`: over the rate limit of the token (or, without a valid token, \
+         of the address); retry after `Retry-After` seconds",
     ),
     (
         "503",
@@ -246,6 +251,7 @@ fn complete(path: &str, op: &mut Operation, is_event: bool, optional: &[String])
             "400" => with_body || by_query,
             "401" | "403" => secured,
             "413" | "415" | "503" => with_body,
+            "429" => true,
             "422" => with_body || by_path || by_query,
             // Declared by the handler where it applies.
             _ => responses.contains_key(code),

@@ -23,12 +23,14 @@
 //!   lifecycle ([`Threads`](service::Threads)).
 //! - [`server`]: the HTTP server loop and its limits (header and idle
 //!   time, a cap on connections, accept errors).
+//! - [`rate`]: rate limits per token and per address (429).
 //! - [`contract`]: the OpenAPI document of every handler, served at
 //!   `/openapi.json`.
 //! - [`commands`]: the other subcommands: `token`, `sim`, `replay`.
 
 pub mod commands;
 pub mod contract;
+pub mod rate;
 pub mod server;
 pub mod service;
 pub mod settings;

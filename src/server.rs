@@ -16,11 +16,13 @@
 //!   the quietest connection and tries again; errors are logged at a
 //!   bounded rate and never stop the loop.
 //!
+//! Each request carries its peer's address as `ConnectInfo<SocketAddr>`.
+//!
 //! Graceful shutdown as `axum::serve` does it: on `shutdown`, stop
 //! accepting, let each connection finish its request, then return.
 
 use axum::body::Body;
-use axum::extract::Request;
+use axum::extract::{ConnectInfo, Request};
 use axum::Router;
 use grabflow_log::throttle::Throttle;
 use hyper::body::Incoming;
@@ -88,9 +90,9 @@ pub async fn serve(
     let mut shutdown = pin!(shutdown);
     let mut errors = Throttle::new(Duration::from_secs(5));
     loop {
-        let stream = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => stream,
+                Ok(accepted) => accepted,
                 Err(e) => {
                     accept_failed(&e, &live, &mut errors).await;
                     continue;
@@ -107,11 +109,12 @@ pub async fn serve(
             activity,
             started,
         });
-        let service = TowerToHyperService::new(
-            router
-                .clone()
-                .map_request(|req: Request<Incoming>| req.map(Body::new)),
-        );
+        let service =
+            TowerToHyperService::new(router.clone().map_request(move |req: Request<Incoming>| {
+                let mut req = req.map(Body::new);
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            }));
         let (signal_tx, close_rx, live) = (signal_tx.clone(), close_rx.clone(), Arc::clone(&live));
         tokio::spawn(async move {
             let conn = hyper::server::conn::http1::Builder::new()

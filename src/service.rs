@@ -9,6 +9,7 @@
 //! with the panic in its log.
 
 use crate::contract;
+use crate::rate::{self, RateLimits};
 use crate::settings::Plan;
 use anyhow::Context;
 use axum::routing::get;
@@ -137,8 +138,11 @@ async fn stopping(threads: &Threads) {
 async fn serve_http(
     plan: &Plan,
     router: Router,
+    secret: &Secret,
     until: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let limits = RateLimits::new(plan.rate_limit, plan.rate_limit_address, secret.clone());
+    let router = router.layer(axum::middleware::from_fn_with_state(limits, rate::limit));
     let listener = tokio::net::TcpListener::bind(&plan.listen)
         .await
         .with_context(|| format!("listening on {}", plan.listen))?;
@@ -247,11 +251,11 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         ingress,
         EgressState {
             egress: egress.clone(),
-            secret,
+            secret: secret.clone(),
             stats,
         },
     );
-    let threads = serve_then_close(&plan, router, &egress, threads).await?;
+    let threads = serve_then_close(&plan, router, &secret, &egress, threads).await?;
     // The router (and with it every log handle) is gone: the embedded
     // writer stops, the feed closes, and the dataflow drains what the clock
     // has passed (Kafka's sources are stopped).
@@ -263,13 +267,14 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
 async fn serve_then_close(
     plan: &Plan,
     router: Router,
+    secret: &Secret,
     egress: &Arc<Egress>,
     threads: Threads,
 ) -> anyhow::Result<Threads> {
     let threads = Arc::new(threads);
     let watched = Arc::clone(&threads);
     let closing = Arc::clone(egress);
-    serve_http(plan, router, async move {
+    serve_http(plan, router, secret, async move {
         stopping(&watched).await;
         tracing::info!("shutting down: no new events; draining the dataflow");
         closing.close();
@@ -370,10 +375,20 @@ pub async fn ingress(plan: Plan) -> anyhow::Result<()> {
     let mut threads = Threads::default();
     threads.add(follower.into_thread());
     threads.add(following);
-    let router = ingress_app(Ingress { log, secret, grabs });
+    let router = ingress_app(Ingress {
+        log,
+        secret: secret.clone(),
+        grabs,
+    });
     let threads = Arc::new(threads);
     let watched = Arc::clone(&threads);
-    serve_http(&plan, router, async move { stopping(&watched).await }).await?;
+    serve_http(
+        &plan,
+        router,
+        &secret,
+        async move { stopping(&watched).await },
+    )
+    .await?;
     let threads = Arc::try_unwrap(threads)
         .map_err(|_| anyhow::anyhow!("the server still holds its threads"))?;
     finish(threads, None).await
@@ -435,10 +450,10 @@ pub async fn egress(plan: Plan) -> anyhow::Result<()> {
     threads.add(following.into_thread());
     let router = egress_app(EgressState {
         egress: egress.clone(),
-        secret,
+        secret: secret.clone(),
         stats: DataflowStats::default(),
     });
-    let threads = serve_then_close(&plan, router, &egress, threads).await?;
+    let threads = serve_then_close(&plan, router, &secret, &egress, threads).await?;
     finish(threads, None).await
 }
 

@@ -49,6 +49,16 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_backlog: Option<u64>,
+    /// Requests a second each valid token may make; over it, 429 with
+    /// Retry-After; 0 no limit [default: 100000].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<u32>,
+    /// Requests a second an address may make without a valid token; 0 no
+    /// limit [default: 100].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_limit_address: Option<u32>,
     /// Timely worker threads [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -151,6 +161,8 @@ const NAMES: &[&str] = &[
     "max_connections",
     "header_timeout",
     "max_backlog",
+    "rate_limit",
+    "rate_limit_address",
     "workers",
     "radius_m",
     "max_radius_m",
@@ -187,6 +199,8 @@ impl Settings {
             max_connections: Some(0),
             header_timeout: Some(Dur(Duration::from_secs(10))),
             max_backlog: Some(200_000),
+            rate_limit: Some(100_000),
+            rate_limit_address: Some(100),
             workers: Some(1),
             radius_m: Some(d.radius_m),
             max_radius_m: Some(d.max_radius_m),
@@ -304,6 +318,10 @@ pub struct Plan {
     /// Embedded log: events ahead of the dataflow beyond which pings are
     /// refused (0: never).
     pub max_backlog: u64,
+    /// Requests a second per valid token (0: no limit).
+    pub rate_limit: u32,
+    /// Requests a second per address without a valid token (0: no limit).
+    pub rate_limit_address: u32,
     /// Timely worker threads of this process.
     pub workers: usize,
     /// The embedded log's ticks.
@@ -392,6 +410,8 @@ impl Plan {
             data_dir: s.data_dir.unwrap_or_else(|| "./grabflow-data".into()),
             limits,
             max_backlog: s.max_backlog.unwrap_or(200_000),
+            rate_limit: s.rate_limit.unwrap_or(100_000),
+            rate_limit_address: s.rate_limit_address.unwrap_or(100),
             workers: s.workers.unwrap_or(1).max(1),
             ticks,
             dispatch,

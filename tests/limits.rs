@@ -183,3 +183,52 @@ async fn a_flood_of_pings_is_held_back_with_503s_not_memory() {
     assert!(peak <= 300, "peak RSS {peak} MiB over the 300 MiB bound");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_and_tokenless_addresses_are_rate_limited_with_429s() {
+    let dir = temp_dir();
+    let s = Server::start(&dir, &["--rate-limit", "30", "--rate-limit-address", "20"]);
+    s.wait_ready().await;
+    let (r1, r2) = (s.token("rider", Some("R1")), s.token("rider", Some("R2")));
+    let ping = serde_json::json!({"lat": 31.23, "lon": 121.47});
+    let post = |rider: &'static str, token: String| {
+        let (http, url, ping) = (s.http.clone(), s.url.clone(), ping.clone());
+        async move {
+            let r = http
+                .post(format!("{url}/v1/riders/{rider}/location"))
+                .bearer_auth(token)
+                .json(&ping)
+                .send()
+                .await
+                .unwrap();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            (r.status().as_u16(), retry)
+        }
+    };
+    // One rider's token: a second's worth, then 429 with Retry-After.
+    let mut statuses = Vec::new();
+    for _ in 0..100 {
+        statuses.push(post("R1", r1.clone()).await);
+    }
+    let accepted = statuses.iter().filter(|(s, _)| *s == 202).count();
+    let limited: Vec<_> = statuses.iter().filter(|(s, _)| *s == 429).collect();
+    assert!((30..=60).contains(&accepted), "{accepted} accepted");
+    assert!(!limited.is_empty() && limited.iter().all(|(_, r)| r.is_some_and(|r| r >= 1)));
+    assert_eq!(accepted + limited.len(), 100, "only 202 and 429");
+    // Another token has its own budget.
+    assert_eq!(post("R2", r2).await.0, 202);
+    // Bad tokens count against the address: 401s, then 429s.
+    let mut bad = Vec::new();
+    for n in 0..60 {
+        bad.push(post("R1", format!("forged-{n}")).await.0);
+    }
+    assert!(bad.iter().take(20).all(|&s| s == 401), "{bad:?}");
+    assert!(bad.contains(&429), "{bad:?}");
+    // The budget comes back with time.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(post("R1", r1).await.0, 202);
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -203,10 +203,19 @@ impl<T: HasSecret> HasSecret for Arc<T> {
 /// Extractor: the verified claims of the request's bearer token.
 pub struct Auth(pub Claims);
 
+/// The claims of a request's `Authorization: Bearer` token, verified
+/// already by a layer in front of the routes (the rate limit), left in the
+/// request's extensions so [`Auth`] does not verify it again.
+#[derive(Clone, Debug)]
+pub struct VerifiedBearer(pub Claims);
+
 impl<S: HasSecret + Send + Sync> FromRequestParts<S> for Auth {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        if let Some(VerifiedBearer(claims)) = parts.extensions.remove::<VerifiedBearer>() {
+            return Ok(Auth(claims));
+        }
         let secret = state.secret();
         let header = parts
             .headers

@@ -113,6 +113,11 @@ impl ApiError {
             message,
         )
     }
+    /// 429 `too_many_requests`: over a rate limit (the caller adds
+    /// `Retry-After`).
+    pub fn too_many_requests(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "too_many_requests", message)
+    }
     /// 503 `unavailable`.
     pub fn unavailable(message: impl Into<String>) -> Self {
         Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
