@@ -7,21 +7,32 @@ use anyhow::{bail, Context};
 use clap::Args;
 use grabflow_api::{DispatchConfig, Event, Id, Time};
 use grabflow_dataflow::replay::{replay, ReplayPlan};
-use grabflow_http::auth::{Claims, Role, Secret};
+use grabflow_http::auth::{default_ttl, Claims, Role, Secret};
 use grabflow_log::embedded;
 use std::io::{BufRead, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-/// Prints a token for `role` (and rider `id`) signed with the secret in `data_dir`.
-pub fn token(role: Role, id: Option<String>, data_dir: &Path) -> anyhow::Result<()> {
+/// Prints a token for `role` (and rider `id`) signed with the secret in
+/// `data_dir`, lasting `ttl` (else the role's default).
+pub fn token(
+    role: Role,
+    id: Option<String>,
+    data_dir: &Path,
+    ttl: Option<Duration>,
+) -> anyhow::Result<()> {
     let id = id.map(|i| Id::new(&i)).transpose().context("--id")?;
     if role == Role::Rider && id.is_none() {
         bail!("a rider token needs --id");
     }
     let secret = Secret::load_or_create(data_dir)?;
-    println!("{}", secret.sign(&Claims { role, id }));
+    let claims = Claims { role, id };
+    if ttl.is_some_and(|t| t < Duration::from_secs(1)) {
+        bail!("--ttl must be at least 1s");
+    }
+    let ttl = ttl.unwrap_or_else(|| default_ttl(role));
+    println!("{}", secret.sign_for(&claims, ttl));
     Ok(())
 }
 

@@ -47,6 +47,10 @@ enum Command {
         /// The data dir holding `secret.key` (created if missing).
         #[arg(long, env = "GRABFLOW_DATA_DIR", default_value = "./grabflow-data")]
         data_dir: PathBuf,
+        /// How long the token lasts [default: 12h for riders and ops, 30 days
+        /// for apps].
+        #[arg(long)]
+        ttl: Option<Dur>,
     },
     /// Drive a running grabflow like a city's traffic and report what happened.
     Sim(SimArgs),
@@ -107,7 +111,12 @@ fn main() -> anyhow::Result<()> {
         Command::Dataflow(s) => block_on(service::dataflow(s.plan()?)),
         Command::Egress(s) => block_on(service::egress(s.plan()?)),
         Command::Sim(args) => block_on(commands::sim(args)),
-        Command::Token { role, id, data_dir } => commands::token(role, id, &data_dir),
+        Command::Token {
+            role,
+            id,
+            data_dir,
+            ttl,
+        } => commands::token(role, id, &data_dir, ttl.map(|t| t.0)),
         Command::Log {
             action: LogAction::Verify { data_dir },
         } => commands::verify_log(&data_dir),

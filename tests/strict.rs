@@ -132,3 +132,38 @@ async fn bodies_are_json_objects_amounts_are_in_range_and_unknown_orders_are_not
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_token_is_refused() {
+    let dir = temp_dir();
+    let s = Server::start(&dir, &[]);
+    s.wait_ready().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_grabflow"))
+        .args([
+            "token",
+            "--role",
+            "rider",
+            "--id",
+            "R1",
+            "--ttl",
+            "1s",
+            "--data-dir",
+        ])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let short = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let ping = Some(json!({"lat": 31.23, "lon": 121.47}));
+    let (status, _) = s
+        .call("POST", "/v1/riders/R1/location", &short, ping.clone())
+        .await;
+    assert_eq!(status, 202);
+    tokio::time::sleep(std::time::Duration::from_millis(2100)).await;
+    let (status, b) = s.call("POST", "/v1/riders/R1/location", &short, ping).await;
+    assert_eq!(
+        (status, b["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{b}"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
