@@ -139,7 +139,7 @@ impl Modify for Contract {
             SecurityScheme::Http(
                 Http::builder()
                     .scheme(HttpAuthScheme::Bearer)
-                    .bearer_format("grabflow token")
+                    .bearer_format("JWT")
                     .description(Some(
                         "A token from `grabflow token --role app|rider|ops [--id RIDER]`.",
                     ))
