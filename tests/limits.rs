@@ -6,8 +6,7 @@
 mod common;
 
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -15,35 +14,27 @@ use tokio::net::TcpStream;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_and_slow_connections_cannot_shut_out_a_new_request() {
     let dir = temp_dir();
-    let mut child = Command::new("bash")
-        .args([
-            "-c",
-            "ulimit -n 1024 && exec \"$0\" \"$@\"",
-            env!("CARGO_BIN_EXE_grabflow"),
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--header-timeout",
-            "2s",
-            "--data-dir",
-        ])
-        .arg(&dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    let mut cmd = Command::new("bash");
+    cmd.args([
+        "-c",
+        "ulimit -n 1024 && exec \"$0\" \"$@\"",
+        env!("CARGO_BIN_EXE_grabflow"),
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--header-timeout",
+        "2s",
+        "--data-dir",
+    ])
+    .arg(&dir);
+    let s = Server::from_command(cmd, &dir);
+    s.wait_ready().await;
+    let url = s.url.clone();
     let addr = url.trim_start_matches("http://").to_string();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(0)
         .build()
         .unwrap();
-    let ready = http.get(format!("{url}/readyz")).send().await.unwrap();
-    assert_eq!(ready.status().as_u16(), 200);
 
     // 1 100 connections that send nothing, more than the server has
     // descriptors for.
@@ -110,8 +101,7 @@ async fn idle_and_slow_connections_cannot_shut_out_a_new_request() {
     // Still serving.
     let r = http.get(format!("{url}/healthz")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -129,8 +119,8 @@ fn peak_rss_mib(pid: u32) -> u64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_pings_is_held_back_with_503s_not_memory() {
     let dir = temp_dir();
-    // A backlog small enough that the pings' own 10 ms cadence exceeds it.
-    let s = Server::start(&dir, &["--max-backlog", "5000"]);
+    // A backlog of two batches: the pings' own 10 ms cadence exceeds it.
+    let s = Server::start(&dir, &["--max-backlog", "2000"]);
     s.wait_ready().await;
     let app = s.token("app", None);
     let url = s.url.clone();
@@ -210,19 +200,25 @@ async fn tokens_and_tokenless_addresses_are_rate_limited_with_429s() {
     };
     // One rider's token: a second's worth, then 429 with Retry-After.
     let mut statuses = Vec::new();
+    let started = Instant::now();
     for _ in 0..100 {
         statuses.push(post("R1", r1.clone()).await);
     }
+    // A second's worth at once, then 30 a second.
+    let most = 30 + (30.0 * started.elapsed().as_secs_f64()).ceil() as usize;
     let accepted = statuses.iter().filter(|(s, _)| *s == 202).count();
     let limited: Vec<_> = statuses.iter().filter(|(s, _)| *s == 429).collect();
-    assert!((30..=60).contains(&accepted), "{accepted} accepted");
+    assert!(
+        (30..=most).contains(&accepted),
+        "{accepted} accepted, at most {most}"
+    );
     assert!(!limited.is_empty() && limited.iter().all(|(_, r)| r.is_some_and(|r| r >= 1)));
     assert_eq!(accepted + limited.len(), 100, "only 202 and 429");
     // Another token has its own budget.
     assert_eq!(post("R2", r2).await.0, 202);
     // Bad tokens count against the address: 401s, then 429s.
     let mut bad = Vec::new();
-    for n in 0..60 {
+    for n in 0..200 {
         bad.push(post("R1", format!("forged-{n}")).await.0);
     }
     assert!(bad.iter().take(20).all(|&s| s == 401), "{bad:?}");

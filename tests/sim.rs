@@ -1,9 +1,11 @@
 //! The simulator drives a real `grabflow serve` through a short, fast-forwarded
 //! day; its report must agree with the server's own figures.
 
+mod common;
+
+use common::spawn_listening;
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 #[test]
 fn a_fast_forwarded_lunch_is_consistent_with_the_server_and_charted() {
@@ -11,29 +13,21 @@ fn a_fast_forwarded_lunch_is_consistent_with_the_server_and_charted() {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     // Server timings scaled by the simulation speed (180×): 30 s to grab, 60 s TTL.
-    let mut server = Command::new(env!("CARGO_BIN_EXE_grabflow"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--grab-timeout",
-            "170ms",
-            "--rider-ttl",
-            "340ms",
-            "--tick",
-            "10ms",
-        ])
-        .arg("--data-dir")
-        .arg(&dir)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_grabflow"));
+    cmd.args([
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--grab-timeout",
+        "170ms",
+        "--rider-ttl",
+        "340ms",
+        "--tick",
+        "10ms",
+    ])
+    .arg("--data-dir")
+    .arg(&dir);
+    let (mut server, url) = spawn_listening(&mut cmd);
     let (json, plots) = (dir.join("report.json"), dir.join("plots"));
     let out = Command::new(env!("CARGO_BIN_EXE_grabflow"))
         .args([

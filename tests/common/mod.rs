@@ -42,6 +42,31 @@ pub fn exit_within(child: &mut Child, within: Duration) -> Option<std::process::
     None
 }
 
+/// Starts `cmd` (a `grabflow` role with `--listen 127.0.0.1:0`) and reads
+/// the URL it prints as it starts listening.
+pub fn spawn_listening(cmd: &mut Command) -> (Child, String) {
+    let mut child = cmd
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .expect("listening line")
+        .to_string();
+    assert!(
+        url.starts_with("http://127.0.0.1:"),
+        "unexpected first line {line:?}"
+    );
+    (child, url)
+}
+
 pub fn rand_suffix() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(Instant::now())
@@ -54,28 +79,17 @@ impl Server {
 
     /// Starts `grabflow {role}` (serve, ingress or egress) on a free port.
     pub fn start_role(role: &str, dir: &Path, extra: &[&str]) -> Server {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_grabflow"))
-            .args([role, "--listen", "127.0.0.1:0", "--data-dir"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_grabflow"));
+        cmd.args([role, "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir)
-            .args(extra)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .spawn()
-            .expect("the binary starts");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let url = line
-            .trim()
-            .rsplit(' ')
-            .next()
-            .expect("listening line")
-            .to_string();
-        assert!(
-            url.starts_with("http://127.0.0.1:"),
-            "unexpected first line {line:?}"
-        );
+            .args(extra);
+        Server::from_command(cmd, dir)
+    }
+
+    /// Starts `cmd`, a server listening on a free port, and waits for the
+    /// line that says where.
+    pub fn from_command(mut cmd: Command, dir: &Path) -> Server {
+        let (child, url) = spawn_listening(&mut cmd);
         Server {
             child,
             url,
