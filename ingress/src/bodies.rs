@@ -167,4 +167,76 @@ mod tests {
             Some("rider_id")
         );
     }
+
+    /// What a parser may answer for a bad body: a 4xx naming it, never a panic.
+    fn well_formed<T: serde::de::DeserializeOwned>(bytes: &[u8]) {
+        if let Err(e) = parse::<T>(bytes) {
+            assert!(
+                ["invalid_json", "unknown_field", "invalid_field"].contains(&e.code),
+                "{}",
+                e.code
+            );
+            assert!(e.status.is_client_error());
+        }
+    }
+
+    /// Every body parser, on one input.
+    fn every_body(bytes: &[u8]) {
+        well_formed::<MerchantBody>(bytes);
+        well_formed::<ShiftBody>(bytes);
+        well_formed::<LocationBody>(bytes);
+        well_formed::<Vec<BatchPing>>(bytes);
+        well_formed::<OrderBody>(bytes);
+        well_formed::<CancelBody>(bytes);
+        well_formed::<EmptyBody>(bytes);
+        well_formed::<CompensationBody>(bytes);
+        well_formed::<ReassignBody>(bytes);
+    }
+
+    /// JSON values of every shape, with the bodies' field names likely.
+    fn json() -> impl proptest::strategy::Strategy<Value = serde_json::Value> {
+        use proptest::prelude::*;
+        use serde_json::Value;
+        let name = prop_oneof![
+            Just("lat".to_string()),
+            Just("lon".to_string()),
+            Just("rider_id".to_string()),
+            Just("order_id".to_string()),
+            Just("merchant_id".to_string()),
+            Just("dropoff".to_string()),
+            Just("amount_cents".to_string()),
+            Just("online".to_string()),
+            Just("capacity".to_string()),
+            "[a-z_]{0,12}",
+        ];
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            "\\PC{0,16}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                proptest::collection::btree_map(name.clone(), inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(2_000))]
+
+        #[test]
+        fn any_bytes_get_a_4xx_never_a_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            every_body(&bytes);
+        }
+
+        #[test]
+        fn any_json_gets_a_4xx_never_a_panic(value in json()) {
+            every_body(&serde_json::to_vec(&value).unwrap());
+        }
+    }
 }
