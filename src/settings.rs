@@ -339,22 +339,27 @@ pub struct Plan {
 impl Plan {
     /// Checks `s` (layered: every defaulted setting is there).
     fn new(s: Settings) -> anyhow::Result<Plan> {
+        // Each setting, else its default: the defaults live in
+        // `Settings::defaults` alone (layering has put them in already).
         let d = Settings::defaults();
-        let ms = |v: Option<Dur>, d: Option<Dur>| v.or(d).map_or(0, |v| v.0.as_millis() as Time);
+        fn pick<T: Default>(v: Option<T>, d: Option<T>) -> T {
+            v.or(d).unwrap_or_default()
+        }
+        let dur = |v: Option<Dur>, d: Option<Dur>| v.or(d).map_or(Duration::ZERO, |v| v.0);
+        let ms = |v, d| dur(v, d).as_millis() as Time;
         let dispatch = DispatchConfig {
-            radius_m: s.radius_m.or(d.radius_m).unwrap_or_default(),
-            max_radius_m: s.max_radius_m.or(d.max_radius_m).unwrap_or_default(),
-            radius_growth: s.radius_growth.or(d.radius_growth).unwrap_or_default(),
-            offers: s.offers.or(d.offers).unwrap_or_default(),
+            radius_m: pick(s.radius_m, d.radius_m),
+            max_radius_m: pick(s.max_radius_m, d.max_radius_m),
+            radius_growth: pick(s.radius_growth, d.radius_growth),
+            offers: pick(s.offers, d.offers),
             grab_timeout_ms: ms(s.grab_timeout, d.grab_timeout),
             rider_ttl_ms: ms(s.rider_ttl, d.rider_ttl),
-            default_capacity: s.capacity.or(d.capacity).unwrap_or_default(),
+            default_capacity: pick(s.capacity, d.capacity),
             dedup_window_ms: DispatchConfig::default().dedup_window_ms,
         };
         if let Err((field, why)) = dispatch.validate() {
             bail!("setting {field} {why}");
         }
-        let dur = |v: Option<Dur>, d: Option<Dur>| v.or(d).map_or(Duration::ZERO, |v| v.0);
         let ticks = Ticks {
             idle: dur(s.tick, d.tick),
             pings: dur(s.ping_tick, d.ping_tick),
@@ -366,7 +371,7 @@ impl Plan {
         if header_timeout.is_zero() {
             bail!("--header-timeout must be positive");
         }
-        let limits = Limits::new(s.max_connections.unwrap_or(0), header_timeout);
+        let limits = Limits::new(pick(s.max_connections, d.max_connections), header_timeout);
         let kafka = match &s.kafka {
             Some(brokers) => {
                 let mut k = KafkaConfig::new(brokers);
@@ -387,11 +392,11 @@ impl Plan {
             None => None,
         };
         let redis = s.redis.clone().map(|url| {
-            let prefix = s.redis_prefix.clone().unwrap_or_else(|| "grabflow:".into());
+            let prefix = pick(s.redis_prefix.clone(), d.redis_prefix.clone());
             (url, prefix)
         });
-        let processes = s.processes.unwrap_or(1).max(1);
-        let process = s.process.unwrap_or(0);
+        let processes = pick(s.processes, d.processes).max(1);
+        let process = pick(s.process, d.process);
         let hosts: Vec<String> = s
             .hosts
             .iter()
@@ -406,13 +411,13 @@ impl Plan {
             bail!("--process must be below --processes");
         }
         Ok(Plan {
-            listen: s.listen.unwrap_or_else(|| "127.0.0.1:8080".into()),
-            data_dir: s.data_dir.unwrap_or_else(|| "./grabflow-data".into()),
+            listen: pick(s.listen, d.listen),
+            data_dir: pick(s.data_dir, d.data_dir),
             limits,
-            max_backlog: s.max_backlog.unwrap_or(200_000),
-            rate_limit: s.rate_limit.unwrap_or(100_000),
-            rate_limit_address: s.rate_limit_address.unwrap_or(100),
-            workers: s.workers.unwrap_or(1).max(1),
+            max_backlog: pick(s.max_backlog, d.max_backlog),
+            rate_limit: pick(s.rate_limit, d.rate_limit),
+            rate_limit_address: pick(s.rate_limit_address, d.rate_limit_address),
+            workers: pick(s.workers, d.workers).max(1),
             ticks,
             dispatch,
             kafka,
