@@ -255,29 +255,32 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
             stats,
         },
     );
-    let threads = serve_then_close(&plan, router, &secret, &egress, threads).await?;
+    let threads = serve_then_close(&plan, router, &secret, Some(&egress), threads).await?;
     // The router (and with it every log handle) is gone: the embedded
     // writer stops, the feed closes, and the dataflow drains what the clock
     // has passed (Kafka's sources are stopped).
     finish(threads, input.sink).await
 }
 
-/// Serves `router` until the process should stop, then ends the rider
-/// streams of `egress`; hands `threads` back to be finished.
+/// Serves `router` until the process should stop (a signal, or one of
+/// `threads` ending), then ends the rider streams of `egress` if there is
+/// one; hands `threads` back to be finished.
 async fn serve_then_close(
     plan: &Plan,
     router: Router,
     secret: &Secret,
-    egress: &Arc<Egress>,
+    egress: Option<&Arc<Egress>>,
     threads: Threads,
 ) -> anyhow::Result<Threads> {
     let threads = Arc::new(threads);
     let watched = Arc::clone(&threads);
-    let closing = Arc::clone(egress);
+    let closing = egress.map(Arc::clone);
     serve_http(plan, router, secret, async move {
         stopping(&watched).await;
-        tracing::info!("shutting down: no new events; draining the dataflow");
-        closing.close();
+        if let Some(egress) = closing {
+            tracing::info!("shutting down: no new events; draining the dataflow");
+            egress.close();
+        }
     })
     .await?;
     Arc::try_unwrap(threads).map_err(|_| anyhow::anyhow!("the server still holds its threads"))
@@ -380,17 +383,7 @@ pub async fn ingress(plan: Plan) -> anyhow::Result<()> {
         secret: secret.clone(),
         grabs,
     });
-    let threads = Arc::new(threads);
-    let watched = Arc::clone(&threads);
-    serve_http(
-        &plan,
-        router,
-        &secret,
-        async move { stopping(&watched).await },
-    )
-    .await?;
-    let threads = Arc::try_unwrap(threads)
-        .map_err(|_| anyhow::anyhow!("the server still holds its threads"))?;
+    let threads = serve_then_close(&plan, router, &secret, None, threads).await?;
     finish(threads, None).await
 }
 
@@ -453,7 +446,7 @@ pub async fn egress(plan: Plan) -> anyhow::Result<()> {
         secret: secret.clone(),
         stats: DataflowStats::default(),
     });
-    let threads = serve_then_close(&plan, router, &secret, &egress, threads).await?;
+    let threads = serve_then_close(&plan, router, &secret, Some(&egress), threads).await?;
     finish(threads, None).await
 }
 
