@@ -60,7 +60,8 @@ use utoipa::{Modify, OpenApi};
         grabflow_ingress::bodies::ReassignBody,
         grabflow_ingress::routes::Accepted,
         grabflow_ingress::routes::BatchAccepted,
-        grabflow_http::grab::GrabAnswer,
+        grabflow_http::waiter::GrabAnswer,
+        grabflow_http::waiter::StepAnswer,
         grabflow_ingress::routes::GrabPending,
         grabflow_http::error::ErrorBody,
         grabflow_egress::view::RiderMessage,
@@ -104,7 +105,7 @@ const ERRORS: [(&str, &str); 10] = [
         "`forbidden`: the token's role, or its rider, may not make this call",
     ),
     ("404", "`not_found`: the id in `field` is not known"),
-    ("409", "`conflict`: an order with this id exists"),
+    ("409", "`conflict`: an order with this id exists; on a pickup or delivery, `not_assigned` or `wrong_state`"),
     (
         "413",
         "`too_large`: the body is over the limit (the connection is closed)",
@@ -259,8 +260,14 @@ fn complete(path: &str, op: &mut Operation, is_event: bool, optional: &[String])
         if !applies {
             continue;
         }
+        // A handler's own description of the error (what 409 means on this
+        // call) is kept; the generic one fills in where it has none.
+        let described = match responses.get(code) {
+            Some(RefOr::T(r)) if !r.description.is_empty() => r.description.clone(),
+            _ => meaning.to_string(),
+        };
         let error = ResponseBuilder::new()
-            .description(meaning)
+            .description(described)
             .content(
                 "application/json",
                 ContentBuilder::new()

@@ -18,13 +18,13 @@ use grabflow_api::lifecycle::{Stop, Thread};
 use grabflow_api::Time;
 use grabflow_dataflow::runtime::{self, Fanout, Observer};
 use grabflow_dataflow::stats::DataflowStats;
-use grabflow_egress::grabs::follow_grabs;
 use grabflow_egress::kafka::{follow, OutputSink};
 use grabflow_egress::redis::RedisMirror;
 use grabflow_egress::state::EgressState;
+use grabflow_egress::verdicts::follow_verdicts;
 use grabflow_egress::view::Egress;
 use grabflow_http::auth::Secret;
-use grabflow_http::grab::GrabResults;
+use grabflow_http::waiter::Waiting;
 use grabflow_ingress::Ingress;
 use grabflow_log::embedded::backlog::Backlog;
 use grabflow_log::kafka::{ensure_topics, KafkaSources};
@@ -245,7 +245,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     let ingress = Ingress {
         log: input.log,
         secret: secret.clone(),
-        grabs: egress.clone(),
+        waiter: egress.clone(),
     };
     let router = app(
         ingress,
@@ -367,10 +367,10 @@ pub async fn ingress(plan: Plan) -> anyhow::Result<()> {
     let k = plan.kafka()?.clone();
     ensure_topics(&k).await.context("creating the topics")?;
     let secret = Secret::load_or_create(&plan.data_dir)?;
-    let grabs = Arc::new(GrabResults::default());
-    let waiters = Arc::clone(&grabs);
+    let waiting = Arc::new(Waiting::default());
+    let waiters = Arc::clone(&waiting);
     let (log, follower, following) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let following = follow_grabs(&k, waiters)?;
+        let following = follow_verdicts(&k, waiters)?;
         let (log, follower) = kafka::open(&k, CATCH_UP)?;
         Ok((log, follower, following))
     })
@@ -381,7 +381,7 @@ pub async fn ingress(plan: Plan) -> anyhow::Result<()> {
     let router = ingress_app(Ingress {
         log,
         secret: secret.clone(),
-        grabs,
+        waiter: waiting,
     });
     let threads = serve_then_close(&plan, router, &secret, None, threads).await?;
     finish(threads, None).await

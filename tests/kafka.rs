@@ -317,6 +317,20 @@ async fn a_full_order_life_cycle_through_kafka_with_its_outputs_on_topics() {
             ("closed", "completed")
         ]
     );
+    // The transitions topic names each transition's cause, and carries the
+    // wrong rider's and the second pickup's rejections.
+    let transitions: Vec<&Value> = all.iter().filter(|v| v["type"] == "transition").collect();
+    assert!(transitions[0]["event"].is_string(), "placed by its event");
+    assert!(
+        transitions[1].get("event").is_none(),
+        "offered by the offer pass"
+    );
+    let rejected: Vec<&str> = all
+        .iter()
+        .filter(|v| v["type"] == "rejected")
+        .map(|v| v["reason"].as_str().unwrap())
+        .collect();
+    assert_eq!(rejected, ["not_assigned_rider", "invalid_state"]);
     assert!(all
         .iter()
         .any(|v| v["type"] == "grab_decided" && v["outcome"]["result"] == "won"));

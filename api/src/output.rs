@@ -204,6 +204,11 @@ pub enum Output {
         reason: TransitionReason,
         /// The assigned rider, when there is one.
         rider: Option<Id>,
+        /// The event that caused it (its id); none when a timer or the
+        /// offer pass did. A rider's pickup or delivery call waits for the
+        /// transition its event caused, or for its rejection.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        event: Option<Id>,
     },
     /// An event had no effect.
     Rejected {
@@ -307,6 +312,7 @@ mod tests {
                 to: OrderState::Created,
                 reason: TransitionReason::Placed,
                 rider: None,
+                event: Some(id()),
             },
             Output::Rejected {
                 event: id(),

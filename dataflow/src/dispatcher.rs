@@ -133,6 +133,8 @@ pub struct Dispatcher {
     dirty: BTreeSet<Id>,
     /// Riders that may have become a candidate in this millisecond.
     woken: FxHashSet<Id>,
+    /// The event being applied: the cause its transitions name.
+    cause: Option<Id>,
 }
 
 impl Dispatcher {
@@ -146,6 +148,7 @@ impl Dispatcher {
             orders: FxHashMap::default(),
             watch: FxHashMap::default(),
             timers: BTreeMap::new(),
+            cause: None,
             new_timer_times: Vec::new(),
             dirty: BTreeSet::new(),
             woken: FxHashSet::default(),
@@ -214,6 +217,13 @@ impl Dispatcher {
     /// Step 3: one order event (merchant, order or ops event) at `t`.
     /// Location pings and shifts arrive through steps 1a/1b instead.
     pub fn apply_event(&mut self, event: &Event, t: Time, out: &mut Vec<Output>) {
+        self.cause = Some(event.id.clone());
+        self.on_event(event, t, out);
+        self.cause = None;
+    }
+
+    /// [`Dispatcher::apply_event`], with `cause` set.
+    fn on_event(&mut self, event: &Event, t: Time, out: &mut Vec<Output>) {
         let id = &event.id;
         match &event.kind {
             EventKind::MerchantUpserted { merchant, at, open } => {
@@ -288,6 +298,7 @@ impl Dispatcher {
             to: OrderState::Created,
             reason: Why::Placed,
             rider: None,
+            event: Some(event.clone()),
         });
         let deadline = t + u64::from(promised_minutes.max(1)) * 60_000;
         self.set_timer(deadline, order.clone(), Timer::Deadline);
@@ -560,6 +571,7 @@ impl Dispatcher {
             to,
             reason,
             rider: o.rider.clone(),
+            event: self.cause.clone(),
         });
     }
 

@@ -162,7 +162,14 @@ impl Reference {
             }
         }
         for e in &events {
+            let start = out.len();
             self.on_event(e, t, &mut out);
+            // Every transition an event makes names it as the cause.
+            for o in &mut out[start..] {
+                if let Output::Transition { event, .. } = o {
+                    *event = Some(e.id.clone());
+                }
+            }
         }
         self.offer_waiting(t, &mut out);
         out
@@ -231,6 +238,7 @@ impl Reference {
             to,
             reason,
             rider: o.rider.clone(),
+            event: None,
         });
     }
 
@@ -356,6 +364,7 @@ impl Reference {
                     to: Created,
                     reason: Why::Placed,
                     rider: None,
+                    event: None,
                 });
                 let due = t + 60_000 * u64::from((*promised_minutes).max(1));
                 self.timers

@@ -10,8 +10,8 @@
 //! ## Layout
 //!
 //! - [`view`]: [`Egress`](view::Egress), the live view fed by the dataflow
-//!   runtime (it implements the runtime's `Observer` and the grab call's
-//!   `GrabWaiter`). An offer leaves for a rider in `Egress::decisions`,
+//!   runtime (it implements the runtime's `Observer` and the waiting
+//!   calls' `Waiter`). An offer leaves for a rider in `Egress::decisions`,
 //!   which puts it in the rider's ring and wakes the rider's stream.
 //! - [`state`]: [`EgressState`](state::EgressState), what the routes share.
 //! - [`streams`]: the rider streams (WebSocket and SSE) reading the rings.
@@ -20,13 +20,14 @@
 //! - [`kafka`]: the output topics: the sink writing decisions and the index
 //!   (exactly once across restarts), and the follower that feeds a split
 //!   egress process's view from the topics.
-//! - [`grabs`]: a split ingress's grab calls, answered from the grabs topic.
+//! - [`verdicts`]: a split ingress's waiting calls (grabs, pickups,
+//!   deliveries), answered from the grabs and transitions topics.
 //! - [`redis`]: the Redis mirror of the index and live orders.
 
-pub mod grabs;
 pub mod kafka;
 pub mod redis;
 pub mod routes;
 pub mod state;
 pub mod streams;
+pub mod verdicts;
 pub mod view;

@@ -1,7 +1,8 @@
 //! The live view egress serves, kept from what the dataflow emits.
 //!
 //! [`Egress`] implements the dataflow runtime's `Observer` (events, decisions,
-//! index changes, progress) and the grab call's `GrabWaiter`. It keeps:
+//! index changes, progress) and the waiting calls' [`Waiter`] (grabs,
+//! pickups, deliveries). It keeps:
 //! - each order's state and history, each rider's position, shift and load,
 //!   and the rider index by cell (for merchant→rider queries);
 //! - per rider, the stream of messages with a monotonically increasing `seq`
@@ -10,7 +11,7 @@
 //!   log, so they survive a restart.
 
 use foldhash::HashMap;
-use grabflow_api::output::{TransitionReason, WithdrawReason};
+use grabflow_api::output::{RejectReason, TransitionReason, WithdrawReason};
 use grabflow_api::{
     Coord, DispatchConfig, Event, EventKind, GrabOutcome, Id, OrderState, Output, Time,
 };
@@ -19,8 +20,8 @@ use grabflow_dataflow::riders::RiderTables;
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
 use grabflow_http::extract::IdSchema;
-use grabflow_http::grab::{GrabAnswer, GrabResults, GrabWaiter};
-use serde::Serialize;
+use grabflow_http::waiter::{self, verdict_of, Expect, GrabAnswer, Verdict, Waiter, Waiting};
+use serde::{Serialize, Serializer};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
@@ -97,10 +98,11 @@ pub struct RiderView {
     pub load: u32,
 }
 
-/// One step of an order's history.
+/// One step of an order's history: a transition, or an event that had no
+/// effect on the order.
 #[derive(Clone, Debug, Serialize, ToSchema)]
 pub struct HistoryItem {
-    /// The state entered.
+    /// The state entered (for a rejected event, the state the order stayed in).
     #[schema(value_type = String)]
     pub state: OrderState,
     /// When, Unix ms (log time).
@@ -109,9 +111,36 @@ pub struct HistoryItem {
     /// Why: `placed`, `offered`, `grab_timeout`, `grabbed`,
     /// `deadline_passed`, `picked_up`, `delivered`, `completed`,
     /// `compensation_due`, `compensated`, `cancelled`, `redispatched`,
-    /// `reassigned`.
+    /// `reassigned`; or `rejected` for an event that had no effect.
     #[schema(value_type = String)]
-    pub reason: TransitionReason,
+    pub reason: Step,
+    /// The event that caused it; absent when a timer or the offer pass did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub event_id: Option<Id>,
+    /// For a rejected event, why, as its call's 409 code: `not_assigned`
+    /// (not the assigned rider), `wrong_state`, `conflict` (placed twice).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub rejected: Option<&'static str>,
+}
+
+/// What a history step records: a transition's reason, or a rejection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The order moved, for this reason.
+    Moved(TransitionReason),
+    /// The event had no effect.
+    Rejected(RejectReason),
+}
+
+impl Serialize for Step {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Step::Moved(reason) => reason.serialize(s),
+            Step::Rejected(_) => s.serialize_str("rejected"),
+        }
+    }
 }
 
 /// An order as queried.
@@ -165,7 +194,7 @@ pub struct Egress {
     pub cfg: DispatchConfig,
     view: RwLock<View>,
     counters: Mutex<Counters>,
-    waiters: GrabResults,
+    waiters: Waiting,
     /// The dataflow has delivered every decision before this log time.
     progress: AtomicU64,
     /// Ready once progress passes the end of the replayed log.
@@ -197,7 +226,7 @@ impl Egress {
             cfg,
             view: RwLock::default(),
             counters: Mutex::default(),
-            waiters: GrabResults::default(),
+            waiters: Waiting::default(),
             progress: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             replay_until: AtomicU64::new(replay_until),
@@ -381,9 +410,8 @@ impl Observer for Egress {
         let Decisions {
             woken, resolved, ..
         } = batch;
-        for (attempt, outcome) in resolved {
-            self.waiters.resolve(&attempt, outcome);
-        }
+        self.waiters
+            .resolve(resolved.iter().map(|(event, verdict)| (event, *verdict)));
         for n in woken {
             n.notify_waiters();
         }
@@ -410,14 +438,17 @@ struct Decisions<'e> {
     counters: MutexGuard<'e, Counters>,
     /// Rider streams given a message.
     woken: Vec<Arc<Notify>>,
-    /// Grab attempts decided, for the grab calls waiting on them.
-    resolved: Vec<(Id, GrabOutcome)>,
+    /// What became of events, for the calls waiting on them.
+    resolved: Vec<(Id, Verdict)>,
 }
 
 impl Decisions<'_> {
     /// Applies decision `o`, made at `t`.
     fn apply(&mut self, t: Time, o: Output) {
         *self.counters.decisions.entry(o.name()).or_default() += 1;
+        if let Some((event, verdict)) = verdict_of(&o) {
+            self.resolved.push((event.clone(), verdict));
+        }
         match o {
             Output::Offered {
                 order,
@@ -438,11 +469,11 @@ impl Decisions<'_> {
                 reason,
             } => self.unassigned(&order, &rider, reason),
             Output::GrabDecided {
-                attempt,
                 order,
                 rider,
                 outcome,
-            } => self.grab_decided(attempt, &order, &rider, outcome),
+                ..
+            } => self.grab_decided(&order, &rider, outcome),
             Output::Assigned { order, rider } => self.assigned(&order, &rider),
             Output::Transition {
                 order,
@@ -451,15 +482,23 @@ impl Decisions<'_> {
                 to,
                 reason,
                 rider,
+                event,
             } => {
                 let step = HistoryItem {
                     state: to,
                     at: t,
-                    reason,
+                    reason: Step::Moved(reason),
+                    event_id: event,
+                    rejected: None,
                 };
                 self.transition(order, merchant, from, step, rider)
             }
-            Output::Rejected { .. } => {}
+            Output::Rejected {
+                event,
+                order: Some(order),
+                reason,
+            } => self.rejected(t, &order, event, reason),
+            Output::Rejected { order: None, .. } => {}
         }
     }
 
@@ -504,7 +543,7 @@ impl Decisions<'_> {
 
     /// A grab decided: counted, on the rider's stream, and answered to the
     /// grab call waiting for it.
-    fn grab_decided(&mut self, attempt: Id, order: &Id, rider: &Id, outcome: GrabOutcome) {
+    fn grab_decided(&mut self, order: &Id, rider: &Id, outcome: GrabOutcome) {
         match outcome {
             GrabOutcome::Won => self.counters.grabs_won += 1,
             GrabOutcome::Lost(reason) => {
@@ -523,7 +562,20 @@ impl Decisions<'_> {
             order_id: order,
             answer: GrabAnswer::from(outcome),
         });
-        self.resolved.push((attempt, outcome));
+    }
+
+    /// An event on a known order had no effect: it stays in the order's
+    /// history (a wrong rider's delivery is visible to ops).
+    fn rejected(&mut self, t: Time, order: &Id, event: Id, reason: RejectReason) {
+        if let Some(o) = self.view.orders.get_mut(order) {
+            o.history.push(HistoryItem {
+                state: o.state,
+                at: t,
+                reason: Step::Rejected(reason),
+                event_id: Some(event),
+                rejected: Some(waiter::rejection(reason).0),
+            });
+        }
     }
 
     /// An order now the rider's: one order more on the rider, and on their
@@ -582,12 +634,12 @@ impl Decisions<'_> {
     }
 }
 
-impl GrabWaiter for Egress {
-    fn expect(&self, attempt: &Id) -> oneshot::Receiver<GrabOutcome> {
-        self.waiters.expect(attempt)
+impl Waiter for Egress {
+    fn expect(&self, event: &Id, what: Expect) -> oneshot::Receiver<Verdict> {
+        self.waiters.expect(event, what)
     }
 
-    fn forget(&self, attempt: &Id) {
-        self.waiters.forget(attempt);
+    fn forget(&self, event: &Id) {
+        self.waiters.forget(event);
     }
 }

@@ -101,6 +101,11 @@ impl ApiError {
     pub fn conflict(message: impl Into<String>) -> Self {
         Self::new(StatusCode::CONFLICT, "conflict", message)
     }
+    /// 409 with its own code: an appended event the dataflow rejected
+    /// (`not_assigned`, `wrong_state`).
+    pub fn rejected(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, code, message)
+    }
     /// 426 `upgrade_required`: a WebSocket path asked without the handshake.
     pub fn upgrade_required(message: impl Into<String>) -> Self {
         Self::new(StatusCode::UPGRADE_REQUIRED, "upgrade_required", message)

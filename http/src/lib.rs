@@ -12,11 +12,12 @@
 //!   `{"error": {"code", "message", "field"?}}`, and its body's schema.
 //! - [`extract`]: the JSON body and query extractors that name the field
 //!   at fault, the checks of ids and positions, the `Id` schema.
-//! - [`grab`]: a grab call waiting for its decision, and the answer.
+//! - [`waiter`]: a call waiting for what the dataflow made of its event (a
+//!   grab's decision, a pickup's transition or rejection), and the answers.
 
 pub mod auth;
 pub mod error;
 pub mod extract;
-pub mod grab;
+pub mod waiter;
 
 pub use error::ApiError;

@@ -8,10 +8,10 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{post, put};
 use axum::{Json, Router};
-use grabflow_api::{EventKind, Id};
+use grabflow_api::{EventKind, Id, RejectReason};
 use grabflow_http::auth::{Auth, Claims, HasSecret, Role, Secret};
 use grabflow_http::extract::{self as wire, JsonBody, JsonList};
-use grabflow_http::grab::{GrabAnswer, GrabWaiter, GRAB_WAIT};
+use grabflow_http::waiter::{self, Expect, GrabAnswer, StepAnswer, Verdict, Waiter, WAIT};
 use grabflow_http::ApiError;
 use grabflow_log::{Appended, LogError, LogHandle};
 use serde::Serialize;
@@ -32,8 +32,9 @@ pub struct Ingress {
     pub log: LogHandle,
     /// Verifies tokens.
     pub secret: Secret,
-    /// Waits for grab decisions.
-    pub grabs: Arc<dyn GrabWaiter>,
+    /// Waits for what the dataflow made of an event (grabs, pickups,
+    /// deliveries).
+    pub waiter: Arc<dyn Waiter>,
 }
 
 impl HasSecret for Ingress {
@@ -167,6 +168,59 @@ impl Ingress {
         claims.require(roles, None)?;
         let order = self.order(order_id)?;
         self.append_one(key, kind(order)?).await
+    }
+
+    /// A rider's pickup or delivery: appended, then answered with what the
+    /// dataflow made of it (200 with the order's state, 409 with the
+    /// rejection), or 202 when that takes longer than [`WAIT`].
+    async fn rider_step(
+        &self,
+        claims: &Claims,
+        order_id: &str,
+        key: Option<String>,
+        kind: impl FnOnce(Id, Id) -> EventKind,
+    ) -> Result<Response, ApiError> {
+        claims.require(&[Role::Rider], None)?;
+        let rider = Ingress::rider_of(claims)?;
+        let order = self.order(order_id)?;
+        let event = Id::new_event();
+        let verdict = self.waiter.expect(&event, Expect::Step);
+        let kind = kind(order.clone(), rider);
+        let appended = match self.log.append(key, vec![(event.clone(), kind)]).await {
+            Ok(a) => a,
+            Err(e) => {
+                self.waiter.forget(&event);
+                return Err(refused(e));
+            }
+        };
+        if !matches!(&appended, Appended::One { event_id, .. } if *event_id == event) {
+            // A retry with the same Idempotency-Key: the event was appended
+            // before, and is answered as accepted.
+            self.waiter.forget(&event);
+            return Ok(accepted(appended));
+        }
+        match tokio::time::timeout(WAIT, verdict).await {
+            Ok(Ok(Verdict::Applied(state))) => Ok((
+                StatusCode::OK,
+                Json(StepAnswer {
+                    event_id: event.to_string(),
+                    order_id: order.to_string(),
+                    state,
+                }),
+            )
+                .into_response()),
+            Ok(Ok(Verdict::Rejected(RejectReason::UnknownOrder))) => {
+                Err(ApiError::not_found("order_id", format!("no order {order}")))
+            }
+            Ok(Ok(Verdict::Rejected(reason))) => {
+                let (code, message) = waiter::rejection(reason);
+                Err(ApiError::rejected(code, message))
+            }
+            _ => {
+                self.waiter.forget(&event);
+                Ok(accepted(appended))
+            }
+        }
     }
 
     fn rider_of(claims: &Claims) -> Result<Id, ApiError> {
@@ -372,7 +426,7 @@ pub async fn post_grab(
     // An unknown order is a 404, and nothing is appended.
     let order = s.order(&order_id)?;
     let attempt = Id::new_event();
-    let decision = s.grabs.expect(&attempt);
+    let decision = s.waiter.expect(&attempt, Expect::Grab);
     let answer = s
         .log
         .append(
@@ -383,7 +437,7 @@ pub async fn post_grab(
     let answer = match answer {
         Ok(a) => a,
         Err(e) => {
-            s.grabs.forget(&attempt);
+            s.waiter.forget(&attempt);
             return Err(refused(e));
         }
     };
@@ -392,7 +446,7 @@ pub async fn post_grab(
     };
     if event_id != attempt {
         // A retried request (same Idempotency-Key): the decision was given before.
-        s.grabs.forget(&attempt);
+        s.waiter.forget(&attempt);
         return Ok((
             StatusCode::ACCEPTED,
             Json(GrabPending {
@@ -401,10 +455,12 @@ pub async fn post_grab(
         )
             .into_response());
     }
-    match tokio::time::timeout(GRAB_WAIT, decision).await {
-        Ok(Ok(outcome)) => Ok((StatusCode::OK, Json(GrabAnswer::from(outcome))).into_response()),
+    match tokio::time::timeout(WAIT, decision).await {
+        Ok(Ok(Verdict::Grab(outcome))) => {
+            Ok((StatusCode::OK, Json(GrabAnswer::from(outcome))).into_response())
+        }
         _ => {
-            s.grabs.forget(&attempt);
+            s.waiter.forget(&attempt);
             Ok((
                 StatusCode::ACCEPTED,
                 Json(GrabPending {
@@ -416,9 +472,14 @@ pub async fn post_grab(
     }
 }
 
-/// The assigned rider picked the food up.
+/// The assigned rider picked the food up; waits up to 2 s for the decision.
 #[utoipa::path(post, path = "/v1/orders/{order_id}/pickup", request_body = EmptyBody,
-    params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
+    params(("order_id" = String, Path)), responses(
+        (status = 200, description = "Applied: the order's state after it", body = StepAnswer),
+        (status = 202, description = "Durable, but not decided within 2 s (or a retry with the same Idempotency-Key): the order's history tells", body = Accepted),
+        (status = 404),
+        (status = 409, description = "Rejected, and kept in the order's history: `not_assigned` (the order is another rider's, or nobody's), `wrong_state` (already picked up, or not on its way)")),
+    security(("bearer" = [])))]
 pub async fn post_pickup(
     State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
@@ -426,19 +487,20 @@ pub async fn post_pickup(
     IdempotencyKey(key): IdempotencyKey,
     JsonBody(_b): JsonBody<EmptyBody>,
 ) -> Result<Response, ApiError> {
-    let rider = || Ingress::rider_of(&claims);
-    s.order_event(&claims, &[Role::Rider], &order_id, key, |order| {
-        Ok(EventKind::PickedUp {
-            order,
-            rider: rider()?,
-        })
+    s.rider_step(&claims, &order_id, key, |order, rider| {
+        EventKind::PickedUp { order, rider }
     })
     .await
 }
 
-/// The assigned rider delivered.
+/// The assigned rider delivered; waits up to 2 s for the decision.
 #[utoipa::path(post, path = "/v1/orders/{order_id}/delivered", request_body = EmptyBody,
-    params(("order_id" = String, Path)), responses((status = 202, body = Accepted), (status = 404)), security(("bearer" = [])))]
+    params(("order_id" = String, Path)), responses(
+        (status = 200, description = "Applied: the order's state after it (`closed`, or `compensating` when it was ever overtime)", body = StepAnswer),
+        (status = 202, description = "Durable, but not decided within 2 s (or a retry with the same Idempotency-Key): the order's history tells", body = Accepted),
+        (status = 404),
+        (status = 409, description = "Rejected, and kept in the order's history: `not_assigned` (the order is another rider's, or nobody's), `wrong_state` (not on its way)")),
+    security(("bearer" = [])))]
 pub async fn post_delivered(
     State(s): State<Arc<Ingress>>,
     Auth(claims): Auth,
@@ -446,12 +508,8 @@ pub async fn post_delivered(
     IdempotencyKey(key): IdempotencyKey,
     JsonBody(_b): JsonBody<EmptyBody>,
 ) -> Result<Response, ApiError> {
-    let rider = || Ingress::rider_of(&claims);
-    s.order_event(&claims, &[Role::Rider], &order_id, key, |order| {
-        Ok(EventKind::Delivered {
-            order,
-            rider: rider()?,
-        })
+    s.rider_step(&claims, &order_id, key, |order, rider| {
+        EventKind::Delivered { order, rider }
     })
     .await
 }

@@ -264,7 +264,8 @@ async fn rider(world: Arc<World>, n: usize, seed: u64) {
                         }
                         Some(leg) => {
                             let r = world.call("POST", &format!("/v1/orders/{}/delivered", leg.order), &token, None).await;
-                            if r.is_some_and(|r| r.0 == 202) {
+                            // 200: applied; 202: durable, not decided within 2 s.
+                            if r.is_some_and(|r| r.0 == 200 || r.0 == 202) {
                                 let mut s = world.stats.lock().expect("stats");
                                 let m = world.minute();
                                 let h = world.cfg.start_hour;

@@ -299,14 +299,30 @@ pub async fn life_cycle_on(s: &Server, e: &Server) {
     assert_eq!((status, body), (200, json!({"result": "won"})));
     expect_msg(&mut ws, is("grab_result", "O1")).await;
     expect_msg(&mut ws, is("assigned", "O1")).await;
+    // Another rider's pickup waits for its decision: 409, kept in the
+    // order's history; the assigned rider's answers the state it made.
+    let r2 = s.token("rider", Some("R2"));
+    let (status, body) = s.call("POST", "/v1/orders/O1/pickup", &r2, None).await;
     assert_eq!(
-        s.call("POST", "/v1/orders/O1/pickup", &r1, None).await.0,
-        202
+        (status, &body["error"]["code"]),
+        (409, &json!("not_assigned")),
+        "{body}"
     );
+    let (status, body) = s.call("POST", "/v1/orders/O1/pickup", &r1, None).await;
     assert_eq!(
-        s.call("POST", "/v1/orders/O1/delivered", &r1, None).await.0,
-        202
+        (status, &body["state"]),
+        (200, &json!("delivering")),
+        "{body}"
     );
+    assert_eq!(body["order_id"], "O1");
+    let (status, body) = s.call("POST", "/v1/orders/O1/pickup", &r1, None).await;
+    assert_eq!(
+        (status, &body["error"]["code"]),
+        (409, &json!("wrong_state")),
+        "a second pickup: {body}"
+    );
+    let (status, body) = s.call("POST", "/v1/orders/O1/delivered", &r1, None).await;
+    assert_eq!((status, &body["state"]), (200, &json!("closed")), "{body}");
     let deadline = Instant::now() + Duration::from_secs(5);
     let mut states = Vec::new();
     while Instant::now() < deadline {
@@ -320,7 +336,9 @@ pub async fn life_cycle_on(s: &Server, e: &Server) {
         ("created", "placed"),
         ("notified", "offered"),
         ("delivering", "grabbed"),
+        ("delivering", "rejected"),
         ("delivering", "picked_up"),
+        ("delivering", "rejected"),
         ("received", "delivered"),
         ("closed", "completed"),
     ]
@@ -328,6 +346,19 @@ pub async fn life_cycle_on(s: &Server, e: &Server) {
     .map(|(a, b)| (a.to_string(), b.to_string()))
     .collect();
     assert_eq!(states, want);
+    let (_, order) = e.call("GET", "/v1/orders/O1", &app, None).await;
+    let rejected: Vec<&Value> = order["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["reason"] == "rejected")
+        .map(|i| &i["rejected"])
+        .collect();
+    assert_eq!(rejected, [&json!("not_assigned"), &json!("wrong_state")]);
+    assert!(
+        order["history"][0]["event_id"].is_string(),
+        "each step names its cause: {order}"
+    );
     let (_, rider) = e.call("GET", "/v1/riders/R1", &r1, None).await;
     assert_eq!(
         (rider["load"].as_u64(), rider["online"].as_bool()),
