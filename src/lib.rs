@@ -26,8 +26,11 @@
 //! - [`rate`]: rate limits per token and per address (429).
 //! - [`contract`]: the OpenAPI document of every handler, served at
 //!   `/openapi.json`.
+//! - [`checkpoint`]: checkpoints over the embedded log: the file's body,
+//!   loading the newest usable one, the thread that writes them.
 //! - [`commands`]: the other subcommands: `token`, `sim`, `replay`.
 
+pub mod checkpoint;
 pub mod commands;
 pub mod contract;
 pub mod rate;

@@ -8,6 +8,7 @@
 //! an error naming any thread that panicked, so the process exits non-zero
 //! with the panic in its log.
 
+use crate::checkpoint::{self, SharedFigures};
 use crate::contract;
 use crate::rate::{self, RateLimits};
 use crate::settings::Plan;
@@ -16,6 +17,7 @@ use axum::routing::get;
 use axum::Router;
 use grabflow_api::lifecycle::{Stop, Thread};
 use grabflow_api::Time;
+use grabflow_dataflow::checkpoint::{Checkpointing, DataflowState};
 use grabflow_dataflow::runtime::{self, Fanout, Observer};
 use grabflow_dataflow::stats::DataflowStats;
 use grabflow_egress::kafka::{follow, OutputSink};
@@ -26,6 +28,7 @@ use grabflow_egress::view::Egress;
 use grabflow_http::auth::Secret;
 use grabflow_http::waiter::Waiting;
 use grabflow_ingress::Ingress;
+use grabflow_log::checkpoints::CheckpointStore;
 use grabflow_log::embedded::backlog::Backlog;
 use grabflow_log::kafka::{ensure_topics, KafkaSources};
 use grabflow_log::{embedded, kafka, now_ms, LogHandle};
@@ -183,6 +186,10 @@ struct Input {
     sink: Option<Arc<OutputSink>>,
     /// The embedded log's backlog, told the dataflow's progress.
     backlog: Option<Arc<Backlog>>,
+    /// The checkpoint the dataflow and the view start from, if any.
+    restore: Option<Arc<DataflowState>>,
+    /// Checkpoint figures (embedded log).
+    figures: Option<SharedFigures>,
 }
 
 /// Tells the embedded log's backlog how far the dataflow has got.
@@ -208,6 +215,11 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     };
     let riders = plan.rider_tables();
     let egress = Egress::new(plan.dispatch.clone(), input.since, riders.clone());
+    if let Some(r) = &input.restore {
+        egress
+            .restore(&r.observer)
+            .context("restoring the view from the checkpoint")?;
+    }
     let stats = DataflowStats::default();
     let mut observers: Vec<Arc<dyn Observer>> = vec![egress.clone()];
     observers.extend(
@@ -223,19 +235,48 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     );
     let mirror = mirror(&plan)?;
     observers.extend(mirror.as_ref().map(|(m, _)| Arc::clone(m)));
-    let dataflow = runtime::spawn(
+    // Checkpoints (embedded log): the dataflow gathers them, a thread of
+    // their own writes them.
+    let (checkpointed, checkpoints) = match &input.figures {
+        Some(figures) => {
+            let (tx, rx) = std::sync::mpsc::channel();
+            let since = input.restore.as_ref().map_or(0, |r| r.at);
+            let done = Mutex::new(tx);
+            let checkpointing = Checkpointing::new(plan.checkpoint_interval, since, move |state| {
+                let _ = done.lock().expect("checkpoints").send(state);
+            });
+            let thread = checkpoint::writer(
+                CheckpointStore::new(&plan.data_dir),
+                input.log.clone(),
+                rx,
+                Arc::clone(figures),
+            )?;
+            (
+                Some((Arc::new(checkpointing), input.restore.clone())),
+                Some(thread),
+            )
+        }
+        None => (None, None),
+    };
+    egress.set_checkpoints(input.figures.clone());
+    let dataflow = runtime::spawn_checkpointed(
         plan.dispatch.clone(),
         plan.timely(),
         input.sources,
         Arc::new(Fanout(observers)),
         stats.clone(),
         riders,
+        checkpointed,
     );
     threads.add(Thread::adopt(
         "grabflow-dataflow",
         dataflow,
         input.stop_sources,
     ));
+    // Stopped after the dataflow, whose last checkpoint it writes.
+    if let Some(thread) = checkpoints {
+        threads.add(thread);
+    }
     if let Some((handle, thread)) = mirror {
         // Only the dataflow holds the mirror from here: its thread ends
         // once the dataflow has.
@@ -290,26 +331,55 @@ async fn serve_then_close(
 fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
     let (feed_tx, feed_rx) = std::sync::mpsc::channel();
     let backlog = Arc::new(Backlog::new(plan.max_backlog));
-    let opened = embedded::open(&plan.data_dir, feed_tx, plan.ticks, Arc::clone(&backlog))
-        .with_context(|| {
-            format!(
-                "opening the log in {}",
-                plan.data_dir.join("events.log").display()
-            )
-        })?;
+    let store = CheckpointStore::new(&plan.data_dir);
+    let loaded = checkpoint::load(&store, &plan.dispatch)?;
+    let (resume, restore) = match loaded {
+        Some(l) => (
+            embedded::Resume {
+                from: l.from,
+                ledger: l.ledger,
+            },
+            Some(Arc::new(l.dataflow)),
+        ),
+        None => (embedded::Resume::default(), None),
+    };
+    let from = resume.from;
+    let opened = embedded::open_resuming(
+        &plan.data_dir,
+        feed_tx,
+        plan.ticks,
+        Arc::clone(&backlog),
+        resume,
+    )
+    .with_context(|| {
+        format!(
+            "opening the log in {}",
+            plan.data_dir.join("events.log").display()
+        )
+    })?;
+    let started_from = restore.as_ref().map_or(0, |r| r.at);
     tracing::info!(
+        checkpoint = started_from,
+        resume_offset = from,
         replayed = opened.replayed,
         cut_bytes = opened.cut,
         "log opened"
     );
+    let figures = Arc::new(Mutex::new(checkpoint::Figures {
+        started_from,
+        replayed: opened.replayed as u64,
+        ..Default::default()
+    }));
     threads.add(opened.writer);
     Ok(Input {
         log: opened.handle,
-        sources: runtime::feed_sources(feed_rx, plan.workers),
+        sources: runtime::feed_sources(feed_rx, plan.workers, from),
         stop_sources: Stop::default(),
         since: opened.last_time,
         sink: None,
         backlog: Some(backlog),
+        restore,
+        figures: Some(figures),
     })
 }
 
@@ -337,6 +407,8 @@ async fn open_kafka(
         since: now_ms(),
         sink: Some(sink),
         backlog: None,
+        restore: None,
+        figures: None,
     })
 }
 

@@ -59,6 +59,12 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_address: Option<u32>,
+    /// Embedded log: log time between checkpoints of the whole state (a
+    /// restart replays only the log after the latest); 0 none
+    /// [default: 30s].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint_interval: Option<Dur>,
     /// Timely worker threads [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -201,6 +207,7 @@ impl Settings {
             max_backlog: Some(200_000),
             rate_limit: Some(100_000),
             rate_limit_address: Some(100),
+            checkpoint_interval: Some(Dur(Duration::from_secs(30))),
             workers: Some(1),
             radius_m: Some(d.radius_m),
             max_radius_m: Some(d.max_radius_m),
@@ -322,6 +329,8 @@ pub struct Plan {
     pub rate_limit: u32,
     /// Requests a second per address without a valid token (0: no limit).
     pub rate_limit_address: u32,
+    /// Log time between checkpoints, ms (0: none).
+    pub checkpoint_interval: Time,
     /// Timely worker threads of this process.
     pub workers: usize,
     /// The embedded log's ticks.
@@ -417,6 +426,7 @@ impl Plan {
             max_backlog: pick(s.max_backlog, d.max_backlog),
             rate_limit: pick(s.rate_limit, d.rate_limit),
             rate_limit_address: pick(s.rate_limit_address, d.rate_limit_address),
+            checkpoint_interval: ms(s.checkpoint_interval, d.checkpoint_interval),
             workers: pick(s.workers, d.workers).max(1),
             ticks,
             dispatch,

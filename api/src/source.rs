@@ -19,4 +19,13 @@ pub trait Source {
     fn idle_wait(&self) -> Duration {
         Duration::from_millis(1)
     }
+
+    /// Where to resume reading to be given again every event at or after
+    /// log time `at` (which the frontier has passed): `(source, offset)`
+    /// pairs, one per log or partition read. Empty when the source cannot
+    /// resume (a checkpoint is then of no use for restarting it).
+    fn resume_at(&self, at: Time) -> Vec<(u64, u64)> {
+        let _ = at;
+        Vec::new()
+    }
 }

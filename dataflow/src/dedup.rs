@@ -10,7 +10,16 @@
 
 use grabflow_api::{Event, Id, Time};
 use rustc_hash::FxHashSet;
+use serde::{Deserialize, Serialize};
 use std::collections::VecDeque;
+
+/// What a [`Deduper`] remembers, as saved in a checkpoint: the ids with the
+/// times they were first seen, oldest first.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DedupState {
+    /// Ids by the time they were first seen, oldest first.
+    pub by_time: Vec<(Time, Id)>,
+}
 
 /// Remembers event ids for `window` milliseconds of log time.
 #[derive(Debug)]
@@ -52,6 +61,35 @@ impl Deduper {
             }
         });
         events
+    }
+
+    /// What it remembers, for a checkpoint.
+    pub fn save(&self) -> DedupState {
+        DedupState {
+            by_time: self.by_time.iter().cloned().collect(),
+        }
+    }
+
+    /// A deduper remembering what `saved` did (the states of one or more
+    /// workers: a checkpoint restored into a different number of workers),
+    /// keeping only the ids `mine` says this worker routes.
+    pub fn restore(
+        window: Time,
+        saved: impl IntoIterator<Item = DedupState>,
+        mine: impl Fn(&Id) -> bool,
+    ) -> Self {
+        let mut by_time: Vec<(Time, Id)> = saved
+            .into_iter()
+            .flat_map(|s| s.by_time)
+            .filter(|(_, id)| mine(id))
+            .collect();
+        // Stable: each worker's ids keep their order within a millisecond.
+        by_time.sort_by_key(|(t, _)| *t);
+        Deduper {
+            window,
+            seen: by_time.iter().map(|(_, id)| id.clone()).collect(),
+            by_time: by_time.into(),
+        }
     }
 
     /// Ids remembered.

@@ -25,11 +25,12 @@ use grabflow_api::{
     RejectReason, Time, WithdrawReason,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// A timer the dispatcher set for itself, on an order. Timers due in the
 /// same millisecond fire ordered by order id, then deadline before timeout.
-#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 enum Timer {
     /// The promised delivery time.
     Deadline,
@@ -38,7 +39,7 @@ enum Timer {
 }
 
 /// A rider as the decision core sees it.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct RiderLoad {
     /// Orders the rider may carry (last shift's value, or the default).
     capacity: u32,
@@ -47,14 +48,14 @@ struct RiderLoad {
 }
 
 /// A merchant.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Merchant {
     at: Coord,
     open: bool,
 }
 
 /// One order's state.
-#[derive(Debug)]
+#[derive(Debug, Serialize, Deserialize)]
 struct Order {
     /// Where offers are searched from: the merchant's position at placement.
     at: Coord,
@@ -116,7 +117,9 @@ fn reject(event: &Id, order: &Id, reason: RejectReason, out: &mut Vec<Output>) {
 }
 
 /// The decision core. See the module doc for the per-millisecond protocol.
-#[derive(Debug)]
+/// Between milliseconds it holds no work in progress, so it is saved in a
+/// checkpoint whole (see [`Dispatcher::save`]).
+#[derive(Debug, Serialize, Deserialize)]
 pub struct Dispatcher {
     cfg: DispatchConfig,
     /// Available-ish riders (online and pinged within the TTL) by cell.
@@ -128,12 +131,16 @@ pub struct Dispatcher {
     watch: FxHashMap<u64, FxHashSet<Id>>,
     timers: BTreeMap<Time, Vec<(Id, Timer)>>,
     /// Timer times set since the last [`Dispatcher::take_new_timer_times`].
+    #[serde(skip)]
     new_timer_times: Vec<Time>,
     /// Orders to try offering in this millisecond's offer pass.
+    #[serde(skip)]
     dirty: BTreeSet<Id>,
     /// Riders that may have become a candidate in this millisecond.
+    #[serde(skip)]
     woken: FxHashSet<Id>,
     /// The event being applied: the cause its transitions name.
+    #[serde(skip)]
     cause: Option<Id>,
 }
 
@@ -490,6 +497,14 @@ impl Dispatcher {
             self.transition(&id, OrderState::Notified, Why::Offered, out);
             self.set_timer(expires_at, id, Timer::GrabTimeout(seq));
         }
+    }
+
+    /// A dispatcher holding what `saved` held (from a checkpoint), under
+    /// `cfg`; its pending timers are all new timer times, to be woken at.
+    pub fn restore(cfg: DispatchConfig, mut saved: Dispatcher) -> Self {
+        saved.cfg = cfg;
+        saved.new_timer_times = saved.timers.keys().copied().collect();
+        saved
     }
 
     /// Timer times set since the last call: the operator holds a capability

@@ -16,16 +16,20 @@
 //! ping traffic spreads over all workers; `decide` runs on one worker because
 //! grab races and rider capacity are sequential by definition.
 
+use crate::checkpoint::{Checkpointing, DataflowState, Stateful};
 use crate::dedup::Deduper;
 use crate::dispatcher::Dispatcher;
-use crate::riders::{rider_route, RiderTables};
+use crate::riders::{rider_route, RiderTables, RiderTracker};
 use crate::stats::{StateLog, StateSizes};
 use crate::IndexEntry;
 use differential_dataflow::collection::vec::Collection as VecCollection;
 use differential_dataflow::AsCollection;
 use grabflow_api::{DispatchConfig, Event, EventKind, Output, Time};
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
+use std::rc::Rc;
+use std::sync::Arc;
 use timely::communication::Pull;
 use timely::container::CapacityContainerBuilder;
 use timely::dataflow::channels::pact::Exchange;
@@ -34,6 +38,7 @@ use timely::dataflow::operators::core::OkErr;
 use timely::dataflow::operators::generic::operator::Operator;
 use timely::dataflow::operators::generic::{InputHandleCore, OutputBuilderSession, Session};
 use timely::dataflow::operators::{Capability, InputCapability};
+use timely::scheduling::Activator;
 
 /// The log: every event at its log time, each with multiplicity one.
 pub type Events<'s> = VecCollection<'s, Time, Event>;
@@ -52,15 +57,30 @@ pub struct Dispatch<'s> {
 
 /// Builds the whole dispatch computation over the event log.
 pub fn dispatch<'s>(events: Events<'s>, cfg: &DispatchConfig) -> Dispatch<'s> {
-    dispatch_sharing(events, cfg, None)
+    dispatch_sharing(events, cfg, None, None)
+}
+
+/// What the stateful operators of one worker need to take part in
+/// checkpoints (see [`crate::checkpoint`]), and to start from one.
+#[derive(Clone)]
+pub struct Checkpoints {
+    /// Where checkpoints are asked for and gathered.
+    pub checkpointing: Arc<Checkpointing>,
+    /// The checkpoint to start from, if any.
+    pub restore: Option<Arc<DataflowState>>,
+    /// The activators of this worker's stateful operators: poked when a
+    /// checkpoint is asked for, so that an idle operator saves too.
+    pub activators: Rc<RefCell<Vec<Activator>>>,
 }
 
 /// [`dispatch`], with the rider trackers kept in `riders` (one per worker of
-/// the scope) where readers outside the dataflow can see them.
+/// the scope) where readers outside the dataflow can see them, and taking
+/// part in `checkpoints`.
 pub fn dispatch_sharing<'s>(
     events: Events<'s>,
     cfg: &DispatchConfig,
     riders: Option<&RiderTables>,
+    checkpoints: Option<&Checkpoints>,
 ) -> Dispatch<'s> {
     // One pass that moves each event straight into its side's output
     // (pings are most of the traffic: no copy, no intermediate buffer).
@@ -72,10 +92,10 @@ pub fn dispatch_sharing<'s>(
         }
     });
     let (pings, rest) = (pings.as_collection(), rest.as_collection());
-    let order_events = dedup(rest, cfg.dedup_window_ms);
+    let order_events = dedup(rest, cfg.dedup_window_ms, checkpoints);
     let shifts = order_events.clone().filter(|e| e.kind.is_rider_state());
-    let index = track_riders(pings.concat(shifts), cfg.rider_ttl_ms, riders);
-    let outputs = decide(index.clone(), order_events, cfg.clone());
+    let index = track_riders(pings.concat(shifts), cfg.rider_ttl_ms, riders, checkpoints);
+    let outputs = decide(index.clone(), order_events, cfg.clone(), checkpoints);
     Dispatch { index, outputs }
 }
 
@@ -225,6 +245,28 @@ trait PerMillisecond {
     /// What it holds, for the state figures (the skeleton adds what is
     /// buffered).
     fn sizes(&self) -> StateSizes;
+    /// Its state between milliseconds, for a checkpoint (postcard).
+    fn save(&self) -> Vec<u8>;
+    /// The later milliseconds its state has timers at (a restored state's).
+    fn timers(&mut self) -> Vec<Time>;
+}
+
+/// An operator's share in checkpoints: which it is, on which worker, and
+/// the last checkpoint it saved its state for.
+struct Saving {
+    checkpointing: Arc<Checkpointing>,
+    op: Stateful,
+    worker: usize,
+    saved: Time,
+}
+
+impl Saving {
+    /// The checkpoint asked for and not yet saved by this operator.
+    fn wanted(&self) -> Option<Time> {
+        self.checkpointing
+            .requested()
+            .filter(|at| *at != self.saved)
+    }
 }
 
 /// The skeleton every operator here shares, around its [`PerMillisecond`]
@@ -236,6 +278,7 @@ struct MillisecondOperator<H: PerMillisecond> {
     part: H,
     pending: Pending<H::Work>,
     state: StateLog,
+    saving: Option<Saving>,
 }
 
 impl<H: PerMillisecond> MillisecondOperator<H> {
@@ -244,6 +287,46 @@ impl<H: PerMillisecond> MillisecondOperator<H> {
             part,
             pending: Pending::new(),
             state,
+            saving: None,
+        }
+    }
+
+    /// Takes part in `checkpoints` as `op` on `worker` (poked by `activator`),
+    /// starting, if restored, at its time with its `part`'s timers held with
+    /// `cap`, the operator's first capability.
+    fn saving(
+        mut self,
+        checkpoints: Option<&Checkpoints>,
+        op: Stateful,
+        (worker, activator): (usize, Activator),
+        mut cap: Capability<Time>,
+    ) -> Self {
+        let Some(c) = checkpoints else { return self };
+        c.activators.borrow_mut().push(activator);
+        self.saving = Some(Saving {
+            checkpointing: Arc::clone(&c.checkpointing),
+            op,
+            worker,
+            saved: 0,
+        });
+        if let Some(restored) = &c.restore {
+            let timers = self.part.timers();
+            if let Some(first) = timers.iter().min() {
+                cap.downgrade(&restored.at.max(*first));
+                self.pending.cap = Some(cap);
+                for t in timers {
+                    self.pending.wake_at(t);
+                }
+            }
+        }
+        self
+    }
+
+    /// Saves the part's state for the checkpoint at `at`.
+    fn save(&mut self, at: Time) {
+        if let Some(s) = &mut self.saving {
+            s.saved = at;
+            s.checkpointing.part(s.op, s.worker, self.part.save());
         }
     }
 
@@ -273,18 +356,27 @@ impl<H: PerMillisecond> MillisecondOperator<H> {
         output: &mut OutputBuilderSession<'_, Time, Builder<H::Out>>,
         ready: impl Fn(&Time) -> bool,
     ) {
-        let Some(cap) = self.pending.cap.clone() else {
-            return;
-        };
-        let mut session = output.session(&cap);
-        while let Some((t, work)) = self.pending.pop_ready(&ready) {
-            let work = self
-                .part
-                .handle(t, work, &mut session, &mut Wake(&mut self.pending));
-            self.pending.recycle(work);
+        // A checkpoint asked for is saved before the first millisecond at or
+        // after its time is handled, or once every one before it has been.
+        let mut wanted = self.saving.as_ref().and_then(Saving::wanted);
+        if let Some(cap) = self.pending.cap.clone() {
+            let mut session = output.session(&cap);
+            while let Some((t, work)) = self.pending.pop_ready(&ready) {
+                if let Some(at) = wanted.filter(|at| t >= *at) {
+                    self.save(at);
+                    wanted = None;
+                }
+                let work = self
+                    .part
+                    .handle(t, work, &mut session, &mut Wake(&mut self.pending));
+                self.pending.recycle(work);
+            }
+            drop(session);
+            self.pending.downgrade();
         }
-        drop(session);
-        self.pending.downgrade();
+        if let Some(at) = wanted.filter(|at| ready(&at.saturating_sub(1))) {
+            self.save(at);
+        }
         let (part, pending) = (&self.part, &self.pending);
         self.state.report(|| {
             let mut sizes = part.sizes();
@@ -297,14 +389,32 @@ impl<H: PerMillisecond> MillisecondOperator<H> {
 /// Drops events whose id was already seen within the window (see
 /// [`Deduper`]). Pings do not come through here: applying one twice changes
 /// nothing, and they are most of the traffic.
-pub fn dedup<'s>(events: Events<'s>, window: Time) -> Events<'s> {
+pub fn dedup<'s>(
+    events: Events<'s>,
+    window: Time,
+    checkpoints: Option<&Checkpoints>,
+) -> Events<'s> {
     let pact = Exchange::new(|(e, _, _): &(Event, Time, isize)| route(&e.id));
     let scope = events.inner.scope();
+    let (me, peers) = (scope.index(), scope.peers());
+    let checkpoints = checkpoints.cloned();
     events
         .inner
-        .unary_frontier::<Builder<Event>, _, _, _>(pact, "Dedup", move |_, info| {
+        .unary_frontier::<Builder<Event>, _, _, _>(pact, "Dedup", move |cap, info| {
             let state = StateLog::new(scope.worker(), &info.address);
-            let mut op = MillisecondOperator::new(Dedup(Deduper::new(window)), state);
+            let deduper = match checkpoints.as_ref().and_then(|c| c.restore.as_ref()) {
+                Some(r) => r
+                    .dedup(window, |id| route(id) % peers as u64 == me as u64)
+                    .expect("a checkpoint checked on load"),
+                None => Deduper::new(window),
+            };
+            let activator = (me, scope.activator_for(info.address.clone()));
+            let mut op = MillisecondOperator::new(Dedup(deduper), state).saving(
+                checkpoints.as_ref(),
+                Stateful::Dedup,
+                activator,
+                cap,
+            );
             move |(input, frontier), output| {
                 op.absorb(input, |batch, event, diff| {
                     if diff > 0 {
@@ -339,13 +449,26 @@ impl PerMillisecond for Dedup {
     fn sizes(&self) -> StateSizes {
         vec![("ids", self.0.len())]
     }
+
+    fn save(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.0.save()).expect("state serializes")
+    }
+
+    fn timers(&mut self) -> Vec<Time> {
+        Vec::new()
+    }
 }
 
 /// Turns pings and shifts into the index of available riders (see
 /// [`RiderTracker`](crate::riders::RiderTracker)); each worker's tracker is
 /// its own, or its slot of `shared` (which must have one per worker of the
 /// scope).
-pub fn track_riders<'s>(events: Events<'s>, ttl: Time, shared: Option<&RiderTables>) -> Index<'s> {
+pub fn track_riders<'s>(
+    events: Events<'s>,
+    ttl: Time,
+    shared: Option<&RiderTables>,
+    checkpoints: Option<&Checkpoints>,
+) -> Index<'s> {
     let (me, peers) = (events.inner.scope().index(), events.inner.scope().peers());
     let (tables, slot) = match shared {
         Some(t) => {
@@ -357,16 +480,29 @@ pub fn track_riders<'s>(events: Events<'s>, ttl: Time, shared: Option<&RiderTabl
     let pact =
         Exchange::new(|(e, _, _): &(Event, Time, isize)| e.kind.rider().map_or(0, rider_route));
     let scope = events.inner.scope();
+    let checkpoints = checkpoints.cloned();
     events
         .inner
-        .unary_frontier::<Builder<IndexEntry>, _, _, _>(pact, "TrackRiders", move |_, info| {
+        .unary_frontier::<Builder<IndexEntry>, _, _, _>(pact, "TrackRiders", move |cap, info| {
             let state = StateLog::new(scope.worker(), &info.address);
+            if let Some(r) = checkpoints.as_ref().and_then(|c| c.restore.as_ref()) {
+                let mine = |rider: &grabflow_api::Id| RiderTables::worker_of(rider, peers) == me;
+                let tracker: RiderTracker =
+                    r.tracker(ttl, mine).expect("a checkpoint checked on load");
+                tables.replace(slot, tracker);
+            }
             let part = TrackRiders {
                 tables,
                 slot,
                 changes: Vec::new(),
             };
-            let mut op = MillisecondOperator::new(part, state);
+            let activator = (me, scope.activator_for(info.address.clone()));
+            let mut op = MillisecondOperator::new(part, state).saving(
+                checkpoints.as_ref(),
+                Stateful::TrackRiders,
+                activator,
+                cap,
+            );
             move |(input, frontier), output| {
                 op.absorb(input, |batch, event, _| batch.push(event));
                 op.step(output, |t| !frontier.less_equal(t));
@@ -416,6 +552,15 @@ impl PerMillisecond for TrackRiders {
     fn sizes(&self) -> StateSizes {
         self.tables.lock(self.slot).sizes()
     }
+
+    fn save(&self) -> Vec<u8> {
+        let state = self.tables.lock(self.slot).save();
+        postcard::to_allocvec(&state).expect("state serializes")
+    }
+
+    fn timers(&mut self) -> Vec<Time> {
+        self.tables.lock(self.slot).take_new_check_times()
+    }
 }
 
 /// The per-millisecond input of `decide`.
@@ -439,10 +584,17 @@ impl Work for DecideWork {
 }
 
 /// Runs the decision core (see [`Dispatcher`]) over the index and the order events.
-pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> Outputs<'s> {
+pub fn decide<'s>(
+    index: Index<'s>,
+    events: Events<'s>,
+    cfg: DispatchConfig,
+    checkpoints: Option<&Checkpoints>,
+) -> Outputs<'s> {
     let to_one = Exchange::new(|_: &(IndexEntry, Time, isize)| 0);
     let to_one_too = Exchange::new(|_: &(Event, Time, isize)| 0);
     let scope = index.inner.scope();
+    let me = scope.index();
+    let checkpoints = checkpoints.cloned();
     index
         .inner
         .binary_frontier::<_, Builder<Output>, _, _, _, _>(
@@ -450,13 +602,24 @@ pub fn decide<'s>(index: Index<'s>, events: Events<'s>, cfg: DispatchConfig) -> 
             to_one,
             to_one_too,
             "Decide",
-            move |_, info| {
+            move |cap, info| {
                 let state = StateLog::new(scope.worker(), &info.address);
+                let core = match checkpoints.as_ref().and_then(|c| c.restore.as_ref()) {
+                    // It runs on worker 0: the others stay empty.
+                    Some(r) if me == 0 => r.dispatcher(cfg).expect("a checkpoint checked on load"),
+                    _ => Dispatcher::new(cfg),
+                };
                 let part = Decide {
-                    core: Dispatcher::new(cfg),
+                    core,
                     out: Vec::new(),
                 };
-                let mut op = MillisecondOperator::new(part, state);
+                let activator = (me, scope.activator_for(info.address.clone()));
+                let mut op = MillisecondOperator::new(part, state).saving(
+                    checkpoints.as_ref(),
+                    Stateful::Decide,
+                    activator,
+                    cap,
+                );
                 move |(index, index_frontier), (events, event_frontier), output| {
                     op.absorb(index, |work, entry, diff| work.index.push((entry, diff)));
                     op.absorb(events, |work, event, _| work.events.push(event));
@@ -513,5 +676,13 @@ impl PerMillisecond for Decide {
 
     fn sizes(&self) -> StateSizes {
         self.core.sizes()
+    }
+
+    fn save(&self) -> Vec<u8> {
+        postcard::to_allocvec(&self.core).expect("state serializes")
+    }
+
+    fn timers(&mut self) -> Vec<Time> {
+        self.core.take_new_timer_times()
     }
 }

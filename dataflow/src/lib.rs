@@ -22,11 +22,15 @@
 //! - [`reference`](mod@reference): the sequential reference model (HashMaps, one loop).
 //! - [`replay`]: running a finished log through the dataflow at N workers.
 //! - [`runtime`]: the live workers, fed from the log, reporting to an observer.
+//! - [`checkpoint`]: every stateful operator's state as of one log time,
+//!   gathered from the workers, and restoring from it (at any number of
+//!   workers).
 //! - [`stats`]: per-operator figures from timely's logging, and what each
 //!   stateful operator reports holding.
 //! - [`gen`]: seeded random logs (for property tests) and a generated city
 //!   (for the benchmark).
 
+pub mod checkpoint;
 pub mod dedup;
 pub mod dispatcher;
 pub mod gen;

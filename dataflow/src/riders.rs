@@ -15,6 +15,7 @@ use crate::geo_index::CellShape;
 use crate::IndexEntry;
 use grabflow_api::{Coord, EventKind, Id, Time};
 use rustc_hash::FxHashMap;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -31,6 +32,27 @@ struct Track {
     shape: Option<Box<CellShape>>,
     /// Whether a silence check is scheduled.
     check_pending: bool,
+}
+
+/// One rider of a [`RiderTracker`], as saved in a checkpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SavedTrack {
+    rider: Id,
+    at: Option<Coord>,
+    last_ping: Time,
+    online: bool,
+    indexed: Option<(u64, Coord)>,
+    /// When its silence check is due, if one is pending.
+    check: Option<Time>,
+}
+
+/// What a [`RiderTracker`] holds, as saved in a checkpoint.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrackerState {
+    /// The riders tracked, in the order of their silence checks' queue.
+    tracks: Vec<SavedTrack>,
+    /// Riders dropped, with their last positions.
+    retired: Vec<(Id, Coord)>,
 }
 
 /// The index entry of `rider` at `(cell, position)`.
@@ -180,6 +202,80 @@ impl RiderTracker {
         }
     }
 
+    /// What it holds, for a checkpoint (between milliseconds).
+    pub fn save(&self) -> TrackerState {
+        let mut check_of: FxHashMap<usize, Time> = FxHashMap::default();
+        for (t, slots) in &self.checks {
+            for slot in slots {
+                check_of.insert(*slot, *t);
+            }
+        }
+        // In the order of the checks' queue, then of the slots: a restored
+        // tracker runs the checks of a millisecond in the same order.
+        let mut slots: Vec<usize> = self.riders.values().copied().collect();
+        slots.sort_by_key(|s| (check_of.get(s).copied().unwrap_or(Time::MAX), *s));
+        let tracks = slots
+            .into_iter()
+            .map(|slot| {
+                let t = &self.tracks[slot];
+                SavedTrack {
+                    rider: t.rider.clone(),
+                    at: t.at,
+                    last_ping: t.last_ping,
+                    online: t.online,
+                    indexed: t.indexed,
+                    check: check_of.get(&slot).copied(),
+                }
+            })
+            .collect();
+        let mut retired: Vec<(Id, Coord)> = self
+            .retired
+            .iter()
+            .map(|(r, at)| (r.clone(), *at))
+            .collect();
+        retired.sort();
+        TrackerState { tracks, retired }
+    }
+
+    /// A tracker holding what `saved` did (the states of one or more
+    /// workers), keeping only the riders `mine` says this worker routes.
+    /// Its pending checks are all new check times, to be woken at.
+    pub fn restore(
+        ttl: Time,
+        saved: impl IntoIterator<Item = TrackerState>,
+        mine: impl Fn(&Id) -> bool,
+    ) -> Self {
+        let mut tracker = RiderTracker::new(ttl);
+        let mut checks: Vec<(Time, usize)> = Vec::new();
+        for state in saved {
+            for t in state.tracks.into_iter().filter(|t| mine(&t.rider)) {
+                let slot = tracker.tracks.len();
+                if let Some(at) = t.check {
+                    checks.push((at, slot));
+                }
+                tracker.riders.insert(t.rider.clone(), slot);
+                tracker.tracks.push(Track {
+                    rider: t.rider,
+                    at: t.at,
+                    last_ping: t.last_ping,
+                    online: t.online,
+                    indexed: t.indexed,
+                    shape: None,
+                    check_pending: t.check.is_some(),
+                });
+            }
+            tracker
+                .retired
+                .extend(state.retired.into_iter().filter(|(r, _)| mine(r)));
+        }
+        checks.sort_by_key(|(t, _)| *t);
+        for (at, slot) in checks {
+            tracker.checks.entry(at).or_default().push(slot);
+        }
+        tracker.new_check_times = tracker.checks.keys().copied().collect();
+        tracker
+    }
+
     /// Check times scheduled since the last call.
     pub fn take_new_check_times(&mut self) -> Vec<Time> {
         std::mem::take(&mut self.new_check_times)
@@ -250,6 +346,11 @@ impl RiderTables {
     /// routes [`rider_route`].
     pub fn worker_of(rider: &Id, peers: usize) -> usize {
         (rider_route(rider) % peers.max(1) as u64) as usize
+    }
+
+    /// Puts `tracker` in worker `index`'s slot (a restored checkpoint).
+    pub fn replace(&self, index: usize, tracker: RiderTracker) {
+        *self.lock(index) = tracker;
     }
 
     /// Worker `index`'s tracker, locked.

@@ -19,7 +19,8 @@
 //! everything before it, and only then drop the dataflow together, without
 //! firing the timers still pending.
 
-use crate::graph::dispatch_sharing;
+use crate::checkpoint::{Checkpointing, DataflowState};
+use crate::graph::{dispatch_sharing, Checkpoints};
 use crate::riders::RiderTables;
 use crate::IndexEntry;
 use differential_dataflow::input::{Input, InputSession};
@@ -32,6 +33,7 @@ use std::time::{Duration, Instant};
 use timely::dataflow::operators::vec::{Broadcast, Input as VecInput};
 use timely::dataflow::operators::{Exchange, Inspect, Probe};
 use timely::dataflow::ProbeHandle;
+use timely::scheduling::Activator;
 
 /// Receives what the dataflow produces. Called from worker 0's thread.
 pub trait Observer: Send + Sync + 'static {
@@ -43,6 +45,13 @@ pub trait Observer: Send + Sync + 'static {
     fn index(&self, changes: Vec<(IndexEntry, Time, isize)>);
     /// Every decision before `time` has been delivered.
     fn progress(&self, time: Time);
+    /// Its state for a checkpoint at `at`: called once every decision
+    /// before `at` has been delivered and none after. Empty when it keeps
+    /// nothing to restore.
+    fn save(&self, at: Time) -> Vec<u8> {
+        let _ = at;
+        Vec::new()
+    }
 }
 
 /// Hands every call to each observer in turn.
@@ -67,6 +76,15 @@ impl Observer for Fanout {
     fn progress(&self, time: Time) {
         self.0.iter().for_each(|o| o.progress(time));
     }
+    /// The first observer's state that is not empty: one observer (the
+    /// egress view) keeps what a restart needs; the others are sinks.
+    fn save(&self, at: Time) -> Vec<u8> {
+        self.0
+            .iter()
+            .map(|o| o.save(at))
+            .find(|s| !s.is_empty())
+            .unwrap_or_default()
+    }
 }
 
 // Where one worker's events come from. It lives in the vocabulary crate, so
@@ -84,10 +102,35 @@ struct FeedSource {
     me: usize,
     peers: usize,
     frontier: Time,
+    /// The first offset of each log time read lately (every worker sees
+    /// every event, before taking its share), for [`Source::resume_at`].
+    firsts: std::collections::VecDeque<(Time, u64)>,
+    /// The offset after the last event read.
+    next: u64,
 }
 
+/// How much log time [`FeedSource`] remembers the first offsets of.
+const FIRSTS_KEPT: Time = 120_000;
+
 impl FeedSource {
+    /// Notes where each log time of `events` starts.
+    fn note(&mut self, events: &[Event]) {
+        for e in events {
+            if self.firsts.back().is_none_or(|(t, _)| *t < e.time) {
+                self.firsts.push_back((e.time, e.offset));
+            }
+            self.next = self.next.max(e.offset + 1);
+        }
+        let keep_from = self.frontier.saturating_sub(FIRSTS_KEPT);
+        while self.firsts.front().is_some_and(|(t, _)| *t < keep_from) {
+            self.firsts.pop_front();
+        }
+    }
+
     fn take(&mut self, item: Feed, out: &mut Vec<Event>) {
+        if let Feed::Events(events) | Feed::EventsThenTick(events, _) = &item {
+            self.note(events);
+        }
         match item {
             Feed::Events(mut events) if self.peers == 1 => {
                 if out.is_empty() {
@@ -125,6 +168,13 @@ impl Source for FeedSource {
         }
     }
 
+    /// The embedded log's offset of the first event at or after `at`, or
+    /// the next to come if none has come yet.
+    fn resume_at(&self, at: Time) -> Vec<(u64, u64)> {
+        let first = self.firsts.iter().find(|(t, _)| *t >= at);
+        vec![(0, first.map_or(self.next, |(_, offset)| *offset))]
+    }
+
     /// Returns once the frontier moves (or `wait` ends): every operator
     /// handles a millisecond only once the frontier has passed it, so a step
     /// for events alone, between ticks, would have nothing to finish. When
@@ -156,9 +206,11 @@ impl Source for FeedSource {
     }
 }
 
-/// Sources for `workers` in-process workers reading the embedded log's feed.
-/// One worker reads it directly; several get it fanned out by a feeder thread.
-pub fn feed_sources(feed: mpsc::Receiver<Feed>, workers: usize) -> Sources {
+/// Sources for `workers` in-process workers reading the embedded log's feed,
+/// whose first event will be at offset `next` (0, or where a checkpoint
+/// resumes). One worker reads it directly; several get it fanned out by a
+/// feeder thread.
+pub fn feed_sources(feed: mpsc::Receiver<Feed>, workers: usize, next: u64) -> Sources {
     let rxs: Vec<Mutex<Option<mpsc::Receiver<Feed>>>> = if workers <= 1 {
         vec![Mutex::new(Some(feed))]
     } else {
@@ -186,6 +238,8 @@ pub fn feed_sources(feed: mpsc::Receiver<Feed>, workers: usize) -> Sources {
             me,
             peers,
             frontier: 0,
+            firsts: Default::default(),
+            next,
         })
     })
 }
@@ -204,15 +258,42 @@ pub fn spawn(
     stats: crate::stats::DataflowStats,
     riders: Option<RiderTables>,
 ) -> std::thread::JoinHandle<()> {
+    spawn_checkpointed(cfg, timely, sources, observer, stats, riders, None)
+}
+
+/// Checkpoints taken as [`Checkpointing`] says, and the one to start from.
+pub type Checkpointed = (Arc<Checkpointing>, Option<Arc<DataflowState>>);
+
+/// [`spawn`], taking part in checkpoints (see [`crate::checkpoint`]), and
+/// starting from `restore`'s checkpoint if there is one: its sources must
+/// then resume where it says.
+pub fn spawn_checkpointed(
+    cfg: DispatchConfig,
+    timely: timely::Config,
+    sources: Sources,
+    observer: Arc<dyn Observer>,
+    stats: crate::stats::DataflowStats,
+    riders: Option<RiderTables>,
+    checkpointed: Option<Checkpointed>,
+) -> std::thread::JoinHandle<()> {
     std::thread::Builder::new()
         .name("grabflow-dataflow".into())
         .spawn(move || {
             let run = timely::execute(timely, move |worker| {
                 let mut source = sources(worker.index(), worker.peers());
                 stats.register(worker);
-                let mut dataflow = WorkerDataflow::build(worker, &cfg, riders.as_ref());
+                let checkpoints = checkpointed.as_ref().map(|(c, restore)| {
+                    c.set_workers(worker.peers());
+                    Checkpoints {
+                        checkpointing: Arc::clone(c),
+                        restore: restore.clone(),
+                        activators: Rc::default(),
+                    }
+                });
+                let mut dataflow =
+                    WorkerDataflow::build(worker, &cfg, riders.as_ref(), checkpoints);
                 dataflow.follow(worker, source.as_mut(), &*observer);
-                dataflow.finish(worker, &*observer);
+                dataflow.finish(worker, source.as_mut(), &*observer);
             });
             let guards = run.unwrap_or_else(|e| panic!("the dataflow could not start: {e}"));
             let failed: Vec<String> = guards.join().into_iter().filter_map(Result::err).collect();
@@ -245,6 +326,21 @@ struct WorkerDataflow {
     held: Vec<(Time, Output)>,
     /// The progress last told to the observer.
     reported: Time,
+    /// Checkpoints this worker takes part in.
+    checkpoints: Option<Taking>,
+}
+
+/// A worker's share in checkpoints: the requests it has acted on.
+struct Taking {
+    checkpointing: Arc<Checkpointing>,
+    /// This worker's stateful operators, poked at each request.
+    activators: Rc<RefCell<Vec<Activator>>>,
+    /// The last request the operators were poked for.
+    poked: Time,
+    /// The last request this worker's source position was given for.
+    positioned: Time,
+    /// The last request the observer saved its state for (worker 0).
+    observed: Time,
 }
 
 impl WorkerDataflow {
@@ -254,6 +350,7 @@ impl WorkerDataflow {
         worker: &mut timely::worker::Worker,
         cfg: &DispatchConfig,
         riders: Option<&RiderTables>,
+        checkpoints: Option<Checkpoints>,
     ) -> Self {
         let (me, peers) = (worker.index(), worker.peers());
         let seen = Rc::new(RefCell::new(Vec::new()));
@@ -261,9 +358,9 @@ impl WorkerDataflow {
         let indexed = Rc::new(RefCell::new(Vec::new()));
         let (s, d, i) = (Rc::clone(&seen), Rc::clone(&decided), Rc::clone(&indexed));
         let direct = peers == 1;
-        let (input, probe, seen_probe) = worker.dataflow::<Time, _, _>(|scope| {
+        let (mut input, probe, seen_probe) = worker.dataflow::<Time, _, _>(|scope| {
             let (input, events) = scope.new_collection::<Event, isize>();
-            let out = dispatch_sharing(events.clone(), cfg, riders);
+            let out = dispatch_sharing(events.clone(), cfg, riders, checkpoints.as_ref());
             // Without a lone worker to tell the observer directly, gather
             // the events at worker 0.
             let seen_probe = (!direct).then(|| {
@@ -285,6 +382,13 @@ impl WorkerDataflow {
                 .probe();
             (input, probe, seen_probe)
         });
+        let restored = checkpoints
+            .as_ref()
+            .and_then(|c| c.restore.as_ref())
+            .map_or(0, |r| r.at);
+        if restored > 0 {
+            input.advance_to(restored);
+        }
         WorkerDataflow {
             me,
             direct,
@@ -295,7 +399,40 @@ impl WorkerDataflow {
             decided,
             indexed,
             held: Vec::new(),
-            reported: 0,
+            reported: restored,
+            checkpoints: checkpoints.map(|c| Taking {
+                checkpointing: c.checkpointing,
+                activators: c.activators,
+                poked: restored,
+                positioned: restored,
+                observed: restored,
+            }),
+        }
+    }
+
+    /// Acts on a checkpoint asked for: worker 0 asks for one when due (or
+    /// `ending`); each worker pokes its operators once per request, and
+    /// gives its source's position once its input has passed the time.
+    fn checkpoint(&mut self, source: &dyn Source, ending: bool) {
+        let Some(c) = &mut self.checkpoints else {
+            return;
+        };
+        let now = *self.input.time();
+        if self.me == 0 {
+            c.checkpointing.due(now, ending);
+        }
+        let Some(at) = c.checkpointing.requested() else {
+            return;
+        };
+        if c.poked != at {
+            c.poked = at;
+            for a in c.activators.borrow().iter() {
+                a.activate();
+            }
+        }
+        if c.positioned != at && now >= at {
+            c.positioned = at;
+            c.checkpointing.position(self.me, source.resume_at(at));
         }
     }
 
@@ -315,6 +452,7 @@ impl WorkerDataflow {
                 observer.events(&batch);
             }
             self.insert(&mut batch, at);
+            self.checkpoint(source, false);
             worker.step();
             if self.me == 0 {
                 self.report(observer);
@@ -381,6 +519,22 @@ impl WorkerDataflow {
             observer.index(changes);
         }
         self.held.extend(self.decided.borrow_mut().drain(..));
+        // A checkpoint asked for: the observer saves its state between the
+        // decisions before its time and those at or after it.
+        let save_at = self.checkpoints.as_ref().and_then(|c| {
+            c.checkpointing
+                .requested()
+                .filter(|at| *at != c.observed && *at <= upto)
+        });
+        if let Some(at) = save_at {
+            let before = self.held.partition_point(|(t, _)| *t < at);
+            if before > 0 {
+                observer.decisions(self.held.drain(..before).collect());
+            }
+            let c = self.checkpoints.as_mut().expect("checked above");
+            c.observed = at;
+            c.checkpointing.observer(observer.save(at));
+        }
         let ready = self.held.partition_point(|(t, _)| *t < upto);
         if ready > 0 {
             observer.decisions(self.held.drain(..ready).collect());
@@ -392,7 +546,12 @@ impl WorkerDataflow {
     /// The workers agree on where to stop and on when all have got there:
     /// sources may end at different times, and a worker that dropped its
     /// dataflow early would leave the others waiting on it for ever.
-    fn finish(mut self, worker: &mut timely::worker::Worker, observer: &dyn Observer) {
+    fn finish(
+        mut self,
+        worker: &mut timely::worker::Worker,
+        source: &mut dyn Source,
+        observer: &dyn Observer,
+    ) {
         self.input.flush();
         let mut ending = Ending::new(worker);
         let until = ending.agree(worker, *self.input.time());
@@ -404,9 +563,55 @@ impl WorkerDataflow {
         if self.me == 0 {
             self.deliver(observer, until);
         }
+        if until < Time::MAX && self.checkpoints.is_some() {
+            self.last_checkpoint(worker, &mut ending, source, observer, until);
+        }
         ending.all_drained(worker);
         for dataflow in worker.installed_dataflows() {
             worker.drop_dataflow(dataflow);
+        }
+    }
+}
+
+impl WorkerDataflow {
+    /// On a graceful end, with everything before `until` drained: a last
+    /// checkpoint at `until`, so the next start replays nothing. Worker 0
+    /// asks for it; once every worker has heard (the second round of
+    /// `ending`), each pokes its operators and gives its position, and
+    /// they step until it is whole (or a few seconds have passed).
+    fn last_checkpoint(
+        &mut self,
+        worker: &mut timely::worker::Worker,
+        ending: &mut Ending,
+        source: &mut dyn Source,
+        observer: &dyn Observer,
+        until: Time,
+    ) {
+        if self.me == 0 {
+            if let Some(c) = &self.checkpoints {
+                c.checkpointing.due(until, true);
+            }
+        }
+        ending.all_heard(worker);
+        let asked = self
+            .checkpoints
+            .as_ref()
+            .and_then(|c| c.checkpointing.requested());
+        if asked != Some(until) {
+            return;
+        }
+        self.checkpoint(source, true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline
+            && self
+                .checkpoints
+                .as_ref()
+                .is_some_and(|c| c.checkpointing.requested() == Some(until))
+        {
+            worker.step_or_park(PARK);
+            if self.me == 0 {
+                self.deliver(observer, until);
+            }
         }
     }
 }
@@ -459,11 +664,24 @@ impl Ending {
         heard.iter().copied().min().unwrap_or(until)
     }
 
+    /// Waits until every worker has got here (round 1): what one set
+    /// before is seen by all after.
+    fn all_heard(&mut self, worker: &mut timely::worker::Worker) {
+        self.round(worker, 2);
+    }
+
     /// Waits until every worker has drained up to the agreed time: after
     /// that no worker needs this one's dataflow any more.
     fn all_drained(&mut self, worker: &mut timely::worker::Worker) {
-        self.input.advance_to(2);
+        self.round(worker, 3);
+    }
+
+    /// Waits until every worker has advanced its input to `to`.
+    fn round(&mut self, worker: &mut timely::worker::Worker, to: u32) {
+        if *self.input.time() < to {
+            self.input.advance_to(to);
+        }
         let probe = &self.probe;
-        worker.step_or_park_while(PARK, || probe.less_than(&2));
+        worker.step_or_park_while(PARK, || probe.less_than(&to));
     }
 }

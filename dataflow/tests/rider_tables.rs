@@ -41,7 +41,7 @@ fn check(seed: u64, workers: usize) {
     let handle = runtime::spawn(
         cfg,
         timely::Config::process(workers),
-        runtime::feed_sources(rx, workers),
+        runtime::feed_sources(rx, workers, 0),
         Arc::new(Nobody),
         DataflowStats::default(),
         Some(tables.clone()),

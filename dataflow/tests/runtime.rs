@@ -22,7 +22,7 @@ use common::{assert_same, by_time};
 fn the_last_tick_before_the_log_closes_is_not_lost() {
     let (_, log, _) = random_log(1, 20);
     let (tx, rx) = mpsc::channel();
-    let mut source = runtime::feed_sources(rx, 1)(0, 1);
+    let mut source = runtime::feed_sources(rx, 1, 0)(0, 1);
     let mut out = Vec::new();
     tx.send(Feed::Events(log.clone())).unwrap();
     // Events alone do not move the frontier: the poll gives up at once.
@@ -127,7 +127,7 @@ fn state_after(
     let handle = runtime::spawn(
         cfg.clone(),
         timely::Config::process(workers),
-        runtime::feed_sources(rx, workers),
+        runtime::feed_sources(rx, workers, 0),
         Arc::new(Decisions::default()),
         stats.clone(),
         None,

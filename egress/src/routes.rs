@@ -228,7 +228,22 @@ pub async fn ops_metrics(
         "grabs_won": c.grabs_won, "grabs_lost": c.grabs_lost,
         "dataflow": {"frontier_ms": progress, "last_event_ms": last_event,
                      "lag_ms": last_event.saturating_sub(progress.min(last_event))},
+        "checkpoint": s.egress.checkpoints().map(|f| checkpoint_json(&f)),
     })))
+}
+
+/// The checkpoint figures as `/v1/ops/metrics` gives them.
+fn checkpoint_json(f: &crate::view::CheckpointFigures) -> serde_json::Value {
+    json!({
+        "last_at_ms": f.last_at,
+        "age_s": f.written.map(|w| w.elapsed().as_secs_f64()),
+        "bytes": f.last_bytes,
+        "write_ms": f.last_write_ms,
+        "written": f.written_total,
+        "failed": f.failed_total,
+        "started_from_ms": f.started_from,
+        "replayed_events": f.replayed,
+    })
 }
 
 /// Per-operator figures from timely's own logging.
@@ -331,6 +346,41 @@ pub async fn prometheus(
             last_event.saturating_sub(progress.min(last_event)) as f64,
         )],
     );
+    if let Some(f) = s.egress.checkpoints() {
+        let one = |v: f64| vec![(String::new(), v)];
+        gauge(
+            "grabflow_checkpoint_log_time_ms",
+            "Log time of the last checkpoint written (0: none yet).",
+            one(f.last_at as f64),
+        );
+        if let Some(w) = f.written {
+            gauge(
+                "grabflow_checkpoint_age_seconds",
+                "Seconds since the last checkpoint was written.",
+                one(w.elapsed().as_secs_f64()),
+            );
+        }
+        gauge(
+            "grabflow_checkpoint_bytes",
+            "Size of the last checkpoint.",
+            one(f.last_bytes as f64),
+        );
+        gauge(
+            "grabflow_checkpoint_write_ms",
+            "Time to encode and write the last checkpoint.",
+            one(f.last_write_ms as f64),
+        );
+        gauge(
+            "grabflow_checkpoints_failed_total",
+            "Checkpoints that could not be written since the start.",
+            one(f.failed_total as f64),
+        );
+        gauge(
+            "grabflow_restart_replayed_events",
+            "Events the last start replayed from the log (after its checkpoint).",
+            one(f.replayed as f64),
+        );
+    }
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
 }
 

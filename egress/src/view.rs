@@ -21,7 +21,8 @@ use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
 use grabflow_http::extract::IdSchema;
 use grabflow_http::waiter::{self, verdict_of, Expect, GrabAnswer, Verdict, Waiter, Waiting};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use std::borrow::Cow;
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
@@ -86,7 +87,7 @@ pub enum RiderMessage<'a> {
 pub const STREAM_KEEP: usize = 2_000;
 
 /// A rider as queried.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RiderView {
     /// Last reported position.
     pub at: Option<Coord>,
@@ -100,7 +101,7 @@ pub struct RiderView {
 
 /// One step of an order's history: a transition, or an event that had no
 /// effect on the order.
-#[derive(Clone, Debug, Serialize, ToSchema)]
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
 pub struct HistoryItem {
     /// The state entered (for a rejected event, the state the order stayed in).
     #[schema(value_type = String)]
@@ -122,7 +123,7 @@ pub struct HistoryItem {
     /// (not the assigned rider), `wrong_state`, `conflict` (placed twice).
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
-    pub rejected: Option<&'static str>,
+    pub rejected: Option<Cow<'static, str>>,
 }
 
 /// What a history step records: a transition's reason, or a rejection.
@@ -134,17 +135,37 @@ pub enum Step {
     Rejected(RejectReason),
 }
 
+/// [`Step`] as a checkpoint keeps it (whole).
+#[derive(Serialize, Deserialize)]
+enum StepRepr {
+    Moved(TransitionReason),
+    Rejected(RejectReason),
+}
+
+/// In JSON, the transition's reason or `rejected`; in a checkpoint, whole.
 impl Serialize for Step {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Step::Moved(reason) => reason.serialize(s),
-            Step::Rejected(_) => s.serialize_str("rejected"),
+        match (s.is_human_readable(), *self) {
+            (true, Step::Moved(reason)) => reason.serialize(s),
+            (true, Step::Rejected(_)) => s.serialize_str("rejected"),
+            (false, Step::Moved(r)) => StepRepr::Moved(r).serialize(s),
+            (false, Step::Rejected(r)) => StepRepr::Rejected(r).serialize(s),
         }
     }
 }
 
+/// Read back from a checkpoint only.
+impl<'de> Deserialize<'de> for Step {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(match StepRepr::deserialize(d)? {
+            StepRepr::Moved(r) => Step::Moved(r),
+            StepRepr::Rejected(r) => Step::Rejected(r),
+        })
+    }
+}
+
 /// An order as queried.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct OrderView {
     /// Current state.
     pub state: OrderState,
@@ -157,14 +178,16 @@ pub struct OrderView {
 }
 
 /// One rider's message stream.
-#[derive(Default)]
+#[derive(Default, Serialize, Deserialize)]
 struct Stream {
     next_seq: u64,
     messages: VecDeque<(u64, Arc<str>)>,
+    #[serde(skip)]
     notify: Arc<Notify>,
 }
 
-#[derive(Default)]
+/// What the view keeps; saved whole in a checkpoint (with the counters).
+#[derive(Default, Serialize, Deserialize)]
 struct View {
     riders: HashMap<Id, RiderView>,
     merchants: HashMap<Id, (Coord, bool)>,
@@ -173,20 +196,63 @@ struct View {
     streams: HashMap<Id, Stream>,
 }
 
+/// A counter's name (an event kind, a decision kind, a state).
+pub type Name = Cow<'static, str>;
+
 /// Business counters for `/v1/ops/metrics` and `/metrics`.
-#[derive(Default, Clone, Serialize)]
+#[derive(Default, Clone, Serialize, Deserialize)]
 pub struct Counters {
     /// Events that entered the dataflow, by kind.
-    pub events: BTreeMap<&'static str, u64>,
+    pub events: BTreeMap<Name, u64>,
     /// Decisions, by kind.
-    pub decisions: BTreeMap<&'static str, u64>,
+    pub decisions: BTreeMap<Name, u64>,
     /// Grabs won.
     pub grabs_won: u64,
     /// Grabs lost, by reason.
     pub grabs_lost: BTreeMap<String, u64>,
     /// Orders by current state.
-    pub orders_by_state: BTreeMap<&'static str, i64>,
+    pub orders_by_state: BTreeMap<Name, i64>,
 }
+
+/// [`Saved`], by reference (written without copying the view).
+#[derive(Serialize)]
+struct SavedRef<'a> {
+    view: &'a View,
+    counters: &'a Counters,
+}
+
+/// The view and counters as a checkpoint keeps them.
+#[derive(Serialize, Deserialize)]
+struct Saved {
+    view: View,
+    counters: Counters,
+}
+
+/// The last checkpoint written and this start's, for the metrics
+/// (embedded log).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CheckpointFigures {
+    /// The last checkpoint's log time (0: none yet).
+    pub last_at: Time,
+    /// Its size, bytes.
+    pub last_bytes: u64,
+    /// How long encoding and writing it took, ms.
+    pub last_write_ms: u64,
+    /// When it was written (for its age).
+    #[serde(skip)]
+    pub written: Option<std::time::Instant>,
+    /// Checkpoints written since the start.
+    pub written_total: u64,
+    /// Checkpoints that failed to write since the start.
+    pub failed_total: u64,
+    /// The checkpoint this process started from (0: none).
+    pub started_from: Time,
+    /// Events the start replayed from the log.
+    pub replayed: u64,
+}
+
+/// Checkpoint figures, shared by the checkpoint thread and the metrics.
+pub type SharedFigures = Arc<Mutex<CheckpointFigures>>;
 
 /// The egress state, shared by the dataflow's observer side and the routes.
 pub struct Egress {
@@ -202,6 +268,8 @@ pub struct Egress {
     replay_until: AtomicU64,
     /// Time of the newest event seen.
     last_event: AtomicU64,
+    /// Checkpoint figures, where checkpoints are taken.
+    checkpoints: Mutex<Option<SharedFigures>>,
     /// Set on shutdown: open streams end.
     closed: AtomicBool,
     closing: Notify,
@@ -231,9 +299,31 @@ impl Egress {
             ready: AtomicBool::new(false),
             replay_until: AtomicU64::new(replay_until),
             last_event: AtomicU64::new(0),
+            checkpoints: Mutex::new(None),
             closed: AtomicBool::new(false),
             closing: Notify::new(),
         })
+    }
+
+    /// The view and counters restored from a checkpoint's `saved` state
+    /// (as [`Observer::save`] made it).
+    pub fn restore(&self, saved: &[u8]) -> Result<(), postcard::Error> {
+        let Saved { view, counters } = postcard::from_bytes(saved)?;
+        *self.view.write().expect("view") = view;
+        *self.counters.lock().expect("counters") = counters;
+        Ok(())
+    }
+
+    /// Where the checkpoint figures are kept (for the metrics).
+    pub fn set_checkpoints(&self, figures: Option<SharedFigures>) {
+        *self.checkpoints.lock().expect("checkpoints") = figures;
+    }
+
+    /// A copy of the checkpoint figures, if checkpoints are taken.
+    pub fn checkpoints(&self) -> Option<CheckpointFigures> {
+        let shared = self.checkpoints.lock().expect("checkpoints").clone()?;
+        let figures = shared.lock().expect("figures").clone();
+        Some(figures)
     }
 
     /// Ends every open rider stream (graceful shutdown).
@@ -360,7 +450,7 @@ impl Observer for Egress {
                 Some((k, n)) if *k == kind => *n += 1,
                 _ => {
                     if let Some((k, n)) = run.replace((kind, 1)) {
-                        *c.events.entry(k).or_default() += n;
+                        *c.events.entry(k.into()).or_default() += n;
                     }
                 }
             }
@@ -389,7 +479,7 @@ impl Observer for Egress {
             }
         }
         if let Some((k, n)) = run {
-            *c.events.entry(k).or_default() += n;
+            *c.events.entry(k.into()).or_default() += n;
         }
         if let Some(last) = events.last() {
             self.last_event.fetch_max(last.time, Ordering::AcqRel);
@@ -423,6 +513,16 @@ impl Observer for Egress {
             .apply(changes.iter().map(|(e, _, d)| (e, *d)), |_| {});
     }
 
+    fn save(&self, _at: Time) -> Vec<u8> {
+        let view = self.view.read().expect("view");
+        let counters = self.counters.lock().expect("counters");
+        let saved = SavedRef {
+            view: &view,
+            counters: &counters,
+        };
+        postcard::to_allocvec(&saved).expect("the view serializes")
+    }
+
     fn progress(&self, time: Time) {
         self.progress.fetch_max(time, Ordering::AcqRel);
         if time > self.replay_until.load(Ordering::Acquire) {
@@ -445,7 +545,7 @@ struct Decisions<'e> {
 impl Decisions<'_> {
     /// Applies decision `o`, made at `t`.
     fn apply(&mut self, t: Time, o: Output) {
-        *self.counters.decisions.entry(o.name()).or_default() += 1;
+        *self.counters.decisions.entry(o.name().into()).or_default() += 1;
         if let Some((event, verdict)) = verdict_of(&o) {
             self.resolved.push((event.clone(), verdict));
         }
@@ -573,7 +673,7 @@ impl Decisions<'_> {
                 at: t,
                 reason: Step::Rejected(reason),
                 event_id: Some(event),
-                rejected: Some(waiter::rejection(reason).0),
+                rejected: Some(waiter::rejection(reason).0.into()),
             });
         }
     }
@@ -601,9 +701,9 @@ impl Decisions<'_> {
         let to = step.state;
         let by_state = &mut self.counters.orders_by_state;
         if let Some(from) = from {
-            *by_state.entry(from.name()).or_default() -= 1;
+            *by_state.entry(from.name().into()).or_default() -= 1;
         }
-        *by_state.entry(to.name()).or_default() += 1;
+        *by_state.entry(to.name().into()).or_default() += 1;
         if to == OrderState::Received {
             if let Some(r) = &rider {
                 let r = self.view.riders.entry(r.clone()).or_default();

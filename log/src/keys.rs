@@ -14,8 +14,9 @@ use std::hash::{DefaultHasher, Hasher};
 /// A print of a request's events: their contents, not the ids or times the
 /// server gives them. A sum over the events, so the order they are read back
 /// in (from several Kafka partitions) does not change it. Computed afresh on
-/// every start, never stored.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// every start, kept in checkpoints
+/// only with [`Print::probe`], to tell a build that prints differently.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Print(u64);
 
 impl Print {
@@ -28,6 +29,13 @@ impl Print {
         print
     }
 
+    /// The print of a fixed request: a checkpoint keeps it, and prints kept
+    /// by a build that prints differently are not trusted.
+    pub fn probe() -> Print {
+        let id = grabflow_api::Id::new("probe").expect("a valid id");
+        Print::of([&EventKind::OrderCancelled { order: id }])
+    }
+
     /// Adds one more event of the same request.
     pub fn add(&mut self, kind: &EventKind) {
         let bytes = postcard::to_allocvec(kind).expect("events serialize");
@@ -38,7 +46,7 @@ impl Print {
 }
 
 /// A key's first use: the answer it got, and the print of its request.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FirstUse {
     /// What the first request was answered.
     pub answer: Appended,

@@ -21,7 +21,7 @@ use grabflow_api::{EventKind, Id};
 use std::collections::{HashMap, HashSet};
 
 /// Ids the log holds, to answer 404 for unknown ones.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Known {
     /// Placed orders.
     pub orders: HashSet<Id>,
@@ -44,14 +44,17 @@ impl Known {
     }
 }
 
-/// Idempotency keys and known ids of one log.
-#[derive(Debug, Default)]
+/// Idempotency keys and known ids of one log. Saved whole in a checkpoint
+/// ([`Ledger::next`] says which events it holds).
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
 pub struct Ledger {
     keys: Keys,
     known: Known,
     /// Batches read back in part, by key: events read so far and their
     /// print (a batch's records may come from several Kafka partitions).
     reading: HashMap<String, (usize, Print)>,
+    /// The offset after the last event it has taken in (embedded log).
+    next: u64,
 }
 
 /// What the ledger says of an append before it is made.
@@ -95,6 +98,17 @@ impl Claim {
 }
 
 impl Ledger {
+    /// The offset after the last event taken in: a ledger restored from a
+    /// checkpoint reads back only the events from there on.
+    pub fn next(&self) -> u64 {
+        self.next
+    }
+
+    /// Every event before `offset` is taken in (after a commit).
+    pub fn taken_to(&mut self, offset: u64) {
+        self.next = self.next.max(offset);
+    }
+
     /// The ids the log holds.
     pub fn known(&self) -> &Known {
         &self.known
@@ -172,6 +186,7 @@ impl Ledger {
         kind: &EventKind,
         batch: Option<usize>,
     ) {
+        self.next = self.next.max(offset + 1);
         self.known.note(kind);
         let Some(key) = key else { return };
         match (batch, id) {

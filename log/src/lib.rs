@@ -29,10 +29,13 @@
 //!   `recovery` (reading back, cutting a torn tail), `writer` (group
 //!   commit, ticks), `space` (zero-filled room), `direct` (direct I/O).
 //! - [`throttle`]: repeated identical warnings, rate-limited.
+//! - [`checkpoints`]: checkpoint files (versioned, checksummed, written
+//!   atomically, read back newest first skipping damaged ones).
 //! - [`kafka`]: `config` (settings, topics, errors), `producer` (appends),
 //!   `source` (the dataflow's partitions, time from the log, ticks),
 //!   `follower` (rebuilding the ledger from the input topics).
 
+pub mod checkpoints;
 pub mod embedded;
 pub mod kafka;
 pub mod keys;
@@ -47,7 +50,7 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 /// The answer to an append: what a retry with the same key gets again.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Appended {
     /// One event appended: its id and offset.
     One {
@@ -128,6 +131,13 @@ impl LogHandle {
     /// A handle appending through `appender`, whose ledger is `ledger`.
     pub fn new(appender: Arc<dyn Append>, ledger: Arc<Mutex<Ledger>>) -> LogHandle {
         LogHandle { appender, ledger }
+    }
+
+    /// The ledger in postcard, for a checkpoint (with the offset it has
+    /// taken in every event before). Appends wait while it is written.
+    pub fn save_ledger(&self) -> Vec<u8> {
+        let ledger = self.ledger.lock().expect("ledger");
+        postcard::to_allocvec(&*ledger).expect("the ledger serializes")
     }
 
     /// Appends `events` durably (one append) and answers once they are

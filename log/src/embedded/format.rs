@@ -132,6 +132,20 @@ pub(crate) fn decode(payload: &[u8], out: &mut Vec<Record>) -> bool {
     records.map(|r| out.extend(r)).is_some()
 }
 
+/// The offset of the first event of the record in `payload`, read from
+/// its head alone (without decoding its events); `None` for the forms
+/// before 0.7, which are decoded whole.
+pub(crate) fn first_offset(payload: &[u8]) -> Option<u64> {
+    match payload.split_first()? {
+        (&(APPEND | APPEND_SEALED), rest) => {
+            let ((_key, _time, first), _) =
+                postcard::take_from_bytes::<(Option<&str>, Time, u64)>(rest).ok()?;
+            Some(first)
+        }
+        _ => None,
+    }
+}
+
 /// The events of an [`AppendRecord`].
 fn decode_append(bytes: &[u8]) -> Option<Vec<Record>> {
     let (AppendRecord(key, time, first, ids, kinds), []) = postcard::take_from_bytes(bytes).ok()?

@@ -43,7 +43,7 @@ mod tests;
 mod writer;
 
 pub use format::Record;
-pub use recovery::{read_records, repair, verify, Repaired, Report, Scanned};
+pub use recovery::{read_records, read_records_from, repair, verify, Repaired, Report, Scanned};
 
 use crate::ledger::Ledger;
 use crate::{Append, LogError, LogHandle, Pending};
@@ -82,23 +82,59 @@ pub fn open(
     ticks: Ticks,
     backlog: Arc<Backlog>,
 ) -> Result<Opened, LogError> {
-    open_with(dir, feed, ticks, backlog, true)
+    open_with(dir, feed, ticks, backlog, Resume::default(), true)
 }
 
-/// [`open`], with direct I/O only if `direct` (tests take both paths).
+/// Where a restart from a checkpoint picks the log up.
+#[derive(Debug, Default)]
+pub struct Resume {
+    /// The events from this offset on are replayed into the feed (the
+    /// dataflow's checkpoint holds what those before made).
+    pub from: u64,
+    /// The ledger the checkpoint saved: it has taken in every event before
+    /// its [`Ledger::next`], and reads back the rest.
+    pub ledger: Ledger,
+}
+
+/// [`open`], from a checkpoint: replays only the events from `resume.from`
+/// on, and reads back into `resume.ledger` only those it lacks.
+pub fn open_resuming(
+    dir: &Path,
+    feed: mpsc::Sender<Feed>,
+    ticks: Ticks,
+    backlog: Arc<Backlog>,
+    resume: Resume,
+) -> Result<Opened, LogError> {
+    open_with(dir, feed, ticks, backlog, resume, true)
+}
+
+/// [`open_resuming`], with direct I/O only if `direct` (tests take both paths).
 fn open_with(
     dir: &Path,
     feed: mpsc::Sender<Feed>,
     ticks: Ticks,
     backlog: Arc<Backlog>,
+    Resume { from, mut ledger }: Resume,
     direct: bool,
 ) -> Result<Opened, LogError> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("events.log");
-    let Scanned { records, end, cut } = read_records(&path)?;
-    let mut ledger = Ledger::default();
-    let (mut last_time, mut next_offset) = (0, 0);
-    for Record { key, event } in &records {
+    let Scanned {
+        mut records,
+        end,
+        cut,
+        last,
+    } = read_records_from(&path, from.min(ledger.next()))?;
+    let (last_time, next_offset) = last.map_or((0, 0), |r| (r.event.time, r.event.offset + 1));
+    if next_offset < ledger.next() || next_offset < from {
+        return Err(LogError::Io(std::io::Error::other(format!(
+            "{}: the log ends at offset {next_offset}, before the checkpoint's {}",
+            path.display(),
+            from.max(ledger.next())
+        ))));
+    }
+    let read_from = ledger.next();
+    for Record { key, event } in records.iter().filter(|r| r.event.offset >= read_from) {
         // A batch's events carry its key each: the answer counts them.
         ledger.read_back(
             key.as_deref(),
@@ -107,9 +143,8 @@ fn open_with(
             &event.kind,
             None,
         );
-        last_time = last_time.max(event.time);
-        next_offset = event.offset + 1;
     }
+    records.retain(|r| r.event.offset >= from);
     for chunk in records.chunks(4096) {
         let _ = feed.send(Feed::Events(
             chunk.iter().map(|r| r.event.clone()).collect(),

@@ -12,7 +12,7 @@
 //! keeps every whole record, and moves the damaged bytes into a
 //! quarantine file beside the log: nothing is deleted.
 
-use super::format::{decode, framed, Record};
+use super::format::{self, decode, framed, Record};
 use crate::LogError;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -28,6 +28,9 @@ pub struct Scanned {
     pub end: u64,
     /// Bytes of a torn tail cut off.
     pub cut: u64,
+    /// The last record's last event (decoded even when records before an
+    /// offset are skipped): where the log's offsets and clock stand.
+    pub last: Option<Record>,
 }
 
 /// The longest torn tail taken for one (a commit's write at most); garbage
@@ -108,15 +111,36 @@ impl Layout {
 /// the writer adds fresh room). Any other damage is refused with
 /// [`LogError::Damaged`], and nothing is cut.
 pub fn read_records(path: &Path) -> Result<Scanned, LogError> {
+    read_records_from(path, 0)
+}
+
+/// [`read_records`], decoding only the records from offset `from` on (a
+/// restart from a checkpoint needs no more); the records before are
+/// checked by their checksum and head.
+pub fn read_records_from(path: &Path, from: u64) -> Result<Scanned, LogError> {
     let Some((file, bytes)) = read(path, true)? else {
         return Ok(Scanned {
             records: Vec::new(),
             end: 0,
             cut: 0,
+            last: None,
         });
     };
     let mut records = Vec::new();
-    let layout = Layout::of(&bytes, |payload| decode(payload, &mut records));
+    let layout = Layout::of(&bytes, |payload| match format::first_offset(payload) {
+        Some(first) if first < from => true,
+        _ => decode(payload, &mut records),
+    });
+    // Forms before 0.7 are decoded whole: drop what comes before `from`.
+    records.retain(|r| r.event.offset >= from);
+    let last = match records.last() {
+        Some(r) => Some(r.clone()),
+        None => layout.records.last().and_then(|r| {
+            let mut last = Vec::new();
+            framed(&bytes[r.clone()]).filter(|p| decode(p, &mut last))?;
+            last.pop()
+        }),
+    };
     if let Some((offset, following)) = layout.damage() {
         return Err(LogError::Damaged {
             path: path.to_path_buf(),
@@ -132,12 +156,14 @@ pub fn read_records(path: &Path) -> Result<Scanned, LogError> {
                 records,
                 end: torn.start as u64,
                 cut: torn.len() as u64,
+                last,
             })
         }
         None => Ok(Scanned {
             records,
             end: layout.end as u64,
             cut: 0,
+            last,
         }),
     }
 }

@@ -299,7 +299,15 @@ async fn direct_and_buffered_commits_read_back_alike() {
     for (round, direct) in [false, true, false, true].into_iter().enumerate() {
         let (tx, rx) = mpsc::channel();
         let unbounded = Arc::new(Backlog::new(0));
-        let log = open_with(&dir, tx, every(Duration::from_millis(5)), unbounded, direct).unwrap();
+        let log = open_with(
+            &dir,
+            tx,
+            every(Duration::from_millis(5)),
+            unbounded,
+            Resume::default(),
+            direct,
+        )
+        .unwrap();
         assert_eq!((log.replayed, log.cut), (acked.len(), 0));
         assert_eq!(events(&rx).len(), acked.len(), "replayed");
         for n in 0..3 {

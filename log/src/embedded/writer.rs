@@ -236,6 +236,7 @@ impl Writer {
                     }
                     answers.push((reply, answer));
                 }
+                ledger.taken_to(self.next_offset);
                 drop(ledger);
                 if let Some(last) = events.last() {
                     self.backlog.committed(last.time, events.len() as u64);

@@ -1,0 +1,137 @@
+//! Checkpoints of the whole service over the embedded log: the dataflow's
+//! operators and the egress view as of one log time (gathered by the
+//! dataflow, see `grabflow_dataflow::checkpoint`), with the log's ledger
+//! (idempotency keys and known ids) and where the log resumes.
+//!
+//! Taking one: the dataflow hands each whole [`DataflowState`] to the
+//! checkpoint thread ([`writer`]), which adds the ledger (appends wait the
+//! few milliseconds its encoding takes) and writes the file
+//! (`grabflow_log::checkpoints`). Dispatch does not wait for the file.
+//!
+//! Starting from one ([`load`]): the newest checkpoint that reads back whole
+//! and decodes is used; the log replays only the events from its position
+//! on and reads back into its ledger only those it lacks. A damaged or
+//! half-written checkpoint is skipped, loudly, for the one before it (or
+//! the whole log): nothing acknowledged is lost either way, since the log
+//! holds every event.
+
+use grabflow_api::lifecycle::Thread;
+use grabflow_api::DispatchConfig;
+use grabflow_dataflow::checkpoint::DataflowState;
+pub use grabflow_egress::view::{CheckpointFigures as Figures, SharedFigures};
+use grabflow_log::checkpoints::{CheckpointStore, Written};
+use grabflow_log::keys::Print;
+use grabflow_log::ledger::Ledger;
+use grabflow_log::LogHandle;
+use serde::{Deserialize, Serialize};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// One checkpoint file's body.
+#[derive(Serialize, Deserialize)]
+pub struct Checkpoint {
+    /// The dataflow's operators, the view and where the log resumes.
+    pub dataflow: DataflowState,
+    /// The log's ledger, in postcard ([`Ledger`]).
+    pub ledger: Vec<u8>,
+    /// [`Print::probe`] of the build that wrote it: idempotency prints of
+    /// another are not trusted.
+    pub print: Print,
+}
+
+/// A checkpoint to start from.
+pub struct Loaded {
+    /// The dataflow's and the view's state.
+    pub dataflow: DataflowState,
+    /// The log's ledger.
+    pub ledger: Ledger,
+    /// Where the log resumes: the first offset to replay.
+    pub from: u64,
+}
+
+/// Decodes and checks a checkpoint's body for a start under `cfg`.
+fn decode(body: &[u8], cfg: &DispatchConfig) -> Result<Loaded, String> {
+    let c: Checkpoint = postcard::from_bytes(body).map_err(|e| format!("does not decode: {e}"))?;
+    if c.print != Print::probe() {
+        return Err("written by a build that prints idempotency keys differently".into());
+    }
+    let from = match c.dataflow.resume().as_slice() {
+        [(0, from)] => *from,
+        other => return Err(format!("not a checkpoint of the embedded log: {other:?}")),
+    };
+    let ledger = postcard::from_bytes(&c.ledger).map_err(|e| format!("ledger: {e}"))?;
+    // Every part decodes (the workers restore them without checking).
+    let all = |_: &grabflow_api::Id| true;
+    c.dataflow
+        .dedup(cfg.dedup_window_ms, all)
+        .map_err(|e| e.to_string())?;
+    c.dataflow
+        .tracker(cfg.rider_ttl_ms, all)
+        .map_err(|e| e.to_string())?;
+    c.dataflow
+        .dispatcher(cfg.clone())
+        .map_err(|e| e.to_string())?;
+    Ok(Loaded {
+        dataflow: c.dataflow,
+        ledger,
+        from,
+    })
+}
+
+/// The newest usable checkpoint in `store`, if any (see the module doc).
+pub fn load(store: &CheckpointStore, cfg: &DispatchConfig) -> anyhow::Result<Option<Loaded>> {
+    Ok(store.latest(|body| decode(body, cfg))?.map(|(_, l)| l))
+}
+
+/// The checkpoint thread: writes each state from `rx` with `log`'s ledger
+/// into `store`, until `rx` closes (the dataflow ended, after its last
+/// checkpoint) or it is stopped.
+pub fn writer(
+    store: CheckpointStore,
+    log: LogHandle,
+    rx: mpsc::Receiver<DataflowState>,
+    figures: SharedFigures,
+) -> std::io::Result<Thread> {
+    Thread::spawn("grabflow-checkpoint", move |stop| loop {
+        let state = match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(state) => state,
+            Err(mpsc::RecvTimeoutError::Timeout) if !stop.stopped() => continue,
+            // Stopped: the dataflow's last checkpoint may still come.
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                match rx.recv_timeout(Duration::from_secs(15)) {
+                    Ok(state) => state,
+                    Err(_) => return,
+                }
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return,
+        };
+        let started = Instant::now();
+        let at = state.at;
+        let body = Checkpoint {
+            dataflow: state,
+            ledger: log.save_ledger(),
+            print: Print::probe(),
+        };
+        let written = postcard::to_allocvec(&body)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| store.write(at, &bytes).map_err(|e| e.to_string()));
+        let mut f = figures.lock().expect("figures");
+        match written {
+            Ok(Written { bytes, path, .. }) => {
+                f.last_at = at;
+                f.last_bytes = bytes;
+                f.last_write_ms = started.elapsed().as_millis() as u64;
+                f.written = Some(Instant::now());
+                f.written_total += 1;
+                tracing::debug!(at, bytes, path = %path.display(), "checkpoint written");
+            }
+            Err(e) => {
+                f.failed_total += 1;
+                tracing::error!(
+                    at,
+                    "writing a checkpoint failed (the next one is tried at its time): {e}"
+                );
+            }
+        }
+    })
+}

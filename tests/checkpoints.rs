@@ -1,0 +1,301 @@
+//! Checkpoints through the real binary: a restart replays only the log
+//! after the latest checkpoint and gives back the same state; `kill -9`
+//! while checkpoints are being written loses nothing acknowledged; a
+//! damaged latest checkpoint falls back to the one before.
+
+mod common;
+use common::*;
+use serde_json::{json, Value};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// Every order's answer, every rider's, the business counters, and the
+/// riders' streams from the start: what a restart must give back.
+async fn state(s: &Server, app: &str, orders: &[String], riders: &[(&str, String)]) -> Value {
+    let mut out = serde_json::Map::new();
+    for id in orders {
+        let (status, body) = s.call("GET", &format!("/v1/orders/{id}"), app, None).await;
+        out.insert(format!("order {id}"), json!([status, body]));
+    }
+    for (rider, token) in riders {
+        let (_, mut body) = s
+            .call("GET", &format!("/v1/riders/{rider}"), token, None)
+            .await;
+        // Where the rider was last seen is kept; its index entry too.
+        body.as_object_mut().map(|b| b.remove("indexed"));
+        out.insert(format!("rider {rider}"), body);
+    }
+    let (_, m) = s
+        .call("GET", "/v1/ops/metrics", &s.token("ops", None), None)
+        .await;
+    for k in [
+        "orders_by_state",
+        "decisions",
+        "grabs_won",
+        "grabs_lost",
+        "orders",
+    ] {
+        out.insert(k.to_string(), m[k].clone());
+    }
+    Value::Object(out)
+}
+
+/// Waits until the dataflow has caught up with every event appended.
+async fn settled(s: &Server) {
+    let ops = s.token("ops", None);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, m) = s.call("GET", "/v1/ops/metrics", &ops, None).await;
+        let d = &m["dataflow"];
+        if d["frontier_ms"].as_u64() > d["last_event_ms"].as_u64() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the dataflow never caught up: {m}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The checkpoint figures of `/v1/ops/metrics`.
+async fn checkpoint(s: &Server) -> Value {
+    let (_, m) = s
+        .call("GET", "/v1/ops/metrics", &s.token("ops", None), None)
+        .await;
+    m["checkpoint"].clone()
+}
+
+/// Some traffic: a merchant, riders on shift, orders placed, grabbed,
+/// picked up and delivered (one of each kind of step), keyed requests.
+async fn traffic(s: &Server, app: &str, riders: &[(&str, String)], orders: &[String]) {
+    let city: Vec<(&str, &str, f64)> = riders
+        .iter()
+        .enumerate()
+        .map(|(i, (r, t))| (*r, t.as_str(), 50.0 + 40.0 * i as f64))
+        .collect();
+    s.city(app, &city).await;
+    for (i, id) in orders.iter().enumerate() {
+        s.order(app, id).await;
+        let (rider, token) = &riders[i % riders.len()];
+        let (st, _) = s
+            .call("POST", &format!("/v1/orders/{id}/grab"), token, None)
+            .await;
+        assert!(st == 200 || st == 202, "grab {id} by {rider}: {st}");
+        if i % 3 != 2 {
+            s.call("POST", &format!("/v1/orders/{id}/pickup"), token, None)
+                .await;
+        }
+        if i % 3 == 0 {
+            s.call("POST", &format!("/v1/orders/{id}/delivered"), token, None)
+                .await;
+        }
+    }
+}
+
+fn sigterm(s: &mut Server) {
+    assert!(Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = exit_within(&mut s.child, Duration::from_secs(30)).expect("stops on SIGTERM");
+    assert!(status.success(), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_replays_only_what_follows_the_latest_checkpoint_and_gives_back_the_same_state() {
+    let dir = temp_dir();
+    let flags = ["--checkpoint-interval", "100ms", "--workers", "2"];
+    let mut s = Server::start(&dir, &flags);
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let riders: Vec<(&str, String)> = ["R1", "R2", "R3"]
+        .iter()
+        .map(|r| (*r, s.token("rider", Some(r))))
+        .collect();
+    let orders: Vec<String> = (0..12).map(|n| format!("O{n}")).collect();
+    traffic(&s, &app, &riders, &orders).await;
+    let keyed =
+        json!({"order_id": "K1", "merchant_id": "M1", "dropoff": {"lat": 31.22, "lon": 121.48}});
+    let first = s
+        .call_keyed("POST", "/v1/orders", &app, "key-1", keyed.clone())
+        .await;
+    assert_eq!(first.0, 202);
+    settled(&s).await;
+    // Checkpoints are taken as the log's clock moves.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while checkpoint(&s).await["written"].as_u64().unwrap_or(0) < 2 {
+        assert!(Instant::now() < deadline, "no checkpoint written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut all = orders.clone();
+    all.push("K1".into());
+    let before = state(&s, &app, &all, &riders).await;
+    let mut ws = s.ws("R1", &riders[0].1, 0).await;
+    let mut stream = Vec::new();
+    while let Ok(Some(Ok(m))) =
+        tokio::time::timeout(Duration::from_millis(300), futures_next(&mut ws)).await
+    {
+        stream.push(m);
+    }
+    drop(ws);
+    assert!(!stream.is_empty(), "R1 had offers");
+    sigterm(&mut s);
+    let files = std::fs::read_dir(dir.join("checkpoints")).unwrap().count();
+    assert!(
+        (1..=3).contains(&files),
+        "the newest checkpoints are kept: {files}"
+    );
+
+    // A graceful stop checkpoints at its end: the restart replays nothing.
+    let s = Server::start(&dir, &flags);
+    s.wait_ready().await;
+    let c = checkpoint(&s).await;
+    assert_eq!(c["replayed_events"], 0, "{c}");
+    assert!(c["started_from_ms"].as_u64().unwrap() > 0, "{c}");
+    settled(&s).await;
+    assert_eq!(state(&s, &app, &all, &riders).await, before);
+    // The rider's stream is the same, seq for seq.
+    let mut ws = s.ws("R1", &riders[0].1, 0).await;
+    let mut again = Vec::new();
+    while let Ok(Some(Ok(m))) =
+        tokio::time::timeout(Duration::from_millis(300), futures_next(&mut ws)).await
+    {
+        again.push(m);
+    }
+    assert_eq!(again, stream);
+    // The idempotency key is known: the repeat gets the first answer.
+    let repeat = s
+        .call_keyed("POST", "/v1/orders", &app, "key-1", keyed)
+        .await;
+    assert_eq!(repeat, first);
+    // Riders and orders go on where they were.
+    let (st, body) = s
+        .call("POST", "/v1/orders/O1/delivered", &riders[1].1, None)
+        .await;
+    assert_eq!((st, &body["state"]), (200, &json!("closed")), "{body}");
+}
+
+async fn futures_next(ws: &mut Ws) -> Option<Result<String, ()>> {
+    use futures_util::StreamExt;
+    loop {
+        match ws.next().await? {
+            Ok(tokio_tungstenite::tungstenite::Message::Text(t)) => return Some(Ok(t.to_string())),
+            Ok(_) => continue,
+            Err(_) => return Some(Err(())),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_checkpoints_are_written_loses_nothing_acknowledged() {
+    let dir = temp_dir();
+    // A checkpoint every few milliseconds of log time: a kill lands in the
+    // middle of writing one more often than not.
+    let flags = ["--checkpoint-interval", "5ms"];
+    let app_riders = ["R1", "R2"];
+    let mut placed: Vec<String> = Vec::new();
+    for round in 0..4 {
+        let mut s = Server::start(&dir, &flags);
+        s.wait_ready().await;
+        let app = s.token("app", None);
+        let riders: Vec<(&str, String)> = app_riders
+            .iter()
+            .map(|r| (*r, s.token("rider", Some(r))))
+            .collect();
+        if round > 0 {
+            // Everything acknowledged before the kill is there.
+            settled(&s).await;
+            for id in &placed {
+                let (st, body) = s.call("GET", &format!("/v1/orders/{id}"), &app, None).await;
+                assert_eq!(st, 200, "round {round}: {id} lost: {body}");
+            }
+        }
+        let orders: Vec<String> = (0..6).map(|n| format!("O{round}-{n}")).collect();
+        traffic(&s, &app, &riders, &orders).await;
+        placed.extend(orders);
+        settled(&s).await;
+        let before = state(&s, &app, &placed, &riders).await;
+        s.kill9();
+        let s = Server::start(&dir, &flags);
+        s.wait_ready().await;
+        settled(&s).await;
+        assert_eq!(
+            state(&s, &app, &placed, &riders).await,
+            before,
+            "round {round}: the state after kill -9 and restart"
+        );
+        let c = checkpoint(&s).await;
+        assert!(
+            c["started_from_ms"].as_u64() > Some(0),
+            "round {round}: {c}"
+        );
+        drop(s);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_latest_checkpoint_is_skipped_for_the_one_before() {
+    let dir = temp_dir();
+    let flags = ["--checkpoint-interval", "50ms"];
+    let mut s = Server::start(&dir, &flags);
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let riders: Vec<(&str, String)> = vec![("R1", s.token("rider", Some("R1")))];
+    let orders: Vec<String> = (0..5).map(|n| format!("O{n}")).collect();
+    traffic(&s, &app, &riders, &orders).await;
+    settled(&s).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = state(&s, &app, &orders, &riders).await;
+    sigterm(&mut s);
+    let mut files: Vec<_> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    let newest = files.last().unwrap().clone();
+    let older: u64 = files[files.len() - 2]
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x10;
+    std::fs::write(&newest, bytes).unwrap();
+
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_grabflow"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .args(flags)
+        .stderr(std::process::Stdio::piped());
+    let mut s = Server::from_command(cmd, &dir);
+    s.wait_ready().await;
+    settled(&s).await;
+    let c = checkpoint(&s).await;
+    assert_eq!(c["started_from_ms"].as_u64(), Some(older), "{c}");
+    assert!(c["replayed_events"].as_u64() > Some(0), "{c}");
+    assert_eq!(state(&s, &app, &orders, &riders).await, before);
+    // Loudly: the skipped file is named in the log.
+    let _ = Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status();
+    let _ = exit_within(&mut s.child, Duration::from_secs(30));
+    let mut err = String::new();
+    use std::io::Read;
+    s.child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(
+        err.contains("skipping a checkpoint")
+            && err.contains(newest.file_name().unwrap().to_str().unwrap()),
+        "{err}"
+    );
+}
