@@ -431,6 +431,157 @@ fn main() {
     if part("kafka") {
         kafka_phase(&rt);
     }
+    if part("restart") {
+        restart_phase(&rt);
+    }
+}
+
+/// Pings put in the log before the restarts (`BENCH_RESTART_PINGS`,
+/// default 2 000 000).
+fn restart_pings() -> u64 {
+    std::env::var("BENCH_RESTART_PINGS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2_000_000)
+}
+
+/// The peak and current RSS of process `pid`, MiB.
+fn rss_mib(pid: u32) -> (f64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// Starts `grabflow serve` on `dir` with `extra`; waits for `/readyz`:
+/// the process, its URL and how long it took to be ready.
+async fn start_ready(dir: &std::path::Path, extra: &[&str]) -> (Child, String, Duration) {
+    let t0 = Instant::now();
+    let (child, url) = spawn(
+        Command::new(env!("CARGO_BIN_EXE_grabflow"))
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .args(extra)
+            .arg("--data-dir")
+            .arg(dir),
+    );
+    let http = reqwest::Client::new();
+    loop {
+        if let Ok(r) = http.get(format!("{url}/readyz")).send().await {
+            if r.status().is_success() {
+                return (child, url, t0.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+fn sigterm(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+}
+
+/// Restart time and memory with a long log behind: from the latest
+/// checkpoint (the default) against replaying the whole log (the same log,
+/// its checkpoints removed, `--checkpoint-interval 0`), after a graceful
+/// stop and after `kill -9`.
+fn restart_phase(rt: &tokio::runtime::Runtime) {
+    let dir = std::env::temp_dir().join(format!("grabflow-bench-restart-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let pings = restart_pings();
+    let live = rt.block_on(async {
+        let (mut server, url, _) = start_ready(&dir, &[]).await;
+        let app = token(&dir, "app", None);
+        // Batched pings from many riders, as the ingress bench sends them.
+        let http = reqwest::Client::new();
+        let mut sent = 0u64;
+        let batch = 1000;
+        while sent < pings {
+            let mut tasks = Vec::new();
+            for c in 0..8 {
+                let items: Vec<Value> = (0..batch)
+                    .map(|i| {
+                        let lat = 31.2 + ((sent as usize + c * batch + i) % 997) as f64 * 1e-4;
+                        json!({"rider_id": format!("R{}", (c * batch + i) % 50_000), "lat": lat, "lon": 121.47})
+                    })
+                    .collect();
+                let (http, url, app) = (http.clone(), url.clone(), app.clone());
+                tasks.push(tokio::spawn(async move {
+                    loop {
+                        let r = http
+                            .post(format!("{url}/v1/locations:batch"))
+                            .bearer_auth(&app)
+                            .json(&items)
+                            .send()
+                            .await;
+                        if r.is_ok_and(|r| r.status().as_u16() == 202) {
+                            return;
+                        }
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }));
+            }
+            for t in tasks {
+                t.await.unwrap();
+            }
+            sent += 8 * batch as u64;
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let rss = rss_mib(server.id()).1;
+        sigterm(&mut server);
+        rss
+    });
+    let log_mib =
+        std::fs::metadata(dir.join("events.log")).map_or(0.0, |m| m.len() as f64 / 1048576.0);
+    println!("
+restart with {pings} batched pings in the log ({log_mib:.0} MiB file; live RSS before the stop {live:.0} MiB):");
+    println!("| start | ready in | peak RSS | replayed events |");
+    println!("|---|---:|---:|---:|");
+    let mut run = |name: &str, extra: &[&str], kill: bool| {
+        rt.block_on(async {
+            let (mut server, url, took) = start_ready(&dir, extra).await;
+            let (peak, _) = rss_mib(server.id());
+            let ops = token(&dir, "ops", None);
+            let m: Value = reqwest::Client::new()
+                .get(format!("{url}/v1/ops/metrics"))
+                .bearer_auth(&ops)
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap_or_default();
+            let replayed = m["checkpoint"]["replayed_events"]
+                .as_u64()
+                .map_or("–".to_string(), |n| n.to_string());
+            println!(
+                "| {name} | {:.2} s | {peak:.0} MiB | {replayed} |",
+                took.as_secs_f64()
+            );
+            if kill {
+                let _ = server.kill();
+                let _ = server.wait();
+            } else {
+                sigterm(&mut server);
+            }
+        })
+    };
+    run("from the checkpoint of a graceful stop", &[], true);
+    run("from the latest checkpoint after kill -9", &[], false);
+    let _ = std::fs::remove_dir_all(dir.join("checkpoints"));
+    run(
+        "the whole log (no checkpoint, --checkpoint-interval 0)",
+        &["--checkpoint-interval", "0"],
+        true,
+    );
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Rounds of the ingress comparison; each alternates the two servers, so a

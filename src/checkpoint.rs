@@ -22,7 +22,7 @@ pub use grabflow_egress::view::{CheckpointFigures as Figures, SharedFigures};
 use grabflow_log::checkpoints::{CheckpointStore, Written};
 use grabflow_log::keys::Print;
 use grabflow_log::ledger::Ledger;
-use grabflow_log::LogHandle;
+use grabflow_log::LedgerSaver;
 use serde::{Deserialize, Serialize};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -83,12 +83,12 @@ pub fn load(store: &CheckpointStore, cfg: &DispatchConfig) -> anyhow::Result<Opt
     Ok(store.latest(|body| decode(body, cfg))?.map(|(_, l)| l))
 }
 
-/// The checkpoint thread: writes each state from `rx` with `log`'s ledger
+/// The checkpoint thread: writes each state from `rx` with the log's `ledger`
 /// into `store`, until `rx` closes (the dataflow ended, after its last
 /// checkpoint) or it is stopped.
 pub fn writer(
     store: CheckpointStore,
-    log: LogHandle,
+    ledger: LedgerSaver,
     rx: mpsc::Receiver<DataflowState>,
     figures: SharedFigures,
 ) -> std::io::Result<Thread> {
@@ -109,7 +109,7 @@ pub fn writer(
         let at = state.at;
         let body = Checkpoint {
             dataflow: state,
-            ledger: log.save_ledger(),
+            ledger: ledger.save(),
             print: Print::probe(),
         };
         let written = postcard::to_allocvec(&body)

@@ -247,7 +247,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
             });
             let thread = checkpoint::writer(
                 CheckpointStore::new(&plan.data_dir),
-                input.log.clone(),
+                input.log.ledger_saver(),
                 rx,
                 Arc::clone(figures),
             )?;

@@ -207,7 +207,9 @@ pub enum Output {
         /// The event that caused it (its id); none when a timer or the
         /// offer pass did. A rider's pickup or delivery call waits for the
         /// transition its event caused, or for its rejection.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
+        // Written as null when absent (not skipped): binary encodings of
+        // the same type read fields by position.
+        #[serde(default)]
         event: Option<Id>,
     },
     /// An event had no effect.

@@ -156,7 +156,8 @@ pub struct Checkpointing {
 
 impl Checkpointing {
     /// Checkpoints every `interval` ms of log time (the first one `interval`
-    /// after `since`, the restored checkpoint's time or 0) and at a
+    /// after `since`, the restored checkpoint's time, or after the first
+    /// time worker 0 looks when 0) and at a
     /// graceful end, each handed to `done` once whole; none with an
     /// `interval` of 0 (the workers still start from a restored one).
     pub fn new(
@@ -195,6 +196,11 @@ impl Checkpointing {
             return false;
         }
         let last = self.last.load(Ordering::Acquire);
+        if last == 0 && !ending {
+            // A fresh start: the first checkpoint is an interval from now.
+            self.last.store(now, Ordering::Release);
+            return false;
+        }
         let due = now > last && (ending || now >= last.saturating_add(self.interval));
         if due && self.requested().is_none() {
             self.request.store(now, Ordering::Release);

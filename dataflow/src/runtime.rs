@@ -520,11 +520,13 @@ impl WorkerDataflow {
         }
         self.held.extend(self.decided.borrow_mut().drain(..));
         // A checkpoint asked for: the observer saves its state between the
-        // decisions before its time and those at or after it.
+        // decisions before its time and those at or after it, once every
+        // decision before it has been made (the probe has passed it).
+        let made = frontier(&self.probe).min(upto);
         let save_at = self.checkpoints.as_ref().and_then(|c| {
             c.checkpointing
                 .requested()
-                .filter(|at| *at != c.observed && *at <= upto)
+                .filter(|at| *at != c.observed && *at <= made)
         });
         if let Some(at) = save_at {
             let before = self.held.partition_point(|(t, _)| *t < at);

@@ -100,8 +100,10 @@ pub struct RiderView {
 }
 
 /// One step of an order's history: a transition, or an event that had no
-/// effect on the order.
-#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+/// effect on the order. In JSON, `event_id` and `rejected` are left out
+/// when absent; in a checkpoint every field is written (postcard reads
+/// fields by position).
+#[derive(Clone, Debug, Deserialize, ToSchema)]
 pub struct HistoryItem {
     /// The state entered (for a rejected event, the state the order stayed in).
     #[schema(value_type = String)]
@@ -116,14 +118,34 @@ pub struct HistoryItem {
     #[schema(value_type = String)]
     pub reason: Step,
     /// The event that caused it; absent when a timer or the offer pass did.
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub event_id: Option<Id>,
     /// For a rejected event, why, as its call's 409 code: `not_assigned`
     /// (not the assigned rider), `wrong_state`, `conflict` (placed twice).
-    #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(value_type = Option<String>)]
     pub rejected: Option<Cow<'static, str>>,
+}
+
+impl Serialize for HistoryItem {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let whole = !s.is_human_readable();
+        let mut st = s.serialize_struct("HistoryItem", 5)?;
+        st.serialize_field("state", &self.state)?;
+        st.serialize_field("at", &self.at)?;
+        st.serialize_field("reason", &self.reason)?;
+        for (name, value) in [
+            ("event_id", self.event_id.as_ref().map(Id::as_str)),
+            ("rejected", self.rejected.as_deref()),
+        ] {
+            if whole || value.is_some() {
+                st.serialize_field(name, &value)?;
+            } else {
+                st.skip_field(name)?;
+            }
+        }
+        st.end()
+    }
 }
 
 /// What a history step records: a transition's reason, or a rejection.

@@ -120,6 +120,18 @@ pub trait Append: Send + Sync + 'static {
     fn append(&self, key: Option<String>, events: Vec<(Id, EventKind)>) -> Pending<'_>;
 }
 
+/// Saves a log's ledger for checkpoints (see [`LogHandle::ledger_saver`]).
+pub struct LedgerSaver(Arc<Mutex<Ledger>>);
+
+impl LedgerSaver {
+    /// The ledger in postcard (with the offset before which it has taken
+    /// in every event). Appends wait while it is encoded.
+    pub fn save(&self) -> Vec<u8> {
+        let ledger = self.0.lock().expect("ledger");
+        postcard::to_allocvec(&*ledger).expect("the ledger serializes")
+    }
+}
+
 /// A handle to the log; cheap to clone.
 #[derive(Clone)]
 pub struct LogHandle {
@@ -133,11 +145,10 @@ impl LogHandle {
         LogHandle { appender, ledger }
     }
 
-    /// The ledger in postcard, for a checkpoint (with the offset it has
-    /// taken in every event before). Appends wait while it is written.
-    pub fn save_ledger(&self) -> Vec<u8> {
-        let ledger = self.ledger.lock().expect("ledger");
-        postcard::to_allocvec(&*ledger).expect("the ledger serializes")
+    /// What saves the ledger for checkpoints. It holds the ledger alone,
+    /// not the log: the log still closes once every handle is dropped.
+    pub fn ledger_saver(&self) -> LedgerSaver {
+        LedgerSaver(Arc::clone(&self.ledger))
     }
 
     /// Appends `events` durably (one append) and answers once they are
