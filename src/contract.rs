@@ -42,6 +42,7 @@ use utoipa::{Modify, OpenApi};
         grabflow_egress::routes::get_rider,
         grabflow_egress::routes::ops_metrics,
         grabflow_egress::routes::ops_dataflow,
+        grabflow_egress::ops::ops_stream,
         grabflow_egress::routes::prometheus,
         grabflow_egress::routes::healthz,
         grabflow_egress::routes::readyz

@@ -13,10 +13,12 @@
 //! - [`extract`]: the JSON body and query extractors that name the field
 //!   at fault, the checks of ids and positions, the `Id` schema.
 //! - [`grab`]: a grab call waiting for its decision, and the answer.
+//! - [`metrics`]: responses counted by status class (a middleware).
 
 pub mod auth;
 pub mod error;
 pub mod extract;
 pub mod grab;
+pub mod metrics;
 
 pub use error::ApiError;
