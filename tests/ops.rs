@@ -437,7 +437,7 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
     )
     .await;
     // ...and came as an ops event.
-    wait_for("the redispatch among the ops events", Duration::from_secs(10), || async {
+    wait_for("the redispatch among the ops events", Duration::from_secs(30), || async {
         let kinds = js(&c, "return [...document.querySelectorAll('#events li')]
                               .map(li => [li.dataset.order, li.querySelector('.kind')?.dataset.kind]);")
         .await;
@@ -584,5 +584,93 @@ async fn five_consoles_share_one_summary_a_second_and_the_stream_is_for_ops_only
         (computed as usize) < received / 2,
         "{computed} summaries computed for {received} received by five consoles ({last:?})"
     );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The `grabflow_…` metric names `text` mentions.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(at) = rest.find("grabflow_") {
+        let tail = &rest[at..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_'))
+            .unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_alerts_pass_promtool_and_the_alerts_and_dashboard_name_metrics_the_server_exports() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let alerts = root.join("docs/ops/alerts.yml");
+    let dashboard = root.join("docs/ops/grafana.json");
+    match find_program(&["promtool"]) {
+        Some(promtool) => {
+            let out = Command::new(promtool)
+                .args(["check", "rules"])
+                .arg(&alerts)
+                .output()
+                .expect("promtool runs");
+            assert!(
+                out.status.success(),
+                "promtool check rules docs/ops/alerts.yml:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        None => eprintln!(
+            "\n\n*** SKIPPED promtool check rules: no promtool found. Install it (Debian: \
+             apt-get install prometheus; scripts/test does) ***\n"
+        ),
+    }
+    let dash: Value =
+        serde_json::from_str(&std::fs::read_to_string(&dashboard).unwrap()).expect("JSON");
+    let panels = dash["panels"].as_array().expect("panels");
+    assert!(panels
+        .iter()
+        .all(|p| p["targets"].as_array().is_some_and(|t| !t.is_empty())));
+
+    // Every metric they use is one the server exports, but the checkpoint
+    // age (which comes with checkpoints).
+    let dir = temp_dir();
+    let s = Server::start(&dir, &[]);
+    s.wait_ready().await;
+    let ops = s.token("ops", None);
+    let (app, rider) = (s.token("app", None), s.token("rider", Some("R1")));
+    s.city(&app, &[("R1", &rider, 100.0)]).await;
+    s.order(&app, "O1").await;
+    let exported = wait_for(
+        "the order's offer in /metrics",
+        Duration::from_secs(10),
+        || async {
+            let text = s
+                .http
+                .get(format!("{}/metrics", s.url))
+                .bearer_auth(&ops)
+                .send()
+                .await
+                .ok()?
+                .text()
+                .await
+                .ok()?;
+            text.contains("grabflow_order_offer_ms_count 1\n")
+                .then_some(text)
+        },
+    )
+    .await;
+    let exported = metric_names(&exported);
+    let used: std::collections::BTreeSet<String> = metric_names(
+        &(std::fs::read_to_string(&alerts).unwrap()
+            + &std::fs::read_to_string(&dashboard).unwrap()),
+    );
+    let missing: Vec<_> = used
+        .iter()
+        .filter(|m| !exported.contains(*m) && *m != "grabflow_checkpoint_age_seconds")
+        .collect();
+    assert!(missing.is_empty(), "used but not exported: {missing:?}");
+    assert!(used.contains("grabflow_checkpoint_age_seconds"));
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -633,6 +633,14 @@ impl OpsHub {
             self.listeners(),
             self.summaries_computed()
         ));
+        out.push_str(&format!(
+            "# HELP grabflow_offer_rounds_total Offer rounds sent (first rounds and re-offers).\n\
+             # TYPE grabflow_offer_rounds_total counter\ngrabflow_offer_rounds_total {}\n\
+             # HELP grabflow_first_offers_total Orders offered for the first time.\n\
+             # TYPE grabflow_first_offers_total counter\ngrabflow_first_offers_total {}\n",
+            self.rounds.load(Ordering::Relaxed),
+            self.first_offers.load(Ordering::Relaxed)
+        ));
         let name = "grabflow_order_offer_ms";
         out.push_str(&format!(
             "# HELP {name} Order placed (log time) to its first offer round reaching egress, ms.\n\

@@ -340,6 +340,17 @@ pub async fn prometheus(
         }
     };
     counter(
+        "grabflow_grabs_total",
+        "Grab attempts decided: won, or lost by reason.",
+        std::iter::once(("{result=\"won\"}".to_string(), c.grabs_won))
+            .chain(
+                c.grabs_lost
+                    .iter()
+                    .map(|(reason, n)| (format!("{{result=\"lost\",reason=\"{reason}\"}}"), *n)),
+            )
+            .collect(),
+    );
+    counter(
         "grabflow_http_responses_total",
         "HTTP responses sent, by status class.",
         s.responses
