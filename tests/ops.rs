@@ -131,7 +131,7 @@ async fn browser(chromium: &PathBuf, driver: &Driver) -> Client {
         "goog:chromeOptions": {
             "binary": chromium,
             "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--hide-scrollbars", "--window-size=1440,1380", "--force-device-scale-factor=1"],
+                     "--hide-scrollbars", "--window-size=1440,1560", "--force-device-scale-factor=1"],
         }
     });
     let serde_json::Value::Object(caps) = caps else {
@@ -277,8 +277,6 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
         )
         .await;
     assert_eq!(st, 202);
-    let order = place_and_grab(&s, &app, &rider).await;
-
     // Nobody has watched yet: no summary was ever computed.
     let text = prometheus().await;
     assert!(text.contains("grabflow_ops_summaries_total 0\n"), "{text}");
@@ -291,7 +289,7 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
     // Signed in from the fragment, which the page then drops from the URL.
     wait_for(
         "the console to show live figures",
-        Duration::from_secs(20),
+        Duration::from_secs(30),
         || async {
             let f = figures(&c).await;
             f["riders_indexed"].as_f64().filter(|n| *n > 0.0)
@@ -304,11 +302,42 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
         "the token stays in the URL: {url}"
     );
 
+    // An order placed and grabbed while the console watches: its trail
+    // (offer rounds, grab race) is kept, for the inspector.
+    let order = place_and_grab(&s, &app, &rider).await;
+    let (st, trail) = s
+        .call("GET", &format!("/v1/ops/orders/{order}/trail"), &ops, None)
+        .await;
+    assert_eq!(st, 200, "{trail}");
+    assert_eq!(trail["recorded"], true, "{trail}");
+    let offered = trail["rounds"][0]["offers"].as_array().expect("a round");
+    let mine = offered
+        .iter()
+        .find(|o| o["rider_id"] == "OPS-R")
+        .expect("offered to OPS-R");
+    assert!(mine["distance_m"].as_u64().unwrap() < 30, "{trail}");
+    let won: Vec<_> = trail["grabs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|g| g["result"] == "won")
+        .collect();
+    assert_eq!(won.len(), 1, "{trail}");
+    assert_eq!(won[0]["rider_id"], "OPS-R");
+    let path = format!("/v1/ops/orders/{order}/trail");
+    assert_eq!(s.call("GET", &path, &app, None).await.0, 403);
+    assert_eq!(
+        s.call("GET", "/v1/ops/orders/NO-SUCH/trail", &ops, None)
+            .await
+            .0,
+        404
+    );
+
     // The figures agree with /v1/ops/metrics (both move under load: read
     // them back to back until a reading of each matches).
     wait_for(
         "the page's figures to agree with /v1/ops/metrics",
-        Duration::from_secs(20),
+        Duration::from_secs(40),
         || async {
             let page = figures(&c).await;
             let m = metrics().await;
@@ -379,11 +408,11 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
         .click()
         .await
         .unwrap();
-    let timeline = "return [...document.querySelectorAll('#timeline li')]
+    let timeline = "return [...document.querySelectorAll('#timeline li[data-kind=transition]')]
                       .map(li => [li.dataset.state, li.dataset.reason]);";
     wait_for(
         "the inspector's timeline to match the API",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async {
             let want = history(&s, &app, &order).await;
             let shown: Vec<(String, String)> =
@@ -394,6 +423,20 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
     .await;
     let shown: Vec<(String, String)> = serde_json::from_value(js(&c, timeline).await).unwrap();
     assert_eq!(shown[0], ("created".to_string(), "placed".to_string()));
+    // ...with the offer round's riders and the grab race.
+    let race = js(
+        &c,
+        "const d = document.querySelector('#timeline li[data-reason=offered] .detail');
+         const won = [...document.querySelectorAll('#timeline li[data-kind=grab][data-result=won]')];
+         return [d ? Number(d.dataset.riders) : 0, d ? d.textContent : '', won.map(li => li.dataset.rider)];",
+    )
+    .await;
+    assert!(
+        race[0].as_f64().unwrap() >= 1.0,
+        "no offer round shown: {race}"
+    );
+    assert!(race[1].as_str().unwrap().contains("OPS-R"), "{race}");
+    assert_eq!(race[2], json!(["OPS-R"]), "{race}");
 
     // A screenshot of the console under load (docs/ops-console.png is one).
     tokio::time::sleep(Duration::from_secs(shot_after)).await;
@@ -411,7 +454,7 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
         .unwrap();
     let result = wait_for(
         "the redispatch's answer",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async {
             let r = js(
                 &c,
@@ -426,7 +469,7 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
     assert_eq!(result[0], "true", "the redispatch failed: {result}");
     wait_for(
         "the redispatch in the order's history and on the page",
-        Duration::from_secs(10),
+        Duration::from_secs(30),
         || async {
             let api = history(&s, &app, &order).await;
             let shown: Vec<(String, String)> =

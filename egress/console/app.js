@@ -462,17 +462,21 @@ const map = {
 
   drawSelection(ctx, at, riderAt) {
     const o = app.orderView;
-    const mark = (p, label) => {
+    const mark = (p, label, dy) => {
       ctx.strokeStyle = "#fff"; ctx.lineWidth = 2;
       ctx.beginPath(); ctx.arc(p[0], p[1], 10, 0, 2 * Math.PI); ctx.stroke();
-      ctx.fillStyle = "#fff"; ctx.font = "11px ui-monospace, monospace"; ctx.textAlign = "left";
-      ctx.fillText(label, p[0] + 13, p[1] + 4);
+      ctx.font = "11px ui-monospace, monospace"; ctx.textAlign = "left";
+      const w = ctx.measureText(label).width;
+      ctx.fillStyle = "rgba(10,14,20,.8)";
+      ctx.fillRect(p[0] + 12, p[1] + dy - 9, w + 6, 13);
+      ctx.fillStyle = "#fff";
+      ctx.fillText(label, p[0] + 15, p[1] + dy + 1);
     };
-    if (at) mark(at, app.order);
-    if (o && o.rider_id && riderAt.has(o.rider_id)) mark(riderAt.get(o.rider_id), `rider ${o.rider_id}`);
+    if (at) mark(at, `order ${app.order}`, -8);
+    if (o && o.rider_id && riderAt.has(o.rider_id)) mark(riderAt.get(o.rider_id), `rider ${o.rider_id}`, 10);
     if (o && this.summary) {
       const m = this.summary.merchants.find((x) => x[0] === o.merchant_id);
-      if (m) mark(this.toScreen(m[1], m[2]), `merchant ${o.merchant_id}`);
+      if (m) mark(this.toScreen(m[1], m[2]), `merchant ${o.merchant_id}`, 24);
     }
   },
 
@@ -689,7 +693,10 @@ async function refreshOrder() {
   const id = app.order;
   if (!id) return;
   app.orderFetched = Date.now();
-  const r = await api("GET", `/v1/orders/${encodeURIComponent(id)}`).catch(() => ({ status: 0 }));
+  const [r, t] = await Promise.all([
+    api("GET", `/v1/orders/${encodeURIComponent(id)}`).catch(() => ({ status: 0 })),
+    api("GET", `/v1/ops/orders/${encodeURIComponent(id)}/trail`).catch(() => ({ status: 0 })),
+  ]);
   if (id !== app.order) return;
   if (r.status !== 200) {
     $("order").hidden = true;
@@ -697,10 +704,10 @@ async function refreshOrder() {
     return;
   }
   $("order-error").textContent = "";
-  renderOrder(r.body);
+  renderOrder(r.body, t.status === 200 ? t.body : null);
 }
 
-function renderOrder(o) {
+function renderOrder(o, trail) {
   app.orderView = o;
   const box = $("order");
   box.hidden = false;
@@ -713,19 +720,51 @@ function renderOrder(o) {
   $("order-rider").textContent = o.rider_id || "none";
   const list = $("timeline");
   const t0 = o.history.length ? o.history[0].at : 0;
-  const items = o.history.map((h) => {
+  const when = (at) => span("when", `${clock(at)} +${fmtDuration(at - t0)}`);
+  const rounds = (trail && trail.rounds) || [];
+  // Transitions, with each offer round's riders under its "offered", and
+  // the grab race's attempts before the transition they led to.
+  const entries = o.history.map((h) => {
     const li = document.createElement("li");
+    li.dataset.kind = "transition";
     li.dataset.state = h.state;
     li.dataset.reason = h.reason;
-    li.append(
-      span("when", `${clock(h.at)} +${fmtDuration(h.at - t0)}`),
-      span("what", h.state),
-      span("why", h.reason.replaceAll("_", " ")),
-    );
-    return li;
+    li.append(when(h.at), span("what", h.state), span("why", h.reason.replaceAll("_", " ")));
+    if (h.reason === "offered") {
+      const round = rounds.find((r) => r.at === h.at);
+      if (round) {
+        const shown = round.offers.slice(0, 8).map((x) => `${x.rider_id} ${x.distance_m} m`).join(", ");
+        const more = round.offers.length > 8 ? ` and ${round.offers.length - 8} more` : "";
+        const d = document.createElement("div");
+        d.className = "detail";
+        d.dataset.riders = String(round.offers.length);
+        d.textContent = `round ${round.round} to ${round.offers.length} rider${round.offers.length > 1 ? "s" : ""}: ${shown}${more}` +
+          ` · expires ${clock(round.expires_at).slice(0, 8)}`;
+        li.append(d);
+      }
+    }
+    return { at: h.at, rank: 1, li };
   });
+  for (const g of (trail && trail.grabs) || []) {
+    const li = document.createElement("li");
+    li.dataset.kind = "grab";
+    li.dataset.result = g.result;
+    li.dataset.rider = g.rider_id;
+    li.append(when(g.at), span(g.result === "won" ? "what" : "why", `grab by ${g.rider_id}`),
+      span(g.result === "won" ? "won" : "lost", g.result === "won" ? "won" : `lost: ${(g.reason || "").replaceAll("_", " ")}`));
+    entries.push({ at: g.at, rank: 0, li });
+  }
+  entries.sort((a, b) => a.at - b.at || a.rank - b.rank);
+  const items = entries.map((e) => e.li);
+  if (trail && !trail.recorded) {
+    const li = document.createElement("li");
+    li.dataset.kind = "note";
+    li.className = "note";
+    li.textContent = "offer rounds and grab races are kept only while a console is open";
+    items.push(li);
+  }
   list.replaceChildren(...items);
-  list.dataset.count = String(items.length);
+  list.dataset.count = String(entries.length);
   const open = !["closed", "received", "compensating"].includes(o.state);
   for (const b of document.querySelectorAll(".actions button")) b.disabled = !open;
   $("act-cancel").disabled = !["created", "notified"].includes(o.state);

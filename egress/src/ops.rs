@@ -18,9 +18,10 @@
 use crate::state::EgressState;
 use crate::streams::stream_claims;
 use crate::view::Egress;
-use axum::extract::State;
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::Json;
 use foldhash::HashMap;
 use futures_util::stream::{Stream, StreamExt};
 use grabflow_api::output::TransitionReason;
@@ -29,8 +30,9 @@ use grabflow_dataflow::geo_index::{cell_boundary, cell_of};
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::stats::OperatorStats;
 use grabflow_dataflow::IndexEntry;
-use grabflow_http::auth::Role;
-use grabflow_http::extract::QueryParams;
+use grabflow_http::auth::{Auth, Role};
+use grabflow_http::extract::{self as wire, IdSchema, QueryParams};
+use grabflow_http::grab::GrabAnswer;
 use grabflow_http::ApiError;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -40,6 +42,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
 use tokio_stream::wrappers::BroadcastStream;
+use utoipa::ToSchema;
 
 /// How often the summary is sent.
 pub const SUMMARY_EVERY: Duration = Duration::from_secs(1);
@@ -397,6 +400,92 @@ pub fn event_kind(reason: TransitionReason) -> Option<&'static str> {
     })
 }
 
+/// Orders whose trail is kept at the most (the oldest leave first).
+pub const TRAIL_CAP: usize = 20_000;
+
+/// One rider offered an order.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct TrailOffer {
+    /// The rider.
+    #[schema(value_type = IdSchema)]
+    pub rider_id: Id,
+    /// Rider to merchant when offered, metres.
+    pub distance_m: u32,
+}
+
+/// One offer round of an order.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct TrailRound {
+    /// The round, from 0 (each timed-out round widens the radius).
+    pub round: u32,
+    /// When it was sent, Unix ms (log time).
+    #[schema(value_type = u64)]
+    pub at: Time,
+    /// When it times out.
+    #[schema(value_type = u64)]
+    pub expires_at: Time,
+    /// The riders offered, in the order dispatch chose them (nearest first).
+    pub offers: Vec<TrailOffer>,
+}
+
+/// One grab attempt decided.
+#[derive(Clone, Debug, Serialize, ToSchema)]
+pub struct TrailGrab {
+    /// When it was decided, Unix ms (log time).
+    #[schema(value_type = u64)]
+    pub at: Time,
+    /// The rider who tried.
+    #[schema(value_type = IdSchema)]
+    pub rider_id: Id,
+    /// `result` (`won` or `lost`) and, if lost, `reason`.
+    #[serde(flatten)]
+    pub answer: GrabAnswer,
+}
+
+/// What the console saw of an order while it watched.
+#[derive(Clone, Debug, Default, Serialize, ToSchema)]
+pub struct Trail {
+    /// Its offer rounds, oldest first.
+    pub rounds: Vec<TrailRound>,
+    /// Its grab race: every attempt decided, in decision order.
+    pub grabs: Vec<TrailGrab>,
+}
+
+/// `GET /v1/ops/orders/{order_id}/trail`.
+#[derive(Serialize, ToSchema)]
+pub struct TrailAnswer {
+    /// The order.
+    #[schema(value_type = IdSchema)]
+    pub order_id: Id,
+    /// Whether a console watched while the order was dispatched: trails
+    /// are kept only then (false: `rounds` and `grabs` are empty).
+    pub recorded: bool,
+    /// The trail.
+    #[serde(flatten)]
+    pub trail: Trail,
+}
+
+/// The trails kept, oldest order first.
+#[derive(Default)]
+struct Trails {
+    by_order: HashMap<Id, Trail>,
+    fifo: std::collections::VecDeque<Id>,
+}
+
+impl Trails {
+    fn of(&mut self, order: &Id) -> &mut Trail {
+        if !self.by_order.contains_key(order) {
+            if self.fifo.len() >= TRAIL_CAP {
+                if let Some(old) = self.fifo.pop_front() {
+                    self.by_order.remove(&old);
+                }
+            }
+            self.fifo.push_back(order.clone());
+        }
+        self.by_order.entry(order.clone()).or_default()
+    }
+}
+
 /// One message of the stream: its SSE event name and its JSON text.
 type Message = (&'static str, Arc<str>);
 
@@ -436,6 +525,8 @@ pub struct OpsHub {
     /// Someone watches: samples and events are kept.
     watched: AtomicBool,
     timing: Mutex<Timing>,
+    /// Offer rounds and grab races of orders dispatched while watched.
+    trails: Mutex<Trails>,
     offers: Histogram,
     rounds: AtomicU64,
     first_offers: AtomicU64,
@@ -451,6 +542,7 @@ impl Default for OpsHub {
             running: Mutex::new(false),
             watched: AtomicBool::new(false),
             timing: Mutex::default(),
+            trails: Mutex::default(),
             offers: Histogram::default(),
             rounds: AtomicU64::new(0),
             first_offers: AtomicU64::new(0),
@@ -495,8 +587,8 @@ impl OpsHub {
                 if self.tx.receiver_count() == 0 {
                     *running = false;
                     self.watched.store(false, Ordering::Release);
-                    let mut timing = self.timing.lock().expect("ops timing");
-                    timing.recent.clear();
+                    self.timing.lock().expect("ops timing").recent.clear();
+                    *self.trails.lock().expect("ops trails") = Trails::default();
                     return;
                 }
             }
@@ -563,7 +655,11 @@ impl OpsHub {
         let watched = self.watched.load(Ordering::Acquire);
         let mut timing = None;
         let mut now = None;
+        let mut trails = None;
         for (t, o) in decisions {
+            if watched {
+                self.trail(t, o, &mut trails);
+            }
             let Output::Transition {
                 order,
                 merchant,
@@ -613,6 +709,62 @@ impl OpsHub {
                 let _ = self.tx.send(("ops_event", Arc::from(text)));
             }
         }
+    }
+
+    /// Adds decision `o`, made at `t`, to its order's trail if it is an
+    /// offer or a grab decided (`trails`: the lock, taken once a batch).
+    fn trail<'h>(
+        &'h self,
+        t: &Time,
+        o: &Output,
+        trails: &mut Option<std::sync::MutexGuard<'h, Trails>>,
+    ) {
+        if !matches!(o, Output::Offered { .. } | Output::GrabDecided { .. }) {
+            return;
+        }
+        let trails = trails.get_or_insert_with(|| self.trails.lock().expect("ops trails"));
+        match o {
+            Output::Offered {
+                order,
+                rider,
+                distance_m,
+                round,
+                expires_at,
+                ..
+            } => {
+                let trail = trails.of(order);
+                let offer = TrailOffer {
+                    rider_id: rider.clone(),
+                    distance_m: *distance_m,
+                };
+                match trail.rounds.last_mut() {
+                    Some(r) if r.round == *round && r.at == *t => r.offers.push(offer),
+                    _ => trail.rounds.push(TrailRound {
+                        round: *round,
+                        at: *t,
+                        expires_at: *expires_at,
+                        offers: vec![offer],
+                    }),
+                }
+            }
+            Output::GrabDecided {
+                order,
+                rider,
+                outcome,
+                ..
+            } => trails.of(order).grabs.push(TrailGrab {
+                at: *t,
+                rider_id: rider.clone(),
+                answer: GrabAnswer::from(*outcome),
+            }),
+            _ => {}
+        }
+    }
+
+    /// The trail of `order`, if one was kept.
+    pub fn trail_of(&self, order: &Id) -> Option<Trail> {
+        let trails = self.trails.lock().expect("ops trails");
+        trails.by_order.get(order).cloned()
     }
 
     /// Summaries computed since the process started.
@@ -715,6 +867,30 @@ pub async fn ops_stream(
         })
         .take_until(Box::pin(closed));
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// The offer rounds (riders offered, their distances) and the grab race
+/// (every attempt, winner and losers' reasons) of an order, as kept while
+/// a console watched.
+#[utoipa::path(get, path = "/v1/ops/orders/{order_id}/trail", params(("order_id" = String, Path)),
+    responses((status = 200, description = "The order's trail", body = TrailAnswer), (status = 404)),
+    security(("bearer" = [])))]
+pub async fn order_trail(
+    State(s): State<EgressState>,
+    Auth(claims): Auth,
+    Path(order_id): Path<String>,
+) -> Result<Json<TrailAnswer>, ApiError> {
+    claims.require(&[Role::Ops], None)?;
+    let id = wire::id(&order_id, "order_id")?;
+    if s.egress.order(&id).is_none() {
+        return Err(ApiError::not_found("order_id", format!("no order {id}")));
+    }
+    let trail = s.ops.trail_of(&id);
+    Ok(Json(TrailAnswer {
+        order_id: id,
+        recorded: trail.is_some(),
+        trail: trail.unwrap_or_default(),
+    }))
 }
 
 #[cfg(test)]

@@ -33,6 +33,10 @@ pub fn routes(state: EgressState) -> Router {
         .route("/v1/ops/metrics", get(ops_metrics))
         .route("/v1/ops/dataflow", get(ops_dataflow))
         .route("/v1/ops/stream", get(crate::ops::ops_stream))
+        .route(
+            "/v1/ops/orders/{order_id}/trail",
+            get(crate::ops::order_trail),
+        )
         .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
