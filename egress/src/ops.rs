@@ -1020,6 +1020,113 @@ mod tests {
         assert_eq!(first.figures.order_offer_p99_ms, None);
     }
 
+    fn transition(order: &str, to: OrderState, reason: TransitionReason) -> Output {
+        Output::Transition {
+            order: id(order),
+            merchant: id("M1"),
+            from: None,
+            to,
+            reason,
+            rider: None,
+        }
+    }
+
+    fn offered(order: &str, rider: &str, distance_m: u32) -> Output {
+        Output::Offered {
+            order: id(order),
+            rider: id(rider),
+            merchant: id("M1"),
+            distance_m,
+            round: 0,
+            expires_at: 31_000,
+        }
+    }
+
+    #[test]
+    fn while_watched_the_tap_keeps_trails_and_sends_events() {
+        use grabflow_api::{GrabOutcome, LossReason};
+        let hub = OpsHub::default();
+        let decisions = vec![
+            (
+                1_000,
+                transition("O1", OrderState::Created, TransitionReason::Placed),
+            ),
+            (1_000, offered("O1", "R1", 100)),
+            (1_000, offered("O1", "R2", 250)),
+            (
+                1_000,
+                transition("O1", OrderState::Notified, TransitionReason::Offered),
+            ),
+            (
+                1_200,
+                Output::GrabDecided {
+                    attempt: id("A1"),
+                    order: id("O1"),
+                    rider: id("R2"),
+                    outcome: GrabOutcome::Won,
+                },
+            ),
+            (
+                1_201,
+                Output::GrabDecided {
+                    attempt: id("A2"),
+                    order: id("O1"),
+                    rider: id("R1"),
+                    outcome: GrabOutcome::Lost(LossReason::AlreadyTaken),
+                },
+            ),
+        ];
+        // Nobody watches: only the first offer is timed.
+        hub.observe(&decisions, true);
+        assert!(hub.trail_of(&id("O1")).is_none());
+        assert_eq!(
+            hub.offers
+                .buckets
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed))
+                .sum::<u64>(),
+            1
+        );
+        // Watched: trails and events.
+        hub.watched.store(true, Ordering::Release);
+        let mut rx = hub.tx.subscribe();
+        let again: Vec<_> = decisions
+            .iter()
+            .map(|(t, o)| (*t, o.clone()))
+            .chain([(
+                40_000,
+                transition("O1", OrderState::Created, TransitionReason::Redispatched),
+            )])
+            .collect();
+        hub.observe(&again, true);
+        let trail = hub.trail_of(&id("O1")).expect("a trail");
+        assert_eq!(trail.rounds.len(), 1);
+        let offers: Vec<_> = trail.rounds[0]
+            .offers
+            .iter()
+            .map(|o| (o.rider_id.as_str(), o.distance_m))
+            .collect();
+        assert_eq!(offers, [("R1", 100), ("R2", 250)]);
+        let race = serde_json::to_value(&trail.grabs).unwrap();
+        assert_eq!(
+            race,
+            serde_json::json!([
+                {"at": 1_200, "rider_id": "R2", "result": "won"},
+                {"at": 1_201, "rider_id": "R1", "result": "lost", "reason": "already_taken"}
+            ])
+        );
+        let (name, text) = rx.try_recv().expect("an ops event");
+        assert_eq!(name, "ops_event");
+        let event: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(
+            (event["kind"].as_str(), event["at"].as_u64()),
+            (Some("redispatched"), Some(40_000))
+        );
+        // Replayed decisions (not ready) send no events.
+        hub.observe(&again[6..], false);
+        assert!(rx.try_recv().is_err());
+    }
+
     #[test]
     fn the_offer_histogram_is_cumulative() {
         let hub = OpsHub::default();
