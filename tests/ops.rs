@@ -717,3 +717,87 @@ async fn the_alerts_pass_promtool_and_the_alerts_and_dashboard_name_metrics_the_
     assert!(used.contains("grabflow_checkpoint_age_seconds"));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A tile server on a free loopback port: the same small PNG for every
+/// path; how many requests it has answered.
+async fn tile_server() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut png = Vec::new();
+    image::RgbImage::from_pixel(256, 256, image::Rgb([40, 60, 80]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let served = std::sync::Arc::new(AtomicU64::new(0));
+    let count = std::sync::Arc::clone(&served);
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = listener.accept().await {
+            let (png, count) = (png.clone(), std::sync::Arc::clone(&count));
+            tokio::spawn(async move {
+                let mut head = [0u8; 4096];
+                if conn.read(&mut head).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\
+                     Connection: close\r\n\r\n",
+                    png.len()
+                );
+                let _ = conn.write_all(header.as_bytes()).await;
+                let _ = conn.write_all(&png).await;
+                count.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+    });
+    (url, served)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_map_tiles_the_map_draws_them_under_the_city() {
+    let (Some(chromium), Some(chromedriver)) = (
+        find_program(&["chromium", "chromium-browser", "google-chrome"]),
+        find_program(&["chromedriver", "/usr/lib/chromium/chromedriver"]),
+    ) else {
+        eprintln!(
+            "\n\n*** SKIPPED the map tiles browser test: no chromium and chromedriver found ***\n"
+        );
+        return;
+    };
+    let (tiles, served) = tile_server().await;
+    let dir = temp_dir();
+    let template = format!("{tiles}/{{z}}/{{x}}/{{y}}.png");
+    let s = Server::start(&dir, &["--map-tiles", &template]);
+    s.wait_ready().await;
+    let (app, ops, rider) = (
+        s.token("app", None),
+        s.token("ops", None),
+        s.token("rider", Some("R1")),
+    );
+    s.city(&app, &[("R1", &rider, 300.0)]).await;
+    let page = s.http.get(format!("{}/ops", s.url)).send().await.unwrap();
+    let html = page.text().await.unwrap();
+    assert!(
+        html.contains(&format!("content=\"{template}\"")),
+        "the template is not in the page"
+    );
+    let driver = Driver::start(&chromedriver).await;
+    let c = browser(&chromium, &driver).await;
+    c.goto(&format!("{}/ops#token={ops}", s.url)).await.unwrap();
+    wait_for(
+        "tiles drawn under the map",
+        Duration::from_secs(20),
+        || async {
+            let drawn = js(
+                &c,
+                "return Number(document.getElementById('map').dataset.tiles || 0);",
+            )
+            .await;
+            (drawn.as_f64()? > 0.0).then_some(())
+        },
+    )
+    .await;
+    assert!(served.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    c.close().await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}

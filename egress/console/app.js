@@ -369,6 +369,7 @@ const map = {
     const tx0 = Math.floor(wx0 * n), ty0 = Math.floor(wy0 * n);
     const tx1 = Math.floor((wx0 + w / v.scale) * n), ty1 = Math.floor((wy0 + h / v.scale) * n);
     ctx.globalAlpha = 0.55;
+    let drawn = 0;
     for (let tx = tx0; tx <= tx1; tx++) for (let ty = ty0; ty <= ty1; ty++) {
       if (ty < 0 || ty >= n) continue;
       const x = ((tx + n) % n);
@@ -383,9 +384,11 @@ const map = {
       }
       if (img.complete && img.naturalWidth) {
         ctx.drawImage(img, (tx / n - v.cx) * v.scale + w / 2, (ty / n - v.cy) * v.scale + h / 2, size + 0.5, size + 0.5);
+        drawn++;
       }
     }
     ctx.globalAlpha = 1;
+    this.canvas.dataset.tiles = String(drawn);
   },
 
   draw() {
