@@ -492,6 +492,68 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
     })
     .await;
 
+    // Signed out, the page asks for a token: a wrong one is refused, the
+    // ops token pasted signs in again.
+    c.find(Locator::Id("signout"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    let shown = |id: &'static str| {
+        let c = &c;
+        async move {
+            let script = format!("return !document.getElementById('{id}').hidden;");
+            js(c, &script).await.as_bool().filter(|b| *b)
+        }
+    };
+    wait_for("the sign-in form", Duration::from_secs(10), || {
+        shown("signin")
+    })
+    .await;
+    let field = c.find(Locator::Id("token")).await.unwrap();
+    field.send_keys("not-a-token").await.unwrap();
+    c.find(Locator::Css("#signin-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for(
+        "the wrong token refused",
+        Duration::from_secs(10),
+        || async {
+            let e = js(
+                &c,
+                "return document.getElementById('signin-error').textContent;",
+            )
+            .await;
+            e.as_str().filter(|t| !t.is_empty()).map(str::to_string)
+        },
+    )
+    .await;
+    field.clear().await.unwrap();
+    field.send_keys(&ops).await.unwrap();
+    c.find(Locator::Css("#signin-form button"))
+        .await
+        .unwrap()
+        .click()
+        .await
+        .unwrap();
+    wait_for("the console again", Duration::from_secs(10), || {
+        shown("console")
+    })
+    .await;
+    wait_for("the stream live again", Duration::from_secs(10), || async {
+        let state = js(
+            &c,
+            "return document.getElementById('status').dataset.state;",
+        )
+        .await;
+        (state == "live").then_some(())
+    })
+    .await;
+
     c.close().await.unwrap();
     drop(sim);
     // Nobody watches any more: the summary task stops.
