@@ -251,7 +251,7 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
                 "--speed",
                 "20",
                 "--start",
-                "12:00",
+                "11:00",
                 "--minutes",
                 &minutes,
                 "--riders",
@@ -259,7 +259,7 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
                 "--merchants",
                 "30",
                 "--orders-per-min",
-                "10",
+                "4",
                 "--seed",
                 "7",
             ])

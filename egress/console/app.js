@@ -20,7 +20,7 @@ const app = {
   source: null,
   ring: [],            // [{t, f, lost, states}]
   last: null,          // the last summary
-  prevOps: null,       // operators of the summary before, with its time
+  opsHistory: [],      // the last summaries' operators, with their times
   channels: [],        // [[src addr], [dst addr]]
   events: [],          // ops events seen, newest first
   order: null,         // the inspected order's id
@@ -588,7 +588,12 @@ const graph = {
   rates: new Map(),
 
   update(s) {
-    const prev = app.prevOps;
+    // Rates over the last 5 summaries: timely's logging arrives in
+    // batches, so a one-second difference comes in bursts.
+    const hist = (app.opsHistory = app.opsHistory || []);
+    hist.push({ at: s.at, ops: s.operators });
+    while (hist.length > 6) hist.shift();
+    const prev = hist.length > 1 ? hist[0] : null;
     this.rates = new Map();
     if (prev) {
       const dt = (s.at - prev.at) / 1000;
@@ -603,7 +608,6 @@ const graph = {
         });
       }
     }
-    app.prevOps = { at: s.at, ops: s.operators };
     this.ops = s.operators;
     this.lag = s.figures.lag_ms;
     this.draw();
@@ -615,7 +619,7 @@ const graph = {
     svg.replaceChildren();
     svg.dataset.operators = String(ops.length);
     $("graph-note").textContent = ops.length
-      ? `${ops.length} operators · per second, summed over workers · frontier lag ${fmt(this.lag, 0)} ms`
+      ? `${ops.length} operators · per second over the last 5 s, summed over workers · frontier lag ${fmt(this.lag, 0)} ms`
       : "waiting for the dataflow's figures…";
     if (!ops.length) return;
     const key = (a) => a.join(".");
