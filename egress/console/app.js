@@ -667,8 +667,8 @@ const graph = {
       el("rect", { width: W, height: H, rx: 6 }, g);
       const t = (cls, yy, text) => { const e = el("text", { class: cls, x: 8, y: yy }, g); e.textContent = text; };
       t("name", 16, `${o.name} [${o.addr.slice(1).join(".")}]`);
-      t("", 31, `in ${shortNum(r.in)}/s  out ${shortNum(r.out)}/s`);
-      t("dim", 45, `busy ${fmt(r.busy * 100, 1)}%  · ${shortNum(o.busy_us / 1e6)} s total`);
+      t("", 31, `in ${shortNum(r.in)} out ${shortNum(r.out)} /s`);
+      t("dim", 45, `busy ${fmt(r.busy * 100, 1)}% · ${shortNum(o.busy_us / 1e6)} s`);
       t("dim", 59, stateful ? `state ${shortNum(held)}` : "stateless");
       const title = el("title", {}, g);
       title.textContent = `${o.name} ${JSON.stringify(o.addr)}\nrecords in ${o.records_in}, out ${o.records_out}\n` +
