@@ -10,7 +10,8 @@
 //!   data-synchronous append) timed alone on the same disk, before and after.
 //!
 //! The load generator shares the machine's cores with the server.
-//! `BENCH_SECS` sets each phase's length (default 5).
+//! `BENCH_SECS` sets each phase's length (default 5); `BENCH_CONSOLES=N`
+//! keeps N ops consoles on `/v1/ops/stream` during the latency phase.
 
 use axum::routing::post;
 use axum::{Json, Router};
@@ -255,6 +256,7 @@ async fn latencies(url: &str, dir: &std::path::Path, load: Load) -> Latencies {
         let (ws, _) = tokio_tungstenite::connect_async(ws_url).await.unwrap();
         sockets.push((tok, ws));
     }
+    let consoles = watch_consoles(url, dir, &http).await;
     let end = Instant::now() + Duration::from_secs(secs());
     let mut tasks = Vec::new();
     for (tok, mut ws) in sockets {
@@ -359,6 +361,7 @@ async fn latencies(url: &str, dir: &std::path::Path, load: Load) -> Latencies {
     for t in tasks {
         let _ = t.await;
     }
+    consoles.into_iter().for_each(|c| c.abort());
     let offers = std::mem::take(&mut *offer_ms.lock().unwrap());
     let grabs = std::mem::take(&mut *grab_ms.lock().unwrap());
     let acks = std::mem::take(&mut *ack_ms.lock().unwrap());
@@ -368,6 +371,38 @@ async fn latencies(url: &str, dir: &std::path::Path, load: Load) -> Latencies {
         acks,
         orders: n,
     }
+}
+
+/// `BENCH_CONSOLES=N` ops consoles on `/v1/ops/stream` (read and thrown
+/// away) for the latency phase, to see what watching costs dispatch.
+async fn watch_consoles(
+    url: &str,
+    dir: &std::path::Path,
+    http: &reqwest::Client,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let n: usize = std::env::var("BENCH_CONSOLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let ops = token(dir, "ops", None);
+    let mut consoles = Vec::new();
+    for _ in 0..n {
+        let resp = http
+            .get(format!("{url}/v1/ops/stream"))
+            .bearer_auth(&ops)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), 200, "an ops stream");
+        consoles.push(tokio::spawn(async move {
+            let mut body = resp.bytes_stream();
+            while let Some(Ok(_)) = body.next().await {}
+        }));
+    }
+    if n > 0 {
+        println!("({n} ops consoles watching during the latency phase)");
+    }
+    consoles
 }
 
 fn main() {
@@ -544,7 +579,7 @@ fn restart_phase(rt: &tokio::runtime::Runtime) {
 restart with {pings} batched pings in the log ({log_mib:.0} MiB file; live RSS before the stop {live:.0} MiB):");
     println!("| start | ready in | peak RSS | replayed events |");
     println!("|---|---:|---:|---:|");
-    let mut run = |name: &str, extra: &[&str], kill: bool| {
+    let run = |name: &str, extra: &[&str], kill: bool| {
         rt.block_on(async {
             let (mut server, url, took) = start_ready(&dir, extra).await;
             let (peak, _) = rss_mib(server.id());

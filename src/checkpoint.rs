@@ -59,6 +59,9 @@ fn decode(body: &[u8], cfg: &DispatchConfig) -> Result<Loaded, String> {
         [(0, from)] => *from,
         other => return Err(format!("not a checkpoint of the embedded log: {other:?}")),
     };
+    if c.dataflow.observer.is_empty() {
+        return Err("it holds no state of the egress view".into());
+    }
     let ledger = postcard::from_bytes(&c.ledger).map_err(|e| format!("ledger: {e}"))?;
     // Every part decodes (the workers restore them without checking).
     let all = |_: &grabflow_api::Id| true;

@@ -42,6 +42,8 @@ use utoipa::{Modify, OpenApi};
         grabflow_egress::routes::get_rider,
         grabflow_egress::routes::ops_metrics,
         grabflow_egress::routes::ops_dataflow,
+        grabflow_egress::ops::ops_stream,
+        grabflow_egress::ops::order_trail,
         grabflow_egress::routes::prometheus,
         grabflow_egress::routes::healthz,
         grabflow_egress::routes::readyz
@@ -70,7 +72,12 @@ use utoipa::{Modify, OpenApi};
         grabflow_egress::routes::NearbyRiders,
         grabflow_egress::routes::NearbyRider,
         grabflow_egress::routes::RiderAnswer,
-        grabflow_egress::routes::Position
+        grabflow_egress::routes::Position,
+        grabflow_egress::ops::TrailAnswer,
+        grabflow_egress::ops::Trail,
+        grabflow_egress::ops::TrailRound,
+        grabflow_egress::ops::TrailOffer,
+        grabflow_egress::ops::TrailGrab
     )),
     modifiers(&Contract)
 )]

@@ -13,6 +13,7 @@ use crate::contract;
 use crate::rate::{self, RateLimits};
 use crate::settings::Plan;
 use anyhow::Context;
+use axum::middleware::from_fn_with_state;
 use axum::routing::get;
 use axum::Router;
 use grabflow_api::lifecycle::{Stop, Thread};
@@ -20,12 +21,15 @@ use grabflow_api::Time;
 use grabflow_dataflow::checkpoint::{Checkpointing, DataflowState};
 use grabflow_dataflow::runtime::{self, Fanout, Observer};
 use grabflow_dataflow::stats::DataflowStats;
+use grabflow_egress::console::{self, ConsoleConfig};
 use grabflow_egress::kafka::{follow, OutputSink};
+use grabflow_egress::ops::{OpsHub, Tapped};
 use grabflow_egress::redis::RedisMirror;
 use grabflow_egress::state::EgressState;
 use grabflow_egress::verdicts::follow_verdicts;
 use grabflow_egress::view::Egress;
 use grabflow_http::auth::Secret;
+use grabflow_http::metrics;
 use grabflow_http::waiter::Waiting;
 use grabflow_ingress::Ingress;
 use grabflow_log::checkpoints::CheckpointStore;
@@ -44,9 +48,13 @@ const CATCH_UP: Duration = Duration::from_secs(120);
 /// How long a sink may take to deliver what it holds when the process stops.
 const SINK_CLOSE: Duration = Duration::from_secs(10);
 
-/// The whole HTTP service: ingress, egress, the contract and health.
-pub fn app(ingress: Ingress, egress: EgressState) -> Router {
-    grabflow_ingress::routes(ingress).merge(egress_app(egress))
+/// The whole HTTP service: ingress, egress, the contract, health and the
+/// ops console, every response counted by status class.
+pub fn app(ingress: Ingress, egress: EgressState, console: ConsoleConfig) -> Router {
+    let responses = egress.responses.clone();
+    grabflow_ingress::routes(ingress)
+        .merge(egress_routes(egress, console))
+        .layer(from_fn_with_state(responses, metrics::count))
 }
 
 /// A split ingress process's router: ingress and liveness.
@@ -54,9 +62,24 @@ pub fn ingress_app(ingress: Ingress) -> Router {
     grabflow_ingress::routes(ingress).route("/healthz", get(|| async { "ok" }))
 }
 
-/// A split egress process's router: egress and the contract.
-pub fn egress_app(egress: EgressState) -> Router {
-    grabflow_egress::routes::routes(egress).route("/openapi.json", get(contract::openapi))
+/// A split egress process's router: egress, the contract and the ops
+/// console, every response counted by status class.
+pub fn egress_app(egress: EgressState, console: ConsoleConfig) -> Router {
+    let responses = egress.responses.clone();
+    egress_routes(egress, console).layer(from_fn_with_state(responses, metrics::count))
+}
+
+fn egress_routes(egress: EgressState, console: ConsoleConfig) -> Router {
+    grabflow_egress::routes::routes(egress)
+        .route("/openapi.json", get(contract::openapi))
+        .merge(console::routes(console))
+}
+
+/// The ops console's settings from the plan.
+fn console_config(plan: &Plan) -> ConsoleConfig {
+    ConsoleConfig {
+        map_tiles: plan.map_tiles.clone(),
+    }
 }
 
 /// A role's background threads, stopped and joined together.
@@ -221,7 +244,13 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
             .context("restoring the view from the checkpoint")?;
     }
     let stats = DataflowStats::default();
-    let mut observers: Vec<Arc<dyn Observer>> = vec![egress.clone()];
+    let ops = Arc::new(OpsHub::default());
+    // The console's feed reads the decisions on their way into the view.
+    let tapped = Tapped {
+        egress: egress.clone(),
+        hub: Arc::clone(&ops),
+    };
+    let mut observers: Vec<Arc<dyn Observer>> = vec![Arc::new(tapped)];
     observers.extend(
         input
             .sink
@@ -288,14 +317,12 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         secret: secret.clone(),
         waiter: egress.clone(),
     };
-    let router = app(
-        ingress,
-        EgressState {
-            egress: egress.clone(),
-            secret: secret.clone(),
-            stats,
-        },
-    );
+    let state = EgressState {
+        ops,
+        data_dir: Some(plan.data_dir.clone()),
+        ..EgressState::new(egress.clone(), secret.clone(), stats)
+    };
+    let router = app(ingress, state, console_config(&plan));
     let threads = serve_then_close(&plan, router, &secret, Some(&egress), threads).await?;
     // The router (and with it every log handle) is gone: the embedded
     // writer stops, the feed closes, and the dataflow drains what the clock
@@ -513,11 +540,13 @@ pub async fn egress(plan: Plan) -> anyhow::Result<()> {
     };
     let mut threads = Threads::default();
     threads.add(following.into_thread());
-    let router = egress_app(EgressState {
-        egress: egress.clone(),
-        secret: secret.clone(),
-        stats: DataflowStats::default(),
-    });
+    // The view is fed by the follower, not through a tap: the console's
+    // summaries work, its order → offer timing and events do not.
+    let state = EgressState {
+        data_dir: Some(plan.data_dir.clone()),
+        ..EgressState::new(egress.clone(), secret.clone(), DataflowStats::default())
+    };
+    let router = egress_app(state, console_config(&plan));
     let threads = serve_then_close(&plan, router, &secret, Some(&egress), threads).await?;
     finish(threads, None).await
 }

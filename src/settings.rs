@@ -157,6 +157,11 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hosts: Option<String>,
+    /// Raster map tiles under the ops console's map, a URL template with
+    /// {z}, {x} and {y} (none: the map needs no tile server).
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub map_tiles: Option<String>,
 }
 
 /// The settings every layer may set (the environment's `GRABFLOW_<NAME>`
@@ -191,6 +196,7 @@ const NAMES: &[&str] = &[
     "processes",
     "process",
     "hosts",
+    "map_tiles",
 ];
 
 impl Settings {
@@ -230,6 +236,7 @@ impl Settings {
             processes: Some(1),
             process: Some(0),
             hosts: None,
+            map_tiles: None,
         }
     }
 
@@ -343,6 +350,8 @@ pub struct Plan {
     pub redis: Option<(String, String)>,
     /// Process index, and the cluster's addresses (empty: one process).
     pub cluster: (usize, Vec<String>),
+    /// The ops console's map tiles, if given.
+    pub map_tiles: Option<String>,
 }
 
 impl Plan {
@@ -419,6 +428,12 @@ impl Plan {
         if process >= processes {
             bail!("--process must be below --processes");
         }
+        let map_tiles = s.map_tiles.clone().filter(|t| !t.trim().is_empty());
+        if let Some(t) = &map_tiles {
+            if !["{z}", "{x}", "{y}"].iter().all(|p| t.contains(p)) {
+                bail!("--map-tiles must be a URL template with {{z}}, {{x}} and {{y}}");
+            }
+        }
         Ok(Plan {
             listen: pick(s.listen, d.listen),
             data_dir: pick(s.data_dir, d.data_dir),
@@ -433,6 +448,7 @@ impl Plan {
             kafka,
             redis,
             cluster: (process, if processes > 1 { hosts } else { Vec::new() }),
+            map_tiles,
         })
     }
 

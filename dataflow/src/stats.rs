@@ -9,7 +9,7 @@
 //! complete), summed over workers.
 
 use serde::Serialize;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use timely::container::CapacityContainerBuilder;
@@ -107,6 +107,9 @@ struct Worker {
 #[derive(Default)]
 struct Inner {
     ops: HashMap<Vec<usize>, OperatorStats>,
+    /// Every channel's (source, target) operator addresses, for drawing
+    /// the graph (the same on every worker).
+    channels: BTreeSet<(Vec<usize>, Vec<usize>)>,
 }
 
 /// Shared, cheap to clone.
@@ -148,6 +151,7 @@ impl DataflowStats {
                         source.push(ch.source.0);
                         let mut target = ch.scope_addr.clone();
                         target.push(ch.target.0);
+                        inner.channels.insert((source.clone(), target.clone()));
                         local.channels.insert(ch.id, (source, target));
                     }
                     TimelyEvent::Schedule(s) => match s.start_stop {
@@ -194,5 +198,14 @@ impl DataflowStats {
             .collect();
         ops.sort_by(|a, b| a.addr.cmp(&b.addr));
         ops
+    }
+
+    /// The dataflow's channels, as (source, target) operator addresses, in
+    /// address order: the edges of its graph. An address whose last part
+    /// is 0 is the boundary of the scope it ends (a scope's own inputs and
+    /// outputs), not an operator.
+    pub fn channels(&self) -> Vec<(Vec<usize>, Vec<usize>)> {
+        let inner = self.0.lock().expect("stats lock");
+        inner.channels.iter().cloned().collect()
     }
 }

@@ -17,6 +17,10 @@
 //! - [`streams`]: the rider streams (WebSocket and SSE) reading the rings.
 //! - [`routes`]: `routes(EgressState) -> Router`: the streams, the queries
 //!   (orders, riders, nearby riders), ops figures, health.
+//! - [`ops`]: the ops console's live feed (`/v1/ops/stream`): a summary
+//!   each second computed once for every console and only while one
+//!   listens, ops events as they happen, and the order → offer timing.
+//! - [`console`]: the ops console's page at `/ops`, embedded in the binary.
 //! - [`kafka`]: the output topics: the sink writing decisions and the index
 //!   (exactly once across restarts), and the follower that feeds a split
 //!   egress process's view from the topics.
@@ -24,7 +28,9 @@
 //!   deliveries), answered from the grabs and transitions topics.
 //! - [`redis`]: the Redis mirror of the index and live orders.
 
+pub mod console;
 pub mod kafka;
+pub mod ops;
 pub mod redis;
 pub mod routes;
 pub mod state;

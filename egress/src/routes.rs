@@ -32,6 +32,11 @@ pub fn routes(state: EgressState) -> Router {
         .route("/v1/riders/{rider_id}", get(get_rider))
         .route("/v1/ops/metrics", get(ops_metrics))
         .route("/v1/ops/dataflow", get(ops_dataflow))
+        .route("/v1/ops/stream", get(crate::ops::ops_stream))
+        .route(
+            "/v1/ops/orders/{order_id}/trail",
+            get(crate::ops::order_trail),
+        )
         .route("/metrics", get(prometheus))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
@@ -256,6 +261,7 @@ pub async fn ops_dataflow(
     let (progress, last_event) = s.egress.progress();
     Ok(Json(json!({
         "operators": s.stats.snapshot(),
+        "channels": s.stats.channels(),
         "frontier_ms": progress,
         "frontier_lag_ms": last_event.saturating_sub(progress.min(last_event)),
     })))
@@ -381,7 +387,63 @@ pub async fn prometheus(
             one(f.replayed as f64),
         );
     }
+    let mut counter = |name: &str, help: &str, samples: Vec<(String, u64)>| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
+        for (labels, v) in samples {
+            out.push_str(&format!("{name}{labels} {v}\n"));
+        }
+    };
+    counter(
+        "grabflow_grabs_total",
+        "Grab attempts decided: won, or lost by reason.",
+        std::iter::once(("{result=\"won\"}".to_string(), c.grabs_won))
+            .chain(
+                c.grabs_lost
+                    .iter()
+                    .map(|(reason, n)| (format!("{{result=\"lost\",reason=\"{reason}\"}}"), *n)),
+            )
+            .collect(),
+    );
+    counter(
+        "grabflow_http_responses_total",
+        "HTTP responses sent, by status class.",
+        s.responses
+            .counts()
+            .iter()
+            .map(|(class, n)| (format!("{{class=\"{class}\"}}"), *n))
+            .collect(),
+    );
+    if let Some(dir) = &s.data_dir {
+        let bytes = tokio::task::spawn_blocking({
+            let dir = dir.clone();
+            move || dir_bytes(&dir, 3)
+        })
+        .await
+        .unwrap_or(0);
+        out.push_str(&format!(
+            "# HELP grabflow_data_dir_bytes Bytes of the files in the data dir (the log's \
+             zero-filled reserve included).\n# TYPE grabflow_data_dir_bytes gauge\n\
+             grabflow_data_dir_bytes {bytes}\n"
+        ));
+    }
+    s.ops.prometheus(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// Bytes of the files under `dir`, `depth` levels down at most (files
+/// that vanish while counted count nothing).
+pub fn dir_bytes(dir: &std::path::Path, depth: usize) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() && depth > 0 => dir_bytes(&e.path(), depth - 1),
+            Ok(m) if m.is_file() => m.len(),
+            _ => 0,
+        })
+        .sum()
 }
 
 /// Alive (the process answers).

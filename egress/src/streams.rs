@@ -13,7 +13,7 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::Response;
 use futures_util::stream::Stream;
 use grabflow_api::Id;
-use grabflow_http::auth::Role;
+use grabflow_http::auth::{Claims, Role};
 use grabflow_http::extract::{self as wire, QueryParams};
 use grabflow_http::ApiError;
 use serde::Deserialize;
@@ -31,25 +31,33 @@ pub struct StreamQuery {
     pub access_token: Option<String>,
 }
 
+/// The claims of a stream's token: the `Authorization` header's, else the
+/// `access_token` query parameter's (browsers' `EventSource` cannot set
+/// headers).
+pub(crate) fn stream_claims(
+    s: &EgressState,
+    headers: &HeaderMap,
+    access_token: Option<&str>,
+) -> Result<Claims, ApiError> {
+    let from_header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let token = from_header
+        .or(access_token)
+        .ok_or_else(|| ApiError::unauthorized("send a bearer token"))?;
+    s.secret
+        .verify(token.trim())
+        .ok_or_else(|| ApiError::unauthorized("the token is not valid"))
+}
+
 fn stream_auth(
     s: &EgressState,
     headers: &HeaderMap,
     q: &StreamQuery,
     rider: &Id,
 ) -> Result<(), ApiError> {
-    let from_header = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::to_string);
-    let token = from_header
-        .or(q.access_token.clone())
-        .ok_or_else(|| ApiError::unauthorized("send a bearer token"))?;
-    let claims = s
-        .secret
-        .verify(token.trim())
-        .ok_or_else(|| ApiError::unauthorized("the token is not valid"))?;
-    claims.require(&[Role::Rider], Some(rider))
+    stream_claims(s, headers, q.access_token.as_deref())?.require(&[Role::Rider], Some(rider))
 }
 
 fn resume_point(headers: &HeaderMap, q: &StreamQuery) -> u64 {

@@ -765,3 +765,52 @@ impl Waiter for Egress {
         self.waiters.forget(event);
     }
 }
+
+impl Egress {
+    /// The live city for the ops console, each list capped at `cap`
+    /// entries: the indexed riders (position, cell, whether carrying an
+    /// order), the orders not closed (where they are: at their merchant
+    /// while waiting, at their rider once assigned) and the merchants
+    /// with orders waiting. Costs O(indexed riders + orders) under the
+    /// view's read lock.
+    pub fn city(&self, cap: usize) -> crate::ops::City {
+        use crate::ops::{CityOrder, CityRider};
+        let v = self.view.read().expect("view");
+        let mut city = crate::ops::City::default();
+        for (id, cell, at) in v.index.iter() {
+            if city.riders.len() == cap {
+                city.truncated = true;
+                break;
+            }
+            let load = v.riders.get(id).map_or(0, |r| r.load);
+            city.riders.push(CityRider {
+                id: id.clone(),
+                at,
+                cell,
+                load,
+            });
+        }
+        for (id, o) in &v.orders {
+            if o.state == OrderState::Closed {
+                continue;
+            }
+            let merchant = v.merchants.get(&o.merchant).map(|&(at, _)| at);
+            let rider = o
+                .rider
+                .as_ref()
+                .and_then(|r| v.index.get(r))
+                .map(|(_, at)| at);
+            city.add_order(
+                CityOrder {
+                    id: id.clone(),
+                    state: o.state,
+                    merchant: o.merchant.clone(),
+                    merchant_at: merchant,
+                    rider_at: rider,
+                },
+                cap,
+            );
+        }
+        city
+    }
+}

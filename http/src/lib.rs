@@ -14,10 +14,12 @@
 //!   at fault, the checks of ids and positions, the `Id` schema.
 //! - [`waiter`]: a call waiting for what the dataflow made of its event (a
 //!   grab's decision, a pickup's transition or rejection), and the answers.
+//! - [`metrics`]: responses counted by status class (a middleware).
 
 pub mod auth;
 pub mod error;
 pub mod extract;
+pub mod metrics;
 pub mod waiter;
 
 pub use error::ApiError;
