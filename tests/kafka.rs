@@ -322,7 +322,7 @@ async fn a_full_order_life_cycle_through_kafka_with_its_outputs_on_topics() {
     let transitions: Vec<&Value> = all.iter().filter(|v| v["type"] == "transition").collect();
     assert!(transitions[0]["event"].is_string(), "placed by its event");
     assert!(
-        transitions[1].get("event").is_none(),
+        transitions[1]["event"].is_null(),
         "offered by the offer pass"
     );
     let rejected: Vec<&str> = all

@@ -202,32 +202,43 @@ impl Checkpointing {
             return false;
         }
         let due = now > last && (ending || now >= last.saturating_add(self.interval));
-        if due && self.requested().is_none() {
+        let open = self.requested();
+        // At the end, one still open is replaced by the one at the end.
+        if due && (open.is_none() || (ending && open != Some(now))) {
+            let mut g = self.gathering.lock().expect("gathering");
+            *g = Gathering::default();
             self.request.store(now, Ordering::Release);
             return true;
         }
         false
     }
 
-    /// An operator's state on `worker`, as of the requested time.
-    pub(crate) fn part(&self, op: Stateful, worker: usize, state: Vec<u8>) {
+    /// An operator's state on `worker`, as of `at` (ignored unless `at`
+    /// is still the time asked for).
+    pub(crate) fn part(&self, at: Time, op: Stateful, worker: usize, state: Vec<u8>) {
         let mut g = self.gathering.lock().expect("gathering");
-        g.parts.push((op, worker, state));
-        self.complete(g);
+        if self.requested() == Some(at) {
+            g.parts.push((op, worker, state));
+            self.complete(g);
+        }
     }
 
-    /// Where `worker`'s source resumes for the requested time.
-    pub(crate) fn position(&self, worker: usize, position: Position) {
+    /// Where `worker`'s source resumes for `at`.
+    pub(crate) fn position(&self, at: Time, worker: usize, position: Position) {
         let mut g = self.gathering.lock().expect("gathering");
-        g.positions.push((worker, position));
-        self.complete(g);
+        if self.requested() == Some(at) {
+            g.positions.push((worker, position));
+            self.complete(g);
+        }
     }
 
-    /// The observer's state as of the requested time (worker 0).
-    pub(crate) fn observer(&self, state: Vec<u8>) {
+    /// The observer's state as of `at` (worker 0).
+    pub(crate) fn observer(&self, at: Time, state: Vec<u8>) {
         let mut g = self.gathering.lock().expect("gathering");
-        g.observer = Some(state);
-        self.complete(g);
+        if self.requested() == Some(at) {
+            g.observer = Some(state);
+            self.complete(g);
+        }
     }
 
     /// Hands the checkpoint over once every part is in.

@@ -326,7 +326,7 @@ impl<H: PerMillisecond> MillisecondOperator<H> {
     fn save(&mut self, at: Time) {
         if let Some(s) = &mut self.saving {
             s.saved = at;
-            s.checkpointing.part(s.op, s.worker, self.part.save());
+            s.checkpointing.part(at, s.op, s.worker, self.part.save());
         }
     }
 

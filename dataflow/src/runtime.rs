@@ -410,20 +410,21 @@ impl WorkerDataflow {
         }
     }
 
-    /// Acts on a checkpoint asked for: worker 0 asks for one when due (or
-    /// `ending`); each worker pokes its operators once per request, and
-    /// gives its source's position once its input has passed the time.
-    fn checkpoint(&mut self, source: &dyn Source, ending: bool) {
-        let Some(c) = &mut self.checkpoints else {
-            return;
-        };
-        let now = *self.input.time();
-        if self.me == 0 {
+    /// Worker 0 asks for a checkpoint at `now` (its input's time, or the
+    /// agreed end) when one is due (or `ending`).
+    fn ask(&self, now: Time, ending: bool) {
+        if let (0, Some(c)) = (self.me, &self.checkpoints) {
             c.checkpointing.due(now, ending);
         }
-        let Some(at) = c.checkpointing.requested() else {
-            return;
-        };
+    }
+
+    /// Acts on the checkpoint asked for: each worker pokes its operators
+    /// once per request, and gives its source's position once its input
+    /// has passed the time. Returns the request, if one is open.
+    fn act(&mut self, source: &dyn Source) -> Option<Time> {
+        let now = *self.input.time();
+        let c = self.checkpoints.as_mut()?;
+        let at = c.checkpointing.requested()?;
         if c.poked != at {
             c.poked = at;
             for a in c.activators.borrow().iter() {
@@ -432,8 +433,9 @@ impl WorkerDataflow {
         }
         if c.positioned != at && now >= at {
             c.positioned = at;
-            c.checkpointing.position(self.me, source.resume_at(at));
+            c.checkpointing.position(at, self.me, source.resume_at(at));
         }
+        Some(at)
     }
 
     /// The worker loop: reads `source` until it ends, inserting its events
@@ -452,7 +454,8 @@ impl WorkerDataflow {
                 observer.events(&batch);
             }
             self.insert(&mut batch, at);
-            self.checkpoint(source, false);
+            self.ask(*self.input.time(), false);
+            self.act(source);
             worker.step();
             if self.me == 0 {
                 self.report(observer);
@@ -535,7 +538,7 @@ impl WorkerDataflow {
             }
             let c = self.checkpoints.as_mut().expect("checked above");
             c.observed = at;
-            c.checkpointing.observer(observer.save(at));
+            c.checkpointing.observer(at, observer.save(at));
         }
         let ready = self.held.partition_point(|(t, _)| *t < upto);
         if ready > 0 {
@@ -589,27 +592,29 @@ impl WorkerDataflow {
         observer: &dyn Observer,
         until: Time,
     ) {
-        if self.me == 0 {
-            if let Some(c) = &self.checkpoints {
-                c.checkpointing.due(until, true);
-            }
-        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // One still open is replaced by the one at the end.
+        self.ask(until, true);
         ending.all_heard(worker);
         let asked = self
             .checkpoints
             .as_ref()
             .and_then(|c| c.checkpointing.requested());
-        if asked != Some(until) {
-            return;
+        if asked == Some(until) {
+            self.complete(worker, source, observer, until, deadline);
         }
-        self.checkpoint(source, true);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline
-            && self
-                .checkpoints
-                .as_ref()
-                .is_some_and(|c| c.checkpointing.requested() == Some(until))
-        {
+    }
+
+    /// Steps until the checkpoint asked for (if any) is whole, or `deadline`.
+    fn complete(
+        &mut self,
+        worker: &mut timely::worker::Worker,
+        source: &mut dyn Source,
+        observer: &dyn Observer,
+        until: Time,
+        deadline: Instant,
+    ) {
+        while self.act(source).is_some() && Instant::now() < deadline {
             worker.step_or_park(PARK);
             if self.me == 0 {
                 self.deliver(observer, until);
