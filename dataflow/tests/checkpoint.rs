@@ -7,30 +7,13 @@ use grabflow_api::{Event, Feed, Output, Time};
 use grabflow_dataflow::checkpoint::{Checkpointing, DataflowState};
 use grabflow_dataflow::gen::random_log;
 use grabflow_dataflow::reference;
-use grabflow_dataflow::runtime::{self, Observer};
+use grabflow_dataflow::runtime;
 use grabflow_dataflow::stats::DataflowStats;
-use grabflow_dataflow::IndexEntry;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 mod common;
-use common::{assert_same, by_time};
-
-#[derive(Default)]
-struct Decisions(Mutex<Vec<(Time, Output)>>);
-
-impl Observer for Decisions {
-    fn events(&self, _: &[Event]) {}
-    fn decisions(&self, decisions: Vec<(Time, Output)>) {
-        self.0.lock().unwrap().extend(decisions);
-    }
-    fn index(&self, _: Vec<(IndexEntry, Time, isize)>) {}
-    fn progress(&self, _: Time) {}
-    fn save(&self, at: Time) -> Vec<u8> {
-        // What the view would keep: here, that it was asked at `at`.
-        at.to_le_bytes().to_vec()
-    }
-}
+use common::{assert_same, by_time, Decisions};
 
 /// Runs `events` (fed in `chunks` paced pieces, each followed by a tick)
 /// at `workers` workers until `until`, checkpointing every `interval` ms,

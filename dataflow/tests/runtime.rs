@@ -8,15 +8,14 @@
 use grabflow_api::{Event, EventKind, Feed, Output, Time};
 use grabflow_dataflow::gen::random_log;
 use grabflow_dataflow::reference;
-use grabflow_dataflow::runtime::{self, Observer, Source, Sources};
+use grabflow_dataflow::runtime::{self, Source, Sources};
 use grabflow_dataflow::stats::DataflowStats;
-use grabflow_dataflow::IndexEntry;
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 mod common;
-use common::{assert_same, by_time};
+use common::{assert_same, by_time, Decisions};
 
 #[test]
 fn the_last_tick_before_the_log_closes_is_not_lost() {
@@ -52,18 +51,6 @@ impl Source for EndsAt {
         out.append(&mut self.events);
         Some(self.end)
     }
-}
-
-#[derive(Default)]
-struct Decisions(Mutex<Vec<(Time, Output)>>);
-
-impl Observer for Decisions {
-    fn events(&self, _: &[Event]) {}
-    fn decisions(&self, decisions: Vec<(Time, Output)>) {
-        self.0.lock().unwrap().extend(decisions);
-    }
-    fn index(&self, _: Vec<(IndexEntry, Time, isize)>) {}
-    fn progress(&self, _: Time) {}
 }
 
 #[test]

@@ -1,8 +1,30 @@
-//! Shared by the dataflow's tests: decisions grouped by millisecond, and
-//! two runs compared millisecond by millisecond.
+//! Shared by the dataflow's tests: decisions grouped by millisecond, two
+//! runs compared millisecond by millisecond, and an observer that keeps
+//! every decision.
+#![allow(dead_code)]
 
-use grabflow_api::{Output, Time};
+use grabflow_api::{Event, Output, Time};
+use grabflow_dataflow::runtime::Observer;
+use grabflow_dataflow::IndexEntry;
 use std::collections::BTreeMap;
+use std::sync::Mutex;
+
+/// Keeps every decision the runtime hands over. Its checkpoint state is
+/// the time it was asked at, so a test can tell it was saved there.
+#[derive(Default)]
+pub struct Decisions(pub Mutex<Vec<(Time, Output)>>);
+
+impl Observer for Decisions {
+    fn events(&self, _: &[Event]) {}
+    fn decisions(&self, decisions: Vec<(Time, Output)>) {
+        self.0.lock().unwrap().extend(decisions);
+    }
+    fn index(&self, _: Vec<(IndexEntry, Time, isize)>) {}
+    fn progress(&self, _: Time) {}
+    fn save(&self, at: Time) -> Vec<u8> {
+        at.to_le_bytes().to_vec()
+    }
+}
 
 /// Decisions by time, each millisecond's in the order made.
 pub fn by_time(outputs: Vec<(Time, Output)>) -> BTreeMap<Time, Vec<Output>> {
