@@ -525,16 +525,7 @@ async fn ops_see_metrics_dataflow_figures_and_the_contract() {
     assert_eq!(state("TrackRiders")["riders"], 1, "{d}");
     assert!(state("Dedup")["ids"].as_i64().unwrap() >= 3, "{d}");
     assert_eq!(s.call("GET", "/v1/ops/metrics", &app, None).await.0, 403);
-    let prom = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .bearer_auth(&ops)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let prom = s.prometheus(&ops).await;
     assert!(
         prom.contains("grabflow_orders_by_state{state=\"notified\"} 1"),
         "{prom}"

@@ -225,16 +225,7 @@ async fn the_console_shows_the_live_city_and_explains_and_redispatches_an_order(
     let (app, ops) = (s.token("app", None), s.token("ops", None));
     let rider = s.token("rider", Some("OPS-R"));
     let metrics = || async { s.call("GET", "/v1/ops/metrics", &ops, None).await.1 };
-    let prometheus = || async {
-        let r = s
-            .http
-            .get(format!("{}/metrics", s.url))
-            .bearer_auth(&ops)
-            .send()
-            .await
-            .unwrap();
-        r.text().await.unwrap()
-    };
+    let prometheus = || s.prometheus(&ops);
 
     // A short load: the simulator at 20×, about 20 s of real time (3 s a
     // simulated minute), longer by what the screenshot waits.
@@ -668,16 +659,7 @@ async fn five_consoles_share_one_summary_a_second_and_the_stream_is_for_ops_only
         common.len() >= 2,
         "the consoles saw different summaries: {all:?}"
     );
-    let text = s
-        .http
-        .get(format!("{}/metrics", s.url))
-        .bearer_auth(&ops)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = s.prometheus(&ops).await;
     let computed: u64 = text
         .lines()
         .find_map(|l| l.strip_prefix("grabflow_ops_summaries_total "))

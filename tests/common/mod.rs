@@ -166,6 +166,19 @@ impl Server {
         )
     }
 
+    /// The Prometheus text of `GET /metrics`, read with `token`.
+    pub async fn prometheus(&self, token: &str) -> String {
+        self.http
+            .get(format!("{}/metrics", self.url))
+            .bearer_auth(token)
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("the metrics' text")
+    }
+
     pub async fn wait_ready(&self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
