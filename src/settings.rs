@@ -93,6 +93,17 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rider_ttl: Option<Dur>,
+    /// A closed order leaves the dataflow and the live view this long after
+    /// it closed (its history stays for --history-retention) [default: 1h].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub order_retention: Option<Dur>,
+    /// A rider with no ping or shift for this long is forgotten: off shift,
+    /// no position, until its next shift (at least --rider-ttl)
+    /// [default: 24h].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rider_retention: Option<Dur>,
     /// Default rider capacity [default: 3].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -174,6 +185,7 @@ const NAMES: &[&str] = &[
     "max_backlog",
     "rate_limit",
     "rate_limit_address",
+    "checkpoint_interval",
     "workers",
     "radius_m",
     "max_radius_m",
@@ -181,6 +193,8 @@ const NAMES: &[&str] = &[
     "offers",
     "grab_timeout",
     "rider_ttl",
+    "order_retention",
+    "rider_retention",
     "capacity",
     "tick",
     "ping_tick",
@@ -221,6 +235,8 @@ impl Settings {
             offers: Some(d.offers),
             grab_timeout: Some(Dur(Duration::from_millis(d.grab_timeout_ms))),
             rider_ttl: Some(Dur(Duration::from_millis(d.rider_ttl_ms))),
+            order_retention: Some(Dur(Duration::from_millis(d.order_retention_ms))),
+            rider_retention: Some(Dur(Duration::from_millis(d.rider_retention_ms))),
             capacity: Some(d.default_capacity),
             tick: Some(Dur(Duration::from_millis(50))),
             ping_tick: Some(Dur(Duration::from_millis(10))),
@@ -270,8 +286,8 @@ impl Settings {
     }
 }
 
-/// A duration setting: `500ms`, `30s`, `2m`, `1h`, or a plain number of
-/// milliseconds.
+/// A duration setting: `500ms`, `30s`, `2m`, `1h`, `7d`, or a plain number
+/// of milliseconds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Dur(pub Duration);
 
@@ -292,7 +308,8 @@ impl std::str::FromStr for Dur {
             "s" => n * 1e3,
             "m" => n * 60e3,
             "h" => n * 3600e3,
-            _ => return Err(format!("{s:?}: unit must be ms, s, m or h")),
+            "d" => n * 86_400e3,
+            _ => return Err(format!("{s:?}: unit must be ms, s, m, h or d")),
         };
         Ok(Dur(Duration::from_millis(ms as u64)))
     }
@@ -374,6 +391,8 @@ impl Plan {
             rider_ttl_ms: ms(s.rider_ttl, d.rider_ttl),
             default_capacity: pick(s.capacity, d.capacity),
             dedup_window_ms: DispatchConfig::default().dedup_window_ms,
+            order_retention_ms: ms(s.order_retention, d.order_retention),
+            rider_retention_ms: ms(s.rider_retention, d.rider_retention),
         };
         if let Err((field, why)) = dispatch.validate() {
             bail!("setting {field} {why}");
@@ -552,6 +571,7 @@ mod tests {
         assert_eq!(d("30s"), Ok(Duration::from_secs(30)));
         assert_eq!(d("2m"), Ok(Duration::from_secs(120)));
         assert_eq!(d("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(d("7d"), Ok(Duration::from_secs(7 * 86_400)));
         assert_eq!(d("1.5s"), Ok(Duration::from_millis(1500)));
         assert_eq!(d("250"), Ok(Duration::from_millis(250)));
         assert!(d("3 days").is_err() && d("fast").is_err());

@@ -5,7 +5,9 @@ use serde::{Deserialize, Serialize};
 
 /// Configuration of the dispatch computation. Defaults follow the original
 /// design: 3 km, 20 offers, ×1.5 per round up to 6 km, 30 s to grab, riders
-/// silent for 60 s leave the index, 3 orders per rider.
+/// silent for 60 s leave the index, 3 orders per rider. Closed orders are
+/// forgotten an hour after they close, riders a day after their last ping or
+/// shift (once they carry nothing).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DispatchConfig {
@@ -26,6 +28,13 @@ pub struct DispatchConfig {
     pub default_capacity: u32,
     /// How long event ids are remembered to drop redelivered events, ms.
     pub dedup_window_ms: Time,
+    /// A closed order is forgotten this long after it closed, ms: events
+    /// naming it are then `unknown_order`, and its id may be placed again.
+    pub order_retention_ms: Time,
+    /// A rider with no ping or shift for this long is forgotten, ms (at
+    /// least `rider_ttl_ms`): it is off shift with no position until its
+    /// next shift. Orders it carries stay with it.
+    pub rider_retention_ms: Time,
 }
 
 impl Default for DispatchConfig {
@@ -39,6 +48,8 @@ impl Default for DispatchConfig {
             rider_ttl_ms: 60_000,
             default_capacity: 3,
             dedup_window_ms: 10 * 60 * 1000,
+            order_retention_ms: 60 * 60 * 1000,
+            rider_retention_ms: 24 * 60 * 60 * 1000,
         }
     }
 }
@@ -69,6 +80,12 @@ impl DispatchConfig {
         }
         if self.rider_ttl_ms == 0 {
             return Err(("rider_ttl", "must be positive"));
+        }
+        if self.order_retention_ms == 0 {
+            return Err(("order_retention", "must be positive"));
+        }
+        if self.rider_retention_ms < self.rider_ttl_ms {
+            return Err(("rider_retention", "must be at least rider_ttl"));
         }
         if self.default_capacity == 0 {
             return Err(("capacity", "must be at least 1"));
