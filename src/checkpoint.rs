@@ -69,7 +69,7 @@ fn decode(body: &[u8], cfg: &DispatchConfig) -> Result<Loaded, String> {
         .dedup(cfg.dedup_window_ms, all)
         .map_err(|e| e.to_string())?;
     c.dataflow
-        .tracker(cfg.rider_ttl_ms, all)
+        .tracker((cfg.rider_ttl_ms, cfg.rider_retention_ms), all)
         .map_err(|e| e.to_string())?;
     c.dataflow
         .dispatcher(cfg.clone())

@@ -99,8 +99,8 @@ pub struct Settings {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub order_retention: Option<Dur>,
     /// A rider with no ping or shift for this long is forgotten: off shift,
-    /// no position, until its next shift (at least --rider-ttl)
-    /// [default: 24h].
+    /// no position, until its next shift (at least --rider-ttl and
+    /// --grab-timeout) [default: 24h].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rider_retention: Option<Dur>,
@@ -477,7 +477,7 @@ impl Plan {
         self.cluster
             .1
             .is_empty()
-            .then(|| RiderTables::new(self.workers, self.dispatch.rider_ttl_ms))
+            .then(|| RiderTables::new(self.workers, &self.dispatch))
     }
 
     /// The timely configuration: threads of this process, or a cluster.

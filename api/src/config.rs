@@ -32,8 +32,9 @@ pub struct DispatchConfig {
     /// naming it are then `unknown_order`, and its id may be placed again.
     pub order_retention_ms: Time,
     /// A rider with no ping or shift for this long is forgotten, ms (at
-    /// least `rider_ttl_ms`): it is off shift with no position until its
-    /// next shift. Orders it carries stay with it.
+    /// least `rider_ttl_ms` and `grab_timeout_ms`, so no offer it holds is
+    /// still open): it is off shift with no position until its next shift.
+    /// Orders it carries stay with it.
     pub rider_retention_ms: Time,
 }
 
@@ -84,8 +85,11 @@ impl DispatchConfig {
         if self.order_retention_ms == 0 {
             return Err(("order_retention", "must be positive"));
         }
-        if self.rider_retention_ms < self.rider_ttl_ms {
-            return Err(("rider_retention", "must be at least rider_ttl"));
+        if self.rider_retention_ms < self.rider_ttl_ms.max(self.grab_timeout_ms) {
+            return Err((
+                "rider_retention",
+                "must be at least rider_ttl and grab_timeout",
+            ));
         }
         if self.default_capacity == 0 {
             return Err(("capacity", "must be at least 1"));

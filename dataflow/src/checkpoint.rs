@@ -104,7 +104,7 @@ impl DataflowState {
     /// route to it.
     pub fn tracker(
         &self,
-        ttl: Time,
+        limits: (Time, Time),
         mine: impl Fn(&Id) -> bool,
     ) -> Result<RiderTracker, RestoreError> {
         let saved = self
@@ -112,7 +112,7 @@ impl DataflowState {
             .map(postcard::from_bytes::<TrackerState>)
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| RestoreError::Decode(Stateful::TrackRiders, e))?;
-        Ok(RiderTracker::restore(ttl, saved, mine))
+        Ok(RiderTracker::restore(limits, saved, mine))
     }
 
     /// The decision core (saved on worker 0, where it runs).

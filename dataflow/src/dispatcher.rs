@@ -9,13 +9,24 @@
 //!
 //! 1. [`Dispatcher::apply_index`] and [`Dispatcher::apply_capacity`]: rider
 //!    state as of the end of the millisecond (all pings, shifts and expiries).
-//! 2. [`Dispatcher::fire_timers`]: grab timeouts and promised-time deadlines.
+//! 2. [`Dispatcher::fire_timers`]: grab timeouts, promised-time deadlines,
+//!    and retention: closed orders and idle riders forgotten.
 //! 3. [`Dispatcher::apply_event`]: order events, in log-offset order.
 //! 4. [`Dispatcher::offer_pass`]: every order that may have gained a
 //!    candidate is offered to its K nearest available riders.
 //!
 //! Waiting orders are registered on the cells their radius reaches, so a
 //! rider appearing (or freeing capacity) wakes only the orders near it.
+//!
+//! Retention keeps the state bounded by what is live: a closed order is
+//! forgotten `order_retention_ms` after it closed (an event naming it is then
+//! `unknown_order`, and its id may be placed again: each placement has a
+//! serial number, so the timers of a forgotten order never touch a new one),
+//! and a rider's load and capacity are forgotten once it has carried nothing
+//! and been out of the index for `rider_retention_ms`. The latter is never
+//! seen in a decision: the rider trackers forget such a rider's shift no
+//! later, so it can only come back through a new shift, which sets its
+//! capacity again.
 
 use crate::geo_index::{cells_within, GeoIndex};
 use crate::IndexEntry;
@@ -28,14 +39,20 @@ use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet};
 
-/// A timer the dispatcher set for itself, on an order. Timers due in the
-/// same millisecond fire ordered by order id, then deadline before timeout.
+/// A timer the dispatcher set for itself, on an order (or a rider). Timers
+/// due in the same millisecond fire ordered by id, then deadline before
+/// timeout before forgetting. Order timers name the placement they were set
+/// for (its serial number): one of a forgotten order does nothing.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 enum Timer {
-    /// The promised delivery time.
-    Deadline,
-    /// The end of the offer round with this offer sequence number.
-    GrabTimeout(u32),
+    /// The promised delivery time of placement `.0`.
+    Deadline(u64),
+    /// The end of placement `.0`'s offer round with offer sequence `.1`.
+    GrabTimeout(u64, u32),
+    /// The order's retention after it closed is over.
+    Forget,
+    /// The rider may have been idle for its retention.
+    ForgetRider,
 }
 
 /// A rider as the decision core sees it.
@@ -45,6 +62,10 @@ struct RiderLoad {
     capacity: u32,
     /// Orders currently assigned and not yet delivered.
     load: u32,
+    /// When it last left the index, changed shift or was freed: it is
+    /// forgotten once idle (out of the index, no load) for the retention
+    /// after that.
+    seen: Time,
 }
 
 /// A merchant.
@@ -61,6 +82,8 @@ struct Order {
     at: Coord,
     /// The merchant, for offer and transition records.
     merchant: Id,
+    /// Which placement this is (timers name it).
+    serial: u64,
     state: OrderState,
     /// Offer rounds that timed out so far; the radius grows with it.
     round: u32,
@@ -130,6 +153,10 @@ pub struct Dispatcher {
     /// Cell → waiting (`created`) orders whose search radius reaches the cell.
     watch: FxHashMap<u64, FxHashSet<Id>>,
     timers: BTreeMap<Time, Vec<(Id, Timer)>>,
+    /// Orders placed so far: the next placement's serial number.
+    placed: u64,
+    /// The millisecond being handled.
+    now: Time,
     /// Timer times set since the last [`Dispatcher::take_new_timer_times`].
     #[serde(skip)]
     new_timer_times: Vec<Time>,
@@ -155,6 +182,8 @@ impl Dispatcher {
             orders: FxHashMap::default(),
             watch: FxHashMap::default(),
             timers: BTreeMap::new(),
+            placed: 0,
+            now: 0,
             cause: None,
             new_timer_times: Vec::new(),
             dirty: BTreeSet::new(),
@@ -162,10 +191,10 @@ impl Dispatcher {
         }
     }
 
-    /// What the core holds, for the operator's state figures: orders (every
-    /// order placed, closed ones too), merchants, riders with a load or a
-    /// capacity, riders in its index, cells watched by waiting orders, and
-    /// the milliseconds with a timer due.
+    /// What the core holds, for the operator's state figures: orders (live,
+    /// and closed ones within their retention), merchants, riders with a
+    /// load or a capacity, riders in its index, cells watched by waiting
+    /// orders, and the milliseconds with a timer due.
     pub fn sizes(&self) -> crate::stats::StateSizes {
         vec![
             ("orders", self.orders.len()),
@@ -177,11 +206,13 @@ impl Dispatcher {
         ]
     }
 
-    /// Step 1a: the index's changes in one millisecond. Insertions take
-    /// effect first; a retraction then removes a rider only if the index still
-    /// holds exactly the retracted entry (otherwise the rider moved). A rider
-    /// that appears or moves wakes the waiting orders watching its cell.
-    pub fn apply_index(&mut self, updates: &[(IndexEntry, isize)]) {
+    /// Step 1a: starts millisecond `t` with the index's changes in it.
+    /// Insertions take effect first; a retraction then removes a rider only
+    /// if the index still holds exactly the retracted entry (otherwise the
+    /// rider moved). A rider that appears or moves wakes the waiting orders
+    /// watching its cell.
+    pub fn apply_index(&mut self, updates: &[(IndexEntry, isize)], t: Time) {
+        self.now = t;
         for (e, diff) in updates {
             if *diff > 0
                 && self.index.upsert(&e.rider, e.cell, e.at)
@@ -193,6 +224,10 @@ impl Dispatcher {
         for (e, diff) in updates {
             if *diff < 0 && self.index.get(&e.rider) == Some((e.cell, e.at)) {
                 self.index.remove(&e.rider);
+                if let Some(r) = self.riders.get_mut(&e.rider) {
+                    r.seen = t;
+                    self.check_rider(&e.rider);
+                }
             }
         }
     }
@@ -204,7 +239,11 @@ impl Dispatcher {
         if capacity > entry.capacity {
             self.woken.insert(rider.clone());
         }
-        self.rider_mut(rider).capacity = capacity;
+        let now = self.now;
+        let entry = self.rider_mut(rider);
+        entry.capacity = capacity;
+        entry.seen = now;
+        self.check_rider(rider);
     }
 
     /// Step 2: the timers due at `t`.
@@ -215,8 +254,12 @@ impl Dispatcher {
         due.sort();
         for (id, timer) in due {
             match timer {
-                Timer::Deadline => self.on_deadline(&id, out),
-                Timer::GrabTimeout(seq) => self.on_grab_timeout(&id, seq, out),
+                Timer::Deadline(serial) => self.on_deadline(&id, serial, out),
+                Timer::GrabTimeout(serial, seq) => self.on_grab_timeout(&id, serial, seq, out),
+                Timer::Forget => {
+                    self.orders.remove(&id);
+                }
+                Timer::ForgetRider => self.on_forget_rider(&id, t),
             }
         }
     }
@@ -281,11 +324,14 @@ impl Dispatcher {
             Some(m) if !m.open => return reject(event, order, RejectReason::MerchantClosed, out),
             Some(m) => m.at,
         };
+        self.placed += 1;
+        let serial = self.placed;
         self.orders.insert(
             order.clone(),
             Order {
                 at,
                 merchant: merchant.clone(),
+                serial,
                 state: OrderState::Created,
                 round: 0,
                 offer_seq: 0,
@@ -308,7 +354,7 @@ impl Dispatcher {
             event: Some(event.clone()),
         });
         let deadline = t + u64::from(promised_minutes.max(1)) * 60_000;
-        self.set_timer(deadline, order.clone(), Timer::Deadline);
+        self.set_timer(deadline, order.clone(), Timer::Deadline(serial));
         self.dirty.insert(order.clone());
     }
 
@@ -482,7 +528,7 @@ impl Dispatcher {
             let expires_at = t + self.cfg.grab_timeout_ms;
             let o = self.order_mut(&id);
             o.offer_seq += 1;
-            let (round, seq) = (o.round, o.offer_seq);
+            let (round, serial, seq) = (o.round, o.serial, o.offer_seq);
             o.offers = candidates.iter().map(|(r, _)| r.clone()).collect();
             for (rider, dist) in candidates {
                 out.push(Output::Offered {
@@ -495,7 +541,7 @@ impl Dispatcher {
                 });
             }
             self.transition(&id, OrderState::Notified, Why::Offered, out);
-            self.set_timer(expires_at, id, Timer::GrabTimeout(seq));
+            self.set_timer(expires_at, id, Timer::GrabTimeout(serial, seq));
         }
     }
 
@@ -519,9 +565,11 @@ impl Dispatcher {
 
     fn rider_mut(&mut self, rider: &Id) -> &mut RiderLoad {
         let capacity = self.cfg.default_capacity;
-        self.riders
-            .entry(rider.clone())
-            .or_insert(RiderLoad { capacity, load: 0 })
+        self.riders.entry(rider.clone()).or_insert(RiderLoad {
+            capacity,
+            load: 0,
+            seen: 0,
+        })
     }
 
     fn order_mut(&mut self, id: &Id) -> &mut Order {
@@ -575,7 +623,8 @@ impl Dispatcher {
             }
         }
         if to == OrderState::Closed {
-            // Closed orders keep only what grab and duplicate checks need.
+            // Closed orders keep only what grab and duplicate checks need,
+            // for their retention.
             o.offers = Vec::new();
             o.past_offers = FxHashSet::default();
         }
@@ -588,6 +637,33 @@ impl Dispatcher {
             rider: o.rider.clone(),
             event: self.cause.clone(),
         });
+        if to == OrderState::Closed {
+            let forget = self.now.saturating_add(self.cfg.order_retention_ms);
+            if forget < Time::MAX {
+                self.set_timer(forget, id.clone(), Timer::Forget);
+            }
+        }
+    }
+
+    /// Checks `rider` once its retention after it was last seen is over.
+    fn check_rider(&mut self, rider: &Id) {
+        let seen = self.riders.get(rider).map_or(0, |r| r.seen);
+        let at = seen.saturating_add(self.cfg.rider_retention_ms);
+        if at > self.now && at < Time::MAX {
+            self.set_timer(at, rider.clone(), Timer::ForgetRider);
+        }
+    }
+
+    /// Forgets `rider` if it has been idle for its retention: out of the
+    /// index, carrying nothing, and seen no later than the retention ago (a
+    /// later sighting set a later check).
+    fn on_forget_rider(&mut self, rider: &Id, t: Time) {
+        let idle = self.riders.get(rider).is_some_and(|r| {
+            r.load == 0 && r.seen.saturating_add(self.cfg.rider_retention_ms) <= t
+        });
+        if idle && self.index.get(rider).is_none() {
+            self.riders.remove(rider);
+        }
     }
 
     fn watch_order(&mut self, id: &Id, at: Coord, radius: f64) {
@@ -648,13 +724,16 @@ impl Dispatcher {
     }
 
     fn release(&mut self, rider: &Id) {
+        let now = self.now;
         let r = self.rider_mut(rider);
         r.load = r.load.saturating_sub(1);
+        r.seen = now;
+        self.check_rider(rider);
         self.woken.insert(rider.clone());
     }
 
-    fn on_deadline(&mut self, id: &Id, out: &mut Vec<Output>) {
-        let Some(o) = self.orders.get_mut(id) else {
+    fn on_deadline(&mut self, id: &Id, serial: u64, out: &mut Vec<Output>) {
+        let Some(o) = self.orders.get_mut(id).filter(|o| o.serial == serial) else {
             return;
         };
         match o.state {
@@ -668,8 +747,8 @@ impl Dispatcher {
         }
     }
 
-    fn on_grab_timeout(&mut self, id: &Id, seq: u32, out: &mut Vec<Output>) {
-        let Some(o) = self.orders.get_mut(id) else {
+    fn on_grab_timeout(&mut self, id: &Id, serial: u64, seq: u32, out: &mut Vec<Output>) {
+        let Some(o) = self.orders.get_mut(id).filter(|o| o.serial == serial) else {
             return;
         };
         if o.state != OrderState::Notified || o.offer_seq != seq {

@@ -21,17 +21,18 @@ fn id(prefix: &str, n: usize) -> Id {
 /// forgotten orders and riders.
 pub fn small_config(rng: &mut StdRng) -> DispatchConfig {
     let rider_ttl_ms = rng.random_range(5_000..40_000);
+    let grab_timeout_ms = rng.random_range(2_000..20_000);
     DispatchConfig {
         radius_m: rng.random_range(300.0..1200.0),
         max_radius_m: 2500.0,
         radius_growth: 1.5,
         offers: rng.random_range(1..4),
-        grab_timeout_ms: rng.random_range(2_000..20_000),
+        grab_timeout_ms,
         rider_ttl_ms,
         default_capacity: rng.random_range(1..3),
         dedup_window_ms: rng.random_range(1_000..60_000),
         order_retention_ms: rng.random_range(5_000..120_000),
-        rider_retention_ms: rider_ttl_ms + rng.random_range(0..120_000),
+        rider_retention_ms: rider_ttl_ms.max(grab_timeout_ms) + rng.random_range(0..120_000),
     }
 }
 

@@ -94,7 +94,7 @@ pub fn dispatch_sharing<'s>(
     let (pings, rest) = (pings.as_collection(), rest.as_collection());
     let order_events = dedup(rest, cfg.dedup_window_ms, checkpoints);
     let shifts = order_events.clone().filter(|e| e.kind.is_rider_state());
-    let index = track_riders(pings.concat(shifts), cfg.rider_ttl_ms, riders, checkpoints);
+    let index = track_riders(pings.concat(shifts), cfg, riders, checkpoints);
     let outputs = decide(index.clone(), order_events, cfg.clone(), checkpoints);
     Dispatch { index, outputs }
 }
@@ -465,7 +465,7 @@ impl PerMillisecond for Dedup {
 /// scope).
 pub fn track_riders<'s>(
     events: Events<'s>,
-    ttl: Time,
+    cfg: &DispatchConfig,
     shared: Option<&RiderTables>,
     checkpoints: Option<&Checkpoints>,
 ) -> Index<'s> {
@@ -475,20 +475,22 @@ pub fn track_riders<'s>(
             assert_eq!(t.workers(), peers, "one shared rider tracker per worker");
             (t.clone(), me)
         }
-        None => (RiderTables::new(1, ttl), 0),
+        None => (RiderTables::new(1, cfg), 0),
     };
     let pact =
         Exchange::new(|(e, _, _): &(Event, Time, isize)| e.kind.rider().map_or(0, rider_route));
     let scope = events.inner.scope();
     let checkpoints = checkpoints.cloned();
+    let limits = (cfg.rider_ttl_ms, cfg.rider_retention_ms);
     events
         .inner
         .unary_frontier::<Builder<IndexEntry>, _, _, _>(pact, "TrackRiders", move |cap, info| {
             let state = StateLog::new(scope.worker(), &info.address);
             if let Some(r) = checkpoints.as_ref().and_then(|c| c.restore.as_ref()) {
                 let mine = |rider: &grabflow_api::Id| RiderTables::worker_of(rider, peers) == me;
-                let tracker: RiderTracker =
-                    r.tracker(ttl, mine).expect("a checkpoint checked on load");
+                let tracker: RiderTracker = r
+                    .tracker(limits, mine)
+                    .expect("a checkpoint checked on load");
                 tables.replace(slot, tracker);
             }
             let part = TrackRiders {
@@ -653,7 +655,7 @@ impl PerMillisecond for Decide {
     ) -> DecideWork {
         let core = &mut self.core;
         work.events.sort_unstable_by_key(|e| e.offset);
-        core.apply_index(&work.index);
+        core.apply_index(&work.index, t);
         for e in &work.events {
             if let EventKind::ShiftChanged {
                 rider, capacity, ..

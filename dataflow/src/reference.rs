@@ -13,6 +13,12 @@
 //! 3. apply the other events in log-offset order;
 //! 4. offer every `created` order to its K nearest available riders within
 //!    the round's radius (nearest first, ties by rider id), if there are any.
+//!
+//! Retention: a closed order is forgotten `order_retention_ms` after it
+//! closed (a timer, after the order's other timers of that millisecond); a
+//! rider's next ping or shift more than `rider_retention_ms` after its last
+//! one finds it forgotten: off shift, with no position (its load and
+//! capacity stay: they are only seen again through a new shift).
 
 use grabflow_api::geo::distance_m;
 use grabflow_api::output::TransitionReason as Why;
@@ -36,6 +42,8 @@ fn bucket(at: Coord) -> (i32, i32) {
 struct Rider {
     at: Option<Coord>,
     last_ping: Time,
+    /// Its last ping or shift.
+    last_seen: Time,
     online: bool,
     capacity: Option<u32>,
     load: u32,
@@ -44,6 +52,9 @@ struct Rider {
 struct Order {
     at: Coord,
     merchant: Id,
+    /// Which placement of the id this is: timers of an earlier one, since
+    /// forgotten, do nothing.
+    serial: u64,
     state: OrderState,
     round: u32,
     offer_seq: u32,
@@ -57,8 +68,9 @@ struct Order {
 
 #[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
-    Deadline,
-    GrabTimeout(u32),
+    Deadline(u64),
+    GrabTimeout(u64, u32),
+    Forget,
 }
 
 /// The whole dispatch state, sequentially.
@@ -70,6 +82,10 @@ pub struct Reference {
     orders: HashMap<Id, Order>,
     timers: BTreeMap<Time, Vec<(Id, Timer)>>,
     seen: HashMap<Id, Time>,
+    /// Orders placed so far.
+    placed: u64,
+    /// The millisecond being processed.
+    now: Time,
 }
 
 /// Runs the reference model over `log` and returns every decision made
@@ -107,11 +123,14 @@ impl Reference {
             orders: HashMap::new(),
             timers: BTreeMap::new(),
             seen: HashMap::new(),
+            placed: 0,
+            now: 0,
         }
     }
 
     /// Processes millisecond `t`: its events (any order) and its due timers.
     pub fn step(&mut self, t: Time, mut events: Vec<&Event>) -> Vec<Output> {
+        self.now = t;
         let mut out = Vec::new();
         events.sort_by_key(|e| e.offset);
         let window = self.cfg.dedup_window_ms;
@@ -128,6 +147,9 @@ impl Reference {
             }
         });
         for e in &events {
+            if let Some(rider) = e.kind.rider() {
+                self.forget_if_idle(rider, t);
+            }
             match &e.kind {
                 EventKind::LocationPinged { rider, at } => {
                     let r = self.riders.entry(rider.clone()).or_default();
@@ -138,6 +160,7 @@ impl Reference {
                     }
                     r.at = Some(*at);
                     r.last_ping = t;
+                    r.last_seen = t;
                     self.grid
                         .entry(bucket(*at))
                         .or_default()
@@ -151,6 +174,7 @@ impl Reference {
                     let r = self.riders.entry(rider.clone()).or_default();
                     r.online = *online;
                     r.capacity = *capacity;
+                    r.last_seen = t;
                 }
                 _ => {}
             }
@@ -173,6 +197,24 @@ impl Reference {
         }
         self.offer_waiting(t, &mut out);
         out
+    }
+
+    /// A rider seen again more than its retention after its last ping or
+    /// shift comes back off shift, with no position.
+    fn forget_if_idle(&mut self, rider: &Id, t: Time) {
+        let Some(r) = self.riders.get_mut(rider) else {
+            return;
+        };
+        if r.last_seen.saturating_add(self.cfg.rider_retention_ms) >= t {
+            return;
+        }
+        if let Some(at) = r.at.take() {
+            if let Some(set) = self.grid.get_mut(&bucket(at)) {
+                set.remove(rider);
+            }
+        }
+        r.online = false;
+        r.last_ping = 0;
     }
 
     fn capacity(&self, rider: &Id) -> u32 {
@@ -240,6 +282,13 @@ impl Reference {
             rider: o.rider.clone(),
             event: None,
         });
+        let forget = self.now.saturating_add(self.cfg.order_retention_ms);
+        if to == OrderState::Closed && forget < Time::MAX {
+            self.timers
+                .entry(forget)
+                .or_default()
+                .push((id.clone(), Timer::Forget));
+        }
     }
 
     fn withdraw(
@@ -293,7 +342,12 @@ impl Reference {
             return;
         };
         match timer {
-            Timer::Deadline => match o.state {
+            Timer::Forget => {
+                self.orders.remove(id);
+            }
+            Timer::Deadline(serial) if serial != o.serial => {}
+            Timer::GrabTimeout(serial, _) if serial != o.serial => {}
+            Timer::Deadline(_) => match o.state {
                 OrderState::Created | OrderState::Notified => o.overdue = true,
                 OrderState::Delivering => {
                     o.overdue = true;
@@ -302,7 +356,7 @@ impl Reference {
                 }
                 _ => {}
             },
-            Timer::GrabTimeout(seq) => {
+            Timer::GrabTimeout(_, seq) => {
                 if o.state == OrderState::Notified && o.offer_seq == seq {
                     o.round += 1;
                     self.withdraw(id, WithdrawReason::Expired, None, out);
@@ -341,11 +395,13 @@ impl Reference {
                 if !open {
                     return reject(order, RejectReason::MerchantClosed, out);
                 }
+                self.placed += 1;
                 self.orders.insert(
                     order.clone(),
                     Order {
                         at,
                         merchant: merchant.clone(),
+                        serial: self.placed,
                         state: Created,
                         round: 0,
                         offer_seq: 0,
@@ -370,7 +426,7 @@ impl Reference {
                 self.timers
                     .entry(due)
                     .or_default()
-                    .push((order.clone(), Timer::Deadline));
+                    .push((order.clone(), Timer::Deadline(self.placed)));
             }
             EventKind::GrabAttempted { order, rider } => {
                 let outcome = match self.orders.get(order) {
@@ -515,12 +571,12 @@ impl Reference {
                     expires_at,
                 });
             }
-            let seq = o.offer_seq;
+            let (serial, seq) = (o.serial, o.offer_seq);
             self.set_state(&id, OrderState::Notified, Why::Offered, out);
             self.timers
                 .entry(expires_at)
                 .or_default()
-                .push((id, Timer::GrabTimeout(seq)));
+                .push((id, Timer::GrabTimeout(serial, seq)));
         }
     }
 }

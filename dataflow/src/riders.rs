@@ -4,7 +4,9 @@
 //! across workers; this is where the bulk of the traffic (location pings)
 //! is absorbed. For each millisecond it turns pings and shifts into changes
 //! of the index collection: a rider is indexed while on shift, with a known
-//! position, and pinged within `rider_ttl`.
+//! position, and pinged within `rider_ttl`. A rider with no ping or shift
+//! for `rider_retention` is forgotten: it comes back off shift, with no
+//! position.
 //!
 //! The trackers of a process's workers can be shared ([`RiderTables`]): the
 //! rider query then reads a rider's last position where the dataflow keeps
@@ -13,7 +15,7 @@
 
 use crate::geo_index::CellShape;
 use crate::IndexEntry;
-use grabflow_api::{Coord, EventKind, Id, Time};
+use grabflow_api::{Coord, DispatchConfig, EventKind, Id, Time};
 use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -25,13 +27,16 @@ struct Track {
     rider: Id,
     at: Option<Coord>,
     last_ping: Time,
+    /// Its last ping or shift.
+    last_seen: Time,
     online: bool,
     /// The index entry last emitted for this rider.
     indexed: Option<(u64, Coord)>,
     /// The outline of the cell of the last position, to skip `cell_of`.
     shape: Option<Box<CellShape>>,
-    /// Whether a silence check is scheduled.
-    check_pending: bool,
+    /// When its check (silence, then retention) is due: the queue may hold
+    /// other, stale entries for the slot, which are skipped.
+    check: Option<Time>,
 }
 
 /// One rider of a [`RiderTracker`], as saved in a checkpoint.
@@ -40,19 +45,18 @@ pub struct SavedTrack {
     rider: Id,
     at: Option<Coord>,
     last_ping: Time,
+    last_seen: Time,
     online: bool,
     indexed: Option<(u64, Coord)>,
-    /// When its silence check is due, if one is pending.
+    /// When its check is due.
     check: Option<Time>,
 }
 
 /// What a [`RiderTracker`] holds, as saved in a checkpoint.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct TrackerState {
-    /// The riders tracked, in the order of their silence checks' queue.
+    /// The riders tracked, in the order of their checks' queue.
     tracks: Vec<SavedTrack>,
-    /// Riders dropped, with their last positions.
-    retired: Vec<(Id, Coord)>,
 }
 
 /// The index entry of `rider` at `(cell, position)`.
@@ -68,34 +72,57 @@ fn entry(rider: &Id, (cell, at): (u64, Coord)) -> IndexEntry {
 #[derive(Debug)]
 pub struct RiderTracker {
     ttl: Time,
+    retention: Time,
     /// Each rider's slot in `tracks`: one hash lookup per ping, and none
     /// when the millisecond settles.
     riders: FxHashMap<Id, usize>,
     tracks: Vec<Track>,
     /// Slots of `tracks` left by riders dropped.
     free: Vec<usize>,
-    /// Silence checks by time (slots); at most one pending per rider.
+    /// Checks by time (slots): a rider's silence, then its retention.
     checks: BTreeMap<Time, Vec<usize>>,
     /// Slots touched in the current millisecond.
     touched: Vec<usize>,
     new_check_times: Vec<Time>,
-    /// The last positions of riders dropped (for [`RiderTracker::position`]).
-    retired: FxHashMap<Id, Coord>,
 }
 
 impl RiderTracker {
-    /// A tracker that drops riders silent for `ttl` milliseconds.
-    pub fn new(ttl: Time) -> Self {
+    /// A tracker that takes riders silent for `ttl` milliseconds out of the
+    /// index, and forgets riders with no ping or shift for `retention`
+    /// (at least `ttl`).
+    pub fn new(ttl: Time, retention: Time) -> Self {
         RiderTracker {
             ttl,
+            retention: retention.max(ttl),
             riders: FxHashMap::default(),
             tracks: Vec::new(),
             free: Vec::new(),
             checks: BTreeMap::new(),
             touched: Vec::new(),
             new_check_times: Vec::new(),
-            retired: FxHashMap::default(),
         }
+    }
+
+    /// When `track` next needs a check: the end of its silence while it is
+    /// indexed, else the end of its retention.
+    fn next_check(&self, track: &Track) -> Time {
+        if track.indexed.is_some() {
+            track.last_ping.saturating_add(self.ttl)
+        } else {
+            track.last_seen.saturating_add(self.retention)
+        }
+    }
+
+    /// Makes sure the track in `slot` is checked no later than it needs.
+    fn schedule(&mut self, slot: usize) {
+        let due = self.next_check(&self.tracks[slot]);
+        let track = &mut self.tracks[slot];
+        if track.check.is_some_and(|c| c <= due) || due == Time::MAX {
+            return;
+        }
+        track.check = Some(due);
+        self.checks.entry(due).or_default().push(slot);
+        self.new_check_times.push(due);
     }
 
     /// Applies one ping or shift of millisecond `t` (call in offset order).
@@ -108,10 +135,11 @@ impl RiderTracker {
                     rider: rider.clone(),
                     at: None,
                     last_ping: 0,
+                    last_seen: t,
                     online: false,
                     indexed: None,
                     shape: None,
-                    check_pending: false,
+                    check: None,
                 };
                 let slot = match self.free.pop() {
                     Some(slot) => {
@@ -124,20 +152,15 @@ impl RiderTracker {
                     }
                 };
                 self.riders.insert(rider.clone(), slot);
-                self.retired.remove(rider);
                 slot
             }
         };
         let track = &mut self.tracks[slot];
+        track.last_seen = t;
         match kind {
             EventKind::LocationPinged { at, .. } => {
                 track.at = Some(*at);
                 track.last_ping = t;
-                if !track.check_pending {
-                    track.check_pending = true;
-                    self.checks.entry(t + self.ttl).or_default().push(slot);
-                    self.new_check_times.push(t + self.ttl);
-                }
             }
             EventKind::ShiftChanged { online, .. } => track.online = *online,
             _ => {}
@@ -146,9 +169,11 @@ impl RiderTracker {
     }
 
     /// Ends millisecond `t`: emits the index changes of the riders touched,
-    /// then runs the silence checks due at `t`.
+    /// then runs the checks due at `t`: a rider silent for the TTL leaves
+    /// the index, one with no ping or shift for the retention is forgotten.
     pub fn settle(&mut self, t: Time, out: &mut Vec<(IndexEntry, isize)>) {
-        for slot in self.touched.drain(..) {
+        let touched = std::mem::take(&mut self.touched);
+        for &slot in &touched {
             let track = &mut self.tracks[slot];
             let fresh = track.last_ping + self.ttl > t;
             let want = match (track.online && fresh, track.at) {
@@ -172,48 +197,41 @@ impl RiderTracker {
                 }
                 track.indexed = want;
             }
+            self.schedule(slot);
         }
+        self.touched = touched;
+        self.touched.clear();
         let Some(due) = self.checks.remove(&t) else {
             return;
         };
         for slot in due {
             let track = &mut self.tracks[slot];
-            let expires = track.last_ping + self.ttl;
-            if expires > t {
-                self.checks.entry(expires).or_default().push(slot);
-                self.new_check_times.push(expires);
-                continue;
+            if track.check != Some(t) {
+                continue; // stale: a sooner check was set since
             }
-            track.check_pending = false;
-            if let Some(old) = track.indexed.take() {
+            track.check = None;
+            if track.indexed.is_some() && track.last_ping + self.ttl <= t {
+                let old = track.indexed.take().expect("indexed");
                 out.push((entry(&track.rider, old), -1));
             }
-            if !track.online {
-                // Off shift and silent: nothing left worth keeping (this was
-                // its one pending check, and nothing touched it since).
-                // The slot is overwritten when it is used again.
+            if track.indexed.is_none() && track.last_seen.saturating_add(self.retention) <= t {
+                // Nothing left worth keeping. The slot is overwritten when
+                // it is used again.
                 self.riders.remove(&track.rider);
-                if let Some(at) = track.at {
-                    self.retired.insert(track.rider.clone(), at);
-                }
                 track.shape = None;
                 self.free.push(slot);
+            } else {
+                self.schedule(slot);
             }
         }
     }
 
     /// What it holds, for a checkpoint (between milliseconds).
     pub fn save(&self) -> TrackerState {
-        let mut check_of: FxHashMap<usize, Time> = FxHashMap::default();
-        for (t, slots) in &self.checks {
-            for slot in slots {
-                check_of.insert(*slot, *t);
-            }
-        }
         // In the order of the checks' queue, then of the slots: a restored
         // tracker runs the checks of a millisecond in the same order.
         let mut slots: Vec<usize> = self.riders.values().copied().collect();
-        slots.sort_by_key(|s| (check_of.get(s).copied().unwrap_or(Time::MAX), *s));
+        slots.sort_by_key(|&s| (self.tracks[s].check.unwrap_or(Time::MAX), s));
         let tracks = slots
             .into_iter()
             .map(|slot| {
@@ -222,30 +240,25 @@ impl RiderTracker {
                     rider: t.rider.clone(),
                     at: t.at,
                     last_ping: t.last_ping,
+                    last_seen: t.last_seen,
                     online: t.online,
                     indexed: t.indexed,
-                    check: check_of.get(&slot).copied(),
+                    check: t.check,
                 }
             })
             .collect();
-        let mut retired: Vec<(Id, Coord)> = self
-            .retired
-            .iter()
-            .map(|(r, at)| (r.clone(), *at))
-            .collect();
-        retired.sort();
-        TrackerState { tracks, retired }
+        TrackerState { tracks }
     }
 
     /// A tracker holding what `saved` did (the states of one or more
     /// workers), keeping only the riders `mine` says this worker routes.
     /// Its pending checks are all new check times, to be woken at.
     pub fn restore(
-        ttl: Time,
+        (ttl, retention): (Time, Time),
         saved: impl IntoIterator<Item = TrackerState>,
         mine: impl Fn(&Id) -> bool,
     ) -> Self {
-        let mut tracker = RiderTracker::new(ttl);
+        let mut tracker = RiderTracker::new(ttl, retention);
         let mut checks: Vec<(Time, usize)> = Vec::new();
         for state in saved {
             for t in state.tracks.into_iter().filter(|t| mine(&t.rider)) {
@@ -258,15 +271,13 @@ impl RiderTracker {
                     rider: t.rider,
                     at: t.at,
                     last_ping: t.last_ping,
+                    last_seen: t.last_seen,
                     online: t.online,
                     indexed: t.indexed,
                     shape: None,
-                    check_pending: t.check.is_some(),
+                    check: t.check,
                 });
             }
-            tracker
-                .retired
-                .extend(state.retired.into_iter().filter(|(r, _)| mine(r)));
         }
         checks.sort_by_key(|(t, _)| *t);
         for (at, slot) in checks {
@@ -282,21 +293,19 @@ impl RiderTracker {
     }
 
     /// The last position `rider` reported (up to the last millisecond
-    /// handled), if it ever pinged: tracked or since dropped.
+    /// handled), if it pinged within its retention.
     pub fn position(&self, rider: &Id) -> Option<Coord> {
-        match self.riders.get(rider) {
-            Some(&slot) => self.tracks[slot].at,
-            None => self.retired.get(rider).copied(),
-        }
+        self.riders
+            .get(rider)
+            .and_then(|&slot| self.tracks[slot].at)
     }
 
     /// What this partition holds, for the operator's state figures: riders
-    /// tracked, riders dropped (their last positions kept for the rider
-    /// query), and the milliseconds with a silence check due.
+    /// tracked (within their retention), and the milliseconds with a check
+    /// due.
     pub fn sizes(&self) -> crate::stats::StateSizes {
         vec![
             ("riders", self.riders.len()),
-            ("retired", self.retired.len()),
             ("check_times", self.checks.len()),
         ]
     }
@@ -327,12 +336,12 @@ pub fn rider_route(rider: &Id) -> u64 {
 pub struct RiderTables(Arc<[Mutex<RiderTracker>]>);
 
 impl RiderTables {
-    /// Trackers for `workers` workers (all of the dataflow's), dropping riders
-    /// silent for `ttl` milliseconds.
-    pub fn new(workers: usize, ttl: Time) -> Self {
+    /// Trackers for `workers` workers (all of the dataflow's), with `cfg`'s
+    /// rider TTL and retention.
+    pub fn new(workers: usize, cfg: &DispatchConfig) -> Self {
         RiderTables(
             (0..workers.max(1))
-                .map(|_| Mutex::new(RiderTracker::new(ttl)))
+                .map(|_| Mutex::new(RiderTracker::new(cfg.rider_ttl_ms, cfg.rider_retention_ms)))
                 .collect(),
         )
     }
@@ -358,14 +367,9 @@ impl RiderTables {
         self.0[index].lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Riders that pinged or changed shift, tracked or since dropped.
+    /// Riders that pinged or changed shift within their retention.
     pub fn known(&self) -> usize {
-        (0..self.0.len())
-            .map(|i| {
-                let t = self.lock(i);
-                t.riders.len() + t.retired.len()
-            })
-            .sum()
+        (0..self.0.len()).map(|i| self.lock(i).len()).sum()
     }
 
     /// The last position `rider` reported (see [`RiderTracker::position`]).

@@ -602,3 +602,66 @@ fn bad_orders_and_redelivered_events_are_rejected_or_dropped() {
         .count();
     assert_eq!(decided, 1);
 }
+
+#[test]
+fn a_closed_order_is_forgotten_after_its_retention_and_its_id_may_be_placed_again() {
+    let mut s = Script::new();
+    s.cfg.order_retention_ms = 60_000;
+    s.city(&[100.0]);
+    s.order(1.0, "o1"); // promised in 30 minutes
+    let cancel = s.at(2.0, EventKind::OrderCancelled { order: id("o1") });
+    let late_grab = s.grab(61.0, "o1", "r1"); // within the retention
+    let again = s.at(61.5, EventKind::OrderCancelled { order: id("o1") });
+    let forgotten_grab = s.grab(63.0, "o1", "r1"); // 61 s after it closed
+    s.ping(65.0, "r1", 100.0);
+    s.order(70.0, "o1");
+    let run = s.run(2000.0);
+    assert_eq!(run.rejected(&cancel), None);
+    assert_eq!(
+        run.grab(&late_grab),
+        GrabOutcome::Lost(LossReason::OrderClosed)
+    );
+    assert_eq!(run.rejected(&again), Some(RejectReason::InvalidState));
+    assert_eq!(
+        run.grab(&forgotten_grab),
+        GrabOutcome::Lost(LossReason::UnknownOrder)
+    );
+    // Placed again: a new order, and the first placement's deadline (at
+    // 1801 s) does not make it overdue; its own (at 1870 s) does.
+    let states = run.states("o1");
+    assert_eq!(states[3], (70.0, Created, Why::Placed), "{states:?}");
+    assert_eq!(states[4], (70.0, Notified, Why::Offered), "{states:?}");
+    let grab = s.grab(80.0, "o1", "r1");
+    let run = s.run(2000.0);
+    assert_eq!(run.grab(&grab), GrabOutcome::Won);
+    let overtime: Vec<f64> = run
+        .states("o1")
+        .into_iter()
+        .filter(|(_, to, _)| *to == Overtime)
+        .map(|(t, _, _)| t)
+        .collect();
+    assert_eq!(overtime, vec![1870.0]);
+}
+
+#[test]
+fn a_rider_idle_past_its_retention_comes_back_off_shift_until_its_next_shift() {
+    let mut s = Script::new();
+    s.cfg.rider_ttl_ms = 10_000;
+    s.cfg.rider_retention_ms = 60_000;
+    s.city(&[100.0]); // on shift and pinged at 0 s
+    s.ping(50.0, "r1", 100.0); // within the retention: still on shift
+    s.order(51.0, "o1");
+    s.ping(200.0, "r1", 100.0); // 150 s of silence: forgotten
+    s.order(201.0, "o2");
+    s.at(
+        205.0,
+        EventKind::ShiftChanged {
+            rider: id("r1"),
+            online: true,
+            capacity: None,
+        },
+    );
+    let run = s.run(220.0);
+    assert_eq!(run.offers("o1")[0].0, 51.0);
+    assert_eq!(run.offers("o2"), vec![(205.0, "r1".into(), 100, 0)]);
+}
