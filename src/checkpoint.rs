@@ -1,7 +1,12 @@
-//! Checkpoints of the whole service over the embedded log: the dataflow's
-//! operators and the egress view as of one log time (gathered by the
-//! dataflow, see `grabflow_dataflow::checkpoint`), with the log's ledger
-//! (idempotency keys and known ids) and where the log resumes.
+//! Checkpoints of the whole service: the dataflow's operators and its
+//! observers (the egress view, the Kafka output sink) as of one log time
+//! (gathered by the dataflow, see `grabflow_dataflow::checkpoint`), with,
+//! over the embedded log, the log's ledger (idempotency keys and known ids),
+//! and where the log (or each input partition) resumes. Over the embedded
+//! log they are files in the data dir; with Kafka, records of the
+//! cluster's checkpoint topic (`grabflow_log::kafka::checkpoints`), so a
+//! dataflow started on a fresh machine resumes from the latest too. (With
+//! Kafka the ledger is read back from the topics, not checkpointed.)
 //!
 //! Taking one: the dataflow hands each whole [`DataflowState`] to the
 //! checkpoint thread ([`writer`]), which adds the ledger (appends wait the
@@ -18,8 +23,10 @@
 use grabflow_api::lifecycle::Thread;
 use grabflow_api::DispatchConfig;
 use grabflow_dataflow::checkpoint::DataflowState;
+use grabflow_dataflow::runtime::Fanout;
 pub use grabflow_egress::view::{CheckpointFigures as Figures, SharedFigures};
-use grabflow_log::checkpoints::{CheckpointStore, Written};
+use grabflow_log::checkpoints::CheckpointStore;
+use grabflow_log::kafka::{KafkaCheckpoints, KafkaConfig};
 use grabflow_log::keys::Print;
 use grabflow_log::ledger::Ledger;
 use grabflow_log::LedgerSaver;
@@ -41,28 +48,45 @@ pub struct Checkpoint {
 
 /// A checkpoint to start from.
 pub struct Loaded {
-    /// The dataflow's and the view's state.
+    /// The dataflow's and its observers' state.
     pub dataflow: DataflowState,
-    /// The log's ledger.
+    /// The observers' states, in the order of the service's fanout.
+    pub observers: Vec<Vec<u8>>,
+    /// The log's ledger (embedded log).
     pub ledger: Ledger,
-    /// Where the log resumes: the first offset to replay.
+    /// Where the embedded log resumes: the first offset to replay.
     pub from: u64,
 }
 
+/// Which log a checkpoint is of, and what it must hold.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Of {
+    /// The embedded log: one position, the ledger, the view first.
+    Embedded,
+    /// Kafka: a position per input partition read.
+    Kafka,
+}
+
 /// Decodes and checks a checkpoint's body for a start under `cfg`.
-fn decode(body: &[u8], cfg: &DispatchConfig) -> Result<Loaded, String> {
+fn decode(body: &[u8], cfg: &DispatchConfig, of: Of) -> Result<Loaded, String> {
     let c: Checkpoint = postcard::from_bytes(body).map_err(|e| format!("does not decode: {e}"))?;
     if c.print != Print::probe() {
         return Err("written by a build that prints idempotency keys differently".into());
     }
-    let from = match c.dataflow.resume().as_slice() {
-        [(0, from)] => *from,
-        other => return Err(format!("not a checkpoint of the embedded log: {other:?}")),
+    let resume = c.dataflow.resume();
+    let from = match (of, resume.as_slice()) {
+        (Of::Embedded, [(0, from)]) => *from,
+        (Of::Kafka, r) if !r.is_empty() => 0,
+        (_, other) => return Err(format!("not a checkpoint of this log: {other:?}")),
     };
-    if c.dataflow.observer.is_empty() {
+    let observers = Fanout::parts(&c.dataflow.observer).map_err(|e| format!("observers: {e}"))?;
+    if of == Of::Embedded && observers.first().is_none_or(Vec::is_empty) {
         return Err("it holds no state of the egress view".into());
     }
-    let ledger = postcard::from_bytes(&c.ledger).map_err(|e| format!("ledger: {e}"))?;
+    let ledger = match of {
+        Of::Embedded => postcard::from_bytes(&c.ledger).map_err(|e| format!("ledger: {e}"))?,
+        Of::Kafka => Ledger::default(),
+    };
     // Every part decodes (the workers restore them without checking).
     let all = |_: &grabflow_api::Id| true;
     c.dataflow
@@ -76,6 +100,7 @@ fn decode(body: &[u8], cfg: &DispatchConfig) -> Result<Loaded, String> {
         .map_err(|e| e.to_string())?;
     Ok(Loaded {
         dataflow: c.dataflow,
+        observers,
         ledger,
         from,
     })
@@ -83,15 +108,51 @@ fn decode(body: &[u8], cfg: &DispatchConfig) -> Result<Loaded, String> {
 
 /// The newest usable checkpoint in `store`, if any (see the module doc).
 pub fn load(store: &CheckpointStore, cfg: &DispatchConfig) -> anyhow::Result<Option<Loaded>> {
-    Ok(store.latest(|body| decode(body, cfg))?.map(|(_, l)| l))
+    Ok(store
+        .latest(|body| decode(body, cfg, Of::Embedded))?
+        .map(|(_, l)| l))
 }
 
-/// The checkpoint thread: writes each state from `rx` with the log's `ledger`
-/// into `store`, until `rx` closes (the dataflow ended, after its last
-/// checkpoint) or it is stopped.
+/// The cluster's checkpoints of the dataflow `k` names, and the newest
+/// usable one, if any. Blocking.
+pub fn load_kafka(
+    k: &KafkaConfig,
+    cfg: &DispatchConfig,
+) -> anyhow::Result<(KafkaCheckpoints, Option<Loaded>)> {
+    let (store, latest) = KafkaCheckpoints::open(k, |body| decode(body, cfg, Of::Kafka))?;
+    Ok((store, latest.map(|(_, l)| l)))
+}
+
+/// Where checkpoints are written.
+pub enum Store {
+    /// Files in the data dir (embedded log).
+    Files(CheckpointStore),
+    /// The cluster's checkpoint topic (Kafka).
+    Kafka(KafkaCheckpoints),
+}
+
+impl Store {
+    /// Writes `body` as the checkpoint as of `at`; its size and where.
+    fn write(&mut self, at: grabflow_api::Time, body: &[u8]) -> Result<(u64, String), String> {
+        match self {
+            Store::Files(files) => files
+                .write(at, body)
+                .map(|w| (w.bytes, w.path.display().to_string()))
+                .map_err(|e| e.to_string()),
+            Store::Kafka(topic) => topic
+                .write(at, body)
+                .map(|w| (w.bytes, format!("{} records", w.records)))
+                .map_err(|e| e.to_string()),
+        }
+    }
+}
+
+/// The checkpoint thread: writes each state from `rx`, with the log's
+/// `ledger` if it has one, into `store`, until `rx` closes (the dataflow
+/// ended, after its last checkpoint) or it is stopped.
 pub fn writer(
-    store: CheckpointStore,
-    ledger: LedgerSaver,
+    mut store: Store,
+    ledger: Option<LedgerSaver>,
     rx: mpsc::Receiver<DataflowState>,
     figures: SharedFigures,
 ) -> std::io::Result<Thread> {
@@ -112,21 +173,21 @@ pub fn writer(
         let at = state.at;
         let body = Checkpoint {
             dataflow: state,
-            ledger: ledger.save(),
+            ledger: ledger.as_ref().map(LedgerSaver::save).unwrap_or_default(),
             print: Print::probe(),
         };
         let written = postcard::to_allocvec(&body)
             .map_err(|e| e.to_string())
-            .and_then(|bytes| store.write(at, &bytes).map_err(|e| e.to_string()));
+            .and_then(|bytes| store.write(at, &bytes));
         let mut f = figures.lock().expect("figures");
         match written {
-            Ok(Written { bytes, path, .. }) => {
+            Ok((bytes, place)) => {
                 f.last_at = at;
                 f.last_bytes = bytes;
                 f.last_write_ms = started.elapsed().as_millis() as u64;
                 f.written = Some(Instant::now());
                 f.written_total += 1;
-                tracing::debug!(at, bytes, path = %path.display(), "checkpoint written");
+                tracing::debug!(at, bytes, place, "checkpoint written");
             }
             Err(e) => {
                 f.failed_total += 1;

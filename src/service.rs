@@ -128,6 +128,10 @@ async fn finish(threads: Threads, sink: Option<Arc<OutputSink>>) -> anyhow::Resu
         let finished = threads.finish();
         if let Some(sink) = sink {
             sink.close(SINK_CLOSE);
+            tracing::info!(
+                skipped = sink.skipped.load(std::sync::atomic::Ordering::Relaxed),
+                "output sink closed (decisions skipped: already on the topics before this start)"
+            );
         }
         finished
     })
@@ -211,7 +215,13 @@ struct Input {
     backlog: Option<Arc<Backlog>>,
     /// The checkpoint the dataflow and the view start from, if any.
     restore: Option<Arc<DataflowState>>,
-    /// Checkpoint figures (embedded log).
+    /// Its observers' states, in the fanout's order (the view first, then
+    /// the Kafka sink if there is one).
+    saved: Vec<Vec<u8>>,
+    /// Where checkpoints are written (and, over the embedded log, the
+    /// ledger that goes with them), if they are taken.
+    store: Option<(checkpoint::Store, Option<grabflow_log::LedgerSaver>)>,
+    /// Checkpoint figures.
     figures: Option<SharedFigures>,
 }
 
@@ -238,10 +248,14 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     };
     let riders = plan.rider_tables();
     let egress = Egress::new(plan.dispatch.clone(), input.since, riders.clone());
-    if let Some(r) = &input.restore {
+    if input.restore.is_some() {
         egress
-            .restore(&r.observer)
+            .restore(input.saved.first().map_or(&[][..], Vec::as_slice))
             .context("restoring the view from the checkpoint")?;
+        if let (Some(sink), Some(saved)) = (&input.sink, input.saved.get(1)) {
+            sink.restore(saved)
+                .context("restoring the output sink from the checkpoint")?;
+        }
     }
     let stats = DataflowStats::default();
     let ops = Arc::new(OpsHub::default());
@@ -264,29 +278,8 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     );
     let mirror = mirror(&plan)?;
     observers.extend(mirror.as_ref().map(|(m, _)| Arc::clone(m)));
-    // Checkpoints (embedded log): the dataflow gathers them, a thread of
-    // their own writes them.
-    let (checkpointed, checkpoints) = match &input.figures {
-        Some(figures) => {
-            let (tx, rx) = std::sync::mpsc::channel();
-            let since = input.restore.as_ref().map_or(0, |r| r.at);
-            let done = Mutex::new(tx);
-            let checkpointing = Checkpointing::new(plan.checkpoint_interval, since, move |state| {
-                let _ = done.lock().expect("checkpoints").send(state);
-            });
-            let thread = checkpoint::writer(
-                CheckpointStore::new(&plan.data_dir),
-                input.log.ledger_saver(),
-                rx,
-                Arc::clone(figures),
-            )?;
-            (
-                Some((Arc::new(checkpointing), input.restore.clone())),
-                Some(thread),
-            )
-        }
-        None => (None, None),
-    };
+    let (checkpointed, checkpoints) =
+        checkpointing(&plan, input.store, &input.figures, &input.restore)?;
     egress.set_checkpoints(input.figures.clone());
     let dataflow = runtime::spawn_checkpointed(
         plan.dispatch.clone(),
@@ -330,6 +323,35 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     finish(threads, input.sink).await
 }
 
+/// Checkpoints: the dataflow gathers them, a thread of their own writes
+/// them to `store`. What the dataflow takes part with (starting from
+/// `restore`), and the writer's thread; none without a store.
+#[allow(clippy::type_complexity)]
+fn checkpointing(
+    plan: &Plan,
+    store: Option<(checkpoint::Store, Option<grabflow_log::LedgerSaver>)>,
+    figures: &Option<SharedFigures>,
+    restore: &Option<Arc<DataflowState>>,
+) -> anyhow::Result<(
+    Option<(Arc<Checkpointing>, Option<Arc<DataflowState>>)>,
+    Option<Thread>,
+)> {
+    let (Some((store, ledger)), Some(figures)) = (store, figures) else {
+        return Ok((None, None));
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    let since = restore.as_ref().map_or(0, |r| r.at);
+    let done = Mutex::new(tx);
+    let checkpointing = Checkpointing::new(plan.checkpoint_interval, since, move |state| {
+        let _ = done.lock().expect("checkpoints").send(state);
+    });
+    let thread = checkpoint::writer(store, ledger, rx, Arc::clone(figures))?;
+    Ok((
+        Some((Arc::new(checkpointing), restore.clone())),
+        Some(thread),
+    ))
+}
+
 /// Serves `router` until the process should stop (a signal, or one of
 /// `threads` ending), then ends the rider streams of `egress` if there is
 /// one; hands `threads` back to be finished.
@@ -360,15 +382,16 @@ fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
     let backlog = Arc::new(Backlog::new(plan.max_backlog));
     let store = CheckpointStore::new(&plan.data_dir);
     let loaded = checkpoint::load(&store, &plan.dispatch)?;
-    let (resume, restore) = match loaded {
+    let (resume, restore, saved) = match loaded {
         Some(l) => (
             embedded::Resume {
                 from: l.from,
                 ledger: l.ledger,
             },
             Some(Arc::new(l.dataflow)),
+            l.observers,
         ),
-        None => (embedded::Resume::default(), None),
+        None => (embedded::Resume::default(), None, Vec::new()),
     };
     let from = resume.from;
     let opened = embedded::open_resuming(
@@ -398,6 +421,7 @@ fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
         ..Default::default()
     }));
     threads.add(opened.writer);
+    let ledger = opened.handle.ledger_saver();
     Ok(Input {
         log: opened.handle,
         sources: runtime::feed_sources(feed_rx, plan.workers, from),
@@ -406,6 +430,8 @@ fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
         sink: None,
         backlog: Some(backlog),
         restore,
+        saved,
+        store: Some((checkpoint::Store::Files(store), Some(ledger))),
         figures: Some(figures),
     })
 }
@@ -418,15 +444,37 @@ async fn open_kafka(
     threads: &mut Threads,
 ) -> anyhow::Result<Input> {
     ensure_topics(&k).await.context("creating the topics")?;
-    let (log, follower, sink) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-        let (log, follower) = kafka::open(&k, CATCH_UP)?;
-        Ok((log, follower, OutputSink::new(&k)?))
-    })
-    .await??;
+    let dispatch = plan.dispatch.clone();
+    let (log, follower, sink, checkpoints) =
+        tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let checkpoints = checkpoint::load_kafka(&k, &dispatch)?;
+            let (log, follower) = kafka::open(&k, CATCH_UP)?;
+            Ok((log, follower, OutputSink::new(&k)?, checkpoints))
+        })
+        .await??;
     let (sink, committer) = sink;
     threads.add(follower.into_thread());
     threads.add(committer);
-    let (sources, stop_sources) = kafka_sources(plan)?;
+    let (store, loaded) = checkpoints;
+    let resume = loaded
+        .as_ref()
+        .map(|l| l.dataflow.resume())
+        .unwrap_or_default();
+    let (sources, stop_sources) = kafka_sources(plan, &resume)?;
+    let started_from = loaded.as_ref().map_or(0, |l| l.dataflow.at);
+    tracing::info!(
+        checkpoint = started_from,
+        partitions = resume.len(),
+        "kafka input resumes"
+    );
+    let figures = Arc::new(Mutex::new(checkpoint::Figures {
+        started_from,
+        ..Default::default()
+    }));
+    let (restore, saved) = match loaded {
+        Some(l) => (Some(Arc::new(l.dataflow)), l.observers),
+        None => (None, Vec::new()),
+    };
     Ok(Input {
         log,
         sources,
@@ -434,14 +482,19 @@ async fn open_kafka(
         since: now_ms(),
         sink: Some(sink),
         backlog: None,
-        restore: None,
-        figures: None,
+        restore,
+        saved,
+        store: Some((checkpoint::Store::Kafka(store), None)),
+        figures: Some(figures),
     })
 }
 
-/// This process's workers' Kafka sources, and what stops them.
-fn kafka_sources(plan: &Plan) -> anyhow::Result<(runtime::Sources, Stop)> {
-    let sources = KafkaSources::new(plan.kafka()?).context("kafka sources")?;
+/// This process's workers' Kafka sources, starting at `resume` (a
+/// checkpoint's positions; empty: from the beginning), and what stops them.
+fn kafka_sources(plan: &Plan, resume: &[(u64, u64)]) -> anyhow::Result<(runtime::Sources, Stop)> {
+    let sources = KafkaSources::new(plan.kafka()?)
+        .context("kafka sources")?
+        .resuming(resume);
     let (process, hosts) = &plan.cluster;
     let peers = plan.workers * hosts.len().max(1);
     let mut made = HashMap::new();
@@ -500,8 +553,31 @@ pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
     let mut sink = None;
     let mut threads = Threads::default();
     let mut after_dataflow = Vec::new();
+    // One process checkpoints (its workers' states meet in it) and
+    // resumes from the cluster's latest checkpoint; a cluster of several
+    // replays the input topics from their start.
+    let alone = plan.cluster.1.len() <= 1;
+    let (mut store, mut loaded) = (None, None);
     if first {
-        let (out, committer) = tokio::task::spawn_blocking(move || OutputSink::new(&k)).await??;
+        let dispatch = plan.dispatch.clone();
+        let (out, committer, checkpoints) = tokio::task::spawn_blocking(move || {
+            let checkpoints = match alone {
+                true => Some(checkpoint::load_kafka(&k, &dispatch)?),
+                false => None,
+            };
+            let (out, committer) = OutputSink::new(&k)?;
+            anyhow::Ok((out, committer, checkpoints))
+        })
+        .await??;
+        if let Some((s, l)) = checkpoints {
+            (store, loaded) = (Some(s), l);
+        }
+        if let Some(l) = &loaded {
+            if let Some(saved) = l.observers.first() {
+                out.restore(saved)
+                    .context("restoring the output sink from the checkpoint")?;
+            }
+        }
         observers.push(out.clone());
         sink = Some(out);
         threads.add(committer);
@@ -510,17 +586,41 @@ pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
             after_dataflow.push(thread);
         }
     }
-    let (sources, stop) = kafka_sources(&plan)?;
+    let resume = loaded
+        .as_ref()
+        .map(|l| l.dataflow.resume())
+        .unwrap_or_default();
+    let (sources, stop) = kafka_sources(&plan, &resume)?;
+    let started_from = loaded.as_ref().map_or(0, |l| l.dataflow.at);
+    if store.is_some() {
+        tracing::info!(
+            checkpoint = started_from,
+            partitions = resume.len(),
+            "kafka input resumes"
+        );
+    }
+    let figures = Arc::new(Mutex::new(checkpoint::Figures {
+        started_from,
+        ..Default::default()
+    }));
+    let restore = loaded.map(|l| Arc::new(l.dataflow));
+    let store = store.map(|s| (checkpoint::Store::Kafka(s), None));
+    let (checkpointed, checkpoints) = checkpointing(&plan, store, &Some(figures), &restore)?;
     // No egress reads this process's rider trackers.
-    let dataflow = runtime::spawn(
+    let dataflow = runtime::spawn_checkpointed(
         plan.dispatch.clone(),
         plan.timely(),
         sources,
         Arc::new(Fanout(observers)),
         DataflowStats::default(),
         None,
+        checkpointed,
     );
     threads.add(Thread::adopt("grabflow-dataflow", dataflow, stop));
+    // Stopped after the dataflow, whose last checkpoint it writes.
+    if let Some(thread) = checkpoints {
+        threads.add(thread);
+    }
     after_dataflow.into_iter().for_each(|t| threads.add(t));
     println!("grabflow dataflow process {} running", plan.cluster.0);
     stopping(&threads).await;

@@ -59,9 +59,9 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate_limit_address: Option<u32>,
-    /// Embedded log: log time between checkpoints of the whole state (a
-    /// restart replays only the log after the latest); 0 none
-    /// [default: 30s].
+    /// Log time between checkpoints of the whole state (a restart replays
+    /// only the log after the latest; with --kafka they are kept in the
+    /// cluster); 0 none [default: 30s].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_interval: Option<Dur>,
@@ -139,6 +139,11 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kafka_replication: Option<i32>,
+    /// Time retention (retention.ms) of the topics grabflow creates; 0 the
+    /// broker's default [default: 7d].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kafka_retention: Option<Dur>,
     /// An input partition holding back a newer event gets a clock tick
     /// after this long [default: 5ms]; other idle partitions every --tick.
     #[arg(long)]
@@ -203,6 +208,7 @@ const NAMES: &[&str] = &[
     "kafka_output_prefix",
     "kafka_partitions",
     "kafka_replication",
+    "kafka_retention",
     "kafka_tick",
     "kafka_ack_timeout",
     "redis",
@@ -245,6 +251,7 @@ impl Settings {
             kafka_output_prefix: None,
             kafka_partitions: Some(k.partitions),
             kafka_replication: Some(k.replication),
+            kafka_retention: k.retention.map(Dur),
             kafka_tick: Some(Dur(k.tick)),
             kafka_ack_timeout: Some(Dur(k.ack_timeout)),
             redis: None,
@@ -417,6 +424,10 @@ impl Plan {
                 k.partitions = s.kafka_partitions.unwrap_or(k.partitions);
                 k.replication = s.kafka_replication.unwrap_or(k.replication);
                 k.tick = s.kafka_tick.map_or(k.tick, |t| t.0);
+                k.retention = match s.kafka_retention.or(d.kafka_retention) {
+                    Some(Dur(r)) if !r.is_zero() => Some(r),
+                    _ => None,
+                };
                 k.idle_tick = ticks.idle;
                 k.ack_timeout = s.kafka_ack_timeout.map_or(k.ack_timeout, |t| t.0);
                 if k.partitions < 1 || k.replication < 1 || k.tick.is_zero() {

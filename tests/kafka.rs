@@ -14,7 +14,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -723,6 +723,11 @@ async fn redis_restarted_mid_run_and_the_mirror_converges() {
 /// Busy traffic through `ingress`: riders on streams from `egress` grab
 /// what they are offered (races included), pick up and deliver.
 async fn traffic(ingress: &Server, egress: &Server, orders: usize) {
+    traffic_from(ingress, egress, 0..orders).await
+}
+
+/// [`traffic`], placing the orders `K{n}` for each `n` of `orders`.
+async fn traffic_from(ingress: &Server, egress: &Server, orders: std::ops::Range<usize>) {
     let app = ingress.token("app", None);
     let (st, _) = ingress
         .call(
@@ -797,7 +802,7 @@ async fn traffic(ingress: &Server, egress: &Server, orders: usize) {
             }
         }));
     }
-    for k in 0..orders {
+    for k in orders {
         let body = json!({"order_id": format!("K{k}"), "merchant_id": "M1", "dropoff": {"lat": 31.22, "lon": 121.48}, "promised_minutes": 30});
         assert_eq!(
             ingress.call("POST", "/v1/orders", &app, Some(body)).await.0,
@@ -838,6 +843,38 @@ fn dataflow(broker: &Broker, extra: &[&str]) -> Proc {
             .spawn()
             .expect("the binary starts"),
     )
+}
+
+/// A `grabflow dataflow` process logging (at info) into the file `log`.
+fn dataflow_logging(broker: &Broker, extra: &[&str], log: &Path) -> Proc {
+    Proc(
+        Command::new(env!("CARGO_BIN_EXE_grabflow"))
+            .arg("dataflow")
+            .args(kafka_args(broker, extra))
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).expect("a log file"))
+            .spawn()
+            .expect("the binary starts"),
+    )
+}
+
+/// The checkpoint time a dataflow's log says its input resumed from.
+fn resumed_from(log: &Path) -> Option<u64> {
+    let raw = std::fs::read_to_string(log).unwrap_or_default();
+    // Without the terminal colours the log may carry.
+    let mut text = String::new();
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            chars.by_ref().find(|c| c.is_ascii_alphabetic());
+        } else {
+            text.push(c);
+        }
+    }
+    let line = text.lines().find(|l| l.contains("kafka input resumes"))?;
+    let (_, rest) = line.split_once("checkpoint=")?;
+    rest.split_whitespace().next()?.parse().ok()
 }
 
 /// Decisions of two runs over the same log agree on every time both passed.
@@ -949,5 +986,72 @@ async fn a_two_process_cluster_decides_as_one_process_does() {
             "a cluster process did not exit cleanly after SIGTERM: {status:?}"
         );
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dataflow_on_a_fresh_machine_resumes_from_the_checkpoint_kept_in_the_cluster() {
+    let broker = Broker::start();
+    let dir = temp_dir();
+    let slow = [
+        "--grab-timeout",
+        "3s",
+        "--rider-ttl",
+        "20s",
+        "--checkpoint-interval",
+        "500ms",
+    ];
+    let ingress = Server::start_role("ingress", &dir, &kafka_args(&broker, &[]));
+    let egress = Server::start_role("egress", &dir, &kafka_args(&broker, &slow));
+    let first_log = dir.join("first.log");
+    let mut first = dataflow_logging(&broker, &slow, &first_log);
+    traffic_from(&ingress, &egress, 0..20).await;
+    // SIGTERM: it stops cleanly, its last checkpoint written to the cluster.
+    let sent = Command::new("kill")
+        .args(["-TERM", &first.0.id().to_string()])
+        .status();
+    assert!(sent.is_ok_and(|s| s.success()));
+    let status = exit_within(&mut first.0, Duration::from_secs(30));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the dataflow did not stop cleanly: {status:?}"
+    );
+    assert_eq!(
+        resumed_from(&first_log),
+        Some(0),
+        "the first one starts from nothing"
+    );
+    let before = decisions(&broker.addr, "grabflow.");
+    // Another dataflow process, with nothing on its machine (the dataflow
+    // role keeps nothing on disk): it starts from that checkpoint, not from
+    // the topics' start, and goes on where the first one stopped.
+    let second_log = dir.join("second.log");
+    let _second = dataflow_logging(&broker, &slow, &second_log);
+    traffic_from(&ingress, &egress, 20..40).await;
+    let at = resumed_from(&second_log).expect("the second dataflow says where it resumed");
+    let last_before = before.last().map_or(0, |v| v["time"].as_u64().unwrap());
+    assert!(
+        at >= last_before,
+        "resumed from a checkpoint at {at}, before the last decision {last_before} of the first"
+    );
+    let app = ingress.token("app", None);
+    eventually(|| async {
+        let (_, k39) = egress.call("GET", "/v1/orders/K39", &app, None).await;
+        match k39["state"].is_string() {
+            true => Ok(()),
+            false => Err(format!("the last order has not reached egress: {k39}")),
+        }
+    })
+    .await;
+    // Every seq once, none missing (asserted by `decisions`); and a
+    // dataflow reading the whole log from its start decides the same.
+    let live = decisions(&broker.addr, "grabflow.");
+    assert!(live.len() > before.len());
+    let _reference = dataflow(
+        &broker,
+        &[&slow[..], &["--kafka-output-prefix", "ref."]].concat(),
+    );
+    let reference = wait_decisions(&broker.addr, "ref.", live.len());
+    same_decisions(&live, &reference);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -54,7 +54,8 @@ pub trait Observer: Send + Sync + 'static {
     }
 }
 
-/// Hands every call to each observer in turn.
+/// Hands every call to each observer in turn; its saved state holds each
+/// one's.
 pub struct Fanout(pub Vec<Arc<dyn Observer>>);
 
 impl Observer for Fanout {
@@ -78,12 +79,18 @@ impl Observer for Fanout {
     }
     /// The first observer's state that is not empty: one observer (the
     /// egress view) keeps what a restart needs; the others are sinks.
+    /// Every observer's state, in their order (see [`Fanout::parts`]).
     fn save(&self, at: Time) -> Vec<u8> {
-        self.0
-            .iter()
-            .map(|o| o.save(at))
-            .find(|s| !s.is_empty())
-            .unwrap_or_default()
+        let parts: Vec<Vec<u8>> = self.0.iter().map(|o| o.save(at)).collect();
+        postcard::to_allocvec(&parts).expect("states serialize")
+    }
+}
+
+impl Fanout {
+    /// The states of a fanout's observers, in their order, from what its
+    /// [`Observer::save`] made.
+    pub fn parts(saved: &[u8]) -> Result<Vec<Vec<u8>>, postcard::Error> {
+        postcard::from_bytes(saved)
     }
 }
 

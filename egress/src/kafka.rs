@@ -3,11 +3,12 @@
 //! - [`OutputSink`] is an `Observer` of the dataflow: every decision goes to
 //!   its output topic with its global `seq`, the index to `{prefix}index`.
 //!   On start it reads the last record of every output partition, so a
-//!   restarted dataflow, which replays the log from the start, produces only
-//!   the decisions not yet delivered: no loss, no duplicate. Once a second
+//!   restarted dataflow, which replays the log from its latest checkpoint
+//!   (or the start), produces only the decisions not yet delivered: no loss,
+//!   no duplicate. Its next `seq` is part of the checkpoint. Once a second
 //!   it waits for every produced record's ack and then commits, for every
 //!   input partition, the offset where the delivered time ends (progress for
-//!   lag monitoring; a restart rebuilds state from the log's start).
+//!   lag monitoring).
 //! - [`follow`] feeds a split egress process's view from the topics: input
 //!   events, the index, and the decisions put back in `seq` order, each one
 //!   only after every input event of its time.
@@ -225,6 +226,13 @@ impl OutputSink {
         }
     }
 
+    /// Continues from a checkpoint's `saved` state (as [`Observer::save`]
+    /// made it): the decisions replayed after it get their first `seq`s.
+    pub fn restore(&self, saved: &[u8]) -> Result<(), postcard::Error> {
+        *self.next_seq.lock().expect("seq") = postcard::from_bytes(saved)?;
+        Ok(())
+    }
+
     /// Waits (up to `timeout`) for every record's ack (the committer is
     /// stopped with its thread).
     pub fn close(&self, timeout: Duration) {
@@ -301,6 +309,12 @@ impl Observer for OutputSink {
 
     fn progress(&self, time: Time) {
         self.progress.fetch_max(time, Ordering::AcqRel);
+    }
+
+    /// The next `seq`: the decisions before the checkpoint took those before.
+    fn save(&self, _at: Time) -> Vec<u8> {
+        let next = *self.next_seq.lock().expect("seq");
+        postcard::to_allocvec(&next).expect("a number serializes")
     }
 }
 

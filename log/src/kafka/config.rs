@@ -38,11 +38,14 @@ pub struct KafkaConfig {
     /// Any input partition without a record for this long gets a tick, so
     /// timers fire when nothing happens.
     pub idle_tick: Duration,
+    /// The time retention (`retention.ms`) of the input and output topics
+    /// grabflow creates (none: the broker's default).
+    pub retention: Option<Duration>,
 }
 
 impl KafkaConfig {
     /// Defaults for `brokers`: prefix `grabflow.`, 4 partitions, 1 replica,
-    /// 5 s ack timeout, 5 ms tick, 50 ms idle tick.
+    /// 5 s ack timeout, 5 ms tick, 50 ms idle tick, topics kept 7 days.
     pub fn new(brokers: &str) -> KafkaConfig {
         KafkaConfig {
             brokers: brokers.to_string(),
@@ -53,6 +56,7 @@ impl KafkaConfig {
             ack_timeout: Duration::from_secs(5),
             tick: Duration::from_millis(5),
             idle_tick: Duration::from_millis(50),
+            retention: Some(Duration::from_secs(7 * 86_400)),
         }
     }
 
@@ -137,7 +141,8 @@ pub enum KafkaError {
     Thread(std::io::Error),
 }
 
-/// Creates the topics that are missing; returns their names.
+/// Creates the topics that are missing, with the time retention of `cfg`
+/// (and the checkpoint topic, compacted); returns their names.
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Topics, KafkaError> {
     let topics = cfg.topics();
     let admin: AdminClient<DefaultClientContext> = cfg.client().create()?;
@@ -147,10 +152,22 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Topics, KafkaError> {
         .chain(topics.outputs())
         .chain([topics.index.as_str()])
         .collect();
-    let new: Vec<NewTopic> = names
+    let retention = cfg.retention.map(|r| r.as_millis().to_string());
+    let mut new: Vec<NewTopic> = names
         .iter()
-        .map(|n| NewTopic::new(n, cfg.partitions, TopicReplication::Fixed(cfg.replication)))
+        .map(|n| {
+            let topic = NewTopic::new(n, cfg.partitions, TopicReplication::Fixed(cfg.replication));
+            match &retention {
+                Some(ms) => topic.set("retention.ms", ms),
+                None => topic,
+            }
+        })
         .collect();
+    let checkpoints = super::checkpoints::topic(cfg);
+    new.push(
+        NewTopic::new(&checkpoints, 1, TopicReplication::Fixed(cfg.replication))
+            .set("cleanup.policy", "compact"),
+    );
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
     for result in admin.create_topics(&new, &opts).await? {
         match result {

@@ -13,12 +13,16 @@
 //! - [`producer`]: [`KafkaLog`], ingress's producer.
 //! - [`source`]: [`KafkaSource`], one dataflow worker's input partitions.
 //! - [`follower`]: [`Follower`], rebuilding the ledger from the topics.
+//! - [`checkpoints`]: [`KafkaCheckpoints`], the dataflow's checkpoints in a
+//!   compacted topic.
 
+pub mod checkpoints;
 pub mod config;
 pub mod follower;
 pub mod producer;
 pub mod source;
 
+pub use checkpoints::KafkaCheckpoints;
 pub use config::{
     ensure_topics, from_start, partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER,
 };

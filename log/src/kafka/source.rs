@@ -4,6 +4,10 @@
 //! time over its partitions. Partitions that hold time back get tick
 //! records (no value): soon when a newer event waits on them, rarely
 //! otherwise.
+//!
+//! For checkpoints, each partition remembers where each recent log time
+//! starts ([`Source::resume_at`]), and a source can start from the offsets a
+//! checkpoint holds ([`KafkaSources::resuming`]) instead of the beginning.
 
 use super::config::{partitions, KafkaConfig, KafkaError};
 use crate::now_ms;
@@ -15,7 +19,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,6 +33,19 @@ struct Part {
     time: Time,
     /// The time of the last tick sent into it (it may not be back yet).
     sent: Time,
+    /// The first offset of each recent time read (for a checkpoint).
+    firsts: VecDeque<(Time, i64)>,
+    /// The offset after the last record read (where it started, before any).
+    next: i64,
+}
+
+/// How much log time a partition remembers the first offsets of.
+const FIRSTS_KEPT: Time = 120_000;
+
+/// The resume position of a checkpoint: an input partition's number,
+/// `topic << 32 | partition` (topics by their place in `Topics::inputs`).
+pub fn position_key(topic: usize, partition: i32) -> u64 {
+    ((topic as u64) << 32) | partition as u32 as u64
 }
 
 /// One timely worker's input partitions (`(topic, partition)` number
@@ -55,6 +72,9 @@ pub struct KafkaSources {
     counts: Vec<i32>,
     ticker: Arc<ThreadedProducer<DefaultProducerContext>>,
     newest: Arc<AtomicU64>,
+    /// Where each input partition resumes (by [`position_key`]), from a
+    /// checkpoint; the others start at their beginning.
+    resume: HashMap<u64, i64>,
     /// Set to end every source (shutdown).
     pub stop: Stop,
 }
@@ -83,11 +103,20 @@ impl KafkaSources {
             counts,
             ticker: Arc::new(ticker),
             newest: Arc::default(),
+            resume: HashMap::new(),
             stop: Stop::default(),
         })
     }
 
-    /// Worker `me` of `peers`'s source, reading its partitions from the start.
+    /// Starts every input partition named in `positions` (a checkpoint's
+    /// `(position_key, offset)` pairs) at its offset instead of its beginning.
+    pub fn resuming(mut self, positions: &[(u64, u64)]) -> KafkaSources {
+        self.resume = positions.iter().map(|&(k, o)| (k, o as i64)).collect();
+        self
+    }
+
+    /// Worker `me` of `peers`'s source, reading its partitions from the start
+    /// (or where a checkpoint resumes them).
     pub fn source(&self, me: usize, peers: usize) -> Result<KafkaSource, KafkaError> {
         let topics = self.cfg.topics();
         let consumer: BaseConsumer = self
@@ -100,13 +129,17 @@ impl KafkaSources {
         for (t, name) in topics.inputs().iter().enumerate() {
             for p in 0..self.counts[t] {
                 if n % peers == me {
-                    tpl.add_partition_offset(name, p, Offset::Beginning)?;
+                    let from = self.resume.get(&position_key(t, p)).copied();
+                    let offset = from.map_or(Offset::Beginning, Offset::Offset);
+                    tpl.add_partition_offset(name, p, offset)?;
                     parts.push(Part {
                         topic: t,
                         name: name.to_string(),
                         partition: p,
                         time: 0,
                         sent: 0,
+                        firsts: VecDeque::new(),
+                        next: from.unwrap_or(0),
                     });
                 }
                 n += 1;
@@ -199,6 +232,10 @@ impl Source for KafkaSource {
             let part = &mut self.parts[i];
             let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as Time;
             part.time = part.time.max(ts);
+            if part.firsts.back().is_none_or(|(t, _)| *t < part.time) {
+                part.firsts.push_back((part.time, m.offset()));
+            }
+            part.next = m.offset() + 1;
             if let Some(value) = m.payload() {
                 match InputRecord::decode(value, part.topic, part.partition, m.offset(), part.time)
                 {
@@ -216,6 +253,27 @@ impl Source for KafkaSource {
             }
         }
         self.tick_idle();
-        self.parts.iter().map(|p| p.time).min()
+        let frontier = self.parts.iter().map(|p| p.time).min();
+        // A checkpoint's time is at most a moment behind the frontier.
+        let keep_from = frontier.unwrap_or(0).saturating_sub(FIRSTS_KEPT);
+        for p in &mut self.parts {
+            while p.firsts.front().is_some_and(|(t, _)| *t < keep_from) {
+                p.firsts.pop_front();
+            }
+        }
+        frontier
+    }
+
+    /// Per partition, the offset of its first record at or after `at`, or
+    /// the next to come if none has come yet.
+    fn resume_at(&self, at: Time) -> Vec<(u64, u64)> {
+        self.parts
+            .iter()
+            .map(|p| {
+                let first = p.firsts.iter().find(|(t, _)| *t >= at);
+                let offset = first.map_or(p.next, |(_, o)| *o);
+                (position_key(p.topic, p.partition), offset.max(0) as u64)
+            })
+            .collect()
     }
 }
