@@ -100,6 +100,7 @@ impl SimArgs {
             start_hour,
             minutes: self.minutes,
             progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+            tag: String::new(),
         })
     }
 }

@@ -250,8 +250,7 @@ struct Saved {
     counters: Counters,
 }
 
-/// The last checkpoint written and this start's, for the metrics
-/// (embedded log).
+/// The last checkpoint written and this start's, for the metrics.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct CheckpointFigures {
     /// The last checkpoint's log time (0: none yet).

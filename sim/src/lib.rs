@@ -59,6 +59,9 @@ pub struct SimConfig {
     pub minutes: f64,
     /// Draw a progress bar.
     pub progress: bool,
+    /// Put in the order ids (`sim{tag}-o{n}`), so that runs against the
+    /// same server place different orders.
+    pub tag: String,
 }
 
 /// Errors that stop a simulation.
@@ -376,7 +379,7 @@ async fn orders(world: Arc<World>, seed: u64) {
         let dropoff = city::dropoff(&mut rng, merchant);
         let promised_sim_min = rng.random_range(25.0..45.0);
         let promised = ((promised_sim_min / world.cfg.speed).round() as u32).max(1);
-        let order = format!("sim-o{n}");
+        let order = format!("sim{}-o{n}", world.cfg.tag);
         let body = json!({"order_id": order, "merchant_id": format!("sim-m{m}"),
             "dropoff": {"lat": dropoff.lat(), "lon": dropoff.lon()}, "promised_minutes": promised});
         let placed_at = Instant::now();
