@@ -118,3 +118,124 @@ async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() 
     assert!(!missing.contains(&"O99".to_string()));
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A small tmpfs mounted for a test, unmounted when dropped.
+struct Volume(std::path::PathBuf);
+
+impl Volume {
+    /// A tmpfs of `mib` MiB, if this process may mount one (root).
+    fn mount(mib: u32) -> Option<Volume> {
+        let dir = temp_dir();
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
+            .arg(&dir)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then_some(Volume(dir))
+    }
+}
+
+impl Drop for Volume {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `PUT /v1/merchants/{id}`: its status and, when acked, its log offset.
+async fn put_merchant(s: &Server, app: &str, id: &str) -> (u16, Option<u64>) {
+    let body = serde_json::json!({"lat": 31.23, "lon": 121.47});
+    let (status, v) = s
+        .call("PUT", &format!("/v1/merchants/{id}"), app, Some(body))
+        .await;
+    (status, v["offset"].as_u64())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_answers_503_and_leaves_no_gap_in_the_offsets() {
+    let Some(volume) = Volume::mount(16) else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let dir = volume.0.join("data");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Another file takes most of the volume: the log soon has no room.
+    let filler = volume.0.join("filler");
+    std::fs::write(&filler, vec![1u8; 12 << 20]).unwrap();
+    let mut s = Server::start(&dir, &["--checkpoint-interval", "0"]);
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    // Batches of pings until the disk refuses one.
+    let batch: Vec<serde_json::Value> = (0..2000)
+        .map(|i| serde_json::json!({"rider_id": format!("R{i}"), "lat": 31.23, "lon": 121.47}))
+        .collect();
+    let mut refused = false;
+    for _ in 0..1000 {
+        let (status, _) = s
+            .call(
+                "POST",
+                "/v1/locations:batch",
+                &app,
+                Some(batch.clone().into()),
+            )
+            .await;
+        if status == 503 {
+            refused = true;
+            break;
+        }
+        assert_eq!(status, 202);
+    }
+    assert!(refused, "the disk never filled up");
+    // Single events, one at a time, until the disk refuses them too.
+    let mut acked = Vec::new();
+    let mut refusals = 0;
+    for n in 0..100_000 {
+        match put_merchant(&s, &app, &format!("M{n}")).await {
+            (202, Some(offset)) => acked.push(offset),
+            (503, _) => {
+                refusals += 1;
+                if refusals == 20 {
+                    break;
+                }
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(refusals, 20, "the disk never refused a single event");
+    // Room again: appends are taken again, at the next offset.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut taken = 0;
+    let mut n = 1_000_000;
+    while taken < 20 {
+        n += 1;
+        match put_merchant(&s, &app, &format!("M{n}")).await {
+            (202, Some(offset)) => {
+                acked.push(offset);
+                taken += 1;
+            }
+            (503, _) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            other => panic!("not taken again once there was room: {other:?}"),
+        }
+    }
+    assert!(
+        acked.windows(2).all(|w| w[1] == w[0] + 1),
+        "the offsets of acked events have gaps: {acked:?}"
+    );
+    // A restart goes on at the next offset: nothing acked was lost, and
+    // nothing refused was kept.
+    assert!(Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let status = exit_within(&mut s.child, Duration::from_secs(20)).expect("stops on SIGTERM");
+    assert!(status.success(), "{status}");
+    let s = Server::start(&dir, &["--checkpoint-interval", "0"]);
+    s.wait_ready().await;
+    let (status, offset) = put_merchant(&s, &app, "after-restart").await;
+    assert_eq!((status, offset), (202, Some(acked.last().unwrap() + 1)));
+}
