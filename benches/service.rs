@@ -9,6 +9,10 @@
 //!   beside the floor under them: the log's own commit (one direct,
 //!   data-synchronous append) timed alone on the same disk, before and after.
 //!
+//! - a flood: batched pings from many clients as fast as they go, against
+//!   the default `--max-backlog`: pings acked, batches held back with 503,
+//!   the server's peak RSS and the dataflow's largest lag.
+//!
 //! The load generator shares the machine's cores with the server.
 //! `BENCH_SECS` sets each phase's length (default 5); `BENCH_CONSOLES=N`
 //! keeps N ops consoles on `/v1/ops/stream` during the latency phase.
@@ -469,6 +473,84 @@ fn main() {
     if part("restart") {
         restart_phase(&rt);
     }
+    if part("flood") {
+        flood_phase(&rt);
+    }
+}
+
+/// A flood of batched pings against the default backlog bound: what is
+/// acked, what is held back, and what it costs in memory and lag.
+fn flood_phase(rt: &tokio::runtime::Runtime) {
+    let secs = secs().max(10);
+    let (acked, held, peak, lag) = with_server(rt, &[], async |url, dir, pid| {
+        let app = token(dir, "app", None);
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        let mut clients = Vec::new();
+        for c in 0..8u64 {
+            let (url, app) = (url.to_string(), app.clone());
+            clients.push(tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let (mut acked, mut held) = (0u64, 0u64);
+                let mut n = c;
+                while Instant::now() < deadline {
+                    let items: Vec<Value> = (0..1000u64)
+                        .map(|i| {
+                            n = n
+                                .wrapping_mul(6364136223846793005)
+                                .wrapping_add(1442695040888963407 + i);
+                            let north = (n >> 33) as f64 / (1u64 << 31) as f64 - 0.5;
+                            json!({"rider_id": format!("R{}", n % 50_000), "lat": 31.23 + north * 0.2, "lon": 121.47})
+                        })
+                        .collect();
+                    match http
+                        .post(format!("{url}/v1/locations:batch"))
+                        .bearer_auth(&app)
+                        .json(&items)
+                        .send()
+                        .await
+                        .map(|r| r.status().as_u16())
+                    {
+                        Ok(202) => acked += 1000,
+                        Ok(503) => held += 1,
+                        _ => {}
+                    }
+                }
+                (acked, held)
+            }));
+        }
+        // The dataflow's lag behind the log, sampled while the flood runs.
+        let ops = token(dir, "ops", None);
+        let http = reqwest::Client::new();
+        let mut lag = 0u64;
+        while Instant::now() < deadline {
+            if let Ok(r) = http
+                .get(format!("{url}/v1/ops/metrics"))
+                .bearer_auth(&ops)
+                .send()
+                .await
+            {
+                let m: Value = r.json().await.unwrap_or_default();
+                lag = lag.max(m["dataflow"]["lag_ms"].as_u64().unwrap_or(0));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (mut acked, mut held) = (0, 0);
+        for c in clients {
+            let (a, h) = c.await.unwrap();
+            acked += a;
+            held += h;
+        }
+        (acked, held, rss_mib(pid).0, lag)
+    });
+    println!("\nflood: 8 clients posting 1000-ping batches for {secs} s, default --max-backlog:");
+    println!(
+        "| pings acked | per second | batches answered 503 | peak RSS | largest dataflow lag |"
+    );
+    println!("|---:|---:|---:|---:|---:|");
+    println!(
+        "| {acked} | {:.0} | {held} | {peak:.0} MiB | {lag} ms |",
+        acked as f64 / secs as f64
+    );
 }
 
 /// Pings put in the log before the restarts (`BENCH_RESTART_PINGS`,
