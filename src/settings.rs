@@ -139,6 +139,17 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kafka_replication: Option<i32>,
+    /// A librdkafka setting for every Kafka client, KEY=VALUE, applied after
+    /// grabflow's own (repeatable; in the TOML file a list or a table, in
+    /// GRABFLOW_KAFKA_OPTIONS comma-separated). Settings that would break
+    /// grabflow's guarantees are refused.
+    #[arg(long = "kafka-option", value_name = "KEY=VALUE")]
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "kafka_options"
+    )]
+    pub kafka_options: Option<Vec<String>>,
     /// Time retention (retention.ms) of the topics grabflow creates; 0 the
     /// broker's default [default: 7d].
     #[arg(long)]
@@ -209,6 +220,7 @@ const NAMES: &[&str] = &[
     "kafka_partitions",
     "kafka_replication",
     "kafka_retention",
+    "kafka_options",
     "kafka_tick",
     "kafka_ack_timeout",
     "redis",
@@ -252,6 +264,7 @@ impl Settings {
             kafka_partitions: Some(k.partitions),
             kafka_replication: Some(k.replication),
             kafka_retention: k.retention.map(Dur),
+            kafka_options: None,
             kafka_tick: Some(Dur(k.tick)),
             kafka_ack_timeout: Some(Dur(k.ack_timeout)),
             redis: None,
@@ -290,6 +303,62 @@ impl Settings {
     /// The layered settings, checked and turned into what the parts take.
     pub fn plan(self) -> anyhow::Result<Plan> {
         Plan::new(self.layered()?)
+    }
+}
+
+/// `kafka_options` from the TOML file or the environment: a list of
+/// `KEY=VALUE`, a table of them, or one string of them comma-separated.
+fn kafka_options<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<String>>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        List(Vec<String>),
+        Table(std::collections::BTreeMap<String, toml_value::Scalar>),
+        Text(String),
+    }
+    Ok(Some(match Raw::deserialize(d)? {
+        Raw::List(list) => list,
+        Raw::Table(table) => table
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", v.text()))
+            .collect(),
+        Raw::Text(text) => text
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
+    }))
+}
+
+/// A TOML table's values, as librdkafka takes them (strings).
+mod toml_value {
+    use serde::Deserialize;
+
+    /// A string, number or boolean.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    pub enum Scalar {
+        /// `"all"`.
+        Text(String),
+        /// `5`.
+        Int(i64),
+        /// `0.5`.
+        Float(f64),
+        /// `true`.
+        Bool(bool),
+    }
+
+    impl Scalar {
+        /// As text.
+        pub fn text(&self) -> String {
+            match self {
+                Scalar::Text(s) => s.clone(),
+                Scalar::Int(n) => n.to_string(),
+                Scalar::Float(x) => x.to_string(),
+                Scalar::Bool(b) => b.to_string(),
+            }
+        }
     }
 }
 
@@ -428,6 +497,8 @@ impl Plan {
                     Some(Dur(r)) if !r.is_zero() => Some(r),
                     _ => None,
                 };
+                let options = s.kafka_options.iter().flatten().map(String::as_str);
+                let mut k = k.options(options)?;
                 k.idle_tick = ticks.idle;
                 k.ack_timeout = s.kafka_ack_timeout.map_or(k.ack_timeout, |t| t.0);
                 if k.partitions < 1 || k.replication < 1 || k.tick.is_zero() {
@@ -573,6 +644,62 @@ mod tests {
         .plan()
         .unwrap_err();
         assert_eq!(e.to_string(), "--tick must be positive");
+    }
+
+    #[test]
+    fn kafka_options_come_from_flags_or_the_file_and_guarantee_breakers_are_refused() {
+        let dir = std::env::temp_dir().join(format!("grabflow-kafkaopt-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let plan = |file: &str, flags: &[&str]| {
+            let path = dir.join("grabflow.toml");
+            std::fs::write(&path, file).unwrap();
+            Settings {
+                config: Some(path),
+                kafka: Some("127.0.0.1:9092".into()),
+                kafka_options: (!flags.is_empty())
+                    .then(|| flags.iter().map(|f| f.to_string()).collect()),
+                ..Settings::default()
+            }
+            .plan()
+        };
+        let options = |p: anyhow::Result<Plan>| p.unwrap().kafka.unwrap().options;
+        let pair = |k: &str, v: &str| (k.to_string(), v.to_string());
+        assert_eq!(
+            options(plan(
+                "kafka_options = [\"client.id=gf\", \"linger.ms=5\"]\n",
+                &[]
+            )),
+            [pair("client.id", "gf"), pair("linger.ms", "5")]
+        );
+        assert_eq!(
+            options(plan(
+                "[kafka_options]\n\"security.protocol\" = \"SASL_SSL\"\n\"linger.ms\" = 5\n",
+                &[]
+            )),
+            [
+                pair("linger.ms", "5"),
+                pair("security.protocol", "SASL_SSL")
+            ]
+        );
+        assert_eq!(
+            options(plan("", &["sasl.mechanism=SCRAM-SHA-512", "acks=all"])),
+            [pair("sasl.mechanism", "SCRAM-SHA-512"), pair("acks", "all")]
+        );
+        for (bad, why) in [
+            ("acks=1", "acks stays all"),
+            ("enable.idempotence=false", "idempotence stays on"),
+            ("enable.auto.commit=true", "commits offsets itself"),
+            ("group.id=mine", "names its consumer groups"),
+            ("bootstrap.servers=x:1", "--kafka"),
+            ("linger.ms", "KEY=VALUE"),
+        ] {
+            let e = plan("", &[bad]).unwrap_err().to_string();
+            assert!(
+                e.contains(why) && e.contains("--kafka-option"),
+                "{bad}: {e}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -1055,3 +1055,59 @@ async fn a_dataflow_on_a_fresh_machine_resumes_from_the_checkpoint_kept_in_the_c
     same_decisions(&live, &reference);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Runs `grabflow dataflow` with `args` until it exits: success, stderr.
+fn dataflow_exit(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_grabflow"))
+        .arg("dataflow")
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .output()
+        .expect("the binary runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_options_reach_librdkafka_and_guarantee_breakers_are_refused() {
+    let broker = Broker::start();
+    // An option librdkafka does not know stops the start, in its words:
+    // the setting reached it.
+    let (ok, stderr) = dataflow_exit(&kafka_args(
+        &broker,
+        &["--kafka-option", "no.such.setting=1"],
+    ));
+    assert!(!ok && stderr.contains("no.such.setting"), "{stderr}");
+    // One that would break exactly-once is refused before any client.
+    let (ok, stderr) = dataflow_exit(&kafka_args(&broker, &["--kafka-option", "acks=1"]));
+    assert!(!ok && stderr.contains("acks stays all"), "{stderr}");
+    // Good options (also from the environment) and the service works.
+    let dir = temp_dir();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_grabflow"));
+    cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .args(kafka_args(
+            &broker,
+            &["--kafka-option", "client.id=grabflow-test"],
+        ))
+        .env(
+            "GRABFLOW_KAFKA_OPTIONS",
+            "linger.ms=2, socket.keepalive.enable=true",
+        );
+    let s = Server::from_command(cmd, &dir);
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let (status, _) = s
+        .call(
+            "PUT",
+            "/v1/merchants/M1",
+            &app,
+            Some(json!({"lat": 31.23, "lon": 121.47})),
+        )
+        .await;
+    assert_eq!(status, 202);
+    let _ = std::fs::remove_dir_all(&dir);
+}

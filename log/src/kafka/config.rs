@@ -41,6 +41,61 @@ pub struct KafkaConfig {
     /// The time retention (`retention.ms`) of the input and output topics
     /// grabflow creates (none: the broker's default).
     pub retention: Option<Duration>,
+    /// librdkafka settings given by the user (`--kafka-option`), applied to
+    /// every client after grabflow's own (see [`KafkaConfig::options`]).
+    #[serde(default)]
+    pub options: Vec<(String, String)>,
+}
+
+/// A librdkafka setting grabflow refuses, and why.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("--kafka-option {key}={value}: {why}")]
+pub struct RefusedOption {
+    /// The setting.
+    pub key: String,
+    /// Its value.
+    pub value: String,
+    /// What it would break.
+    pub why: &'static str,
+}
+
+/// A client's settings: grabflow's, then the user's options on top, which
+/// [`ClientSettings::create`] applies last.
+#[derive(Clone)]
+pub struct ClientSettings {
+    config: ClientConfig,
+    options: Vec<(String, String)>,
+}
+
+impl ClientSettings {
+    /// Sets `key` to `value` (under the user's options).
+    pub fn set(&mut self, key: &str, value: impl Into<String>) -> &mut ClientSettings {
+        self.config.set(key, value);
+        self
+    }
+
+    /// The settings as librdkafka gets them: grabflow's, then the user's.
+    pub fn config(&self) -> ClientConfig {
+        let mut c = self.config.clone();
+        for (k, v) in &self.options {
+            c.set(k, v);
+        }
+        c
+    }
+
+    /// Creates the client.
+    pub fn create<T: rdkafka::config::FromClientConfig>(&self) -> rdkafka::error::KafkaResult<T> {
+        self.config().create()
+    }
+
+    /// Creates the client with `context`.
+    pub fn create_with_context<C, T>(&self, context: C) -> rdkafka::error::KafkaResult<T>
+    where
+        C: rdkafka::ClientContext,
+        T: rdkafka::config::FromClientConfigAndContext<C>,
+    {
+        self.config().create_with_context(context)
+    }
 }
 
 impl KafkaConfig {
@@ -57,7 +112,53 @@ impl KafkaConfig {
             tick: Duration::from_millis(5),
             idle_tick: Duration::from_millis(50),
             retention: Some(Duration::from_secs(7 * 86_400)),
+            options: Vec::new(),
         }
+    }
+
+    /// Checks the user's librdkafka settings (`KEY=VALUE` each) and keeps
+    /// them, to be applied to every client after grabflow's own. Refused:
+    /// what would break grabflow's guarantees or its own wiring —
+    /// `enable.idempotence=false` and `acks` other than `all` (an ack must
+    /// mean every in-sync replica has the record, once), `enable.auto.commit`
+    /// (grabflow commits after delivery), `bootstrap.servers` (that is
+    /// `--kafka`) and `group.id` (grabflow names its groups).
+    pub fn options<'a>(
+        mut self,
+        options: impl IntoIterator<Item = &'a str>,
+    ) -> Result<KafkaConfig, RefusedOption> {
+        for option in options {
+            let (key, value) = option.split_once('=').unwrap_or((option, ""));
+            let (key, value) = (key.trim().to_string(), value.trim().to_string());
+            let refuse = |why| RefusedOption {
+                key: key.clone(),
+                value: value.clone(),
+                why,
+            };
+            let why = match key.as_str() {
+                "" => Some("not KEY=VALUE"),
+                _ if !option.contains('=') => Some("not KEY=VALUE"),
+                "bootstrap.servers" | "metadata.broker.list" => {
+                    Some("the brokers are set with --kafka")
+                }
+                "group.id" => Some("grabflow names its consumer groups itself"),
+                "enable.idempotence" if value != "true" => {
+                    Some("appends must be written exactly once: idempotence stays on")
+                }
+                "acks" | "request.required.acks" if value != "all" && value != "-1" => {
+                    Some("an ack must mean every in-sync replica has the record: acks stays all")
+                }
+                "enable.auto.commit" if value != "false" => {
+                    Some("grabflow commits offsets itself, after delivery")
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Err(refuse(why));
+            }
+            self.options.push((key, value));
+        }
+        Ok(self)
     }
 
     /// The topic names.
@@ -71,17 +172,20 @@ impl KafkaConfig {
     }
 
     /// A client configuration for these brokers.
-    pub fn client(&self) -> ClientConfig {
+    pub fn client(&self) -> ClientSettings {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             // librdkafka's own logs go through its context to `log`; keep
             // them to errors (a stopped broker is reported by our errors).
             .set("log_level", "3");
-        c
+        ClientSettings {
+            config: c,
+            options: self.options.clone(),
+        }
     }
 
     /// Producer settings shared by every grabflow producer.
-    pub fn producer(&self) -> ClientConfig {
+    pub fn producer(&self) -> ClientSettings {
         let mut c = self.client();
         // No duplicates and no reordering on retries: exactly one copy of each
         // acknowledged record, in order per partition.
@@ -103,7 +207,7 @@ impl KafkaConfig {
     }
 
     /// Consumer settings for reading topics by assignment (no group rebalance).
-    pub fn consumer(&self, group: &str) -> ClientConfig {
+    pub fn consumer(&self, group: &str) -> ClientSettings {
         let mut c = self.client();
         // Commits (of the dataflow) go to this group; nothing else uses it.
         c.set("group.id", group)
@@ -220,5 +324,42 @@ pub fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32, KafkaErro
             return Err(KafkaError::NoPartitions(topic.to_string()));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rdkafka::producer::BaseProducer;
+
+    #[test]
+    fn a_managed_clusters_tls_and_sasl_settings_are_taken() {
+        // No broker is needed to create a client: librdkafka checks the
+        // settings then, and refuses SASL_SSL when built without TLS.
+        let cfg = KafkaConfig::new("broker.example:9093")
+            .options([
+                "security.protocol=SASL_SSL",
+                "sasl.mechanism=SCRAM-SHA-512",
+                "sasl.username=grabflow",
+                "sasl.password=secret",
+                "ssl.endpoint.identification.algorithm=https",
+                "compression.type=lz4",
+            ])
+            .unwrap();
+        let producer: Result<BaseProducer, _> = cfg.producer().create();
+        assert!(producer.is_ok(), "{:?}", producer.err());
+        let consumer: Result<BaseConsumer, _> = cfg.consumer("g").create();
+        assert!(consumer.is_ok(), "{:?}", consumer.err());
+        // And an unknown setting is librdkafka's error, naming it.
+        let bad = KafkaConfig::new("b:1")
+            .options(["no.such.setting=1"])
+            .unwrap();
+        let e = bad
+            .client()
+            .create::<BaseConsumer>()
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("no.such.setting"), "{e}");
     }
 }
