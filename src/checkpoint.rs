@@ -62,6 +62,8 @@ fn decode(body: &[u8], cfg: &DispatchConfig) -> Result<Loaded, String> {
     if c.dataflow.observer.is_empty() {
         return Err("it holds no state of the egress view".into());
     }
+    grabflow_egress::view::Egress::decodes(&c.dataflow.observer)
+        .map_err(|e| format!("the egress view does not decode: {e}"))?;
     let ledger = postcard::from_bytes(&c.ledger).map_err(|e| format!("ledger: {e}"))?;
     // Every part decodes (the workers restore them without checking).
     let all = |_: &grabflow_api::Id| true;

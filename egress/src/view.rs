@@ -433,6 +433,12 @@ impl Egress {
         Ok(())
     }
 
+    /// Whether a checkpoint's `saved` view decodes (one of another
+    /// version's layout does not: that checkpoint is skipped).
+    pub fn decodes(saved: &[u8]) -> Result<(), postcard::Error> {
+        postcard::from_bytes::<Saved>(saved).map(drop)
+    }
+
     /// Where the checkpoint figures are kept (for the metrics).
     pub fn set_checkpoints(&self, figures: Option<SharedFigures>) {
         *self.checkpoints.lock().expect("checkpoints") = figures;
