@@ -94,10 +94,10 @@ pub enum RiderMessage<'a> {
         order_id: &'a Id,
     },
     /// Sent first to a client resuming from a seq the stream no longer
-    /// keeps (older than the stream retention, or beyond the last
-    /// [`STREAM_KEEP`] messages): messages before `first_seq` after the
-    /// client's seq are gone. The messages from `first_seq` on follow. Over
-    /// SSE its `id` is `first_seq - 1`.
+    /// keeps (older than `--stream-retention`, or beyond the last 2000
+    /// messages, or of a stream that has started over): the messages after
+    /// the client's seq and before `first_seq` are gone. The messages from
+    /// `first_seq` on follow. Over SSE its `id` is `first_seq - 1`.
     Gap {
         /// The first seq the client can still have.
         first_seq: u64,
