@@ -54,7 +54,7 @@ pub enum HistoryError {
         /// The file.
         path: String,
         /// What redb said.
-        source: redb::Error,
+        source: Box<redb::Error>,
     },
     /// A record on disk does not decode (written by another version).
     #[error("history store: a record does not decode: {0}")]
@@ -114,7 +114,7 @@ impl History {
         let path = dir.join(FILE);
         let err = |e: redb::Error| HistoryError::Store {
             path: path.display().to_string(),
-            source: e,
+            source: Box::new(e),
         };
         let db = Database::create(&path).map_err(|e| err(e.into()))?;
         // The tables exist from the start: readers never find them missing.
@@ -225,7 +225,7 @@ impl History {
     fn read(&self, id: &Id) -> Result<Option<Record>, HistoryError> {
         let err = |e: redb::Error| HistoryError::Store {
             path: FILE.into(),
-            source: e,
+            source: Box::new(e),
         };
         let txn = self.db.begin_read().map_err(|e| err(e.into()))?;
         let table = txn.open_table(ORDERS).map_err(|e| err(e.into()))?;
@@ -293,6 +293,8 @@ impl Writer {
     }
 
     /// Writes `puts` and applies expiry up to `sweep`, in one transaction.
+    // redb's own error, on the writer thread only: logged, never carried.
+    #[allow(clippy::result_large_err)]
     fn commit(&self, puts: &[(Id, Arc<Record>)], sweep: Option<Time>) -> Result<(), redb::Error> {
         let txn = self.db.begin_write()?;
         {
@@ -331,6 +333,7 @@ impl Writer {
 
     /// Applies expiry from log time `from` to `now`: orders closed a
     /// retention ago become tombstones, tombstones two retentions old go.
+    #[allow(clippy::result_large_err)]
     fn expire(
         &self,
         orders: &mut redb::Table<&str, &[u8]>,

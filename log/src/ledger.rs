@@ -480,7 +480,10 @@ mod tests {
         ];
         for (offset, (key, event, at)) in log.into_iter().enumerate() {
             let offset = offset as u64;
-            if let Admission::Fresh(claim) = appending.admit(key, &[event.clone()], at).unwrap() {
+            if let Admission::Fresh(claim) = appending
+                .admit(key, std::slice::from_ref(&event), at)
+                .unwrap()
+            {
                 let answer = Appended::One {
                     event_id: event.0.clone(),
                     offset,
