@@ -626,6 +626,71 @@ mod tests {
     }
 
     #[test]
+    fn retentions_have_defaults_read_the_file_and_flags_and_are_checked() {
+        let plan = Settings::default().plan().unwrap();
+        assert_eq!(
+            plan.retention,
+            Retention {
+                history_ms: 7 * 86_400_000,
+                idempotency_ms: 86_400_000,
+                stream_ms: 3_600_000,
+            }
+        );
+        let dir = std::env::temp_dir().join(format!("grabflow-retention-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("grabflow.toml");
+        std::fs::write(
+            &file,
+            "history_retention = \"2d\"\nidempotency_window = \"10m\"\n",
+        )
+        .unwrap();
+        let plan = Settings {
+            config: Some(file.clone()),
+            stream_retention: Some("90s".parse().unwrap()),
+            ..Settings::default()
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.retention.history_ms, 2 * 86_400_000, "the file");
+        assert_eq!(plan.retention.idempotency_ms, 600_000, "the file");
+        assert_eq!(plan.retention.stream_ms, 90_000, "the flag");
+        assert_eq!(
+            plan.ledger_windows(),
+            grabflow_log::ledger::Windows {
+                keys: 600_000,
+                known: 2 * 86_400_000
+            }
+        );
+        let refused = |s: Settings| s.plan().unwrap_err().to_string();
+        let zero = Some("0s".parse().unwrap());
+        for s in [
+            Settings {
+                history_retention: zero,
+                ..Settings::default()
+            },
+            Settings {
+                idempotency_window: zero,
+                ..Settings::default()
+            },
+            Settings {
+                stream_retention: zero,
+                ..Settings::default()
+            },
+        ] {
+            assert!(refused(s).contains("must be positive"));
+        }
+        let short = Settings {
+            history_retention: Some("30m".parse().unwrap()),
+            ..Settings::default()
+        };
+        assert_eq!(
+            refused(short),
+            "--history-retention must be at least --order-retention"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn durations_read_with_units_or_as_milliseconds() {
         let d = |s: &str| s.parse::<Dur>().map(|d| d.0);
         assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));

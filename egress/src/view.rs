@@ -515,9 +515,17 @@ impl Egress {
             return Ok(Lookup::Found(o.clone()));
         }
         match &self.retention.history {
-            Some(h) => h.lookup(id, self.progress.load(Ordering::Acquire)),
+            Some(h) => h.lookup(id, self.log_time()),
             None => Ok(Lookup::Unknown),
         }
+    }
+
+    /// The log time retention is judged at: the dataflow's progress, and
+    /// while replaying no earlier than the end of the replayed log (what
+    /// had expired before the restart stays expired).
+    fn log_time(&self) -> Time {
+        let progress = self.progress.load(Ordering::Acquire);
+        progress.max(self.replay_until.load(Ordering::Acquire))
     }
 
     /// Rider streams in the table and the messages they keep.
@@ -578,7 +586,7 @@ impl Egress {
     /// miss nothing, a caller enables its wait on [`Egress::notifier`]
     /// before calling.
     pub fn messages_after(&self, rider: &Id, after: u64) -> Resume {
-        let now = self.progress.load(Ordering::Acquire);
+        let now = self.log_time();
         let v = self.view.read().expect("view");
         let Some(s) = v.streams.get(rider) else {
             return Resume::default();
@@ -592,7 +600,7 @@ impl Egress {
         let gap = match first {
             _ if after == 0 => None,
             Some(first) if after + 1 < first || after > last => Some(first),
-            None if last > 0 && after < last => Some(last + 1),
+            None if last > 0 && after != last => Some(last + 1),
             _ => None,
         };
         let messages = kept
