@@ -1135,6 +1135,86 @@ mod tests {
         assert_eq!(seqs(&replayed.messages_after(&r1, 0)), vec![5_000]);
     }
 
+    /// What a client can see of `e`: orders, streams from every seq, sizes
+    /// and counters.
+    fn seen(e: &Egress, orders: &[&str], after: &[u64]) -> String {
+        let mut out = Vec::new();
+        for o in orders {
+            out.push(match e.lookup(&id(o)).unwrap() {
+                Lookup::Found(o) => serde_json::to_string(&o).unwrap(),
+                other => format!("{other:?}"),
+            });
+        }
+        for a in after {
+            let r = e.messages_after(&id("r1"), *a);
+            out.push(format!("{:?} {:?}", r.gap, r.messages));
+        }
+        let c = e.counters();
+        out.push(format!(
+            "{:?} {:?} {} {}",
+            e.sizes(),
+            c.orders_by_state,
+            c.orders_archived,
+            serde_json::to_string(&c.decisions).unwrap()
+        ));
+        out.join("\n")
+    }
+
+    #[test]
+    fn a_restore_and_the_decisions_after_it_see_what_an_unstopped_run_sees() {
+        let step = |order: &str, to, reason, from| Output::Transition {
+            order: id(order),
+            merchant: id("m1"),
+            from,
+            to,
+            reason,
+            rider: None,
+            event: None,
+        };
+        let placed = |o: &str| step(o, OrderState::Created, TransitionReason::Placed, None);
+        let closed = |o: &str| {
+            let from = Some(OrderState::Created);
+            step(o, OrderState::Closed, TransitionReason::Cancelled, from)
+        };
+        let before = vec![
+            (1_000, placed("o1")),
+            (1_000, offer("o1")),
+            (1_200, placed("o2")),
+            (1_500, closed("o1")),
+            (1_600, offer("o2")),
+        ];
+        let after = vec![
+            (2_500, closed("o2")),
+            (2_600, offer("o3")),
+            (4_000, placed("o4")),
+            (4_200, offer("o4")),
+        ];
+        let orders = ["o1", "o2", "o4"];
+        let seqs = [0, 999, 1_000, 1_001, 2_599, 4_199, 9_999];
+        // One run, checkpointed at 2 000 and going on.
+        let unstopped = view(1_500, None);
+        unstopped.decisions(before.clone());
+        Observer::progress(&*unstopped, 1_800);
+        let saved = unstopped.save(2_000);
+        Observer::progress(&*unstopped, 2_000);
+        unstopped.decisions(after.clone());
+        for t in [3_000, 3_600, 4_300] {
+            Observer::progress(&*unstopped, t);
+        }
+        // Another restored from the checkpoint, given what followed it in
+        // one go (as a replay does).
+        let restored = view(1_500, None);
+        restored.restore(&saved).unwrap();
+        restored.decisions(after);
+        Observer::progress(&*restored, 4_300);
+        assert_eq!(
+            seen(&restored, &orders, &seqs),
+            seen(&unstopped, &orders, &seqs)
+        );
+        // Both have let o1 go (closed at 1 500, order retention 2 s).
+        assert_eq!(unstopped.counters().orders_archived, 1);
+    }
+
     #[test]
     fn a_closed_order_leaves_the_view_for_the_history_store() {
         let dir = std::env::temp_dir().join(format!("grabflow-view-{}", std::process::id()));
