@@ -83,7 +83,7 @@ pub enum Lookup {
 
 /// One piece of work for the store's thread.
 enum Job {
-    /// Write these records (log time `now` for expiry).
+    /// Write these records.
     Put(Vec<(Id, Arc<Record>)>),
     /// Apply expiry up to log time `now`.
     Sweep(Time),

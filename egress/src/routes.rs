@@ -293,6 +293,7 @@ pub async fn prometheus(
     ops(&claims)?;
     let c = s.egress.counters();
     let (riders, indexed, merchants, orders) = s.egress.sizes();
+    let (streams, stream_messages) = s.egress.stream_sizes();
     let (progress, last_event) = s.egress.progress();
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
@@ -318,8 +319,23 @@ pub async fn prometheus(
     );
     gauge(
         "grabflow_orders",
-        "Orders known.",
+        "Orders in the live view (open, and closed within the order retention).",
         vec![(String::new(), orders as f64)],
+    );
+    gauge(
+        "grabflow_orders_archived_total",
+        "Closed orders moved from the live view to the history store.",
+        vec![(String::new(), c.orders_archived as f64)],
+    );
+    gauge(
+        "grabflow_rider_streams",
+        "Rider streams kept.",
+        vec![(String::new(), streams as f64)],
+    );
+    gauge(
+        "grabflow_stream_messages",
+        "Messages kept in the rider streams.",
+        vec![(String::new(), stream_messages as f64)],
     );
     gauge(
         "grabflow_orders_by_state",
