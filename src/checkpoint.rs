@@ -83,6 +83,10 @@ fn decode(body: &[u8], cfg: &DispatchConfig, of: Of) -> Result<Loaded, String> {
     if of == Of::Embedded && observers.first().is_none_or(Vec::is_empty) {
         return Err("it holds no state of the egress view".into());
     }
+    if of == Of::Embedded {
+        grabflow_egress::view::Egress::decodes(&observers[0])
+            .map_err(|e| format!("the egress view does not decode: {e}"))?;
+    }
     let ledger = match of {
         Of::Embedded => postcard::from_bytes(&c.ledger).map_err(|e| format!("ledger: {e}"))?,
         Of::Kafka => Ledger::default(),

@@ -111,7 +111,7 @@ const ERRORS: [(&str, &str); 10] = [
         "403",
         "`forbidden`: the token's role, or its rider, may not make this call",
     ),
-    ("404", "`not_found`: the id in `field` is not known"),
+    ("404", "`not_found`: the id in `field` is not known; `expired` (a closed order read after `--history-retention`): it was, and its history is no longer kept"),
     ("409", "`conflict`: an order with this id exists; on a pickup or delivery, `not_assigned` or `wrong_state`"),
     (
         "413",

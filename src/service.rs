@@ -22,12 +22,13 @@ use grabflow_dataflow::checkpoint::{Checkpointing, DataflowState};
 use grabflow_dataflow::runtime::{self, Fanout, Observer};
 use grabflow_dataflow::stats::DataflowStats;
 use grabflow_egress::console::{self, ConsoleConfig};
+use grabflow_egress::history::History;
 use grabflow_egress::kafka::{follow, OutputSink};
 use grabflow_egress::ops::{OpsHub, Tapped};
 use grabflow_egress::redis::RedisMirror;
 use grabflow_egress::state::EgressState;
 use grabflow_egress::verdicts::follow_verdicts;
-use grabflow_egress::view::Egress;
+use grabflow_egress::view::{self, Egress};
 use grabflow_http::auth::Secret;
 use grabflow_http::metrics;
 use grabflow_http::waiter::Waiting;
@@ -199,6 +200,19 @@ fn mirror(plan: &Plan) -> anyhow::Result<Option<(Arc<dyn Observer>, Thread)>> {
     })
 }
 
+/// How long the view keeps stream messages, and the history store closed
+/// orders go to (`history.redb` in the data dir).
+fn view_retention(plan: &Plan) -> anyhow::Result<view::Retention> {
+    std::fs::create_dir_all(&plan.data_dir)
+        .with_context(|| format!("creating {}", plan.data_dir.display()))?;
+    let history = History::open(&plan.data_dir, plan.retention.history_ms)
+        .context("opening the order history store")?;
+    Ok(view::Retention {
+        stream_ms: plan.retention.stream_ms,
+        history: Some(history),
+    })
+}
+
 /// What the one-process service reads its events from.
 struct Input {
     /// Where ingress appends.
@@ -247,7 +261,12 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
         Some(k) => open_kafka(&plan, k.clone(), &mut threads).await?,
     };
     let riders = plan.rider_tables();
-    let egress = Egress::new(plan.dispatch.clone(), input.since, riders.clone());
+    let egress = Egress::new(
+        plan.dispatch.clone(),
+        input.since,
+        riders.clone(),
+        view_retention(&plan)?,
+    );
     if input.restore.is_some() {
         egress
             .restore(input.saved.first().map_or(&[][..], Vec::as_slice))
@@ -320,7 +339,10 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     // The router (and with it every log handle) is gone: the embedded
     // writer stops, the feed closes, and the dataflow drains what the clock
     // has passed (Kafka's sources are stopped).
-    finish(threads, input.sink).await
+    let finished = finish(threads, input.sink).await;
+    // The dataflow has stopped: what the view handed on goes to disk.
+    egress.close_history();
+    finished
 }
 
 /// Checkpoints: the dataflow gathers them, a thread of their own writes
@@ -382,7 +404,7 @@ fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
     let backlog = Arc::new(Backlog::new(plan.max_backlog));
     let store = CheckpointStore::new(&plan.data_dir);
     let loaded = checkpoint::load(&store, &plan.dispatch)?;
-    let (resume, restore, saved) = match loaded {
+    let (mut resume, restore, saved) = match loaded {
         Some(l) => (
             embedded::Resume {
                 from: l.from,
@@ -393,6 +415,7 @@ fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
         ),
         None => (embedded::Resume::default(), None, Vec::new()),
     };
+    resume.ledger.set_windows(plan.ledger_windows());
     let from = resume.from;
     let opened = embedded::open_resuming(
         &plan.data_dir,
@@ -445,10 +468,11 @@ async fn open_kafka(
 ) -> anyhow::Result<Input> {
     ensure_topics(&k).await.context("creating the topics")?;
     let dispatch = plan.dispatch.clone();
+    let windows = plan.ledger_windows();
     let (log, follower, sink, checkpoints) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let checkpoints = checkpoint::load_kafka(&k, &dispatch)?;
-            let (log, follower) = kafka::open(&k, CATCH_UP)?;
+            let (log, follower) = kafka::open(&k, CATCH_UP, windows)?;
             Ok((log, follower, OutputSink::new(&k)?, checkpoints))
         })
         .await??;
@@ -521,9 +545,10 @@ pub async fn ingress(plan: Plan) -> anyhow::Result<()> {
     let secret = Secret::load_or_create(&plan.data_dir)?;
     let waiting = Arc::new(Waiting::default());
     let waiters = Arc::clone(&waiting);
+    let windows = plan.ledger_windows();
     let (log, follower, following) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let following = follow_verdicts(&k, waiters)?;
-        let (log, follower) = kafka::open(&k, CATCH_UP)?;
+        let (log, follower) = kafka::open(&k, CATCH_UP, windows)?;
         Ok((log, follower, following))
     })
     .await??;
@@ -633,7 +658,7 @@ pub async fn egress(plan: Plan) -> anyhow::Result<()> {
     ensure_topics(&k).await.context("creating the topics")?;
     let secret = Secret::load_or_create(&plan.data_dir)?;
     // A separate process: the view keeps the riders' positions itself.
-    let egress = Egress::new(plan.dispatch.clone(), 0, None);
+    let egress = Egress::new(plan.dispatch.clone(), 0, None, view_retention(&plan)?);
     let following = {
         let (k, e) = (k.clone(), egress.clone());
         tokio::task::spawn_blocking(move || follow(&k, e)).await??
@@ -648,7 +673,9 @@ pub async fn egress(plan: Plan) -> anyhow::Result<()> {
     };
     let router = egress_app(state, console_config(&plan));
     let threads = serve_then_close(&plan, router, &secret, Some(&egress), threads).await?;
-    finish(threads, None).await
+    let finished = finish(threads, None).await;
+    egress.close_history();
+    finished
 }
 
 #[cfg(test)]

@@ -104,6 +104,24 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rider_retention: Option<Dur>,
+    /// A closed order's history is answered (from `history.redb` in the
+    /// data dir once it has left the live view) this long after it closed,
+    /// then 404 `expired`; ingress forgets an order or merchant id this
+    /// long after its last mention (at least --order-retention)
+    /// [default: 7d].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history_retention: Option<Dur>,
+    /// An Idempotency-Key is remembered this long (log time) after its
+    /// first use; reused later, it is a new request [default: 24h].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub idempotency_window: Option<Dur>,
+    /// A rider stream keeps messages this long (and at most 2000) for
+    /// clients resuming with ?after=SEQ [default: 1h].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stream_retention: Option<Dur>,
     /// Default rider capacity [default: 3].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -211,6 +229,9 @@ const NAMES: &[&str] = &[
     "rider_ttl",
     "order_retention",
     "rider_retention",
+    "history_retention",
+    "idempotency_window",
+    "stream_retention",
     "capacity",
     "tick",
     "ping_tick",
@@ -255,6 +276,9 @@ impl Settings {
             rider_ttl: Some(Dur(Duration::from_millis(d.rider_ttl_ms))),
             order_retention: Some(Dur(Duration::from_millis(d.order_retention_ms))),
             rider_retention: Some(Dur(Duration::from_millis(d.rider_retention_ms))),
+            history_retention: Some(Dur(Duration::from_secs(7 * 86_400))),
+            idempotency_window: Some(Dur(Duration::from_secs(86_400))),
+            stream_retention: Some(Dur(Duration::from_secs(3_600))),
             capacity: Some(d.default_capacity),
             tick: Some(Dur(Duration::from_millis(50))),
             ping_tick: Some(Dur(Duration::from_millis(10))),
@@ -413,6 +437,19 @@ impl<'de> Deserialize<'de> for Dur {
     }
 }
 
+/// How long the state outside the dataflow is kept, ms of log time (the
+/// dataflow's own retentions are in [`DispatchConfig`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Retention {
+    /// A closed order's history is answered this long after it closed;
+    /// ingress forgets an id this long after its last mention.
+    pub history_ms: Time,
+    /// An idempotency key is remembered this long after its first use.
+    pub idempotency_ms: Time,
+    /// A rider stream's messages are kept this long.
+    pub stream_ms: Time,
+}
+
 /// The settings checked and typed: what each part of the service takes.
 #[derive(Clone, Debug)]
 pub struct Plan {
@@ -437,6 +474,8 @@ pub struct Plan {
     pub ticks: Ticks,
     /// The dispatch rules.
     pub dispatch: DispatchConfig,
+    /// How long state outside the dataflow is kept (log time).
+    pub retention: Retention,
     /// Production mode's Kafka, if given.
     pub kafka: Option<KafkaConfig>,
     /// The Redis mirror's URL and key prefix, if given.
@@ -472,6 +511,19 @@ impl Plan {
         };
         if let Err((field, why)) = dispatch.validate() {
             bail!("setting {field} {why}");
+        }
+        let retention = Retention {
+            history_ms: ms(s.history_retention, d.history_retention),
+            idempotency_ms: ms(s.idempotency_window, d.idempotency_window),
+            stream_ms: ms(s.stream_retention, d.stream_retention),
+        };
+        if retention.history_ms == 0 || retention.idempotency_ms == 0 || retention.stream_ms == 0 {
+            bail!(
+                "--history-retention, --idempotency-window and --stream-retention must be positive"
+            );
+        }
+        if retention.history_ms < dispatch.order_retention_ms {
+            bail!("--history-retention must be at least --order-retention");
         }
         let ticks = Ticks {
             idle: dur(s.tick, d.tick),
@@ -546,11 +598,20 @@ impl Plan {
             workers: pick(s.workers, d.workers).max(1),
             ticks,
             dispatch,
+            retention,
             kafka,
             redis,
             cluster: (process, if processes > 1 { hosts } else { Vec::new() }),
             map_tiles,
         })
+    }
+
+    /// How long the ingress ledger remembers keys and ids.
+    pub fn ledger_windows(&self) -> grabflow_log::ledger::Windows {
+        grabflow_log::ledger::Windows {
+            keys: self.retention.idempotency_ms,
+            known: self.retention.history_ms,
+        }
     }
 
     /// Rider trackers the egress view can read, when every worker of the
@@ -699,6 +760,71 @@ mod tests {
                 "{bad}: {e}"
             );
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn retentions_have_defaults_read_the_file_and_flags_and_are_checked() {
+        let plan = Settings::default().plan().unwrap();
+        assert_eq!(
+            plan.retention,
+            Retention {
+                history_ms: 7 * 86_400_000,
+                idempotency_ms: 86_400_000,
+                stream_ms: 3_600_000,
+            }
+        );
+        let dir = std::env::temp_dir().join(format!("grabflow-retention-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("grabflow.toml");
+        std::fs::write(
+            &file,
+            "history_retention = \"2d\"\nidempotency_window = \"10m\"\n",
+        )
+        .unwrap();
+        let plan = Settings {
+            config: Some(file.clone()),
+            stream_retention: Some("90s".parse().unwrap()),
+            ..Settings::default()
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.retention.history_ms, 2 * 86_400_000, "the file");
+        assert_eq!(plan.retention.idempotency_ms, 600_000, "the file");
+        assert_eq!(plan.retention.stream_ms, 90_000, "the flag");
+        assert_eq!(
+            plan.ledger_windows(),
+            grabflow_log::ledger::Windows {
+                keys: 600_000,
+                known: 2 * 86_400_000
+            }
+        );
+        let refused = |s: Settings| s.plan().unwrap_err().to_string();
+        let zero = Some("0s".parse().unwrap());
+        for s in [
+            Settings {
+                history_retention: zero,
+                ..Settings::default()
+            },
+            Settings {
+                idempotency_window: zero,
+                ..Settings::default()
+            },
+            Settings {
+                stream_retention: zero,
+                ..Settings::default()
+            },
+        ] {
+            assert!(refused(s).contains("must be positive"));
+        }
+        let short = Settings {
+            history_retention: Some("30m".parse().unwrap()),
+            ..Settings::default()
+        };
+        assert_eq!(
+            refused(short),
+            "--history-retention must be at least --order-retention"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

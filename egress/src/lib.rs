@@ -13,6 +13,9 @@
 //!   runtime (it implements the runtime's `Observer` and the waiting
 //!   calls' `Waiter`). An offer leaves for a rider in `Egress::decisions`,
 //!   which puts it in the rider's ring and wakes the rider's stream.
+//! - [`history`]: [`History`](history::History), closed orders' histories
+//!   on disk (`history.redb`), written by a thread of its own once they
+//!   leave the view, answered until the history retention.
 //! - [`state`]: [`EgressState`](state::EgressState), what the routes share.
 //! - [`streams`]: the rider streams (WebSocket and SSE) reading the rings.
 //! - [`routes`]: `routes(EgressState) -> Router`: the streams, the queries
@@ -29,6 +32,7 @@
 //! - [`redis`]: the Redis mirror of the index and live orders.
 
 pub mod console;
+pub mod history;
 pub mod kafka;
 pub mod ops;
 pub mod redis;

@@ -1,6 +1,7 @@
 //! The egress routes: rider streams (WebSocket, SSE), queries, ops figures,
 //! health, and the composed service router.
 
+use crate::history::Lookup;
 use crate::state::EgressState;
 use crate::streams;
 use crate::view::HistoryItem;
@@ -66,7 +67,8 @@ pub struct OrderAnswer<'a> {
 
 /// An order with its history.
 #[utoipa::path(get, path = "/v1/orders/{order_id}", params(("order_id" = String, Path)),
-    responses((status = 200, description = "The order", body = OrderAnswer), (status = 404)),
+    responses((status = 200, description = "The order: live, or a closed one from the history store until `--history-retention` after it closed", body = OrderAnswer),
+        (status = 404, description = "`not_found`: no such order; `expired`: it closed longer ago than the history retention", body = grabflow_http::error::ErrorBody)),
     security(("bearer" = [])))]
 pub async fn get_order(
     State(s): State<EgressState>,
@@ -75,10 +77,22 @@ pub async fn get_order(
 ) -> Result<Response, ApiError> {
     claims.require(&[Role::App], None)?;
     let id = wire::id(&order_id, "order_id")?;
-    let o = s
-        .egress
-        .order(&id)
-        .ok_or_else(|| ApiError::not_found("order_id", format!("no order {id}")))?;
+    let o = match s.egress.lookup(&id) {
+        Ok(Lookup::Found(o)) => o,
+        Ok(Lookup::Expired) => {
+            return Err(ApiError::expired(
+                "order_id",
+                format!("order {id} closed longer ago than the history retention"),
+            ))
+        }
+        Ok(Lookup::Unknown) => {
+            return Err(ApiError::not_found("order_id", format!("no order {id}")))
+        }
+        Err(e) => {
+            tracing::error!("reading order {id}: {e}");
+            return Err(ApiError::unavailable("the order history cannot be read"));
+        }
+    };
     let answer = OrderAnswer {
         order_id: &id,
         state: o.state,
@@ -224,11 +238,14 @@ pub async fn ops_metrics(
     ops(&claims)?;
     let c = s.egress.counters();
     let (riders, indexed, merchants, orders) = s.egress.sizes();
+    let (streams, stream_messages) = s.egress.stream_sizes();
     let (progress, last_event) = s.egress.progress();
     Ok(Json(json!({
         "ready": s.egress.is_ready(),
         "riders": riders, "riders_indexed": indexed, "merchants": merchants, "orders": orders,
         "orders_by_state": c.orders_by_state,
+        "orders_archived": c.orders_archived,
+        "rider_streams": streams, "stream_messages": stream_messages,
         "events": c.events, "decisions": c.decisions,
         "grabs_won": c.grabs_won, "grabs_lost": c.grabs_lost,
         "dataflow": {"frontier_ms": progress, "last_event_ms": last_event,
@@ -276,6 +293,7 @@ pub async fn prometheus(
     ops(&claims)?;
     let c = s.egress.counters();
     let (riders, indexed, merchants, orders) = s.egress.sizes();
+    let (streams, stream_messages) = s.egress.stream_sizes();
     let (progress, last_event) = s.egress.progress();
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
@@ -301,8 +319,23 @@ pub async fn prometheus(
     );
     gauge(
         "grabflow_orders",
-        "Orders known.",
+        "Orders in the live view (open, and closed within the order retention).",
         vec![(String::new(), orders as f64)],
+    );
+    gauge(
+        "grabflow_orders_archived_total",
+        "Closed orders moved from the live view to the history store.",
+        vec![(String::new(), c.orders_archived as f64)],
+    );
+    gauge(
+        "grabflow_rider_streams",
+        "Rider streams kept.",
+        vec![(String::new(), streams as f64)],
+    );
+    gauge(
+        "grabflow_stream_messages",
+        "Messages kept in the rider streams.",
+        vec![(String::new(), stream_messages as f64)],
     );
     gauge(
         "grabflow_orders_by_state",

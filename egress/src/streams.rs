@@ -1,10 +1,12 @@
 //! The rider streams: each rider's pushed messages (offers, withdrawals,
 //! grab results, assignments) over a WebSocket or SSE, read from the
 //! rider's ring in the view from a `seq` on, so a client resumes where it
-//! left off (`?after=SEQ`, or `Last-Event-ID`).
+//! left off (`?after=SEQ`, or `Last-Event-ID`). A client resuming from a
+//! seq the ring no longer keeps first gets a `gap` message naming the first
+//! seq it can have, never a silent skip.
 
 use crate::state::EgressState;
-use crate::view::Egress;
+use crate::view::{Egress, RiderMessage};
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, State};
@@ -96,8 +98,18 @@ async fn pump_ws(mut socket: WebSocket, egress: Arc<Egress>, rider: Id, mut curs
         let wait = notify.notified();
         tokio::pin!(wait);
         wait.as_mut().enable();
-        let messages = egress.messages_after(&rider, cursor);
-        for (seq, text) in messages {
+        let resume = egress.messages_after(&rider, cursor);
+        if let Some(first_seq) = resume.gap {
+            if socket
+                .send(Message::Text(gap(first_seq).into()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            cursor = first_seq - 1;
+        }
+        for (seq, text) in resume.messages {
             if socket
                 .send(Message::Text(text.as_ref().into()))
                 .await
@@ -154,17 +166,27 @@ pub async fn rider_sse(
                 let wait = notify.notified();
                 tokio::pin!(wait);
                 wait.as_mut().enable();
-                let messages = egress.messages_after(&rider, cursor);
-                if messages.is_empty() {
+                let resume = egress.messages_after(&rider, cursor);
+                if let Some(first_seq) = resume.gap {
+                    // Its id resumes from the first seq the client can have.
+                    queue.push_back((first_seq - 1, Arc::from(gap(first_seq))));
+                    queue.extend(resume.messages);
+                } else if resume.messages.is_empty() {
                     tokio::select! {
                         _ = wait => {}
                         _ = egress.closed() => return None,
                     }
                 } else {
-                    queue.extend(messages);
+                    queue.extend(resume.messages);
                 }
             }
         },
     );
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// The text of a [`RiderMessage::Gap`]: the messages before `first_seq`
+/// after the client's seq are gone.
+fn gap(first_seq: u64) -> String {
+    serde_json::to_string(&RiderMessage::Gap { first_seq }).expect("messages serialize")
 }

@@ -9,7 +9,19 @@
 //!   (offers, withdrawals, grab results, assignments), so a reconnecting client
 //!   that passes `after=SEQ` misses nothing; the seqs are a function of the
 //!   log, so they survive a restart.
+//!
+//! Everything it keeps has an end, in log time (so a replay or a restore
+//! from a checkpoint keeps the same):
+//! - a closed order leaves the view `order_retention` after it closed
+//!   (`closing`, in close order); its history goes to the [`History`] store
+//!   on disk, which answers it until `history_retention` after it closed;
+//! - a stream keeps at most [`STREAM_KEEP`] messages, none older than the
+//!   stream retention; a stream whose messages have all gone restarts its
+//!   seqs above every seq it gave (at the log time of its next message), and
+//!   leaves the table once no client holds it. A client resuming from a seq
+//!   no longer kept is told so first ([`RiderMessage::Gap`]).
 
+use crate::history::{History, HistoryError, Lookup};
 use foldhash::HashMap;
 use grabflow_api::output::{RejectReason, TransitionReason, WithdrawReason};
 use grabflow_api::{
@@ -23,7 +35,7 @@ use grabflow_http::extract::IdSchema;
 use grabflow_http::waiter::{self, verdict_of, Expect, GrabAnswer, Verdict, Waiter, Waiting};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use tokio::sync::{oneshot, Notify};
@@ -81,10 +93,43 @@ pub enum RiderMessage<'a> {
         #[schema(value_type = IdSchema)]
         order_id: &'a Id,
     },
+    /// Sent first to a client resuming from a seq the stream no longer
+    /// keeps (older than `--stream-retention`, or beyond the last 2000
+    /// messages, or of a stream that has started over): the messages after
+    /// the client's seq and before `first_seq` are gone. The messages from
+    /// `first_seq` on follow. Over SSE its `id` is `first_seq - 1`.
+    Gap {
+        /// The first seq the client can still have.
+        first_seq: u64,
+    },
 }
 
-/// Messages kept per rider for reconnecting clients.
+/// Messages kept per rider for reconnecting clients (and no older than
+/// the stream retention).
 pub const STREAM_KEEP: usize = 2_000;
+
+/// Log time between sweeps of the stream table and of the history store,
+/// ms. Reads filter by time between sweeps: a sweep only frees memory.
+const SWEEP_EVERY: Time = 1_000;
+
+/// What the view keeps beyond the live city, and for how long (log time).
+pub struct Retention {
+    /// A stream message is kept this long, ms.
+    pub stream_ms: Time,
+    /// Where closed orders go once they leave the view (`None`: they are
+    /// forgotten).
+    pub history: Option<History>,
+}
+
+impl Default for Retention {
+    /// One hour of stream messages; no history store.
+    fn default() -> Retention {
+        Retention {
+            stream_ms: 60 * 60 * 1000,
+            history: None,
+        }
+    }
+}
 
 /// A rider as queried.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -202,10 +247,45 @@ pub struct OrderView {
 /// One rider's message stream.
 #[derive(Default, Serialize, Deserialize)]
 struct Stream {
+    /// The last seq given; 0 before the first message, and again once
+    /// every message has aged out (the next one then starts over, at its
+    /// log time, above every seq given before).
     next_seq: u64,
-    messages: VecDeque<(u64, Arc<str>)>,
+    /// Kept messages: seq, log time, the JSON text.
+    messages: VecDeque<(u64, Time, Arc<str>)>,
+    /// Log time of the last message.
+    last_at: Time,
+    /// Wakes the stream's clients.
     #[serde(skip)]
     notify: Arc<Notify>,
+}
+
+impl Stream {
+    /// Drops the messages `retention` old at log time `now`; once none is
+    /// left and the last is that old, the seqs start over (if the clock is
+    /// past the last seq, which the new ones start above).
+    fn trim(&mut self, now: Time, retention: Time) {
+        while self
+            .messages
+            .front()
+            .is_some_and(|(_, at, _)| at + retention <= now)
+        {
+            self.messages.pop_front();
+        }
+        if self.messages.is_empty() && self.last_at + retention <= now && self.next_seq < now {
+            self.next_seq = 0;
+        }
+    }
+}
+
+/// What a client resuming after a seq gets.
+#[derive(Debug, Default)]
+pub struct Resume {
+    /// The first seq it can have, if messages after its seq are gone
+    /// (send a [`RiderMessage::Gap`] first).
+    pub gap: Option<u64>,
+    /// The kept messages after its seq (all kept ones, after a gap).
+    pub messages: Vec<(u64, Arc<str>)>,
 }
 
 /// What the view keeps; saved whole in a checkpoint (with the counters).
@@ -216,6 +296,9 @@ struct View {
     orders: HashMap<Id, OrderView>,
     index: GeoIndex,
     streams: HashMap<Id, Stream>,
+    /// Closed orders still in the view, by close time: each leaves
+    /// `order_retention` after it closed.
+    closing: BTreeSet<(Time, Id)>,
 }
 
 /// A counter's name (an event kind, a decision kind, a state).
@@ -232,8 +315,11 @@ pub struct Counters {
     pub grabs_won: u64,
     /// Grabs lost, by reason.
     pub grabs_lost: BTreeMap<String, u64>,
-    /// Orders by current state.
+    /// Orders in the view by current state (closed ones until they leave
+    /// the view for the history store).
     pub orders_by_state: BTreeMap<Name, i64>,
+    /// Closed orders moved from the view to the history store.
+    pub orders_archived: u64,
 }
 
 /// [`Saved`], by reference (written without copying the view).
@@ -297,6 +383,12 @@ pub struct Egress {
     /// The dataflow's rider trackers, when they are in this process: riders'
     /// positions are read there, and pings are not looked up again here.
     positions: Option<RiderTables>,
+    /// Stream retention, and the history store closed orders go to.
+    retention: Retention,
+    /// Log time of the last sweep of the stream table.
+    swept_streams: AtomicU64,
+    /// Log time of the last sweep asked of the history store.
+    swept_history: AtomicU64,
 }
 
 impl Egress {
@@ -304,14 +396,19 @@ impl Egress {
     /// replayed event's time; 0 for an empty log). `positions` are the
     /// dataflow's rider trackers when they run in this process (riders'
     /// positions are then read there); with `None`, the view keeps each
-    /// rider's last ping itself.
+    /// rider's last ping itself. `retention` says how long stream messages
+    /// are kept and where closed orders go once they leave the view.
     pub fn new(
         cfg: DispatchConfig,
         replay_until: Time,
         positions: Option<RiderTables>,
+        retention: Retention,
     ) -> Arc<Egress> {
         Arc::new(Egress {
             positions,
+            retention,
+            swept_streams: AtomicU64::new(0),
+            swept_history: AtomicU64::new(0),
             cfg,
             view: RwLock::default(),
             counters: Mutex::default(),
@@ -333,6 +430,12 @@ impl Egress {
         *self.view.write().expect("view") = view;
         *self.counters.lock().expect("counters") = counters;
         Ok(())
+    }
+
+    /// Whether a checkpoint's `saved` view decodes (one of another
+    /// version's layout does not: that checkpoint is skipped).
+    pub fn decodes(saved: &[u8]) -> Result<(), postcard::Error> {
+        postcard::from_bytes::<Saved>(saved).map(drop)
     }
 
     /// Where the checkpoint figures are kept (for the metrics).
@@ -395,9 +498,48 @@ impl Egress {
         )
     }
 
-    /// An order, if the dataflow has seen it placed.
+    /// An order, if the dataflow has seen it placed and its history is
+    /// kept: from the view, else from the history store.
     pub fn order(&self, id: &Id) -> Option<OrderView> {
-        self.view.read().expect("view").orders.get(id).cloned()
+        match self.lookup(id) {
+            Ok(Lookup::Found(order)) => Some(order),
+            _ => None,
+        }
+    }
+
+    /// Order `id`: from the view, else from the history store (whole,
+    /// expired, or unknown), at the dataflow's progress.
+    pub fn lookup(&self, id: &Id) -> Result<Lookup, HistoryError> {
+        if let Some(o) = self.view.read().expect("view").orders.get(id) {
+            return Ok(Lookup::Found(o.clone()));
+        }
+        match &self.retention.history {
+            Some(h) => h.lookup(id, self.log_time()),
+            None => Ok(Lookup::Unknown),
+        }
+    }
+
+    /// The log time retention is judged at: the dataflow's progress, and
+    /// while replaying no earlier than the end of the replayed log (what
+    /// had expired before the restart stays expired).
+    fn log_time(&self) -> Time {
+        let progress = self.progress.load(Ordering::Acquire);
+        progress.max(self.replay_until.load(Ordering::Acquire))
+    }
+
+    /// Rider streams in the table and the messages they keep.
+    pub fn stream_sizes(&self) -> (usize, usize) {
+        let v = self.view.read().expect("view");
+        let messages = v.streams.values().map(|s| s.messages.len()).sum();
+        (v.streams.len(), messages)
+    }
+
+    /// Stops the history store's thread once it has written what is
+    /// queued (after the dataflow has stopped).
+    pub fn close_history(&self) {
+        if let Some(h) = &self.retention.history {
+            h.close();
+        }
     }
 
     /// A rider, if any event named it, and its entry in the dispatch index
@@ -436,20 +578,35 @@ impl Egress {
         Some(v.index.nearest(at, self.cfg.radius_m, limit, free))
     }
 
-    /// Messages of `rider` with seq above `after`. To miss nothing, a caller
-    /// enables its wait on [`Egress::notifier`] before calling.
-    pub fn messages_after(&self, rider: &Id, after: u64) -> Vec<(u64, Arc<str>)> {
+    /// Messages of `rider` with seq above `after` (0: every kept one), and
+    /// whether some after `after` are gone: older than the stream
+    /// retention, beyond the [`STREAM_KEEP`] last, or of a stream that has
+    /// started over (a seq beyond the last given counts as that too). To
+    /// miss nothing, a caller enables its wait on [`Egress::notifier`]
+    /// before calling.
+    pub fn messages_after(&self, rider: &Id, after: u64) -> Resume {
+        let now = self.log_time();
         let v = self.view.read().expect("view");
-        v.streams
-            .get(rider)
-            .map(|s| {
-                s.messages
-                    .iter()
-                    .filter(|(seq, _)| *seq > after)
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default()
+        let Some(s) = v.streams.get(rider) else {
+            return Resume::default();
+        };
+        let kept = s
+            .messages
+            .iter()
+            .filter(|(_, at, _)| at + self.retention.stream_ms > now);
+        let first = kept.clone().next().map(|(seq, _, _)| *seq);
+        let last = s.next_seq;
+        let gap = match first {
+            _ if after == 0 => None,
+            Some(first) if after + 1 < first || after > last => Some(first),
+            None if last > 0 && after != last => Some(last + 1),
+            _ => None,
+        };
+        let messages = kept
+            .filter(|(seq, _, _)| gap.is_some() || *seq > after)
+            .map(|(seq, _, text)| (*seq, Arc::clone(text)))
+            .collect();
+        Resume { gap, messages }
     }
 
     /// The notifier of a rider's stream.
@@ -509,6 +666,8 @@ impl Observer for Egress {
 
     fn decisions(&self, decisions: Vec<(Time, Output)>) {
         let mut batch = Decisions {
+            stream_ms: self.retention.stream_ms,
+            now: 0,
             view: self.view.write().expect("view"),
             counters: self.counters.lock().expect("counters"),
             woken: Vec::new(),
@@ -535,6 +694,11 @@ impl Observer for Egress {
     }
 
     fn save(&self, _at: Time) -> Vec<u8> {
+        // Orders the view has handed on are on disk before a checkpoint
+        // without them is.
+        if let Some(h) = &self.retention.history {
+            h.flush();
+        }
         let view = self.view.read().expect("view");
         let counters = self.counters.lock().expect("counters");
         let saved = SavedRef {
@@ -546,8 +710,56 @@ impl Observer for Egress {
 
     fn progress(&self, time: Time) {
         self.progress.fetch_max(time, Ordering::AcqRel);
+        self.retire(time);
         if time > self.replay_until.load(Ordering::Acquire) {
             self.ready.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl Egress {
+    /// What has aged out by log time `now` leaves: closed orders past the
+    /// order retention go to the history store; every [`SWEEP_EVERY`],
+    /// stream messages past the stream retention and unheld empty streams
+    /// go, and the history store is swept.
+    fn retire(&self, now: Time) {
+        let keep = self.cfg.order_retention_ms;
+        let due = |v: &View| v.closing.first().is_some_and(|(t, _)| t + keep <= now);
+        if due(&self.view.read().expect("view")) {
+            let mut v = self.view.write().expect("view");
+            let mut c = self.counters.lock().expect("counters");
+            let mut leaving = Vec::new();
+            while due(&v) {
+                let (closed_at, id) = v.closing.pop_first().expect("checked");
+                if let Some(order) = v.orders.remove(&id) {
+                    *c.orders_by_state
+                        .entry(order.state.name().into())
+                        .or_default() -= 1;
+                    c.orders_archived += 1;
+                    leaving.push((id, closed_at, order));
+                }
+            }
+            drop((v, c));
+            if let Some(h) = &self.retention.history {
+                h.put(leaving);
+            }
+        }
+        let swept = self.swept_streams.load(Ordering::Acquire);
+        if now >= swept + SWEEP_EVERY {
+            self.swept_streams.store(now, Ordering::Release);
+            let retention = self.retention.stream_ms;
+            let mut v = self.view.write().expect("view");
+            v.streams.retain(|_, s| {
+                s.trim(now, retention);
+                // Held by a client: kept (empty) so it is woken.
+                !s.messages.is_empty() || s.next_seq > 0 || Arc::strong_count(&s.notify) > 1
+            });
+        }
+        if let Some(h) = &self.retention.history {
+            if now >= self.swept_history.load(Ordering::Acquire) + SWEEP_EVERY {
+                self.swept_history.store(now, Ordering::Release);
+                h.sweep(now);
+            }
         }
     }
 }
@@ -555,6 +767,10 @@ impl Observer for Egress {
 /// A batch of decisions being applied to the view, under its locks, and
 /// what to do once they are released.
 struct Decisions<'e> {
+    /// How long stream messages are kept, ms.
+    stream_ms: Time,
+    /// The log time of the decision being applied.
+    now: Time,
     view: RwLockWriteGuard<'e, View>,
     counters: MutexGuard<'e, Counters>,
     /// Rider streams given a message.
@@ -566,6 +782,7 @@ struct Decisions<'e> {
 impl Decisions<'_> {
     /// Applies decision `o`, made at `t`.
     fn apply(&mut self, t: Time, o: Output) {
+        self.now = t;
         *self.counters.decisions.entry(o.name().into()).or_default() += 1;
         if let Some((event, verdict)) = verdict_of(&o) {
             self.resolved.push((event.clone(), verdict));
@@ -731,23 +948,40 @@ impl Decisions<'_> {
                 r.load = r.load.saturating_sub(1);
             }
         }
-        let entry = self.view.orders.entry(order).or_insert_with(|| OrderView {
-            state: to,
-            rider: None,
-            merchant,
-            history: Vec::new(),
-        });
+        let entry = self
+            .view
+            .orders
+            .entry(order.clone())
+            .or_insert_with(|| OrderView {
+                state: to,
+                rider: None,
+                merchant,
+                history: Vec::new(),
+            });
         entry.state = to;
         entry.rider = rider;
+        let at = step.at;
         entry.history.push(step);
+        if to == OrderState::Closed {
+            self.view.closing.insert((at, order));
+        }
     }
 
     /// Adds the message `msg(seq)` to `rider`'s stream, at its next seq.
     fn tell<'a>(&mut self, rider: &Id, msg: impl FnOnce(u64) -> RiderMessage<'a>) {
+        let now = self.now;
         let s = self.view.streams.entry(rider.clone()).or_default();
-        s.next_seq += 1;
+        s.trim(now, self.stream_ms);
+        // A stream starting (over) starts at its log time: above any seq
+        // it gave before (see `Stream::trim`).
+        s.next_seq = if s.next_seq == 0 {
+            now.max(1)
+        } else {
+            s.next_seq + 1
+        };
+        s.last_at = now;
         let text = serde_json::to_string(&msg(s.next_seq)).expect("messages serialize");
-        s.messages.push_back((s.next_seq, Arc::from(text)));
+        s.messages.push_back((s.next_seq, now, Arc::from(text)));
         while s.messages.len() > STREAM_KEEP {
             s.messages.pop_front();
         }
@@ -811,5 +1045,222 @@ impl Egress {
             );
         }
         city
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use grabflow_api::output::TransitionReason;
+
+    fn id(s: &str) -> Id {
+        Id::new(s).unwrap()
+    }
+
+    fn offer(order: &str) -> Output {
+        Output::Offered {
+            order: id(order),
+            rider: id("r1"),
+            merchant: id("m1"),
+            distance_m: 100,
+            round: 0,
+            expires_at: 0,
+        }
+    }
+
+    fn view(stream_ms: Time, history: Option<History>) -> Arc<Egress> {
+        let cfg = DispatchConfig {
+            order_retention_ms: 2_000,
+            ..DispatchConfig::default()
+        };
+        let retention = Retention { stream_ms, history };
+        Egress::new(cfg, 0, None, retention)
+    }
+
+    fn seqs(r: &Resume) -> Vec<u64> {
+        r.messages.iter().map(|(s, _)| *s).collect()
+    }
+
+    #[test]
+    fn the_ring_is_bounded_by_count_and_a_resume_past_it_gets_a_gap() {
+        let e = view(60_000, None);
+        let offers = (0..STREAM_KEEP + 5).map(|i| (1_000, offer(&format!("o{i}"))));
+        e.decisions(offers.collect());
+        // The first message is at its log time; the first five are gone.
+        let r1 = id("r1");
+        let all = e.messages_after(&r1, 0);
+        assert_eq!(all.gap, None, "a client from the start has nothing to miss");
+        assert_eq!(all.messages.len(), STREAM_KEEP);
+        assert_eq!(all.messages[0].0, 1_005);
+        let resumed = e.messages_after(&r1, 1_002);
+        assert_eq!(resumed.gap, Some(1_005));
+        assert_eq!(seqs(&resumed).len(), STREAM_KEEP);
+        // From a seq still kept: no gap.
+        let resumed = e.messages_after(&r1, 1_004);
+        assert_eq!((resumed.gap, resumed.messages.len()), (None, STREAM_KEEP));
+        // A seq beyond the last given is not one of this stream: a gap.
+        assert_eq!(e.messages_after(&r1, 99_999).gap, Some(1_005));
+    }
+
+    #[test]
+    fn the_ring_is_bounded_by_time_and_starts_over_above_its_old_seqs() {
+        let e = view(1_000, None);
+        let r1 = id("r1");
+        e.decisions(vec![(1_000, offer("o1")), (1_500, offer("o2"))]);
+        Observer::progress(&*e, 1_600);
+        assert_eq!(seqs(&e.messages_after(&r1, 0)), vec![1_000, 1_001]);
+        // o1 is a second old: not served, then trimmed.
+        Observer::progress(&*e, 2_100);
+        let r = e.messages_after(&r1, 1_000);
+        assert_eq!((r.gap, seqs(&r)), (None, vec![1_001]));
+        let r = e.messages_after(&r1, 999);
+        assert_eq!((r.gap, seqs(&r)), (Some(1_001), vec![1_001]));
+        // Everything old, the stream leaves the table...
+        Observer::progress(&*e, 3_000);
+        assert_eq!(e.stream_sizes(), (0, 0));
+        // ...and its next message starts above every seq it gave.
+        e.decisions(vec![(5_000, offer("o3"))]);
+        Observer::progress(&*e, 5_001);
+        let r = e.messages_after(&r1, 1_001);
+        assert_eq!((r.gap, seqs(&r)), (Some(5_000), vec![5_000]));
+        // The same seqs when no sweep ran in between (a replay).
+        let replayed = view(1_000, None);
+        replayed.decisions(vec![
+            (1_000, offer("o1")),
+            (1_500, offer("o2")),
+            (5_000, offer("o3")),
+        ]);
+        Observer::progress(&*replayed, 5_001);
+        assert_eq!(seqs(&replayed.messages_after(&r1, 0)), vec![5_000]);
+    }
+
+    /// What a client can see of `e`: orders, streams from every seq, sizes
+    /// and counters.
+    fn seen(e: &Egress, orders: &[&str], after: &[u64]) -> String {
+        let mut out = Vec::new();
+        for o in orders {
+            out.push(match e.lookup(&id(o)).unwrap() {
+                Lookup::Found(o) => serde_json::to_string(&o).unwrap(),
+                other => format!("{other:?}"),
+            });
+        }
+        for a in after {
+            let r = e.messages_after(&id("r1"), *a);
+            out.push(format!("{:?} {:?}", r.gap, r.messages));
+        }
+        let c = e.counters();
+        out.push(format!(
+            "{:?} {:?} {} {}",
+            e.sizes(),
+            c.orders_by_state,
+            c.orders_archived,
+            serde_json::to_string(&c.decisions).unwrap()
+        ));
+        out.join("\n")
+    }
+
+    #[test]
+    fn a_restore_and_the_decisions_after_it_see_what_an_unstopped_run_sees() {
+        let step = |order: &str, to, reason, from| Output::Transition {
+            order: id(order),
+            merchant: id("m1"),
+            from,
+            to,
+            reason,
+            rider: None,
+            event: None,
+        };
+        let placed = |o: &str| step(o, OrderState::Created, TransitionReason::Placed, None);
+        let closed = |o: &str| {
+            let from = Some(OrderState::Created);
+            step(o, OrderState::Closed, TransitionReason::Cancelled, from)
+        };
+        let before = vec![
+            (1_000, placed("o1")),
+            (1_000, offer("o1")),
+            (1_200, placed("o2")),
+            (1_500, closed("o1")),
+            (1_600, offer("o2")),
+        ];
+        let after = vec![
+            (2_500, closed("o2")),
+            (2_600, offer("o3")),
+            (4_000, placed("o4")),
+            (4_200, offer("o4")),
+        ];
+        let orders = ["o1", "o2", "o4"];
+        let seqs = [0, 999, 1_000, 1_001, 2_599, 4_199, 9_999];
+        // One run, checkpointed at 2 000 and going on.
+        let unstopped = view(1_500, None);
+        unstopped.decisions(before.clone());
+        Observer::progress(&*unstopped, 1_800);
+        let saved = unstopped.save(2_000);
+        Observer::progress(&*unstopped, 2_000);
+        unstopped.decisions(after.clone());
+        for t in [3_000, 3_600, 4_300] {
+            Observer::progress(&*unstopped, t);
+        }
+        // Another restored from the checkpoint, given what followed it in
+        // one go (as a replay does).
+        let restored = view(1_500, None);
+        restored.restore(&saved).unwrap();
+        restored.decisions(after);
+        Observer::progress(&*restored, 4_300);
+        assert_eq!(
+            seen(&restored, &orders, &seqs),
+            seen(&unstopped, &orders, &seqs)
+        );
+        // Both have let o1 go (closed at 1 500, order retention 2 s).
+        assert_eq!(unstopped.counters().orders_archived, 1);
+    }
+
+    #[test]
+    fn a_closed_order_leaves_the_view_for_the_history_store() {
+        let dir = std::env::temp_dir().join(format!("grabflow-view-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = view(1_000, Some(History::open(&dir, 5_000).unwrap()));
+        let step = |to, reason, from| Output::Transition {
+            order: id("o1"),
+            merchant: id("m1"),
+            from,
+            to,
+            reason,
+            rider: None,
+            event: None,
+        };
+        e.decisions(vec![
+            (
+                1_000,
+                step(OrderState::Created, TransitionReason::Placed, None),
+            ),
+            (
+                1_500,
+                step(
+                    OrderState::Closed,
+                    TransitionReason::Cancelled,
+                    Some(OrderState::Created),
+                ),
+            ),
+        ]);
+        Observer::progress(&*e, 3_000);
+        assert_eq!(e.sizes().3, 1, "closed 1.5 s ago: still in the view");
+        Observer::progress(&*e, 3_500);
+        assert_eq!(e.sizes().3, 0, "closed 2 s ago: on disk");
+        assert_eq!(e.counters().orders_archived, 1);
+        let saved = e.save(3_500);
+        match e.lookup(&id("o1")).unwrap() {
+            Lookup::Found(o) => assert_eq!(o.history.len(), 2),
+            other => panic!("{other:?}"),
+        }
+        Observer::progress(&*e, 6_500);
+        assert!(matches!(e.lookup(&id("o1")).unwrap(), Lookup::Expired));
+        assert!(matches!(e.lookup(&id("o9")).unwrap(), Lookup::Unknown));
+        // A view restored from the checkpoint holds no copy of it.
+        let restored = view(1_000, None);
+        restored.restore(&saved).unwrap();
+        assert_eq!(restored.sizes().3, 0);
+        e.close_history();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -31,7 +31,8 @@ pub struct ErrorBody<'a> {
 #[derive(Serialize, ToSchema)]
 pub struct ErrorDetail<'a> {
     /// A stable code: `invalid_json`, `invalid_field`, `unknown_field`,
-    /// `too_large`, `unauthorized`, `forbidden`, `not_found`, `conflict`,
+    /// `too_large`, `unauthorized`, `forbidden`, `not_found`, `expired`,
+    /// `conflict`,
     /// `upgrade_required`, `unavailable`.
     pub code: &'a str,
     /// A sentence for people.
@@ -95,6 +96,14 @@ impl ApiError {
         ApiError {
             field: Some(field.into()),
             ..Self::new(StatusCode::NOT_FOUND, "not_found", message)
+        }
+    }
+    /// 404 `expired`: the id was known, but what it named is older than
+    /// its retention; naming the field that holds the id.
+    pub fn expired(field: impl Into<String>, message: impl Into<String>) -> Self {
+        ApiError {
+            field: Some(field.into()),
+            ..Self::new(StatusCode::NOT_FOUND, "expired", message)
         }
     }
     /// 409 `conflict`.

@@ -5,6 +5,9 @@
 //! body) is a client's mistake: answering it with the first answer would
 //! acknowledge an event that is never appended, so it is refused instead
 //! ([`KeyReused`], a 422 naming `Idempotency-Key`).
+//!
+//! A key is remembered for the idempotency window after its first use (log
+//! time, see [`crate::ledger`]); used again later, it is a new request.
 
 use crate::Appended;
 use grabflow_api::EventKind;
@@ -45,13 +48,16 @@ impl Print {
     }
 }
 
-/// A key's first use: the answer it got, and the print of its request.
+/// A key's first use: the answer it got, the print of its request, and
+/// when.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct FirstUse {
     /// What the first request was answered.
     pub answer: Appended,
     /// Its events' print.
     pub request: Print,
+    /// Its log time: the key is forgotten the idempotency window after.
+    pub at: grabflow_api::Time,
 }
 
 /// Keys seen, by key.
@@ -95,6 +101,7 @@ mod tests {
         let first = FirstUse {
             answer: Appended::Batch { accepted: 2 },
             request: Print::of([&a, &b]),
+            at: 0,
         };
         assert_eq!(
             first.repeat(Print::of([&b, &a])),

@@ -163,24 +163,16 @@ impl LogHandle {
         self.appender.append(key, events).await
     }
 
-    /// Whether the log holds the placement of `order`.
+    /// Whether the log holds the placement of `order`, mentioned within
+    /// the known window.
     pub fn knows_order(&self, order: &Id) -> bool {
-        self.ledger
-            .lock()
-            .expect("ledger")
-            .known()
-            .orders
-            .contains(order)
+        self.ledger.lock().expect("ledger").knows_order(order)
     }
 
-    /// Whether the log holds the registration of `merchant`.
+    /// Whether the log holds the registration of `merchant`, mentioned
+    /// within the known window.
     pub fn knows_merchant(&self, merchant: &Id) -> bool {
-        self.ledger
-            .lock()
-            .expect("ledger")
-            .known()
-            .merchants
-            .contains(merchant)
+        self.ledger.lock().expect("ledger").knows_merchant(merchant)
     }
 }
 

@@ -142,6 +142,7 @@ fn open_with(
             event.offset,
             &event.kind,
             None,
+            event.time,
         );
     }
     records.retain(|r| r.event.offset >= from);

@@ -347,15 +347,19 @@ fn framed(payload: &[u8]) -> Vec<u8> {
 async fn records_of_older_logs_are_read_beside_new_ones() {
     let dir = scratch();
     std::fs::create_dir_all(&dir).unwrap();
-    // A record as versions before 0.6 wrote it (JSON)...
-    let json = br#"{"key":"k","event":{"id":"e0","offset":0,"time":5,"kind":{"type":"location_pinged","rider":"r1","at":{"lat_e7":310000000,"lon_e7":1210000000}}}}"#;
-    let mut old = framed(json);
+    // A record as versions before 0.6 wrote it (JSON), recent enough for
+    // its key to be within the idempotency window...
+    let t = crate::now_ms();
+    let json = format!(
+        r#"{{"key":"k","event":{{"id":"e0","offset":0,"time":{t},"kind":{{"type":"location_pinged","rider":"r1","at":{{"lat_e7":310000000,"lon_e7":1210000000}}}}}}}}"#
+    );
+    let mut old = framed(json.as_bytes());
     // ...and one as 0.6 wrote it (one event in postcard).
     let (id, kind) = ping(1);
     let event = Event {
         id,
         offset: 1,
-        time: 6,
+        time: t + 1,
         kind,
     };
     let mut binary = vec![BINARY];

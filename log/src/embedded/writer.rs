@@ -295,17 +295,17 @@ impl Writer {
             let repeat = first.repeat(Print::of(new.iter().map(|(_, k)| k)));
             return answered(reply, repeat.map_err(LogError::from));
         }
+        let time = self.last_time.max(now_ms());
         let admitted = self
             .ledger
             .lock()
             .expect("ledger")
-            .admit(key.as_deref(), &new);
+            .admit(key.as_deref(), &new, time);
         let claim = match admitted {
             Ok(Admission::Fresh(claim)) => claim,
             Ok(Admission::Repeat(answer)) => return answered(reply, Ok(answer)),
             Err(e) => return answered(reply, Err(e)),
         };
-        let time = self.last_time.max(now_ms());
         self.last_time = time;
         self.last_event = time;
         let start = events.len();

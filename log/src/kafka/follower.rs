@@ -83,12 +83,14 @@ impl Reading {
         if let Some(r) = &record {
             let key = header(m, KEY_HEADER);
             let batch = header(m, BATCH_HEADER).and_then(|b| b.parse().ok());
+            let at = m.timestamp().to_millis().unwrap_or(0).max(0) as grabflow_api::Time;
             self.ledger.lock().expect("ledger").read_back(
                 key.as_deref(),
                 r.id.as_ref(),
                 m.offset() as u64,
                 &r.kind,
                 Some(batch.unwrap_or(1)),
+                at,
             );
         }
         let at = (m.topic().to_string(), m.partition());

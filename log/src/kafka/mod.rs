@@ -38,9 +38,14 @@ use std::time::Duration;
 /// Opens the Kafka log for appending: reads the input topics to their ends
 /// (within `catch_up`) into a ledger, then makes the producer. The
 /// follower goes on reading what other processes append until stopped.
-/// Blocking: call it off the async runtime.
-pub fn open(cfg: &KafkaConfig, catch_up: Duration) -> Result<(LogHandle, Follower), KafkaError> {
-    let ledger = Arc::new(Mutex::new(Ledger::default()));
+/// The ledger remembers keys and ids for `windows` (log time: the
+/// records' timestamps). Blocking: call it off the async runtime.
+pub fn open(
+    cfg: &KafkaConfig,
+    catch_up: Duration,
+    windows: crate::ledger::Windows,
+) -> Result<(LogHandle, Follower), KafkaError> {
+    let ledger = Arc::new(Mutex::new(Ledger::new(windows)));
     let follower = Follower::start(cfg, Arc::clone(&ledger))?;
     if !follower.wait_caught_up(catch_up) {
         follower.into_thread().stop();

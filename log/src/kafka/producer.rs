@@ -49,11 +49,11 @@ impl KafkaLog {
         key: Option<String>,
         events: Vec<(Id, EventKind)>,
     ) -> Result<Appended, LogError> {
-        let admitted = self
-            .ledger
-            .lock()
-            .expect("ledger")
-            .admit(key.as_deref(), &events)?;
+        let admitted =
+            self.ledger
+                .lock()
+                .expect("ledger")
+                .admit(key.as_deref(), &events, crate::now_ms())?;
         let claim = match admitted {
             Admission::Repeat(answer) => return Ok(answer),
             Admission::Fresh(claim) => claim,
