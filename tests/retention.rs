@@ -261,3 +261,76 @@ async fn a_rider_resuming_from_a_trimmed_seq_gets_a_gap_first() {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `GET /v1/riders/R1`.
+async fn get_rider(s: &Server, app: &str) -> (u16, Value) {
+    s.call("GET", "/v1/riders/R1", app, None).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rider_idle_past_its_retention_is_forgotten_and_comes_back_off_shift() {
+    let dir = temp_dir();
+    let args = [
+        "--rider-ttl",
+        "1s",
+        "--grab-timeout",
+        "1s",
+        "--rider-retention",
+        "2s",
+    ];
+    let s = Server::start(&dir, &args);
+    s.wait_ready().await;
+    let r1 = s.token("rider", Some("R1"));
+    let shift = json!({"online": true, "capacity": 2});
+    let ping = json!({"lat": 31.23, "lon": 121.47});
+    let (status, _) = s.call("PUT", "/v1/riders/R1/shift", &r1, Some(shift)).await;
+    assert_eq!(status, 202);
+    let (status, _) = s
+        .call("POST", "/v1/riders/R1/location", &r1, Some(ping.clone()))
+        .await;
+    assert_eq!(status, 202);
+    let app = s.token("app", None);
+    let rider = |s| get_rider(s, &app);
+    // Known, on shift, at its position.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, r) = rider(&s).await;
+        if status == 200 && r["lat"].is_number() {
+            assert_eq!(r["online"], true, "{r}");
+            assert_eq!(r["capacity"], 2, "{r}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "never known: {status} {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Silent past its retention: forgotten by the dataflow and the view.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (status, r) = rider(&s).await;
+        if status == 404 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never forgotten: {status} {r}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Back with a ping: off shift (its old shift is forgotten) until a new one.
+    let (status, _) = s
+        .call("POST", "/v1/riders/R1/location", &r1, Some(ping))
+        .await;
+    assert_eq!(status, 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, r) = rider(&s).await;
+        if status == 200 {
+            assert_eq!(r["online"], false, "{r}");
+            assert_eq!(r["indexed"], Value::Null, "{r}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the ping never came back: {status} {r}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -372,6 +372,14 @@ impl RiderTables {
         (0..self.0.len()).map(|i| self.lock(i).len()).sum()
     }
 
+    /// Whether `rider` is tracked (it pinged or changed shift within its
+    /// retention).
+    pub fn tracks(&self, rider: &Id) -> bool {
+        self.lock(Self::worker_of(rider, self.0.len()))
+            .riders
+            .contains_key(rider)
+    }
+
     /// The last position `rider` reported (see [`RiderTracker::position`]).
     pub fn position(&self, rider: &Id) -> Option<Coord> {
         self.lock(Self::worker_of(rider, self.0.len()))

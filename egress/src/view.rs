@@ -35,7 +35,7 @@ use grabflow_http::extract::IdSchema;
 use grabflow_http::waiter::{self, verdict_of, Expect, GrabAnswer, Verdict, Waiter, Waiting};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use std::borrow::Cow;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use tokio::sync::{oneshot, Notify};
@@ -142,6 +142,11 @@ pub struct RiderView {
     pub capacity: Option<u32>,
     /// Orders assigned and not delivered.
     pub load: u32,
+    /// Log time of its last shift (and, when the view keeps positions, of
+    /// its last ping): a rider carrying nothing leaves the view once the
+    /// dataflow has forgotten it (`rider_retention_ms` after its last ping
+    /// or shift).
+    pub seen: Time,
 }
 
 /// One step of an order's history: a transition, or an event that had no
@@ -644,15 +649,18 @@ impl Observer for Egress {
                     let r = v.riders.entry(rider.clone()).or_default();
                     r.online = *online;
                     r.capacity = *capacity;
+                    r.seen = r.seen.max(e.time);
                 }
                 // The dataflow's trackers keep the position: nothing to do.
                 EventKind::LocationPinged { .. } if self.positions.is_some() => {}
-                EventKind::LocationPinged { rider, at } => match v.riders.get_mut(rider) {
-                    Some(r) => r.at = Some(*at),
-                    None => {
-                        v.riders.entry(rider.clone()).or_default().at = Some(*at);
-                    }
-                },
+                EventKind::LocationPinged { rider, at } => {
+                    let r = match v.riders.get_mut(rider) {
+                        Some(r) => r,
+                        None => v.riders.entry(rider.clone()).or_default(),
+                    };
+                    r.at = Some(*at);
+                    r.seen = r.seen.max(e.time);
+                }
                 _ => {}
             }
         }
@@ -748,11 +756,31 @@ impl Egress {
         if now >= swept + SWEEP_EVERY {
             self.swept_streams.store(now, Ordering::Release);
             let retention = self.retention.stream_ms;
+            // Riders carrying nothing whom the dataflow has forgotten: with
+            // the trackers' positions, those they no longer track (read
+            // before the view's lock: theirs are never taken under it).
+            let forget = self.cfg.rider_retention_ms;
+            let tracked: Option<HashSet<Id>> = self.positions.as_ref().map(|t| {
+                let v = self.view.read().expect("view");
+                let idle: Vec<Id> = v
+                    .riders
+                    .iter()
+                    .filter(|(_, r)| r.load == 0 && r.seen.saturating_add(forget) <= now)
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                drop(v);
+                idle.into_iter().filter(|id| t.tracks(id)).collect()
+            });
             let mut v = self.view.write().expect("view");
             v.streams.retain(|_, s| {
                 s.trim(now, retention);
                 // Held by a client: kept (empty) so it is woken.
                 !s.messages.is_empty() || s.next_seq > 0 || Arc::strong_count(&s.notify) > 1
+            });
+            v.riders.retain(|id, r| {
+                r.load > 0
+                    || r.seen.saturating_add(forget) > now
+                    || tracked.as_ref().is_some_and(|t| t.contains(id))
             });
         }
         if let Some(h) = &self.retention.history {
