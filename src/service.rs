@@ -34,6 +34,7 @@ use grabflow_http::waiter::Waiting;
 use grabflow_ingress::Ingress;
 use grabflow_log::checkpoints::CheckpointStore;
 use grabflow_log::embedded::backlog::Backlog;
+use grabflow_log::embedded::Retention;
 use grabflow_log::kafka::{ensure_topics, KafkaSources};
 use grabflow_log::{embedded, kafka, now_ms, LogHandle};
 use std::collections::HashMap;
@@ -213,6 +214,8 @@ struct Input {
     restore: Option<Arc<DataflowState>>,
     /// Checkpoint figures (embedded log).
     figures: Option<SharedFigures>,
+    /// What the checkpoints tell the embedded log's retention.
+    needs: Option<checkpoint::Needs>,
 }
 
 /// Tells the embedded log's backlog how far the dataflow has got.
@@ -279,6 +282,7 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
                 input.log.ledger_saver(),
                 rx,
                 Arc::clone(figures),
+                input.needs,
             )?;
             (
                 Some((Arc::new(checkpointing), input.restore.clone())),
@@ -371,17 +375,23 @@ fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
         None => (embedded::Resume::default(), None),
     };
     let from = resume.from;
+    let retention = Arc::new(Retention::new(plan.log_retention));
+    let options = embedded::Options {
+        ticks: plan.ticks,
+        rolling: plan.rolling,
+        retention: Arc::clone(&retention),
+    };
     let opened = embedded::open_resuming(
         &plan.data_dir,
         feed_tx,
-        plan.ticks,
         Arc::clone(&backlog),
         resume,
+        options,
     )
     .with_context(|| {
         format!(
             "opening the log in {}",
-            plan.data_dir.join("events.log").display()
+            embedded::segments::dir(&plan.data_dir).display()
         )
     })?;
     let started_from = restore.as_ref().map_or(0, |r| r.at);
@@ -405,6 +415,10 @@ fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
         since: opened.last_time,
         sink: None,
         backlog: Some(backlog),
+        needs: Some(checkpoint::Needs::new(
+            retention,
+            restore.as_ref().map(|r| (r.at, from)),
+        )),
         restore,
         figures: Some(figures),
     })
@@ -436,6 +450,7 @@ async fn open_kafka(
         backlog: None,
         restore: None,
         figures: None,
+        needs: None,
     })
 }
 

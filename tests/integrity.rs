@@ -47,7 +47,7 @@ async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() 
     assert!(status.success(), "{status}");
 
     // One flipped byte near the start: most acknowledged orders follow it.
-    let log = dir.join("events.log");
+    let log = dir.join("log").join("00000000000000000000.seg");
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -72,7 +72,7 @@ async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() 
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(
-        stderr.contains("events.log")
+        stderr.contains("00000000000000000000.seg")
             && stderr.contains("damaged")
             && stderr.contains("grabflow log repair"),
         "{stderr}"
@@ -92,7 +92,7 @@ async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() 
 
     let (ok, out, err) = grabflow(&["log", "repair"], &dir);
     assert!(ok, "{out}{err}");
-    let quarantined: Vec<_> = std::fs::read_dir(&dir)
+    let quarantined: Vec<_> = std::fs::read_dir(dir.join("log"))
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().contains(".quarantine-"))

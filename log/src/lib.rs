@@ -80,7 +80,7 @@ pub enum LogError {
          --data-dir {dir}`; `grabflow log repair --data-dir {dir}` keeps every whole record \
          and moves the damaged bytes to a quarantine file beside the log",
         path.display(),
-        dir = path.parent().map_or(".".into(), |d| d.display().to_string())
+        dir = embedded::segments::data_dir_of(path).display()
     )]
     Damaged {
         /// The log file.
@@ -89,6 +89,21 @@ pub enum LogError {
         offset: u64,
         /// Whole records after it.
         following: usize,
+    },
+    /// The log's segments do not follow on (one is missing, or does not
+    /// start where the one before ends), or a segment other than the last
+    /// ends in a torn record: nothing was cut or deleted.
+    #[error(
+        "{}: {why}; nothing was cut or deleted. See the log with `grabflow log verify \
+         --data-dir {dir}`",
+        path.display(),
+        dir = embedded::segments::data_dir_of(path).display()
+    )]
+    Segments {
+        /// The segment (or the log's directory) at fault.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        why: String,
     },
     /// The broker did not take the event (or could not be reached).
     #[error(transparent)]

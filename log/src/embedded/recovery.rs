@@ -118,29 +118,70 @@ pub fn read_records(path: &Path) -> Result<Scanned, LogError> {
 /// restart from a checkpoint needs no more); the records before are
 /// checked by their checksum and head.
 pub fn read_records_from(path: &Path, from: u64) -> Result<Scanned, LogError> {
-    let Some((file, bytes)) = read(path, true)? else {
-        return Ok(Scanned {
-            records: Vec::new(),
-            end: 0,
-            cut: 0,
-            last: None,
-        });
-    };
     let mut records = Vec::new();
-    let layout = Layout::of(&bytes, |payload| match format::first_offset(payload) {
-        Some(first) if first < from => true,
-        _ => decode(payload, &mut records),
-    });
-    // Forms before 0.7 are decoded whole: drop what comes before `from`.
-    records.retain(|r| r.event.offset >= from);
-    let last = match records.last() {
-        Some(r) => Some(r.clone()),
-        None => layout.records.last().and_then(|r| {
-            let mut last = Vec::new();
-            framed(&bytes[r.clone()]).filter(|p| decode(p, &mut last))?;
-            last.pop()
-        }),
+    let Scan { end, cut, last, .. } = scan(path, from, true, |r| records.push(r))?;
+    Ok(Scanned {
+        records,
+        end,
+        cut,
+        last,
+    })
+}
+
+/// What [`scan`] found in one file (a segment of the log).
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    /// Where the records end: the next append goes here.
+    pub(crate) end: u64,
+    /// Bytes of a torn tail cut off.
+    pub(crate) cut: u64,
+    /// The last record's last event.
+    pub(crate) last: Option<Record>,
+    /// The offset of the file's first event (`None`: no records).
+    pub(crate) first: Option<u64>,
+}
+
+/// Checks every record of the log file at `path` and hands `each` those
+/// from offset `from` on, in order (the file is read whole: a segment at
+/// most). A torn tail is cut when `tail` (the log's last segment); in any
+/// other segment it is damage ([`LogError::Segments`]: a sealed segment
+/// was trimmed to its records when the next began). Other damage is
+/// refused with [`LogError::Damaged`]; nothing is cut then.
+pub(crate) fn scan(
+    path: &Path,
+    from: u64,
+    tail: bool,
+    mut each: impl FnMut(Record),
+) -> Result<Scan, LogError> {
+    let Some((file, bytes)) = read(path, tail)? else {
+        return Ok(Scan::default());
     };
+    let mut first = None;
+    let mut decoded = Vec::new();
+    let layout = Layout::of(&bytes, |payload| {
+        let head = format::first_offset(payload);
+        let whole = match head {
+            Some(offset) if offset < from => true,
+            _ => {
+                let whole = decode(payload, &mut decoded);
+                // Forms before 0.7 are decoded whole: skip what comes
+                // before `from`.
+                for r in decoded.drain(..) {
+                    first.get_or_insert(r.event.offset);
+                    if r.event.offset >= from {
+                        each(r);
+                    }
+                }
+                whole
+            }
+        };
+        if whole {
+            if let Some(offset) = head {
+                first.get_or_insert(offset);
+            }
+        }
+        whole
+    });
     if let Some((offset, following)) = layout.damage() {
         return Err(LogError::Damaged {
             path: path.to_path_buf(),
@@ -148,22 +189,36 @@ pub fn read_records_from(path: &Path, from: u64) -> Result<Scanned, LogError> {
             following,
         });
     }
+    // The last record, decoded again (unless it just was).
+    let last = layout.records.last().and_then(|r| {
+        let mut out = Vec::new();
+        framed(&bytes[r.clone()]).filter(|p| decode(p, &mut out))?;
+        out.pop()
+    });
     match layout.torn_tail() {
+        Some(torn) if !tail => Err(LogError::Segments {
+            path: path.to_path_buf(),
+            why: format!(
+                "{} bytes at byte {} are not a whole record, and later segments follow",
+                torn.len(),
+                torn.start
+            ),
+        }),
         Some(torn) => {
             file.set_len(torn.start as u64)?;
             file.sync_all()?;
-            Ok(Scanned {
-                records,
+            Ok(Scan {
                 end: torn.start as u64,
                 cut: torn.len() as u64,
                 last,
+                first,
             })
         }
-        None => Ok(Scanned {
-            records,
+        None => Ok(Scan {
             end: layout.end as u64,
             cut: 0,
             last,
+            first,
         }),
     }
 }
@@ -268,7 +323,7 @@ pub fn repair(path: &Path) -> Result<Repaired, LogError> {
     }
     q.sync_all()?;
     std::fs::write(format!("{}.txt", quarantine.display()), index)?;
-    let fresh = path.with_extension("log.repair");
+    let fresh = PathBuf::from(format!("{}.repair", path.display()));
     let mut out = File::create(&fresh)?;
     for r in &layout.records {
         out.write_all(&bytes[r.clone()])?;

@@ -22,6 +22,22 @@ fn ping(n: usize) -> (Id, EventKind) {
     )
 }
 
+/// The `n` events the writer replays into `rx` as it starts (it replays
+/// before it takes appends, on its own thread).
+fn replayed(rx: &mpsc::Receiver<Feed>, n: usize) -> Vec<Event> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("replayed events")
+        {
+            Feed::Events(e) | Feed::EventsThenTick(e, _) => out.extend(e),
+            Feed::Tick(_) => {}
+        }
+    }
+    out
+}
+
 fn events(rx: &mpsc::Receiver<Feed>) -> Vec<Event> {
     rx.try_iter()
         .flat_map(|f| match f {
@@ -74,7 +90,7 @@ async fn appends_survive_reopen_and_keys_are_honoured() {
     let (log, rx) = open_in(&dir);
     assert_eq!(log.replayed, 3);
     assert_eq!(
-        events(&rx),
+        replayed(&rx, 3),
         fed,
         "replay gives back exactly what was acknowledged"
     );
@@ -294,7 +310,7 @@ fn open_in(dir: &Path) -> (Opened, mpsc::Receiver<Feed>) {
 #[tokio::test]
 async fn direct_and_buffered_commits_read_back_alike() {
     let dir = scratch();
-    let path = dir.join("events.log");
+    let path = first_segment(&dir);
     let mut acked = Vec::new();
     for (round, direct) in [false, true, false, true].into_iter().enumerate() {
         let (tx, rx) = mpsc::channel();
@@ -302,14 +318,14 @@ async fn direct_and_buffered_commits_read_back_alike() {
         let log = open_with(
             &dir,
             tx,
-            every(Duration::from_millis(5)),
             unbounded,
             Resume::default(),
+            Options::new(every(Duration::from_millis(5))),
             direct,
         )
         .unwrap();
         assert_eq!((log.replayed, log.cut), (acked.len(), 0));
-        assert_eq!(events(&rx).len(), acked.len(), "replayed");
+        assert_eq!(replayed(&rx, acked.len()).len(), acked.len(), "replayed");
         for n in 0..3 {
             let id = round * 10 + n;
             let events = if n == 1 {
@@ -331,6 +347,20 @@ async fn direct_and_buffered_commits_read_back_alike() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The first segment of the log in `dir`.
+fn first_segment(dir: &Path) -> PathBuf {
+    segments::file(&segments::dir(dir), 0)
+}
+
+/// Every record of the log in `dir`, segment after segment.
+fn read_all(dir: &Path) -> Vec<Record> {
+    segments::list(dir)
+        .unwrap()
+        .iter()
+        .flat_map(|s| read_records(&s.path).unwrap().records)
+        .collect()
 }
 
 /// A fresh directory for one test's log.
@@ -361,13 +391,16 @@ async fn records_of_older_logs_are_read_beside_new_ones() {
     let mut binary = vec![BINARY];
     binary.extend(postcard::to_allocvec(&(None::<&str>, &event)).unwrap());
     old.extend(framed(&binary));
-    std::fs::write(dir.join("events.log"), &old).unwrap();
+    // In a data dir of 0.12: one file, moved into place as the first
+    // segment when the log opens.
+    std::fs::write(dir.join(segments::LEGACY), &old).unwrap();
 
     let (log, rx) = open_in(&dir);
+    assert!(!dir.join(segments::LEGACY).exists());
     assert_eq!(log.replayed, 2);
-    let replayed = events(&rx);
-    assert_eq!(replayed[0].kind, ping(0).1);
-    assert_eq!(replayed[1], event);
+    let back = replayed(&rx, 2);
+    assert_eq!(back[0].kind, ping(0).1);
+    assert_eq!(back[1], event);
     let again = log
         .handle
         .append(Some("k".into()), vec![ping(9)])
@@ -385,14 +418,18 @@ async fn records_of_older_logs_are_read_beside_new_ones() {
     drop(log.handle);
     log.writer.join().unwrap();
 
-    let bytes = std::fs::read(dir.join("events.log")).unwrap();
+    // The old records' times are long past (5 ms after the epoch): the
+    // new ones begin a segment of their own (an hour of log time on).
+    let all = segments::list(&dir).unwrap();
     assert_eq!(
-        bytes[old.len() + 8],
-        APPEND_SEALED,
-        "new records are sealed appends"
+        all.iter().map(|s| s.first).collect::<Vec<_>>(),
+        vec![0, 2],
+        "{all:?}"
     );
-    let Scanned { records, cut, .. } = read_records(&dir.join("events.log")).unwrap();
-    assert_eq!(cut, 0);
+    assert_eq!(std::fs::read(&all[0].path).unwrap(), old, "kept as it was");
+    let bytes = std::fs::read(&all[1].path).unwrap();
+    assert_eq!(bytes[8], APPEND_SEALED, "new records are sealed appends");
+    let records = read_all(&dir);
     let got: Vec<_> = records
         .iter()
         .map(|r| (r.key.clone(), r.event.id.to_string(), r.event.offset))
@@ -430,9 +467,9 @@ async fn a_batch_is_one_record_with_its_ids_stored_once() {
     log.writer.join().unwrap();
     let fed = events(&rx);
 
-    let size = read_records(&dir.join("events.log")).unwrap().end;
+    let size = read_records(&first_segment(&dir)).unwrap().end;
     assert!(size < 500 * 20, "{size} bytes for 502 pings");
-    let Scanned { records, cut, .. } = read_records(&dir.join("events.log")).unwrap();
+    let Scanned { records, cut, .. } = read_records(&first_segment(&dir)).unwrap();
     assert_eq!(cut, 0);
     let back: Vec<Event> = records.iter().map(|r| r.event.clone()).collect();
     assert_eq!(back, fed, "read back as they were fed");
@@ -443,7 +480,7 @@ async fn a_batch_is_one_record_with_its_ids_stored_once() {
     assert!(records[500..].iter().all(|r| r.key.is_none()));
 
     // A torn batch is cut whole: none of its events is applied.
-    let path = dir.join("events.log");
+    let path = first_segment(&dir);
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(size - 3).unwrap();
     let Scanned { records, cut, .. } = read_records(&path).unwrap();
@@ -461,7 +498,7 @@ async fn a_torn_tail_is_cut_and_never_half_applied() {
     }
     drop(log.handle);
     log.writer.join().unwrap();
-    let path = dir.join("events.log");
+    let path = first_segment(&dir);
     let full = read_records(&path).unwrap().end;
     // A crash in the middle of writing the last record.
     let f = OpenOptions::new().write(true).open(&path).unwrap();
@@ -481,7 +518,7 @@ async fn a_torn_tail_is_cut_and_never_half_applied() {
 #[tokio::test]
 async fn the_zero_filled_room_is_reused_and_a_record_torn_in_it_is_cut() {
     let dir = scratch();
-    let path = dir.join("events.log");
+    let path = first_segment(&dir);
     let (log, _rx) = open_in(&dir);
     for n in 0..3 {
         log.handle.append(None, vec![ping(n)]).await.unwrap();
@@ -541,7 +578,7 @@ fn flip(path: &Path, at: u64) {
 #[tokio::test]
 async fn damage_before_whole_records_is_refused_reported_and_repaired_keeping_them() {
     let dir = scratch();
-    let path = dir.join("events.log");
+    let path = first_segment(&dir);
     let (log, _rx) = open_in(&dir);
     for n in 0..40 {
         log.handle
@@ -574,7 +611,9 @@ async fn damage_before_whole_records_is_refused_reported_and_repaired_keeping_th
     );
     let message = e.to_string();
     assert!(
-        message.contains("events.log") && message.contains("grabflow log repair"),
+        message.contains("00000000000000000000.seg")
+            && message.contains("grabflow log repair")
+            && message.contains(&format!("--data-dir {}", dir.display())),
         "{message}"
     );
     assert_eq!(std::fs::read(&path).unwrap().len(), size, "nothing is cut");
@@ -668,8 +707,8 @@ proptest::proptest! {
         whole in proptest::prelude::any::<bool>(),
     ) {
         let dir = scratch();
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("events.log");
+        let path = first_segment(&dir);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let mut bytes = if whole { Vec::new() } else { valid_log() };
         let at = at.min(bytes.len());
         bytes.splice(at..(at + junk.len()).min(bytes.len()), junk.iter().copied());
