@@ -121,18 +121,24 @@ impl Space {
     }
 
     /// After writing up to `end`: asks for more room when less than half
-    /// a chunk is left and none is being filled (see [`fill_to`]).
+    /// of a fill (see [`fill_to`]) is left and none is being filled. So
+    /// the room ahead stays within a share of the free space, whatever
+    /// has been filled before.
     pub fn wrote(&self, end: u64) {
         let (lock, _) = &*self.ready;
         let mut r = lock.lock().expect("space lock");
         r.len = r.len.max(end);
-        if !r.filling && r.len - end < CHUNK / 2 && r.len < self.cap {
+        let left = r.len - end;
+        if !r.filling && left < CHUNK / 2 && r.len < self.cap {
             let from = r.len;
-            if let Some(to) = fill_to(from, self.cap, (self.free)()) {
-                r.filling = self
-                    .fill
-                    .as_ref()
-                    .is_some_and(|f| f.send((from, to)).is_ok());
+            match fill_to(from, self.cap, (self.free)()) {
+                Some(to) if left < (to - from) / 2 => {
+                    r.filling = self
+                        .fill
+                        .as_ref()
+                        .is_some_and(|f| f.send((from, to)).is_ok());
+                }
+                _ => {}
             }
         }
     }

@@ -754,3 +754,371 @@ fn valid_log() -> Vec<u8> {
     }
     out
 }
+
+/// The segments' size in the tests of segments: a few dozen pings each.
+const SEGMENT: u64 = 2048;
+
+/// The log in `dir` kept as `options` say (5 ms ticks), from `resume`.
+fn open_kept(dir: &Path, options: Options, resume: Resume) -> (Opened, mpsc::Receiver<Feed>) {
+    let (tx, rx) = mpsc::channel();
+    let unbounded = Arc::new(Backlog::new(0));
+    let log = open_with(dir, tx, unbounded, resume, options, true).unwrap();
+    (log, rx)
+}
+
+/// Options with 5 ms ticks, segments of `bytes`, and `retention`.
+fn small_segments(bytes: u64, retention: &Arc<Retention>) -> Options {
+    Options {
+        rolling: Rolling {
+            bytes,
+            ..Rolling::default()
+        },
+        retention: Arc::clone(retention),
+        ..Options::new(every(Duration::from_millis(5)))
+    }
+}
+
+/// `n` pings appended one by one from `at` on.
+async fn ping_n(log: &Opened, at: usize, n: usize) {
+    for i in at..at + n {
+        log.handle.append(None, vec![ping(i)]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn segments_roll_by_size_are_named_by_first_offset_and_read_back_as_one_log() {
+    let dir = scratch();
+    let forever = Arc::new(Retention::new(0));
+    let (log, rx) = open_kept(&dir, small_segments(SEGMENT, &forever), Resume::default());
+    ping_n(&log, 0, 300).await;
+    drop(log.handle);
+    log.writer.join().unwrap();
+    let fed = events(&rx);
+    assert_eq!(fed.len(), 300);
+
+    let all = segments::list(&dir).unwrap();
+    assert!(all.len() > 3, "{all:?}");
+    let mut next = 0;
+    for (i, segment) in all.iter().enumerate() {
+        assert_eq!(segment.first, next, "offsets follow on: {all:?}");
+        let back = read_records(&segment.path).unwrap();
+        assert_eq!(back.records[0].event.offset, segment.first);
+        next = back.records.last().unwrap().event.offset + 1;
+        let len = std::fs::metadata(&segment.path).unwrap().len();
+        if i + 1 < all.len() {
+            assert!(len <= SEGMENT, "a segment stays within its size: {len}");
+            assert_eq!(len, back.end, "a sealed segment is trimmed to its records");
+        }
+    }
+    assert_eq!(next, 300);
+    assert_eq!(
+        read_all(&dir)
+            .into_iter()
+            .map(|r| r.event)
+            .collect::<Vec<_>>(),
+        fed
+    );
+
+    // Reopened: every segment replayed in order, appends go on after them.
+    let (log, rx) = open_kept(&dir, small_segments(SEGMENT, &forever), Resume::default());
+    assert_eq!(log.replayed, 300);
+    assert_eq!(replayed(&rx, 300), fed);
+    let a = log.handle.append(None, vec![ping(300)]).await.unwrap();
+    assert!(matches!(a, Appended::One { offset: 300, .. }), "{a:?}");
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A log of 300 pings in segments of [`SEGMENT`] bytes; its segments.
+async fn segmented_log(dir: &Path) -> Vec<Segment> {
+    let forever = Arc::new(Retention::new(0));
+    let (log, _rx) = open_kept(dir, small_segments(SEGMENT, &forever), Resume::default());
+    ping_n(&log, 0, 300).await;
+    drop(log.handle);
+    log.writer.join().unwrap();
+    segments::list(dir).unwrap()
+}
+
+/// Opening the log in `dir` (segments of [`SEGMENT`] bytes, from the start).
+fn reopen(dir: &Path) -> Result<Opened, LogError> {
+    let (tx, _rx) = mpsc::channel();
+    let forever = Arc::new(Retention::new(0));
+    let options = small_segments(SEGMENT, &forever);
+    open_with(
+        dir,
+        tx,
+        Arc::new(Backlog::new(0)),
+        Resume::default(),
+        options,
+        true,
+    )
+}
+
+#[tokio::test]
+async fn a_torn_last_segment_is_cut_and_damage_in_a_sealed_one_is_refused_not_dropped() {
+    // A torn tail in the last segment: cut, every whole record kept.
+    let dir = scratch();
+    let all = segmented_log(&dir).await;
+    let last = all.last().unwrap();
+    let end = read_records(&last.path).unwrap().end;
+    let f = OpenOptions::new().write(true).open(&last.path).unwrap();
+    f.set_len(end - 5).unwrap();
+    let log = reopen(&dir).unwrap();
+    assert!(log.cut > 0);
+    assert_eq!(log.replayed, 299, "only the torn (last) append is gone");
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A flipped byte in a sealed segment: refused, naming it; nothing cut.
+    let dir = scratch();
+    let all = segmented_log(&dir).await;
+    let middle = &all[all.len() / 2];
+    let sizes: Vec<u64> = all
+        .iter()
+        .map(|s| std::fs::metadata(&s.path).unwrap().len())
+        .collect();
+    flip(&middle.path, 100);
+    let e = reopen(&dir).err().expect("refused");
+    assert!(
+        matches!(&e, LogError::Damaged { path, .. } if path == &middle.path),
+        "{e}"
+    );
+    let after: Vec<u64> = all
+        .iter()
+        .map(|s| std::fs::metadata(&s.path).unwrap().len())
+        .collect();
+    assert_eq!(after, sizes, "nothing is cut");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A sealed segment cut short at its end (not the log's tail): refused.
+    let dir = scratch();
+    let all = segmented_log(&dir).await;
+    let middle = &all[all.len() / 2];
+    let len = std::fs::metadata(&middle.path).unwrap().len();
+    let f = OpenOptions::new().write(true).open(&middle.path).unwrap();
+    f.set_len(len - 3).unwrap();
+    let e = reopen(&dir).err().expect("refused");
+    assert!(
+        matches!(&e, LogError::Segments { path, .. } if path == &middle.path),
+        "{e}"
+    );
+    assert_eq!(std::fs::metadata(&middle.path).unwrap().len(), len - 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A segment missing in the middle: refused, naming the one after.
+    let dir = scratch();
+    let all = segmented_log(&dir).await;
+    let i = all.len() / 2;
+    std::fs::remove_file(&all[i].path).unwrap();
+    let e = reopen(&dir).err().expect("refused");
+    assert!(
+        matches!(&e, LogError::Segments { path, .. } if path == &all[i + 1].path),
+        "{e}"
+    );
+    assert!(e.to_string().contains("grabflow log verify"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_last_segment_of_a_roll_cut_short_goes_on_from_the_one_before() {
+    let dir = scratch();
+    let all = segmented_log(&dir).await;
+    // A crash right after the next segment was created.
+    let log_dir = segments::dir(&dir);
+    std::fs::write(segments::file(&log_dir, 300), b"").unwrap();
+    let (log, rx) = open_kept(
+        &dir,
+        small_segments(SEGMENT, &Arc::new(Retention::new(0))),
+        Resume::default(),
+    );
+    assert_eq!(log.replayed, 300);
+    assert_eq!(replayed(&rx, 300).len(), 300);
+    assert!(log.last_time > 0);
+    let a = log.handle.append(None, vec![ping(300)]).await.unwrap();
+    assert!(matches!(a, Appended::One { offset: 300, .. }), "{a:?}");
+    drop(log.handle);
+    log.writer.join().unwrap();
+    assert_eq!(segments::list(&dir).unwrap().len(), all.len() + 1);
+    assert_eq!(read_all(&dir).len(), 301);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn retention_deletes_only_old_segments_no_checkpoint_needs_and_a_restart_resumes_after() {
+    let dir = scratch();
+    // Every event is "old" a millisecond after the newest.
+    let retention = Arc::new(Retention::new(1));
+    let (log, _rx) = open_kept(&dir, small_segments(SEGMENT, &retention), Resume::default());
+    ping_n(&log, 0, 300).await;
+    let all = segments::list(&dir).unwrap();
+    assert!(all.len() > 3);
+    // Without a checkpoint nothing goes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    log.handle.append(None, vec![ping(300)]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(segments::list(&dir).unwrap(), all, "no checkpoint: kept");
+
+    // A checkpoint resuming inside segment 2: segments 0 and 1 go.
+    let from = all[2].first + 1;
+    retention.checkpointed(from);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while segments::list(&dir).unwrap().len() == all.len() {
+        assert!(Instant::now() < deadline, "nothing deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let kept = segments::list(&dir).unwrap();
+    assert_eq!(kept[..], all[2..], "exactly those wholly before {from}");
+    let ledger: Ledger = postcard::from_bytes(&log.handle.ledger_saver().save()).unwrap();
+    drop(log.handle);
+    log.writer.join().unwrap();
+
+    // A start without the checkpoint is refused: its events are gone.
+    let e = reopen(&dir).err().expect("refused");
+    assert!(matches!(e, LogError::Segments { .. }), "{e}");
+    // From the checkpoint: the events after it, the ledger's too.
+    let (log, rx) = open_kept(
+        &dir,
+        small_segments(SEGMENT, &Arc::new(Retention::new(1))),
+        Resume { from, ledger },
+    );
+    assert_eq!(log.replayed as u64, 301 - from);
+    let back = replayed(&rx, 301 - from as usize);
+    assert_eq!(back[0].offset, from);
+    assert_eq!(back.last().unwrap().offset, 300);
+    let a = log.handle.append(None, vec![ping(301)]).await.unwrap();
+    assert!(matches!(a, Appended::One { offset: 301, .. }), "{a:?}");
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_replay_runs_a_bounded_backlog_ahead_of_the_dataflow() {
+    let dir = scratch();
+    let forever = Arc::new(Retention::new(0));
+    let (log, _rx) = open_kept(&dir, small_segments(1 << 20, &forever), Resume::default());
+    // Batches of one event each at distinct times, so ticks can pass them.
+    let n = REPLAY_AHEAD as usize + 3 * 4096;
+    let mut at = 0;
+    while at < n {
+        let batch: Vec<_> = (at..at + 4096).map(ping).collect();
+        log.handle.append(None, batch).await.unwrap();
+        at += 4096;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(log.handle);
+    log.writer.join().unwrap();
+
+    let (tx, rx) = mpsc::channel();
+    let backlog = Arc::new(Backlog::new(0));
+    let options = small_segments(1 << 20, &forever);
+    let log = open_with(
+        &dir,
+        tx,
+        Arc::clone(&backlog),
+        Resume::default(),
+        options,
+        true,
+    )
+    .unwrap();
+    assert_eq!(log.replayed, at);
+    // Nothing passes the dataflow's frontier: the replay stops ahead.
+    let mut held = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held < REPLAY_AHEAD as usize {
+        assert!(Instant::now() < deadline, "{held} handed over");
+        held += events(&rx).len();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    held += events(&rx).len();
+    assert!(
+        held <= REPLAY_AHEAD as usize + 4096 && held < at,
+        "{held} of {at} handed over"
+    );
+    // The dataflow finishes everything it holds: the rest comes.
+    let mut fed = held;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fed < at {
+        assert!(Instant::now() < deadline, "{fed} of {at}");
+        backlog.progress(now_ms());
+        fed += events(&rx).len();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(fed, at);
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn room_fits_a_small_disk() {
+    use super::space::{fill_to, Space, CHUNK, MIN_FILL, SHARE};
+    // Plenty of space: a chunk, but never past the segment.
+    assert_eq!(fill_to(0, u64::MAX, u64::MAX), Some(CHUNK));
+    assert_eq!(
+        fill_to(1000, 5000 + MIN_FILL, u64::MAX),
+        Some(5000 + MIN_FILL)
+    );
+    // A 4 MiB volume: a quarter of what is free, then nothing.
+    assert_eq!(fill_to(0, u64::MAX, 4 << 20), Some((4 << 20) / SHARE));
+    assert_eq!(fill_to(0, u64::MAX, SHARE * MIN_FILL - 1), None);
+    assert_eq!(fill_to(10, 20, u64::MAX), None, "the segment is full");
+
+    let dir = scratch();
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("seg");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let space = Space::with_free(&file, 0, u64::MAX, Box::new(|| 3 << 20)).unwrap();
+    file.write_all_at(&[7; 10], 0).unwrap();
+    space.wrote(10);
+    assert!(space.reserve(10, 100));
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(len, 10 + (3 << 20) / SHARE, "a quarter of 3 MiB free");
+    drop(space);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// On a real 4 MiB file system (tmpfs; only as root, else skipped): the
+/// log opens, preallocates within it, and takes appends.
+#[tokio::test]
+async fn the_log_works_on_a_4_mib_volume() {
+    let dir = scratch();
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: no tmpfs mount here (needs root)");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let result = tokio::spawn({
+        let dir = dir.clone();
+        async move {
+            let (log, _rx) = open_in(&dir);
+            ping_n(&log, 0, 2000).await;
+            drop(log.handle);
+            log.writer.join().unwrap();
+            let (bytes, segments) = segments::usage(&dir);
+            (bytes, segments, read_all(&dir).len())
+        }
+    })
+    .await;
+    let _ = std::process::Command::new("umount").arg(&dir).status();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (bytes, segments, records) = result.unwrap();
+    assert_eq!((segments, records), (1, 2000));
+    assert!(bytes < 3 << 20, "within the volume: {bytes}");
+}
