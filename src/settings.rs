@@ -430,8 +430,8 @@ impl Plan {
             bytes: pick(s.log_segment_bytes, d.log_segment_bytes),
             ..Rolling::default()
         };
-        if rolling.bytes < 4096 {
-            bail!("--log-segment-bytes must be at least 4096");
+        if rolling.bytes < 1024 {
+            bail!("--log-segment-bytes must be at least 1024");
         }
         let header_timeout = dur(s.header_timeout, d.header_timeout);
         if header_timeout.is_zero() {
