@@ -183,12 +183,14 @@ impl Writer {
     }
 
     /// Replays the log after the checkpoint into the dataflow: a segment
-    /// read at a time, handed over in chunks, each with a tick at its last
-    /// event's time (later events are no earlier) so the dataflow finishes
-    /// what it holds; after each, waits while the dataflow is more than
-    /// [`REPLAY_AHEAD`] events behind with some of them finishable. So a
-    /// restart holds one segment and a bounded backlog, however long the
-    /// tail. The segments were checked when the log opened; one that can
+    /// read at a time, handed over in chunks. Once more than
+    /// [`REPLAY_AHEAD`] events are ahead of the dataflow, it ticks at the
+    /// last handed-over event's time (later events are no earlier), so the
+    /// dataflow finishes what it holds, and waits while that is so and
+    /// some of them are finishable. So a restart holds one segment and a
+    /// bounded backlog, however long the tail, and the dataflow's clock
+    /// (and with it its checkpoints) moves once per [`REPLAY_AHEAD`]
+    /// events, not per chunk. The segments were checked when the log opened; one that can
     /// no longer be read stops the writer (a panic the service reports):
     /// the dataflow must not go on without it.
     fn replay(&mut self, stop: &Stop) {
@@ -214,15 +216,18 @@ impl Writer {
         }
     }
 
-    /// Hands `chunk` (replayed events) to the dataflow with a tick at its
-    /// last time, then waits for the dataflow (see [`Writer::replay`]);
-    /// `false` once the dataflow is gone.
+    /// Hands `chunk` (replayed events) to the dataflow; beyond
+    /// [`REPLAY_AHEAD`], with a tick at its last time, then waits for the
+    /// dataflow (see [`Writer::replay`]); `false` once the dataflow is gone.
     fn hand_replayed(&mut self, chunk: &mut Vec<Event>, stop: &Stop) -> bool {
         let Some(last) = chunk.last().map(|e| e.time) else {
             return true;
         };
         let events = std::mem::replace(chunk, Vec::with_capacity(REPLAY_CHUNK));
         self.backlog.committed(last, events.len() as u64);
+        if self.backlog.ahead() <= REPLAY_AHEAD {
+            return self.feed.send(Feed::Events(events)).is_ok();
+        }
         self.told = self.told.max(last);
         self.told_at = Instant::now();
         if self.feed.send(Feed::EventsThenTick(events, last)).is_err() {
