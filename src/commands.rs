@@ -163,7 +163,16 @@ pub fn replay_log(events: Vec<Event>, workers: usize, settle: Duration) -> anyho
 /// Prints what each segment of the embedded log in `data_dir` holds and
 /// any damage; an error (non-zero exit) when the log would not open.
 pub fn verify_log(data_dir: &Path) -> anyhow::Result<()> {
-    let segments = log_segments(data_dir)?;
+    // A 0.12 data dir is read where it is: verifying changes nothing.
+    let legacy = data_dir.join(embedded::segments::LEGACY);
+    let segments = if legacy.exists() {
+        vec![embedded::Segment {
+            first: 0,
+            path: legacy,
+        }]
+    } else {
+        log_segments(data_dir)?
+    };
     let mut refused = Vec::new();
     for (i, segment) in segments.iter().enumerate() {
         let path = &segment.path;
@@ -208,7 +217,7 @@ pub fn repair_log(data_dir: &Path) -> anyhow::Result<()> {
 }
 
 /// The segments of the log in `data_dir` (a 0.12 `events.log` moved into
-/// place first).
+/// place first, as a start would).
 fn log_segments(data_dir: &Path) -> anyhow::Result<Vec<embedded::Segment>> {
     embedded::segments::migrate(data_dir)?;
     let segments = embedded::segments::list(data_dir)?;

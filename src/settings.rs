@@ -596,6 +596,47 @@ mod tests {
     }
 
     #[test]
+    fn log_retention_and_segment_size_default_and_read_from_file_and_flags() {
+        let plan = Settings::default().plan().unwrap();
+        assert_eq!(plan.log_retention, 24 * 3_600_000, "24h by default");
+        assert_eq!(plan.rolling, Rolling::default());
+        let dir =
+            std::env::temp_dir().join(format!("grabflow-log-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("grabflow.toml");
+        std::fs::write(
+            &file,
+            "log_retention = \"7d\"\nlog_segment_bytes = 1048576\n",
+        )
+        .unwrap();
+        let plan = Settings {
+            config: Some(file.clone()),
+            ..Settings::default()
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.log_retention, 7 * 86_400_000);
+        assert_eq!(plan.rolling.bytes, 1 << 20);
+        let plan = Settings {
+            config: Some(file.clone()),
+            log_retention: Some("0".parse().unwrap()),
+            ..Settings::default()
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.log_retention, 0, "the flag over the file: keep all");
+        let e = Settings {
+            log_segment_bytes: Some(100),
+            ..Settings::default()
+        }
+        .plan()
+        .unwrap_err();
+        assert!(e.to_string().contains("--log-segment-bytes"), "{e}");
+        assert!(NAMES.contains(&"log_retention") && NAMES.contains(&"log_segment_bytes"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
     fn durations_read_with_units_or_as_milliseconds() {
         let d = |s: &str| s.parse::<Dur>().map(|d| d.0);
         assert_eq!(d("500ms"), Ok(Duration::from_millis(500)));
