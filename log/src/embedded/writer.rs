@@ -190,9 +190,9 @@ impl Writer {
     /// some of them are finishable. So a restart holds one segment and a
     /// bounded backlog, however long the tail, and the dataflow's clock
     /// (and with it its checkpoints) moves once per [`REPLAY_AHEAD`]
-    /// events, not per chunk. The segments were checked when the log opened; one that can
-    /// no longer be read stops the writer (a panic the service reports):
-    /// the dataflow must not go on without it.
+    /// events, not per chunk. The segments were checked when the log
+    /// opened; one that can no longer be read stops the writer (a panic
+    /// the service reports): the dataflow must not go on without it.
     fn replay(&mut self, stop: &Stop) {
         let (segments, from) = std::mem::take(&mut self.replay);
         let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
@@ -298,14 +298,12 @@ impl Writer {
             return Ok(());
         }
         let path = segments::file(&self.log_dir, first);
-        let (file, space, direct) = {
-            OpenOptions::new()
-                .create(true)
-                .truncate(true)
-                .write(true)
-                .open(&path)?;
-            open_segment(&path, 0, self.try_direct, self.rolling)?
-        };
+        OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
+        let (file, space, direct) = open_segment(&path, 0, self.try_direct, self.rolling)?;
         segments::sync_dir(&self.log_dir)?;
         // The helper stops before the room it was filling is trimmed.
         self.space = space;
