@@ -178,7 +178,8 @@ fn open_with(
         return Err(LogError::Segments {
             path: first.path.clone(),
             why: format!(
-                "the log begins at offset {}, after the {start} a restart needs                  (the segments before it are gone)",
+                "the log begins at offset {}, after the {start} a restart needs \
+                 (the segments before it are gone)",
                 first.first
             ),
         });
