@@ -142,15 +142,145 @@ pub(crate) struct Scan {
 }
 
 /// Checks every record of the log file at `path` and hands `each` those
-/// from offset `from` on, in order (the file is read whole: a segment at
-/// most). A torn tail is cut when `tail` (the log's last segment); in any
-/// other segment it is damage ([`LogError::Segments`]: a sealed segment
-/// was trimmed to its records when the next began). Other damage is
-/// refused with [`LogError::Damaged`]; nothing is cut then.
+/// from offset `from` on, in order. A torn tail is cut when `tail` (the
+/// log's last segment); in any other segment it is damage
+/// ([`LogError::Segments`]: a sealed segment was trimmed to its records
+/// when the next began). Other damage is refused with
+/// [`LogError::Damaged`]; nothing is cut then.
+///
+/// The file is read a record at a time (see [`stream`]): memory holds one
+/// record, not the segment. Only where that finds something other than
+/// whole records then zeros is the file read whole, to tell a torn tail
+/// from damage.
 pub(crate) fn scan(
     path: &Path,
     from: u64,
     tail: bool,
+    each: impl FnMut(Record),
+) -> Result<Scan, LogError> {
+    scan_with(path, from, tail, true, each)
+}
+
+/// [`scan`]; the zero-filled room after the records is read through (to
+/// check it is zeros) only if `room`: a replay of segments [`scan`] has
+/// checked stops where the records end.
+pub(crate) fn scan_with(
+    path: &Path,
+    from: u64,
+    tail: bool,
+    room: bool,
+    mut each: impl FnMut(Record),
+) -> Result<Scan, LogError> {
+    match stream(path, from, room, &mut each)? {
+        Streamed::Whole(scan) => Ok(scan),
+        Streamed::Stopped(at) => scan_whole(path, from, tail, at, each),
+    }
+}
+
+/// How far [`stream`] got.
+enum Streamed {
+    /// Whole records, then zeros (or nothing) to the end of the file.
+    Whole(Scan),
+    /// Something else begins at this byte; every whole record before it
+    /// was handed over.
+    Stopped(usize),
+}
+
+/// Reads the file at `path` a record at a time, handing `each` the events
+/// from offset `from` on, while it holds whole records; stops at the first
+/// header of zeros (and, if `room`, reads on to check that only zeros
+/// follow) or at anything that is not a whole record.
+fn stream(
+    path: &Path,
+    from: u64,
+    room: bool,
+    each: &mut impl FnMut(Record),
+) -> Result<Streamed, LogError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Streamed::Whole(Scan::default()))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let len = file.metadata()?.len() as usize;
+    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+    let (mut pos, mut first) = (0usize, None);
+    let (mut record, mut last) = (Vec::new(), Vec::new());
+    let mut decoded = Vec::new();
+    while pos < len {
+        if len - pos < 8 {
+            return Ok(Streamed::Stopped(pos));
+        }
+        record.resize(8, 0);
+        r.read_exact(&mut record)?;
+        if record.iter().all(|&b| b == 0) {
+            if room && !zeros(&mut r, len - pos - 8)? {
+                return Ok(Streamed::Stopped(pos));
+            }
+            break;
+        }
+        let n = u32::from_le_bytes(record[..4].try_into().expect("4 bytes")) as usize;
+        if n == 0 || n > len - pos - 8 {
+            return Ok(Streamed::Stopped(pos));
+        }
+        record.resize(8 + n, 0);
+        r.read_exact(&mut record[8..])?;
+        let Some(payload) = framed(&record) else {
+            return Ok(Streamed::Stopped(pos));
+        };
+        match format::first_offset(payload) {
+            Some(offset) if offset < from => {
+                first.get_or_insert(offset);
+            }
+            _ => {
+                if !decode(payload, &mut decoded) {
+                    return Ok(Streamed::Stopped(pos));
+                }
+                for r in decoded.drain(..) {
+                    first.get_or_insert(r.event.offset);
+                    if r.event.offset >= from {
+                        each(r);
+                    }
+                }
+            }
+        }
+        std::mem::swap(&mut record, &mut last);
+        pos += 8 + n;
+    }
+    let last = framed(&last).and_then(|p| {
+        decode(p, &mut decoded);
+        decoded.pop()
+    });
+    Ok(Streamed::Whole(Scan {
+        end: pos as u64,
+        cut: 0,
+        last,
+        first,
+    }))
+}
+
+/// Whether the next `n` bytes of `r` are zeros (read a buffer at a time).
+fn zeros(r: &mut impl Read, mut n: usize) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    while n > 0 {
+        let k = n.min(buf.len());
+        r.read_exact(&mut buf[..k])?;
+        if buf[..k].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        n -= k;
+    }
+    Ok(true)
+}
+
+/// [`scan`], reading the file whole (where [`stream`] stopped at byte
+/// `handed`: the records before it were handed to `each` already).
+fn scan_whole(
+    path: &Path,
+    from: u64,
+    tail: bool,
+    handed: usize,
     mut each: impl FnMut(Record),
 ) -> Result<Scan, LogError> {
     let Some((file, bytes)) = read(path, tail)? else {
@@ -158,8 +288,11 @@ pub(crate) fn scan(
     };
     let mut first = None;
     let mut decoded = Vec::new();
+    let base = bytes.as_ptr() as usize;
     let layout = Layout::of(&bytes, |payload| {
         let head = format::first_offset(payload);
+        // Where the record begins (its framing precedes the payload).
+        let at = payload.as_ptr() as usize - base - 8;
         let whole = match head {
             Some(offset) if offset < from => true,
             _ => {
@@ -168,7 +301,7 @@ pub(crate) fn scan(
                 // before `from`.
                 for r in decoded.drain(..) {
                     first.get_or_insert(r.event.offset);
-                    if r.event.offset >= from {
+                    if r.event.offset >= from && at >= handed {
                         each(r);
                     }
                 }

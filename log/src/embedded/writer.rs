@@ -15,7 +15,7 @@
 use super::backlog::Backlog;
 use super::direct::DirectAppender;
 use super::format::{encode, AppendRecordRef};
-use super::recovery::scan;
+use super::recovery::scan_with;
 use super::segments::{self, Retention, Rolling, Segment};
 use super::space::Space;
 use crate::keys::{FirstUse, Print};
@@ -198,7 +198,7 @@ impl Writer {
         let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
         let mut open = true;
         for (path, active) in segments {
-            let scanned = scan(&path, from, active, |r| {
+            let scanned = scan_with(&path, from, active, false, |r| {
                 if !open {
                     return;
                 }
