@@ -21,12 +21,12 @@
 //! anyone waits on until an order, a grab or a timer reads the index (and
 //! those tick at once, taking the pings before them along).
 //!
-//! On open, the segments a restart needs are scanned one at a time; a torn
-//! or corrupt tail of the last one (a crash mid-write) is cut at the last
-//! whole record, never half-applied; any other damage stops the open. The
-//! records after the checkpoint are then replayed into the dataflow, a
-//! segment at a time and a bounded backlog ahead of it, before new appends
-//! are taken: a restart's memory does not grow with the tail.
+//! On open, the segments a restart needs are read a record at a time; a
+//! torn or corrupt tail of the last one (a crash mid-write) is cut at the
+//! last whole record, never half-applied; any other damage stops the open.
+//! The records after the checkpoint are then replayed into the dataflow,
+//! streamed the same way and a bounded backlog ahead of it, before new
+//! appends are taken: a restart's memory does not grow with the tail.
 //!
 //! ## Layout
 //!
@@ -155,8 +155,8 @@ pub fn open_resuming(
 
 /// [`open_resuming`], with direct I/O only if `direct` (tests take both
 /// paths). Opening reads the segments from the one holding the first
-/// event the ledger or the dataflow lacks to the last, one at a time:
-/// each is checked whole (a torn tail is cut in the last one only), the
+/// event the ledger or the dataflow lacks to the last, a record at a time:
+/// each is checked (a torn tail is cut in the last one only), the
 /// offsets must follow on from segment to segment, and the ledger reads
 /// back what it lacks. The writer then replays the dataflow's part
 /// (see [`writer`]) before it takes appends.
