@@ -3,8 +3,9 @@
 //! Every event grabflow acts on is first made durable here, and the
 //! dataflow reads it back from here. One seam, two implementations:
 //!
-//! - [`embedded`]: one fsynced, checksummed file in the data directory (the
-//!   default: no external service). Its writer gives each event its offset
+//! - [`embedded`]: fsynced, checksummed segment files in the data
+//!   directory (the default: no external service), old ones deleted after
+//!   a retention once no checkpoint needs them. Its writer gives each event its offset
 //!   and time and hands committed events to the dataflow's feed.
 //! - [`kafka`]: production mode. Ingress produces to the input topics
 //!   (`acks=all`); each dataflow worker reads its partitions through a
@@ -26,7 +27,8 @@
 //! - [`keys`]: idempotency keys: each key's first answer and a print of
 //!   its request.
 //! - [`embedded`]: the file log — `format` (framing and record forms),
-//!   `recovery` (reading back, cutting a torn tail), `writer` (group
+//!   `recovery` (reading back, cutting a torn tail), `segments` (the
+//!   files, rolling, migration, retention), `writer` (replay, group
 //!   commit, ticks), `space` (zero-filled room), `direct` (direct I/O).
 //! - [`throttle`]: repeated identical warnings, rate-limited.
 //! - [`checkpoints`]: checkpoint files (versioned, checksummed, written

@@ -1,10 +1,12 @@
-//! Reading the file back: on open, every whole record in order; for an
-//! operator, a report of any damage ([`verify`]) and a repair that keeps
-//! every whole record ([`repair`]).
+//! Reading a segment back: on open, every whole record in order, a
+//! record at a time; for an operator, a report of any damage ([`verify`])
+//! and a repair that keeps every whole record ([`repair`]), a segment
+//! file at a time.
 //!
-//! Only a genuinely torn tail is cut on open: damage with no whole record
-//! after it (a crash in the middle of the last write), no longer than one
-//! commit's write. Anything else — a damaged record with whole records
+//! Only a genuinely torn tail of the log's last segment is cut on open:
+//! damage with no whole record after it (a crash in the middle of the
+//! last write), no longer than one commit's write; in a sealed segment
+//! that is damage too. Anything else — a damaged record with whole records
 //! after it, or more garbage than a write — stops the open with
 //! [`LogError::Damaged`], which names the file, the byte offset and how
 //! many records follow, and says to run `grabflow log repair`. A repair
