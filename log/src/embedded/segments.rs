@@ -173,6 +173,23 @@ pub fn usage(data_dir: &Path) -> (u64, usize) {
     (bytes, segments.len())
 }
 
+/// Whether `grabflow log repair` quarantined bytes of the segment at
+/// `path` (a `<segment>.quarantine-<ms>` file beside it): its records may
+/// end before the next segment begins.
+pub(crate) fn repaired(path: &Path) -> bool {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name().and_then(|n| n.to_str())) else {
+        return false;
+    };
+    let prefix = format!("{name}.quarantine-");
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.file_name()
+                .to_str()
+                .is_some_and(|n| n.starts_with(&prefix))
+        })
+    })
+}
+
 /// The time of the first event of the segment at `path` (`None`: it holds
 /// no whole first record).
 pub(crate) fn first_time(path: &Path) -> std::io::Result<Option<Time>> {

@@ -964,10 +964,12 @@ async fn retention_deletes_only_old_segments_no_checkpoint_needs_and_a_restart_r
     let from = all[2].first + 1;
     retention.checkpointed(from);
     let deadline = Instant::now() + Duration::from_secs(10);
-    while segments::list(&dir).unwrap().len() == all.len() {
-        assert!(Instant::now() < deadline, "nothing deleted");
+    while segments::list(&dir).unwrap().len() > all.len() - 2 {
+        assert!(Instant::now() < deadline, "not deleted");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // And no more, however long it runs.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let kept = segments::list(&dir).unwrap();
     assert_eq!(kept[..], all[2..], "exactly those wholly before {from}");
     let ledger: Ledger = postcard::from_bytes(&log.handle.ledger_saver().save()).unwrap();
