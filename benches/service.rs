@@ -655,10 +655,10 @@ fn restart_phase(rt: &tokio::runtime::Runtime) {
         sigterm(&mut server);
         rss
     });
-    let log_mib =
-        std::fs::metadata(dir.join("events.log")).map_or(0.0, |m| m.len() as f64 / 1048576.0);
+    let (log_bytes, log_segments) = grabflow_log::embedded::segments::usage(&dir);
+    let log_mib = log_bytes as f64 / 1048576.0;
     println!("
-restart with {pings} batched pings in the log ({log_mib:.0} MiB file; live RSS before the stop {live:.0} MiB):");
+restart with {pings} batched pings in the log ({log_mib:.0} MiB in {log_segments} segments; live RSS before the stop {live:.0} MiB):");
     println!("| start | ready in | peak RSS | replayed events |");
     println!("|---|---:|---:|---:|");
     let run = |name: &str, extra: &[&str], kill: bool| {

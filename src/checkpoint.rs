@@ -21,17 +21,19 @@
 //! holds every event.
 
 use grabflow_api::lifecycle::Thread;
-use grabflow_api::DispatchConfig;
+use grabflow_api::{DispatchConfig, Time};
 use grabflow_dataflow::checkpoint::DataflowState;
 use grabflow_dataflow::runtime::Fanout;
 pub use grabflow_egress::view::{CheckpointFigures as Figures, SharedFigures};
 use grabflow_log::checkpoints::CheckpointStore;
+use grabflow_log::embedded::Retention;
 use grabflow_log::kafka::{KafkaCheckpoints, KafkaConfig};
 use grabflow_log::keys::Print;
 use grabflow_log::ledger::Ledger;
 use grabflow_log::LedgerSaver;
 use serde::{Deserialize, Serialize};
-use std::sync::mpsc;
+use std::collections::BTreeMap;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 /// One checkpoint file's body.
@@ -149,16 +151,66 @@ impl Store {
                 .map_err(|e| e.to_string()),
         }
     }
+
+    /// The times of the checkpoints kept in the data dir (files only).
+    fn kept(&self) -> Option<Result<Vec<Time>, String>> {
+        match self {
+            Store::Files(files) => Some(
+                files
+                    .list()
+                    .map(|kept| kept.into_iter().map(|(t, _)| t).collect())
+                    .map_err(|e| e.to_string()),
+            ),
+            Store::Kafka(_) => None,
+        }
+    }
+}
+
+/// What the checkpoints a restart may use need of the log, told to its
+/// [`Retention`]: the lowest resume offset of the checkpoints kept. Not
+/// only the newest's: a damaged newest one is skipped for the one before
+/// (see [`load`]), which must still find its log. A checkpoint's offset
+/// is known once this process wrote or loaded it; while the store keeps
+/// one it does not know (written before the start, older than the one
+/// loaded), nothing is deleted.
+pub struct Needs {
+    retention: Arc<Retention>,
+    /// Resume offsets by checkpoint time, of those written or loaded.
+    known: BTreeMap<Time, u64>,
+}
+
+impl Needs {
+    /// For `retention`, knowing the loaded checkpoint `(time, offset)`.
+    pub fn new(retention: Arc<Retention>, loaded: Option<(Time, u64)>) -> Needs {
+        Needs {
+            retention,
+            known: loaded.into_iter().collect(),
+        }
+    }
+
+    /// The checkpoint at `at` resumes at `from`; `kept` are the times of
+    /// the checkpoints the store keeps now.
+    fn wrote(&mut self, at: Time, from: u64, kept: &[Time]) {
+        self.known.insert(at, from);
+        self.known.retain(|t, _| kept.contains(t));
+        if kept.iter().all(|t| self.known.contains_key(t)) {
+            if let Some(&lowest) = self.known.values().min() {
+                self.retention.checkpointed(lowest);
+            }
+        }
+    }
 }
 
 /// The checkpoint thread: writes each state from `rx`, with the log's
 /// `ledger` if it has one, into `store`, until `rx` closes (the dataflow
-/// ended, after its last checkpoint) or it is stopped.
+/// ended, after its last checkpoint) or it is stopped; tells `needs` (the
+/// embedded log's retention) what the checkpoints kept need.
 pub fn writer(
     mut store: Store,
     ledger: Option<LedgerSaver>,
     rx: mpsc::Receiver<DataflowState>,
     figures: SharedFigures,
+    mut needs: Option<Needs>,
 ) -> std::io::Result<Thread> {
     Thread::spawn("grabflow-checkpoint", move |stop| loop {
         let state = match rx.recv_timeout(Duration::from_millis(200)) {
@@ -175,6 +227,7 @@ pub fn writer(
         };
         let started = Instant::now();
         let at = state.at;
+        let from = state.resume().first().map(|&(_, offset)| offset);
         let body = Checkpoint {
             dataflow: state,
             ledger: ledger.as_ref().map(LedgerSaver::save).unwrap_or_default(),
@@ -192,6 +245,14 @@ pub fn writer(
                 f.written = Some(Instant::now());
                 f.written_total += 1;
                 tracing::debug!(at, bytes, place, "checkpoint written");
+                drop(f);
+                if let (Some(needs), Some(from), Some(kept)) = (needs.as_mut(), from, store.kept())
+                {
+                    match kept {
+                        Ok(kept) => needs.wrote(at, from, &kept),
+                        Err(e) => tracing::warn!("listing the checkpoints: {e}"),
+                    }
+                }
             }
             Err(e) => {
                 f.failed_total += 1;

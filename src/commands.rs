@@ -161,38 +161,74 @@ pub fn replay_log(events: Vec<Event>, workers: usize, settle: Duration) -> anyho
     Ok(())
 }
 
-/// Prints what the embedded log in `data_dir` holds and any damage; an
-/// error (non-zero exit) when the log would not open.
+/// Prints what each segment of the embedded log in `data_dir` holds and
+/// any damage; an error (non-zero exit) when the log would not open.
 pub fn verify_log(data_dir: &Path) -> anyhow::Result<()> {
-    let path = data_dir.join("events.log");
-    let report = embedded::verify(&path).with_context(|| format!("reading {}", path.display()))?;
-    print_report(&path, &report);
-    if report.refused() {
+    // A 0.12 data dir is read where it is: verifying changes nothing.
+    let legacy = data_dir.join(embedded::segments::LEGACY);
+    let segments = if legacy.exists() {
+        vec![embedded::Segment {
+            first: 0,
+            path: legacy,
+        }]
+    } else {
+        log_segments(data_dir)?
+    };
+    let mut refused = Vec::new();
+    for (i, segment) in segments.iter().enumerate() {
+        let path = &segment.path;
+        let mut report =
+            embedded::verify(path).with_context(|| format!("reading {}", path.display()))?;
+        // Only the last segment may end in a torn write.
+        report.torn_tail &= i + 1 == segments.len();
+        print_report(path, &report);
+        if report.refused() {
+            refused.push(path.display().to_string());
+        }
+    }
+    if !refused.is_empty() {
         bail!(
-            "{} is damaged; `grabflow log repair --data-dir {}` keeps every whole record",
-            path.display(),
+            "{} damaged; `grabflow log repair --data-dir {}` keeps every whole record",
+            refused.join(", "),
             data_dir.display()
         );
     }
     Ok(())
 }
 
-/// Repairs the embedded log in `data_dir` (see `grabflow_log::embedded::repair`).
+/// Repairs each segment of the embedded log in `data_dir` (see
+/// `grabflow_log::embedded::repair`).
 pub fn repair_log(data_dir: &Path) -> anyhow::Result<()> {
-    let path = data_dir.join("events.log");
-    let repaired =
-        embedded::repair(&path).with_context(|| format!("repairing {}", path.display()))?;
-    print_report(&path, &repaired.report);
-    match repaired.quarantine {
-        Some(q) => println!(
-            "repaired: kept {} whole records; the damaged bytes are in {} (offsets in {}.txt)",
-            repaired.report.records,
-            q.display(),
-            q.display()
-        ),
-        None => println!("nothing to repair"),
+    for segment in log_segments(data_dir)? {
+        let path = &segment.path;
+        let repaired =
+            embedded::repair(path).with_context(|| format!("repairing {}", path.display()))?;
+        print_report(path, &repaired.report);
+        match repaired.quarantine {
+            Some(q) => println!(
+                "repaired: kept {} whole records; the damaged bytes are in {} (offsets in {}.txt)",
+                repaired.report.records,
+                q.display(),
+                q.display()
+            ),
+            None => println!("nothing to repair"),
+        }
     }
     Ok(())
+}
+
+/// The segments of the log in `data_dir` (a 0.12 `events.log` moved into
+/// place first, as a start would).
+fn log_segments(data_dir: &Path) -> anyhow::Result<Vec<embedded::Segment>> {
+    embedded::segments::migrate(data_dir)?;
+    let segments = embedded::segments::list(data_dir)?;
+    if segments.is_empty() {
+        println!(
+            "{}: no log segments",
+            embedded::segments::dir(data_dir).display()
+        );
+    }
+    Ok(segments)
 }
 
 fn print_report(path: &Path, report: &embedded::Report) {

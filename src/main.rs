@@ -78,14 +78,14 @@ enum LogAction {
     /// Report what the log holds and any damage; changes nothing. Exits
     /// non-zero when the log would not open.
     Verify {
-        /// The data dir holding `events.log`.
+        /// The data dir holding the log (`log/*.seg`).
         #[arg(long, env = "GRABFLOW_DATA_DIR", default_value = "./grabflow-data")]
         data_dir: PathBuf,
     },
     /// Keep every whole record (those after damage too) and move the
     /// damaged bytes to a quarantine file beside the log. Stop the server first.
     Repair {
-        /// The data dir holding `events.log`.
+        /// The data dir holding the log (`log/*.seg`).
         #[arg(long, env = "GRABFLOW_DATA_DIR", default_value = "./grabflow-data")]
         data_dir: PathBuf,
     },

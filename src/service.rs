@@ -35,6 +35,7 @@ use grabflow_http::waiter::Waiting;
 use grabflow_ingress::Ingress;
 use grabflow_log::checkpoints::CheckpointStore;
 use grabflow_log::embedded::backlog::Backlog;
+use grabflow_log::embedded::Retention;
 use grabflow_log::kafka::{ensure_topics, KafkaSources};
 use grabflow_log::{embedded, kafka, now_ms, LogHandle};
 use std::collections::HashMap;
@@ -237,6 +238,8 @@ struct Input {
     store: Option<(checkpoint::Store, Option<grabflow_log::LedgerSaver>)>,
     /// Checkpoint figures.
     figures: Option<SharedFigures>,
+    /// What the checkpoints tell the embedded log's retention.
+    needs: Option<checkpoint::Needs>,
 }
 
 /// Tells the embedded log's backlog how far the dataflow has got.
@@ -297,8 +300,13 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     );
     let mirror = mirror(&plan)?;
     observers.extend(mirror.as_ref().map(|(m, _)| Arc::clone(m)));
-    let (checkpointed, checkpoints) =
-        checkpointing(&plan, input.store, &input.figures, &input.restore)?;
+    let (checkpointed, checkpoints) = checkpointing(
+        &plan,
+        input.store,
+        &input.figures,
+        &input.restore,
+        input.needs,
+    )?;
     egress.set_checkpoints(input.figures.clone());
     let dataflow = runtime::spawn_checkpointed(
         plan.dispatch.clone(),
@@ -354,6 +362,7 @@ fn checkpointing(
     store: Option<(checkpoint::Store, Option<grabflow_log::LedgerSaver>)>,
     figures: &Option<SharedFigures>,
     restore: &Option<Arc<DataflowState>>,
+    needs: Option<checkpoint::Needs>,
 ) -> anyhow::Result<(
     Option<(Arc<Checkpointing>, Option<Arc<DataflowState>>)>,
     Option<Thread>,
@@ -367,7 +376,7 @@ fn checkpointing(
     let checkpointing = Checkpointing::new(plan.checkpoint_interval, since, move |state| {
         let _ = done.lock().expect("checkpoints").send(state);
     });
-    let thread = checkpoint::writer(store, ledger, rx, Arc::clone(figures))?;
+    let thread = checkpoint::writer(store, ledger, rx, Arc::clone(figures), needs)?;
     Ok((
         Some((Arc::new(checkpointing), restore.clone())),
         Some(thread),
@@ -417,17 +426,23 @@ fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
     };
     resume.ledger.set_windows(plan.ledger_windows());
     let from = resume.from;
+    let retention = Arc::new(Retention::new(plan.log_retention));
+    let options = embedded::Options {
+        ticks: plan.ticks,
+        rolling: plan.rolling,
+        retention: Arc::clone(&retention),
+    };
     let opened = embedded::open_resuming(
         &plan.data_dir,
         feed_tx,
-        plan.ticks,
         Arc::clone(&backlog),
         resume,
+        options,
     )
     .with_context(|| {
         format!(
             "opening the log in {}",
-            plan.data_dir.join("events.log").display()
+            embedded::segments::dir(&plan.data_dir).display()
         )
     })?;
     let started_from = restore.as_ref().map_or(0, |r| r.at);
@@ -452,6 +467,10 @@ fn open_embedded(plan: &Plan, threads: &mut Threads) -> anyhow::Result<Input> {
         since: opened.last_time,
         sink: None,
         backlog: Some(backlog),
+        needs: Some(checkpoint::Needs::new(
+            retention,
+            restore.as_ref().map(|r| (r.at, from)),
+        )),
         restore,
         saved,
         store: Some((checkpoint::Store::Files(store), Some(ledger))),
@@ -510,6 +529,7 @@ async fn open_kafka(
         saved,
         store: Some((checkpoint::Store::Kafka(store), None)),
         figures: Some(figures),
+        needs: None,
     })
 }
 
@@ -630,7 +650,7 @@ pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
     }));
     let restore = loaded.map(|l| Arc::new(l.dataflow));
     let store = store.map(|s| (checkpoint::Store::Kafka(s), None));
-    let (checkpointed, checkpoints) = checkpointing(&plan, store, &Some(figures), &restore)?;
+    let (checkpointed, checkpoints) = checkpointing(&plan, store, &Some(figures), &restore, None)?;
     // No egress reads this process's rider trackers.
     let dataflow = runtime::spawn_checkpointed(
         plan.dispatch.clone(),

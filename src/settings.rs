@@ -10,7 +10,7 @@ use figment::providers::{Env, Format, Serialized, Toml};
 use figment::Figment;
 use grabflow_api::{DispatchConfig, Time};
 use grabflow_dataflow::riders::RiderTables;
-use grabflow_log::embedded::Ticks;
+use grabflow_log::embedded::{Rolling, Ticks};
 use grabflow_log::kafka::KafkaConfig;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -65,6 +65,19 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub checkpoint_interval: Option<Dur>,
+    /// Embedded log: a segment is deleted once every event in it is this
+    /// much older (log time) than the log's newest and no checkpoint needs
+    /// it, e.g. 24h or 7d; 0 keeps the whole log. Without checkpoints
+    /// nothing is deleted [default: 24h].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_retention: Option<Dur>,
+    /// Embedded log: a segment file gives way to a new one at this size,
+    /// bytes (or an hour of log time after its first event)
+    /// [default: 67108864, 64 MiB].
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_segment_bytes: Option<u64>,
     /// Timely worker threads [default: 1].
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -220,6 +233,8 @@ const NAMES: &[&str] = &[
     "rate_limit",
     "rate_limit_address",
     "checkpoint_interval",
+    "log_retention",
+    "log_segment_bytes",
     "workers",
     "radius_m",
     "max_radius_m",
@@ -267,6 +282,8 @@ impl Settings {
             rate_limit: Some(100_000),
             rate_limit_address: Some(100),
             checkpoint_interval: Some(Dur(Duration::from_secs(30))),
+            log_retention: Some(Dur(Duration::from_secs(24 * 3600))),
+            log_segment_bytes: Some(Rolling::default().bytes),
             workers: Some(1),
             radius_m: Some(d.radius_m),
             max_radius_m: Some(d.max_radius_m),
@@ -468,6 +485,11 @@ pub struct Plan {
     pub rate_limit_address: u32,
     /// Log time between checkpoints, ms (0: none).
     pub checkpoint_interval: Time,
+    /// Embedded log: log time a segment is kept past its newest event, ms
+    /// (0: forever).
+    pub log_retention: Time,
+    /// Embedded log: when a new segment begins.
+    pub rolling: Rolling,
     /// Timely worker threads of this process.
     pub workers: usize,
     /// The embedded log's ticks.
@@ -532,6 +554,13 @@ impl Plan {
         if ticks.idle.is_zero() {
             bail!("--tick must be positive");
         }
+        let rolling = Rolling {
+            bytes: pick(s.log_segment_bytes, d.log_segment_bytes),
+            ..Rolling::default()
+        };
+        if rolling.bytes < 1024 {
+            bail!("--log-segment-bytes must be at least 1024");
+        }
         let header_timeout = dur(s.header_timeout, d.header_timeout);
         if header_timeout.is_zero() {
             bail!("--header-timeout must be positive");
@@ -595,6 +624,8 @@ impl Plan {
             rate_limit: pick(s.rate_limit, d.rate_limit),
             rate_limit_address: pick(s.rate_limit_address, d.rate_limit_address),
             checkpoint_interval: ms(s.checkpoint_interval, d.checkpoint_interval),
+            log_retention: ms(s.log_retention, d.log_retention),
+            rolling,
             workers: pick(s.workers, d.workers).max(1),
             ticks,
             dispatch,
@@ -826,6 +857,47 @@ mod tests {
             "--history-retention must be at least --order-retention"
         );
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn log_retention_and_segment_size_default_and_read_from_file_and_flags() {
+        let plan = Settings::default().plan().unwrap();
+        assert_eq!(plan.log_retention, 24 * 3_600_000, "24h by default");
+        assert_eq!(plan.rolling, Rolling::default());
+        let dir =
+            std::env::temp_dir().join(format!("grabflow-log-settings-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("grabflow.toml");
+        std::fs::write(
+            &file,
+            "log_retention = \"7d\"\nlog_segment_bytes = 1048576\n",
+        )
+        .unwrap();
+        let plan = Settings {
+            config: Some(file.clone()),
+            ..Settings::default()
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.log_retention, 7 * 86_400_000);
+        assert_eq!(plan.rolling.bytes, 1 << 20);
+        let plan = Settings {
+            config: Some(file.clone()),
+            log_retention: Some("0".parse().unwrap()),
+            ..Settings::default()
+        }
+        .plan()
+        .unwrap();
+        assert_eq!(plan.log_retention, 0, "the flag over the file: keep all");
+        let e = Settings {
+            log_segment_bytes: Some(100),
+            ..Settings::default()
+        }
+        .plan()
+        .unwrap_err();
+        assert!(e.to_string().contains("--log-segment-bytes"), "{e}");
+        assert!(NAMES.contains(&"log_retention") && NAMES.contains(&"log_segment_bytes"));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -220,8 +220,17 @@ async fn futures_next(ws: &mut Ws) -> Option<Result<String, ()>> {
 async fn kill_9_while_checkpoints_are_written_loses_nothing_acknowledged() {
     let dir = temp_dir();
     // A checkpoint every few milliseconds of log time: a kill lands in the
-    // middle of writing one more often than not.
-    let flags = ["--checkpoint-interval", "5ms"];
+    // middle of writing one more often than not. Small segments, and a
+    // retention that lets them go as soon as the checkpoints do: kills
+    // land while segments roll and are deleted too.
+    let flags = [
+        "--checkpoint-interval",
+        "5ms",
+        "--log-segment-bytes",
+        "1024",
+        "--log-retention",
+        "1ms",
+    ];
     let app_riders = ["R1", "R2"];
     let mut placed: Vec<String> = Vec::new();
     for round in 0..4 {
@@ -263,6 +272,125 @@ async fn kill_9_while_checkpoints_are_written_loses_nothing_acknowledged() {
         );
         drop(s);
     }
+    assert!(segment_files(&dir).len() > 1, "{:?}", segment_files(&dir));
+}
+
+/// The first offsets of the log's segment files in `dir`.
+fn segment_files(dir: &std::path::Path) -> Vec<u64> {
+    let mut firsts: Vec<u64> = std::fs::read_dir(dir.join("log"))
+        .map(|entries| {
+            entries
+                .filter_map(|e| {
+                    let name = e.ok()?.file_name().into_string().ok()?;
+                    name.strip_suffix(".seg")?.parse().ok()
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    firsts.sort();
+    firsts
+}
+
+/// The log figures of `/v1/ops/metrics`.
+async fn log_figures(s: &Server) -> Value {
+    let (_, m) = s
+        .call("GET", "/v1/ops/metrics", &s.token("ops", None), None)
+        .await;
+    m["log"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_deletes_old_segments_and_a_kill_9_after_gives_back_the_same_state() {
+    let dir = temp_dir();
+    let flags = [
+        "--checkpoint-interval",
+        "20ms",
+        "--log-segment-bytes",
+        "1024",
+        "--log-retention",
+        "1ms",
+    ];
+    let mut s = Server::start(&dir, &flags);
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let riders: Vec<(&str, String)> = ["R1", "R2"]
+        .iter()
+        .map(|r| (*r, s.token("rider", Some(r))))
+        .collect();
+    let orders: Vec<String> = (0..30).map(|n| format!("O{n}")).collect();
+    traffic(&s, &app, &riders, &orders).await;
+    settled(&s).await;
+    let rolled = segment_files(&dir);
+    assert!(rolled.len() > 2, "segments rolled: {rolled:?}");
+    // Once the checkpoints pass them, the old segments go.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while segment_files(&dir).first() == Some(&0) {
+        assert!(
+            Instant::now() < deadline,
+            "nothing deleted: {:?}",
+            segment_files(&dir)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let kept = segment_files(&dir);
+    let figures = log_figures(&s).await;
+    assert!(
+        figures["segments"].as_u64() >= Some(1) && figures["bytes"].as_u64() > Some(0),
+        "{figures}"
+    );
+    let text = s.prometheus(&s.token("ops", None)).await;
+    assert!(
+        text.contains("grabflow_log_segments ") && text.contains("grabflow_log_bytes "),
+        "{text}"
+    );
+    let before = state(&s, &app, &orders, &riders).await;
+
+    // Killed right after the deletion: the restart starts from a
+    // checkpoint the kept segments follow on from, and answers the same.
+    s.kill9();
+    let s = Server::start(&dir, &flags);
+    s.wait_ready().await;
+    settled(&s).await;
+    assert_eq!(state(&s, &app, &orders, &riders).await, before);
+    assert!(segment_files(&dir).first() >= kept.first());
+    // And goes on where it was.
+    let (st, body) = s
+        .call("POST", "/v1/orders/O1/delivered", &riders[1].1, None)
+        .await;
+    assert!(st == 200 || st == 409, "{st} {body}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_dir_of_0_12_with_one_events_log_is_moved_into_segments_and_loses_nothing() {
+    let dir = temp_dir();
+    let mut s = Server::start(&dir, &[]);
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let riders: Vec<(&str, String)> = vec![("R1", s.token("rider", Some("R1")))];
+    let orders: Vec<String> = (0..5).map(|n| format!("O{n}")).collect();
+    traffic(&s, &app, &riders, &orders).await;
+    settled(&s).await;
+    let before = state(&s, &app, &orders, &riders).await;
+    sigterm(&mut s);
+    // The data dir as 0.12 left it: the whole log in events.log, and no
+    // checkpoint (the whole log is replayed).
+    assert_eq!(segment_files(&dir), vec![0]);
+    std::fs::rename(
+        dir.join("log").join("00000000000000000000.seg"),
+        dir.join("events.log"),
+    )
+    .unwrap();
+    std::fs::remove_dir(dir.join("log")).unwrap();
+    std::fs::remove_dir_all(dir.join("checkpoints")).unwrap();
+
+    let s = Server::start(&dir, &[]);
+    s.wait_ready().await;
+    settled(&s).await;
+    assert!(!dir.join("events.log").exists());
+    assert_eq!(segment_files(&dir), vec![0]);
+    assert_eq!(state(&s, &app, &orders, &riders).await, before);
+    let c = checkpoint(&s).await;
+    assert!(c["replayed_events"].as_u64() > Some(0), "{c}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -47,7 +47,7 @@ async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() 
     assert!(status.success(), "{status}");
 
     // One flipped byte near the start: most acknowledged orders follow it.
-    let log = dir.join("events.log");
+    let log = dir.join("log").join("00000000000000000000.seg");
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -72,7 +72,7 @@ async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() 
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert!(
-        stderr.contains("events.log")
+        stderr.contains("00000000000000000000.seg")
             && stderr.contains("damaged")
             && stderr.contains("grabflow log repair"),
         "{stderr}"
@@ -92,7 +92,7 @@ async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() 
 
     let (ok, out, err) = grabflow(&["log", "repair"], &dir);
     assert!(ok, "{out}{err}");
-    let quarantined: Vec<_> = std::fs::read_dir(&dir)
+    let quarantined: Vec<_> = std::fs::read_dir(dir.join("log"))
         .unwrap()
         .filter_map(|e| e.ok())
         .filter(|e| e.file_name().to_string_lossy().contains(".quarantine-"))
@@ -116,6 +116,92 @@ async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() 
         "lost more than the damaged record: {missing:?}"
     );
     assert!(!missing.contains(&"O99".to_string()));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_segment_cut_short_stops_the_start_and_verify_and_repair_go_through_every_segment()
+{
+    let dir = temp_dir();
+    // Small segments, and no checkpoint: a start reads every segment.
+    let flags = ["--log-segment-bytes", "1024", "--checkpoint-interval", "0"];
+    let mut s = Server::start(&dir, &flags);
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    s.city(&app, &[]).await;
+    let orders: Vec<String> = (0..60).map(|n| format!("O{n}")).collect();
+    for id in &orders {
+        s.order(&app, id).await;
+    }
+    assert!(Command::new("kill")
+        .args(["-TERM", &s.child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    exit_within(&mut s.child, Duration::from_secs(20)).expect("stops on SIGTERM");
+    let mut segments: Vec<_> = std::fs::read_dir(dir.join("log"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    segments.sort();
+    assert!(segments.len() > 3, "{segments:?}");
+    // A sealed segment loses its last bytes (a torn write is only ever the
+    // log's last): damage, not a tail to cut.
+    let middle = segments[segments.len() / 2].clone();
+    let name = middle.file_name().unwrap().to_str().unwrap().to_string();
+    let len = std::fs::metadata(&middle).unwrap().len();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&middle)
+        .unwrap();
+    f.set_len(len - 3).unwrap();
+    drop(f);
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_grabflow"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(&dir)
+        .args(flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = exit_within(&mut child, Duration::from_secs(20)).expect("the start ends");
+    assert!(!status.success(), "a damaged sealed segment must not open");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(
+        stderr.contains(&name) && stderr.contains("grabflow log verify"),
+        "{stderr}"
+    );
+    assert_eq!(
+        std::fs::metadata(&middle).unwrap().len(),
+        len - 3,
+        "nothing is cut"
+    );
+
+    let (ok, out, _) = grabflow(&["log", "verify"], &dir);
+    assert!(!ok, "verify fails: {out}");
+    assert!(out.contains(&name) && out.contains("damaged:"), "{out}");
+    let (ok, out, err) = grabflow(&["log", "repair"], &dir);
+    assert!(ok, "{out}{err}");
+    let (ok, out, _) = grabflow(&["log", "verify"], &dir);
+    assert!(ok, "{out}");
+
+    // Every order but the damaged record's is back, those after it too.
+    let s = Server::start(&dir, &flags);
+    s.wait_ready().await;
+    let mut missing = Vec::new();
+    for id in &orders {
+        let (status, _) = s.call("GET", &format!("/v1/orders/{id}"), &app, None).await;
+        if status != 200 {
+            missing.push(id.clone());
+        }
+    }
+    assert!(
+        missing.len() <= 1,
+        "lost more than the damaged record: {missing:?}"
+    );
+    assert!(!missing.contains(&"O59".to_string()));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

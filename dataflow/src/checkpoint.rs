@@ -10,7 +10,7 @@
 //! a pure function of the log, and the state at `at` is what the log before
 //! `at` made).
 //!
-//! Worker 0 asks for a checkpoint ([`Checkpointing::due`]) at its input's
+//! Worker 0 asks for a checkpoint (`Checkpointing::due`) at its input's
 //! time, which no operator anywhere can have passed: an operator handles a
 //! millisecond only once every worker's input has. Each worker pokes its
 //! operators when a request appears, so an operator with nothing to do

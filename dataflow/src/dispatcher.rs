@@ -141,7 +141,7 @@ fn reject(event: &Id, order: &Id, reason: RejectReason, out: &mut Vec<Output>) {
 
 /// The decision core. See the module doc for the per-millisecond protocol.
 /// Between milliseconds it holds no work in progress, so it is saved in a
-/// checkpoint whole (see [`Dispatcher::save`]).
+/// checkpoint whole (it is `Serialize`).
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Dispatcher {
     cfg: DispatchConfig,

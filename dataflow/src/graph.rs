@@ -460,7 +460,7 @@ impl PerMillisecond for Dedup {
 }
 
 /// Turns pings and shifts into the index of available riders (see
-/// [`RiderTracker`](crate::riders::RiderTracker)); each worker's tracker is
+/// [`RiderTracker`]); each worker's tracker is
 /// its own, or its slot of `shared` (which must have one per worker of the
 /// scope).
 pub fn track_riders<'s>(

@@ -240,8 +240,10 @@ pub async fn ops_metrics(
     let (riders, indexed, merchants, orders) = s.egress.sizes();
     let (streams, stream_messages) = s.egress.stream_sizes();
     let (progress, last_event) = s.egress.progress();
+    let log = log_usage(&s).await;
     Ok(Json(json!({
         "ready": s.egress.is_ready(),
+        "log": log.map(|(bytes, segments)| json!({"bytes": bytes, "segments": segments})),
         "riders": riders, "riders_indexed": indexed, "merchants": merchants, "orders": orders,
         "orders_by_state": c.orders_by_state,
         "orders_archived": c.orders_archived,
@@ -296,6 +298,7 @@ pub async fn prometheus(
     let (streams, stream_messages) = s.egress.stream_sizes();
     let (progress, last_event) = s.egress.progress();
     let mut out = String::new();
+    let log = log_usage(&s).await;
     let mut gauge = |name: &str, help: &str, samples: Vec<(String, f64)>| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n"));
         for (labels, v) in samples {
@@ -420,6 +423,18 @@ pub async fn prometheus(
             one(f.replayed as f64),
         );
     }
+    if let Some((bytes, segments)) = log {
+        gauge(
+            "grabflow_log_bytes",
+            "Bytes of the embedded log's segment files (their zero-filled room included).",
+            vec![(String::new(), bytes as f64)],
+        );
+        gauge(
+            "grabflow_log_segments",
+            "Segment files of the embedded log (retention deletes the oldest).",
+            vec![(String::new(), segments as f64)],
+        );
+    }
     let mut counter = |name: &str, help: &str, samples: Vec<(String, u64)>| {
         out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} counter\n"));
         for (labels, v) in samples {
@@ -461,6 +476,16 @@ pub async fn prometheus(
     }
     s.ops.prometheus(&mut out);
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response())
+}
+
+/// The embedded log's bytes and segments, where this process has a data
+/// dir with a log in it.
+async fn log_usage(s: &EgressState) -> Option<(u64, usize)> {
+    let dir = s.data_dir.clone()?;
+    tokio::task::spawn_blocking(move || grabflow_log::embedded::segments::usage(&dir))
+        .await
+        .ok()
+        .filter(|&(_, segments)| segments > 0)
 }
 
 /// Bytes of the files under `dir`, `depth` levels down at most (files

@@ -3,8 +3,9 @@
 //! Every event grabflow acts on is first made durable here, and the
 //! dataflow reads it back from here. One seam, two implementations:
 //!
-//! - [`embedded`]: one fsynced, checksummed file in the data directory (the
-//!   default: no external service). Its writer gives each event its offset
+//! - [`embedded`]: fsynced, checksummed segment files in the data
+//!   directory (the default: no external service), old ones deleted after
+//!   a retention once no checkpoint needs them. Its writer gives each event its offset
 //!   and time and hands committed events to the dataflow's feed.
 //! - [`kafka`]: production mode. Ingress produces to the input topics
 //!   (`acks=all`); each dataflow worker reads its partitions through a
@@ -26,7 +27,8 @@
 //! - [`keys`]: idempotency keys: each key's first answer and a print of
 //!   its request.
 //! - [`embedded`]: the file log — `format` (framing and record forms),
-//!   `recovery` (reading back, cutting a torn tail), `writer` (group
+//!   `recovery` (reading back, cutting a torn tail), `segments` (the
+//!   files, rolling, migration, retention), `writer` (replay, group
 //!   commit, ticks), `space` (zero-filled room), `direct` (direct I/O).
 //! - [`throttle`]: repeated identical warnings, rate-limited.
 //! - [`checkpoints`]: checkpoint files (versioned, checksummed, written
@@ -80,7 +82,7 @@ pub enum LogError {
          --data-dir {dir}`; `grabflow log repair --data-dir {dir}` keeps every whole record \
          and moves the damaged bytes to a quarantine file beside the log",
         path.display(),
-        dir = path.parent().map_or(".".into(), |d| d.display().to_string())
+        dir = embedded::segments::data_dir_of(path).display()
     )]
     Damaged {
         /// The log file.
@@ -89,6 +91,21 @@ pub enum LogError {
         offset: u64,
         /// Whole records after it.
         following: usize,
+    },
+    /// The log's segments do not follow on (one is missing, or does not
+    /// start where the one before ends), or a segment other than the last
+    /// ends in a torn record: nothing was cut or deleted.
+    #[error(
+        "{}: {why}; nothing was cut or deleted. See the log with `grabflow log verify \
+         --data-dir {dir}`",
+        path.display(),
+        dir = embedded::segments::data_dir_of(path).display()
+    )]
+    Segments {
+        /// The segment (or the log's directory) at fault.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        why: String,
     },
     /// The broker did not take the event (or could not be reached).
     #[error(transparent)]

@@ -67,6 +67,18 @@ impl Backlog {
         self.ahead() < limit
     }
 
+    /// Whether more than `limit` events are ahead and some of them are
+    /// older than `time` (the dataflow can finish those now).
+    pub(crate) fn holds_before(&self, limit: u64, time: Time) -> bool {
+        self.ahead() > limit
+            && self
+                .pending
+                .lock()
+                .expect("backlog")
+                .front()
+                .is_some_and(|&(t, _)| t < time)
+    }
+
     /// `n` events of `time` were committed.
     pub(crate) fn committed(&self, time: Time, n: u64) {
         if n == 0 {

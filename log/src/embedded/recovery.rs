@@ -1,10 +1,12 @@
-//! Reading the file back: on open, every whole record in order; for an
-//! operator, a report of any damage ([`verify`]) and a repair that keeps
-//! every whole record ([`repair`]).
+//! Reading a segment back: on open, every whole record in order, a
+//! record at a time; for an operator, a report of any damage ([`verify`])
+//! and a repair that keeps every whole record ([`repair`]), a segment
+//! file at a time.
 //!
-//! Only a genuinely torn tail is cut on open: damage with no whole record
-//! after it (a crash in the middle of the last write), no longer than one
-//! commit's write. Anything else — a damaged record with whole records
+//! Only a genuinely torn tail of the log's last segment is cut on open:
+//! damage with no whole record after it (a crash in the middle of the
+//! last write), no longer than one commit's write; in a sealed segment
+//! that is damage too. Anything else — a damaged record with whole records
 //! after it, or more garbage than a write — stops the open with
 //! [`LogError::Damaged`], which names the file, the byte offset and how
 //! many records follow, and says to run `grabflow log repair`. A repair
@@ -118,29 +120,203 @@ pub fn read_records(path: &Path) -> Result<Scanned, LogError> {
 /// restart from a checkpoint needs no more); the records before are
 /// checked by their checksum and head.
 pub fn read_records_from(path: &Path, from: u64) -> Result<Scanned, LogError> {
-    let Some((file, bytes)) = read(path, true)? else {
-        return Ok(Scanned {
-            records: Vec::new(),
-            end: 0,
-            cut: 0,
-            last: None,
-        });
-    };
     let mut records = Vec::new();
-    let layout = Layout::of(&bytes, |payload| match format::first_offset(payload) {
-        Some(first) if first < from => true,
-        _ => decode(payload, &mut records),
-    });
-    // Forms before 0.7 are decoded whole: drop what comes before `from`.
-    records.retain(|r| r.event.offset >= from);
-    let last = match records.last() {
-        Some(r) => Some(r.clone()),
-        None => layout.records.last().and_then(|r| {
-            let mut last = Vec::new();
-            framed(&bytes[r.clone()]).filter(|p| decode(p, &mut last))?;
-            last.pop()
-        }),
+    let Scan { end, cut, last, .. } = scan(path, from, true, |r| records.push(r))?;
+    Ok(Scanned {
+        records,
+        end,
+        cut,
+        last,
+    })
+}
+
+/// What [`scan`] found in one file (a segment of the log).
+#[derive(Debug, Default)]
+pub(crate) struct Scan {
+    /// Where the records end: the next append goes here.
+    pub(crate) end: u64,
+    /// Bytes of a torn tail cut off.
+    pub(crate) cut: u64,
+    /// The last record's last event.
+    pub(crate) last: Option<Record>,
+    /// The offset of the file's first event (`None`: no records).
+    pub(crate) first: Option<u64>,
+}
+
+/// Checks every record of the log file at `path` and hands `each` those
+/// from offset `from` on, in order. A torn tail is cut when `tail` (the
+/// log's last segment); in any other segment it is damage
+/// ([`LogError::Segments`]: a sealed segment was trimmed to its records
+/// when the next began). Other damage is refused with
+/// [`LogError::Damaged`]; nothing is cut then.
+///
+/// The file is read a record at a time (see [`stream`]): memory holds one
+/// record, not the segment. Only where that finds something other than
+/// whole records then zeros is the file read whole, to tell a torn tail
+/// from damage.
+pub(crate) fn scan(
+    path: &Path,
+    from: u64,
+    tail: bool,
+    each: impl FnMut(Record),
+) -> Result<Scan, LogError> {
+    scan_with(path, from, tail, true, each)
+}
+
+/// [`scan`]; the zero-filled room after the records is read through (to
+/// check it is zeros) only if `room`: a replay of segments [`scan`] has
+/// checked stops where the records end.
+pub(crate) fn scan_with(
+    path: &Path,
+    from: u64,
+    tail: bool,
+    room: bool,
+    mut each: impl FnMut(Record),
+) -> Result<Scan, LogError> {
+    match stream(path, from, room, &mut each)? {
+        Streamed::Whole(scan) => Ok(scan),
+        Streamed::Stopped(at) => scan_whole(path, from, tail, at, each),
+    }
+}
+
+/// How far [`stream`] got.
+enum Streamed {
+    /// Whole records, then zeros (or nothing) to the end of the file.
+    Whole(Scan),
+    /// Something else begins at this byte; every whole record before it
+    /// was handed over.
+    Stopped(usize),
+}
+
+/// Reads the file at `path` a record at a time, handing `each` the events
+/// from offset `from` on, while it holds whole records; stops at the first
+/// header of zeros (and, if `room`, reads on to check that only zeros
+/// follow) or at anything that is not a whole record.
+fn stream(
+    path: &Path,
+    from: u64,
+    room: bool,
+    each: &mut impl FnMut(Record),
+) -> Result<Streamed, LogError> {
+    let file = match File::open(path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Streamed::Whole(Scan::default()))
+        }
+        Err(e) => return Err(e.into()),
     };
+    let len = file.metadata()?.len() as usize;
+    let mut r = std::io::BufReader::with_capacity(1 << 20, file);
+    let (mut pos, mut first) = (0usize, None);
+    let (mut record, mut last) = (Vec::new(), Vec::new());
+    let mut decoded = Vec::new();
+    while pos < len {
+        if len - pos < 8 {
+            return Ok(Streamed::Stopped(pos));
+        }
+        record.resize(8, 0);
+        r.read_exact(&mut record)?;
+        if record.iter().all(|&b| b == 0) {
+            if room && !zeros(&mut r, len - pos - 8)? {
+                return Ok(Streamed::Stopped(pos));
+            }
+            break;
+        }
+        let n = u32::from_le_bytes(record[..4].try_into().expect("4 bytes")) as usize;
+        if n == 0 || n > len - pos - 8 {
+            return Ok(Streamed::Stopped(pos));
+        }
+        record.resize(8 + n, 0);
+        r.read_exact(&mut record[8..])?;
+        let Some(payload) = framed(&record) else {
+            return Ok(Streamed::Stopped(pos));
+        };
+        match format::first_offset(payload) {
+            Some(offset) if offset < from => {
+                first.get_or_insert(offset);
+            }
+            _ => {
+                if !decode(payload, &mut decoded) {
+                    return Ok(Streamed::Stopped(pos));
+                }
+                for r in decoded.drain(..) {
+                    first.get_or_insert(r.event.offset);
+                    if r.event.offset >= from {
+                        each(r);
+                    }
+                }
+            }
+        }
+        std::mem::swap(&mut record, &mut last);
+        pos += 8 + n;
+    }
+    let last = framed(&last).and_then(|p| {
+        decode(p, &mut decoded);
+        decoded.pop()
+    });
+    Ok(Streamed::Whole(Scan {
+        end: pos as u64,
+        cut: 0,
+        last,
+        first,
+    }))
+}
+
+/// Whether the next `n` bytes of `r` are zeros (read a buffer at a time).
+fn zeros(r: &mut impl Read, mut n: usize) -> std::io::Result<bool> {
+    let mut buf = vec![0u8; 1 << 20];
+    while n > 0 {
+        let k = n.min(buf.len());
+        r.read_exact(&mut buf[..k])?;
+        if buf[..k].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        n -= k;
+    }
+    Ok(true)
+}
+
+/// [`scan`], reading the file whole (where [`stream`] stopped at byte
+/// `handed`: the records before it were handed to `each` already).
+fn scan_whole(
+    path: &Path,
+    from: u64,
+    tail: bool,
+    handed: usize,
+    mut each: impl FnMut(Record),
+) -> Result<Scan, LogError> {
+    let Some((file, bytes)) = read(path, tail)? else {
+        return Ok(Scan::default());
+    };
+    let mut first = None;
+    let mut decoded = Vec::new();
+    let base = bytes.as_ptr() as usize;
+    let layout = Layout::of(&bytes, |payload| {
+        let head = format::first_offset(payload);
+        // Where the record begins (its framing precedes the payload).
+        let at = payload.as_ptr() as usize - base - 8;
+        let whole = match head {
+            Some(offset) if offset < from => true,
+            _ => {
+                let whole = decode(payload, &mut decoded);
+                // Forms before 0.7 are decoded whole: skip what comes
+                // before `from`.
+                for r in decoded.drain(..) {
+                    first.get_or_insert(r.event.offset);
+                    if r.event.offset >= from && at >= handed {
+                        each(r);
+                    }
+                }
+                whole
+            }
+        };
+        if whole {
+            if let Some(offset) = head {
+                first.get_or_insert(offset);
+            }
+        }
+        whole
+    });
     if let Some((offset, following)) = layout.damage() {
         return Err(LogError::Damaged {
             path: path.to_path_buf(),
@@ -148,22 +324,36 @@ pub fn read_records_from(path: &Path, from: u64) -> Result<Scanned, LogError> {
             following,
         });
     }
+    // The last record, decoded again (unless it just was).
+    let last = layout.records.last().and_then(|r| {
+        let mut out = Vec::new();
+        framed(&bytes[r.clone()]).filter(|p| decode(p, &mut out))?;
+        out.pop()
+    });
     match layout.torn_tail() {
+        Some(torn) if !tail => Err(LogError::Segments {
+            path: path.to_path_buf(),
+            why: format!(
+                "{} bytes at byte {} are not a whole record, and later segments follow",
+                torn.len(),
+                torn.start
+            ),
+        }),
         Some(torn) => {
             file.set_len(torn.start as u64)?;
             file.sync_all()?;
-            Ok(Scanned {
-                records,
+            Ok(Scan {
                 end: torn.start as u64,
                 cut: torn.len() as u64,
                 last,
+                first,
             })
         }
-        None => Ok(Scanned {
-            records,
+        None => Ok(Scan {
             end: layout.end as u64,
             cut: 0,
             last,
+            first,
         }),
     }
 }
@@ -268,7 +458,7 @@ pub fn repair(path: &Path) -> Result<Repaired, LogError> {
     }
     q.sync_all()?;
     std::fs::write(format!("{}.txt", quarantine.display()), index)?;
-    let fresh = path.with_extension("log.repair");
+    let fresh = PathBuf::from(format!("{}.repair", path.display()));
     let mut out = File::create(&fresh)?;
     for r in &layout.records {
         out.write_all(&bytes[r.clone()])?;

@@ -13,6 +13,13 @@
 //! does it wait for the room in flight (or, with none in flight, grow the
 //! file itself, the slow path every commit took before).
 //!
+//! Room is added per segment and within what the disk can spare: a fill
+//! never goes past the segment's roll size (the room of a segment that
+//! rolls is trimmed off), nor beyond a [`SHARE`] of the file system's free
+//! space (`fstatvfs`), so a small volume gets small fills, and below
+//! [`MIN_FILL`] none: commits then grow the file (the slow path), and a
+//! full disk fails the commit rather than a fill.
+//!
 //! A header of zeros (length 0; every record holds at least its form byte)
 //! marks the end of the records when the log is read back.
 
@@ -24,6 +31,17 @@ use std::sync::{mpsc, Arc, Condvar, Mutex};
 /// How much room is added at a time: ~3 s of a million batched pings a
 /// second.
 pub const CHUNK: u64 = 64 << 20;
+
+/// A fill takes at most this share of the file system's free space
+/// (1/`SHARE`).
+pub const SHARE: u64 = 4;
+
+/// Fills smaller than this are not worth a helper's write: commits grow
+/// the file instead.
+pub const MIN_FILL: u64 = 64 << 10;
+
+/// Where the free space a fill may use is read from (injected in tests).
+type Free = Box<dyn Fn() -> u64 + Send>;
 
 /// What the helper has made ready.
 #[derive(Debug)]
@@ -41,12 +59,23 @@ pub struct Space {
     fill: Option<mpsc::Sender<(u64, u64)>>,
     /// Set when the writer is done: the helper stops filling.
     helper: Option<Thread>,
+    /// The file is never filled past this (the segment's roll size).
+    cap: u64,
+    /// The file system's free space, bytes.
+    free: Free,
 }
 
 impl Space {
-    /// Room for the writer of `file`, whose length is `len` (synced); starts
-    /// the helper, which ends when the `Space` is dropped.
-    pub fn new(file: &File, len: u64) -> std::io::Result<Space> {
+    /// Room for the writer of `file`, whose length is `len` (synced), up to
+    /// `cap` bytes; starts the helper, which ends when the `Space` is
+    /// dropped.
+    pub fn new(file: &File, len: u64, cap: u64) -> std::io::Result<Space> {
+        let stat = file.try_clone()?;
+        Space::with_free(file, len, cap, Box::new(move || free_bytes(&stat)))
+    }
+
+    /// [`Space::new`], reading the free space from `free`.
+    pub fn with_free(file: &File, len: u64, cap: u64, free: Free) -> std::io::Result<Space> {
         let ready = Arc::new((
             Mutex::new(Ready {
                 len,
@@ -74,6 +103,8 @@ impl Space {
             ready,
             fill: Some(fill),
             helper: Some(helper),
+            cap,
+            free,
         })
     }
 
@@ -89,18 +120,26 @@ impl Space {
         at + n <= r.len
     }
 
-    /// After writing up to `end`: asks for another chunk of room when less
-    /// than one is left and none is being filled.
+    /// After writing up to `end`: asks for more room when less than half
+    /// of a fill (see [`fill_to`]) is left and none is being filled. So
+    /// the room ahead stays within a share of the free space, whatever
+    /// has been filled before.
     pub fn wrote(&self, end: u64) {
         let (lock, _) = &*self.ready;
         let mut r = lock.lock().expect("space lock");
         r.len = r.len.max(end);
-        if !r.filling && r.len - end < CHUNK / 2 {
+        let left = r.len - end;
+        if !r.filling && left < CHUNK / 2 && r.len < self.cap {
             let from = r.len;
-            r.filling = self
-                .fill
-                .as_ref()
-                .is_some_and(|f| f.send((from, from + CHUNK)).is_ok());
+            match fill_to(from, self.cap, (self.free)()) {
+                Some(to) if left < (to - from) / 2 => {
+                    r.filling = self
+                        .fill
+                        .as_ref()
+                        .is_some_and(|f| f.send((from, to)).is_ok());
+                }
+                _ => {}
+            }
         }
     }
 }
@@ -120,6 +159,20 @@ impl Drop for Space {
             }
         }
     }
+}
+
+/// Where a fill from `from` should end: a [`CHUNK`] on, but not past `cap`
+/// nor beyond a [`SHARE`] of `free`; `None` when that is under
+/// [`MIN_FILL`].
+pub fn fill_to(from: u64, cap: u64, free: u64) -> Option<u64> {
+    let to = (from + CHUNK.min(free / SHARE)).min(cap);
+    (to >= from + MIN_FILL).then_some(to)
+}
+
+/// The free space of `file`'s file system, bytes (for an unprivileged
+/// user); 0 if it cannot be read (then nothing is filled).
+fn free_bytes(file: &File) -> u64 {
+    rustix::fs::fstatvfs(file).map_or(0, |s| s.f_bavail.saturating_mul(s.f_frsize))
 }
 
 /// Writes zeros to `file` from `from` to `to`, then syncs data and size;
@@ -152,7 +205,7 @@ mod tests {
             .write(true)
             .open(&path)
             .unwrap();
-        let space = Space::new(&file, 0).unwrap();
+        let space = Space::with_free(&file, 0, u64::MAX, Box::new(|| u64::MAX)).unwrap();
         assert!(
             !space.reserve(0, 10),
             "no room yet: the first write grows the file"

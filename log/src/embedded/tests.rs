@@ -22,6 +22,22 @@ fn ping(n: usize) -> (Id, EventKind) {
     )
 }
 
+/// The `n` events the writer replays into `rx` as it starts (it replays
+/// before it takes appends, on its own thread).
+fn replayed(rx: &mpsc::Receiver<Feed>, n: usize) -> Vec<Event> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        match rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("replayed events")
+        {
+            Feed::Events(e) | Feed::EventsThenTick(e, _) => out.extend(e),
+            Feed::Tick(_) => {}
+        }
+    }
+    out
+}
+
 fn events(rx: &mpsc::Receiver<Feed>) -> Vec<Event> {
     rx.try_iter()
         .flat_map(|f| match f {
@@ -74,7 +90,7 @@ async fn appends_survive_reopen_and_keys_are_honoured() {
     let (log, rx) = open_in(&dir);
     assert_eq!(log.replayed, 3);
     assert_eq!(
-        events(&rx),
+        replayed(&rx, 3),
         fed,
         "replay gives back exactly what was acknowledged"
     );
@@ -294,7 +310,7 @@ fn open_in(dir: &Path) -> (Opened, mpsc::Receiver<Feed>) {
 #[tokio::test]
 async fn direct_and_buffered_commits_read_back_alike() {
     let dir = scratch();
-    let path = dir.join("events.log");
+    let path = first_segment(&dir);
     let mut acked = Vec::new();
     for (round, direct) in [false, true, false, true].into_iter().enumerate() {
         let (tx, rx) = mpsc::channel();
@@ -302,14 +318,14 @@ async fn direct_and_buffered_commits_read_back_alike() {
         let log = open_with(
             &dir,
             tx,
-            every(Duration::from_millis(5)),
             unbounded,
             Resume::default(),
+            Options::new(every(Duration::from_millis(5))),
             direct,
         )
         .unwrap();
         assert_eq!((log.replayed, log.cut), (acked.len(), 0));
-        assert_eq!(events(&rx).len(), acked.len(), "replayed");
+        assert_eq!(replayed(&rx, acked.len()).len(), acked.len(), "replayed");
         for n in 0..3 {
             let id = round * 10 + n;
             let events = if n == 1 {
@@ -331,6 +347,20 @@ async fn direct_and_buffered_commits_read_back_alike() {
         );
     }
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The first segment of the log in `dir`.
+fn first_segment(dir: &Path) -> PathBuf {
+    segments::file(&segments::dir(dir), 0)
+}
+
+/// Every record of the log in `dir`, segment after segment.
+fn read_all(dir: &Path) -> Vec<Record> {
+    segments::list(dir)
+        .unwrap()
+        .iter()
+        .flat_map(|s| read_records(&s.path).unwrap().records)
+        .collect()
 }
 
 /// A fresh directory for one test's log.
@@ -365,13 +395,16 @@ async fn records_of_older_logs_are_read_beside_new_ones() {
     let mut binary = vec![BINARY];
     binary.extend(postcard::to_allocvec(&(None::<&str>, &event)).unwrap());
     old.extend(framed(&binary));
-    std::fs::write(dir.join("events.log"), &old).unwrap();
+    // In a data dir of 0.12: one file, moved into place as the first
+    // segment when the log opens.
+    std::fs::write(dir.join(segments::LEGACY), &old).unwrap();
 
     let (log, rx) = open_in(&dir);
+    assert!(!dir.join(segments::LEGACY).exists());
     assert_eq!(log.replayed, 2);
-    let replayed = events(&rx);
-    assert_eq!(replayed[0].kind, ping(0).1);
-    assert_eq!(replayed[1], event);
+    let back = replayed(&rx, 2);
+    assert_eq!(back[0].kind, ping(0).1);
+    assert_eq!(back[1], event);
     let again = log
         .handle
         .append(Some("k".into()), vec![ping(9)])
@@ -389,14 +422,18 @@ async fn records_of_older_logs_are_read_beside_new_ones() {
     drop(log.handle);
     log.writer.join().unwrap();
 
-    let bytes = std::fs::read(dir.join("events.log")).unwrap();
+    // The old records' times are long past (5 ms after the epoch): the
+    // new ones begin a segment of their own (an hour of log time on).
+    let all = segments::list(&dir).unwrap();
     assert_eq!(
-        bytes[old.len() + 8],
-        APPEND_SEALED,
-        "new records are sealed appends"
+        all.iter().map(|s| s.first).collect::<Vec<_>>(),
+        vec![0, 2],
+        "{all:?}"
     );
-    let Scanned { records, cut, .. } = read_records(&dir.join("events.log")).unwrap();
-    assert_eq!(cut, 0);
+    assert_eq!(std::fs::read(&all[0].path).unwrap(), old, "kept as it was");
+    let bytes = std::fs::read(&all[1].path).unwrap();
+    assert_eq!(bytes[8], APPEND_SEALED, "new records are sealed appends");
+    let records = read_all(&dir);
     let got: Vec<_> = records
         .iter()
         .map(|r| (r.key.clone(), r.event.id.to_string(), r.event.offset))
@@ -434,9 +471,9 @@ async fn a_batch_is_one_record_with_its_ids_stored_once() {
     log.writer.join().unwrap();
     let fed = events(&rx);
 
-    let size = read_records(&dir.join("events.log")).unwrap().end;
+    let size = read_records(&first_segment(&dir)).unwrap().end;
     assert!(size < 500 * 20, "{size} bytes for 502 pings");
-    let Scanned { records, cut, .. } = read_records(&dir.join("events.log")).unwrap();
+    let Scanned { records, cut, .. } = read_records(&first_segment(&dir)).unwrap();
     assert_eq!(cut, 0);
     let back: Vec<Event> = records.iter().map(|r| r.event.clone()).collect();
     assert_eq!(back, fed, "read back as they were fed");
@@ -447,7 +484,7 @@ async fn a_batch_is_one_record_with_its_ids_stored_once() {
     assert!(records[500..].iter().all(|r| r.key.is_none()));
 
     // A torn batch is cut whole: none of its events is applied.
-    let path = dir.join("events.log");
+    let path = first_segment(&dir);
     let f = OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(size - 3).unwrap();
     let Scanned { records, cut, .. } = read_records(&path).unwrap();
@@ -465,7 +502,7 @@ async fn a_torn_tail_is_cut_and_never_half_applied() {
     }
     drop(log.handle);
     log.writer.join().unwrap();
-    let path = dir.join("events.log");
+    let path = first_segment(&dir);
     let full = read_records(&path).unwrap().end;
     // A crash in the middle of writing the last record.
     let f = OpenOptions::new().write(true).open(&path).unwrap();
@@ -485,7 +522,7 @@ async fn a_torn_tail_is_cut_and_never_half_applied() {
 #[tokio::test]
 async fn the_zero_filled_room_is_reused_and_a_record_torn_in_it_is_cut() {
     let dir = scratch();
-    let path = dir.join("events.log");
+    let path = first_segment(&dir);
     let (log, _rx) = open_in(&dir);
     for n in 0..3 {
         log.handle.append(None, vec![ping(n)]).await.unwrap();
@@ -545,7 +582,7 @@ fn flip(path: &Path, at: u64) {
 #[tokio::test]
 async fn damage_before_whole_records_is_refused_reported_and_repaired_keeping_them() {
     let dir = scratch();
-    let path = dir.join("events.log");
+    let path = first_segment(&dir);
     let (log, _rx) = open_in(&dir);
     for n in 0..40 {
         log.handle
@@ -578,7 +615,9 @@ async fn damage_before_whole_records_is_refused_reported_and_repaired_keeping_th
     );
     let message = e.to_string();
     assert!(
-        message.contains("events.log") && message.contains("grabflow log repair"),
+        message.contains("00000000000000000000.seg")
+            && message.contains("grabflow log repair")
+            && message.contains(&format!("--data-dir {}", dir.display())),
         "{message}"
     );
     assert_eq!(std::fs::read(&path).unwrap().len(), size, "nothing is cut");
@@ -672,8 +711,8 @@ proptest::proptest! {
         whole in proptest::prelude::any::<bool>(),
     ) {
         let dir = scratch();
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("events.log");
+        let path = first_segment(&dir);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         let mut bytes = if whole { Vec::new() } else { valid_log() };
         let at = at.min(bytes.len());
         bytes.splice(at..(at + junk.len()).min(bytes.len()), junk.iter().copied());
@@ -718,4 +757,374 @@ fn valid_log() -> Vec<u8> {
         );
     }
     out
+}
+
+/// The segments' size in the tests of segments: a few dozen pings each.
+const SEGMENT: u64 = 2048;
+
+/// The log in `dir` kept as `options` say (5 ms ticks), from `resume`.
+fn open_kept(dir: &Path, options: Options, resume: Resume) -> (Opened, mpsc::Receiver<Feed>) {
+    let (tx, rx) = mpsc::channel();
+    let unbounded = Arc::new(Backlog::new(0));
+    let log = open_with(dir, tx, unbounded, resume, options, true).unwrap();
+    (log, rx)
+}
+
+/// Options with 5 ms ticks, segments of `bytes`, and `retention`.
+fn small_segments(bytes: u64, retention: &Arc<Retention>) -> Options {
+    Options {
+        rolling: Rolling {
+            bytes,
+            ..Rolling::default()
+        },
+        retention: Arc::clone(retention),
+        ..Options::new(every(Duration::from_millis(5)))
+    }
+}
+
+/// `n` pings appended one by one from `at` on.
+async fn ping_n(log: &Opened, at: usize, n: usize) {
+    for i in at..at + n {
+        log.handle.append(None, vec![ping(i)]).await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn segments_roll_by_size_are_named_by_first_offset_and_read_back_as_one_log() {
+    let dir = scratch();
+    let forever = Arc::new(Retention::new(0));
+    let (log, rx) = open_kept(&dir, small_segments(SEGMENT, &forever), Resume::default());
+    ping_n(&log, 0, 300).await;
+    drop(log.handle);
+    log.writer.join().unwrap();
+    let fed = events(&rx);
+    assert_eq!(fed.len(), 300);
+
+    let all = segments::list(&dir).unwrap();
+    assert!(all.len() > 3, "{all:?}");
+    let mut next = 0;
+    for (i, segment) in all.iter().enumerate() {
+        assert_eq!(segment.first, next, "offsets follow on: {all:?}");
+        let back = read_records(&segment.path).unwrap();
+        assert_eq!(back.records[0].event.offset, segment.first);
+        next = back.records.last().unwrap().event.offset + 1;
+        let len = std::fs::metadata(&segment.path).unwrap().len();
+        if i + 1 < all.len() {
+            assert!(len <= SEGMENT, "a segment stays within its size: {len}");
+            assert_eq!(len, back.end, "a sealed segment is trimmed to its records");
+        }
+    }
+    assert_eq!(next, 300);
+    assert_eq!(
+        read_all(&dir)
+            .into_iter()
+            .map(|r| r.event)
+            .collect::<Vec<_>>(),
+        fed
+    );
+
+    // Reopened: every segment replayed in order, appends go on after them.
+    let (log, rx) = open_kept(&dir, small_segments(SEGMENT, &forever), Resume::default());
+    assert_eq!(log.replayed, 300);
+    assert_eq!(replayed(&rx, 300), fed);
+    let a = log.handle.append(None, vec![ping(300)]).await.unwrap();
+    assert!(matches!(a, Appended::One { offset: 300, .. }), "{a:?}");
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A log of 300 pings in segments of [`SEGMENT`] bytes; its segments.
+async fn segmented_log(dir: &Path) -> Vec<Segment> {
+    let forever = Arc::new(Retention::new(0));
+    let (log, _rx) = open_kept(dir, small_segments(SEGMENT, &forever), Resume::default());
+    ping_n(&log, 0, 300).await;
+    drop(log.handle);
+    log.writer.join().unwrap();
+    segments::list(dir).unwrap()
+}
+
+/// Opening the log in `dir` (segments of [`SEGMENT`] bytes, from the start).
+fn reopen(dir: &Path) -> Result<Opened, LogError> {
+    let (tx, _rx) = mpsc::channel();
+    let forever = Arc::new(Retention::new(0));
+    let options = small_segments(SEGMENT, &forever);
+    open_with(
+        dir,
+        tx,
+        Arc::new(Backlog::new(0)),
+        Resume::default(),
+        options,
+        true,
+    )
+}
+
+#[tokio::test]
+async fn a_torn_last_segment_is_cut_and_damage_in_a_sealed_one_is_refused_not_dropped() {
+    // A torn tail in the last segment: cut, every whole record kept.
+    let dir = scratch();
+    let all = segmented_log(&dir).await;
+    let last = all.last().unwrap();
+    let end = read_records(&last.path).unwrap().end;
+    let f = OpenOptions::new().write(true).open(&last.path).unwrap();
+    f.set_len(end - 5).unwrap();
+    let log = reopen(&dir).unwrap();
+    assert!(log.cut > 0);
+    assert_eq!(log.replayed, 299, "only the torn (last) append is gone");
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A flipped byte in a sealed segment: refused, naming it; nothing cut.
+    let dir = scratch();
+    let all = segmented_log(&dir).await;
+    let middle = &all[all.len() / 2];
+    let sizes: Vec<u64> = all
+        .iter()
+        .map(|s| std::fs::metadata(&s.path).unwrap().len())
+        .collect();
+    flip(&middle.path, 100);
+    let e = reopen(&dir).err().expect("refused");
+    assert!(
+        matches!(&e, LogError::Damaged { path, .. } if path == &middle.path),
+        "{e}"
+    );
+    let after: Vec<u64> = all
+        .iter()
+        .map(|s| std::fs::metadata(&s.path).unwrap().len())
+        .collect();
+    assert_eq!(after, sizes, "nothing is cut");
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A sealed segment cut short at its end (not the log's tail): refused.
+    let dir = scratch();
+    let all = segmented_log(&dir).await;
+    let middle = &all[all.len() / 2];
+    let len = std::fs::metadata(&middle.path).unwrap().len();
+    let f = OpenOptions::new().write(true).open(&middle.path).unwrap();
+    f.set_len(len - 3).unwrap();
+    let e = reopen(&dir).err().expect("refused");
+    assert!(
+        matches!(&e, LogError::Segments { path, .. } if path == &middle.path),
+        "{e}"
+    );
+    assert_eq!(std::fs::metadata(&middle.path).unwrap().len(), len - 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    // A segment missing in the middle: refused, naming the one after.
+    let dir = scratch();
+    let all = segmented_log(&dir).await;
+    let i = all.len() / 2;
+    std::fs::remove_file(&all[i].path).unwrap();
+    let e = reopen(&dir).err().expect("refused");
+    assert!(
+        matches!(&e, LogError::Segments { path, .. } if path == &all[i + 1].path),
+        "{e}"
+    );
+    assert!(e.to_string().contains("grabflow log verify"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_last_segment_of_a_roll_cut_short_goes_on_from_the_one_before() {
+    let dir = scratch();
+    let all = segmented_log(&dir).await;
+    // A crash right after the next segment was created.
+    let log_dir = segments::dir(&dir);
+    std::fs::write(segments::file(&log_dir, 300), b"").unwrap();
+    let (log, rx) = open_kept(
+        &dir,
+        small_segments(SEGMENT, &Arc::new(Retention::new(0))),
+        Resume::default(),
+    );
+    assert_eq!(log.replayed, 300);
+    assert_eq!(replayed(&rx, 300).len(), 300);
+    assert!(log.last_time > 0);
+    let a = log.handle.append(None, vec![ping(300)]).await.unwrap();
+    assert!(matches!(a, Appended::One { offset: 300, .. }), "{a:?}");
+    drop(log.handle);
+    log.writer.join().unwrap();
+    assert_eq!(segments::list(&dir).unwrap().len(), all.len() + 1);
+    assert_eq!(read_all(&dir).len(), 301);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn retention_deletes_only_old_segments_no_checkpoint_needs_and_a_restart_resumes_after() {
+    let dir = scratch();
+    // Every event is "old" a millisecond after the newest.
+    let retention = Arc::new(Retention::new(1));
+    let (log, _rx) = open_kept(&dir, small_segments(SEGMENT, &retention), Resume::default());
+    ping_n(&log, 0, 300).await;
+    let all = segments::list(&dir).unwrap();
+    assert!(all.len() > 3);
+    // Without a checkpoint nothing goes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    log.handle.append(None, vec![ping(300)]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(segments::list(&dir).unwrap(), all, "no checkpoint: kept");
+
+    // A checkpoint resuming inside segment 2: segments 0 and 1 go.
+    let from = all[2].first + 1;
+    retention.checkpointed(from);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while segments::list(&dir).unwrap().len() > all.len() - 2 {
+        assert!(Instant::now() < deadline, "not deleted");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // And no more, however long it runs.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let kept = segments::list(&dir).unwrap();
+    assert_eq!(kept[..], all[2..], "exactly those wholly before {from}");
+    let ledger: Ledger = postcard::from_bytes(&log.handle.ledger_saver().save()).unwrap();
+    drop(log.handle);
+    log.writer.join().unwrap();
+
+    // A start without the checkpoint is refused: its events are gone.
+    let e = reopen(&dir).err().expect("refused");
+    assert!(matches!(e, LogError::Segments { .. }), "{e}");
+    // From the checkpoint: the events after it, the ledger's too.
+    let (log, rx) = open_kept(
+        &dir,
+        small_segments(SEGMENT, &Arc::new(Retention::new(1))),
+        Resume { from, ledger },
+    );
+    assert_eq!(log.replayed as u64, 301 - from);
+    let back = replayed(&rx, 301 - from as usize);
+    assert_eq!(back[0].offset, from);
+    assert_eq!(back.last().unwrap().offset, 300);
+    let a = log.handle.append(None, vec![ping(301)]).await.unwrap();
+    assert!(matches!(a, Appended::One { offset: 301, .. }), "{a:?}");
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test]
+async fn a_replay_runs_a_bounded_backlog_ahead_of_the_dataflow() {
+    let dir = scratch();
+    let forever = Arc::new(Retention::new(0));
+    let (log, _rx) = open_kept(&dir, small_segments(1 << 20, &forever), Resume::default());
+    // Batches of one event each at distinct times, so ticks can pass them.
+    let n = REPLAY_AHEAD as usize + 3 * 4096;
+    let mut at = 0;
+    while at < n {
+        let batch: Vec<_> = (at..at + 4096).map(ping).collect();
+        log.handle.append(None, batch).await.unwrap();
+        at += 4096;
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    drop(log.handle);
+    log.writer.join().unwrap();
+
+    let (tx, rx) = mpsc::channel();
+    let backlog = Arc::new(Backlog::new(0));
+    let options = small_segments(1 << 20, &forever);
+    let log = open_with(
+        &dir,
+        tx,
+        Arc::clone(&backlog),
+        Resume::default(),
+        options,
+        true,
+    )
+    .unwrap();
+    assert_eq!(log.replayed, at);
+    // Nothing passes the dataflow's frontier: the replay stops ahead.
+    let mut held = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while held < REPLAY_AHEAD as usize {
+        assert!(Instant::now() < deadline, "{held} handed over");
+        held += events(&rx).len();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    held += events(&rx).len();
+    assert!(
+        held <= REPLAY_AHEAD as usize + 4096 && held < at,
+        "{held} of {at} handed over"
+    );
+    // The dataflow finishes everything it holds: the rest comes.
+    let mut fed = held;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fed < at {
+        assert!(Instant::now() < deadline, "{fed} of {at}");
+        backlog.progress(now_ms());
+        fed += events(&rx).len();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(fed, at);
+    drop(log.handle);
+    log.writer.join().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn room_fits_a_small_disk() {
+    use super::space::{fill_to, Space, CHUNK, MIN_FILL, SHARE};
+    // Plenty of space: a chunk, but never past the segment.
+    assert_eq!(fill_to(0, u64::MAX, u64::MAX), Some(CHUNK));
+    assert_eq!(
+        fill_to(1000, 5000 + MIN_FILL, u64::MAX),
+        Some(5000 + MIN_FILL)
+    );
+    // A 4 MiB volume: a quarter of what is free, then nothing.
+    assert_eq!(fill_to(0, u64::MAX, 4 << 20), Some((4 << 20) / SHARE));
+    assert_eq!(fill_to(0, u64::MAX, SHARE * MIN_FILL - 1), None);
+    assert_eq!(fill_to(10, 20, u64::MAX), None, "the segment is full");
+
+    let dir = scratch();
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("seg");
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .unwrap();
+    let space = Space::with_free(&file, 0, u64::MAX, Box::new(|| 3 << 20)).unwrap();
+    file.write_all_at(&[7; 10], 0).unwrap();
+    space.wrote(10);
+    assert!(space.reserve(10, 100));
+    let len = std::fs::metadata(&path).unwrap().len();
+    assert_eq!(len, 10 + (3 << 20) / SHARE, "a quarter of 3 MiB free");
+    drop(space);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// On a real 4 MiB file system (tmpfs; only as root, else skipped): the
+/// log opens, preallocates within it, and takes appends.
+#[tokio::test]
+async fn the_log_works_on_a_4_mib_volume() {
+    let dir = scratch();
+    std::fs::create_dir_all(&dir).unwrap();
+    let mounted = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+        .arg(&dir)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !mounted {
+        eprintln!("skipped: no tmpfs mount here (needs root)");
+        let _ = std::fs::remove_dir_all(&dir);
+        return;
+    }
+    let result = tokio::spawn({
+        let dir = dir.clone();
+        async move {
+            let (log, _rx) = open_in(&dir);
+            ping_n(&log, 0, 2000).await;
+            drop(log.handle);
+            log.writer.join().unwrap();
+            let (bytes, segments) = segments::usage(&dir);
+            (bytes, segments, read_all(&dir).len())
+        }
+    })
+    .await;
+    let _ = std::process::Command::new("umount").arg(&dir).status();
+    let _ = std::fs::remove_dir_all(&dir);
+    let (bytes, segments, records) = result.unwrap();
+    assert_eq!((segments, records), (1, 2000));
+    assert!(bytes < 3 << 20, "within the volume: {bytes}");
 }

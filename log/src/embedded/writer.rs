@@ -1,22 +1,33 @@
-//! The writer thread: it owns the file, takes every append waiting, gives
-//! each event its log offset and time (`max(now, last time)`, so time never
-//! goes back), writes them durably in one write, and only then answers the
-//! callers and hands the events to the dataflow. Between appends it sends
-//! clock ticks, so timers fire when nothing happens.
+//! The writer thread: it owns the active segment, takes every append
+//! waiting, gives each event its log offset and time (`max(now, last
+//! time)`, so time never goes back), writes them durably in one write, and
+//! only then answers the callers and hands the events to the dataflow.
+//! Between appends it sends clock ticks, so timers fire when nothing
+//! happens.
+//!
+//! Before it takes any append it replays the log after the checkpoint into
+//! the dataflow, a segment at a time and never more than
+//! [`REPLAY_AHEAD`] events ahead of it (see [`Writer::replay`]). It begins a
+//! new segment when the active one is full or old (see
+//! [`Rolling`](super::segments::Rolling)), and deletes the segments
+//! retention lets go (see [`Retention`]).
 
 use super::backlog::Backlog;
 use super::direct::DirectAppender;
 use super::format::{encode, AppendRecordRef};
+use super::recovery::scan_with;
+use super::segments::{self, Retention, Rolling, Segment};
 use super::space::Space;
 use crate::keys::{FirstUse, Print};
 use crate::ledger::{Admission, Claim, Ledger};
 use crate::throttle::Throttle;
 use crate::{now_ms, Appended, LogError};
+use grabflow_api::lifecycle::Stop;
 use grabflow_api::{Event, EventKind, Feed, Id, Time};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::PathBuf;
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use tokio::sync::oneshot;
@@ -32,6 +43,41 @@ pub struct Ticks {
     pub pings: Duration,
 }
 
+/// Events a replay may run ahead of the dataflow (those of one
+/// millisecond excepted: the dataflow finishes them together).
+pub const REPLAY_AHEAD: u64 = 1 << 18;
+
+/// Events handed to the dataflow at a time during a replay.
+const REPLAY_CHUNK: usize = 4096;
+
+/// How often the writer looks for segments retention lets go.
+const RETAIN_EVERY: Duration = Duration::from_secs(1);
+
+/// Where the log stands when the writer starts.
+pub(crate) struct Start {
+    /// The segments' directory.
+    pub(crate) log_dir: PathBuf,
+    /// The sealed segments, oldest first.
+    pub(crate) sealed: Vec<Segment>,
+    /// The segment appended to (created if missing).
+    pub(crate) active: Segment,
+    /// Where its records end.
+    pub(crate) end: u64,
+    /// The time of its first event, if it holds any.
+    pub(crate) active_time: Option<Time>,
+    /// The log's newest event time (0 when empty).
+    pub(crate) last_time: Time,
+    /// The offset the next event gets.
+    pub(crate) next_offset: u64,
+    /// The segments to replay into the dataflow first (and whether each
+    /// is the active one), and the first offset to replay.
+    pub(crate) replay: (Vec<(PathBuf, bool)>, u64),
+    /// When to begin a new segment.
+    pub(crate) rolling: Rolling,
+    /// What may be deleted.
+    pub(crate) retention: Arc<Retention>,
+}
+
 /// One append, as sent to the writer.
 pub(crate) struct Command {
     pub(crate) key: Option<String>,
@@ -40,6 +86,24 @@ pub(crate) struct Command {
 }
 
 pub(crate) struct Writer {
+    /// The segments' directory.
+    log_dir: PathBuf,
+    /// The sealed segments, oldest first, with their first event's time
+    /// once read (retention compares it).
+    sealed: Vec<(Segment, Option<Time>)>,
+    /// The segment appended to.
+    active: Segment,
+    /// The time of its first event (`None` while it holds none).
+    active_time: Option<Time>,
+    /// When to begin a new segment.
+    rolling: Rolling,
+    /// What may be deleted, and when it was last looked at.
+    retention: (Arc<Retention>, Instant),
+    /// Whether commits may use direct I/O (each segment is tried).
+    try_direct: bool,
+    /// What to replay before taking appends (see [`Start::replay`]).
+    replay: (Vec<(PathBuf, bool)>, u64),
+    /// The active segment's file.
     file: File,
     /// Where the records end: the next write goes here.
     end: u64,
@@ -73,42 +137,40 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// Opens `path` for appending after its records (which end at byte
-    /// `end`), going on from the log's last time and next offset; the
+    /// Opens the active segment of `start` for appending after its
+    /// records, going on from the log's last time and next offset; the
     /// ledger and the backlog are shared with the log's handles.
     pub(crate) fn open(
-        path: &Path,
-        (end, last_time, next_offset): (u64, Time, u64),
+        start: Start,
         direct: bool,
         (ledger, backlog): (Arc<Mutex<Ledger>>, Arc<Backlog>),
         feed: mpsc::Sender<Feed>,
         ticks: Ticks,
     ) -> std::io::Result<Writer> {
-        // Never truncated: the records are kept, and writes go where they end.
-        let file = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
-        let space = Space::new(&file, file.metadata()?.len())?;
-        let direct = if direct {
-            DirectAppender::open(path, end)?
-        } else {
-            None
-        };
-        if direct.is_none() {
+        let (file, space, direct_appender) =
+            open_segment(&start.active.path, start.end, direct, start.rolling)?;
+        if direct && direct_appender.is_none() {
             tracing::info!("log: no direct I/O on this file system; commits write and fdatasync");
         }
+        segments::sync_dir(&start.log_dir)?;
         Ok(Writer {
+            log_dir: start.log_dir,
+            sealed: start.sealed.into_iter().map(|s| (s, None)).collect(),
+            active: start.active,
+            active_time: start.active_time,
+            rolling: start.rolling,
+            retention: (start.retention, Instant::now()),
+            try_direct: direct,
+            replay: start.replay,
             file,
-            end,
+            end: start.end,
             space,
-            direct,
+            direct: direct_appender,
             ledger,
-            last_time,
-            last_event: last_time,
-            last_urgent: last_time,
-            next_offset,
+            last_time: start.last_time,
+            last_event: start.last_time,
+            last_urgent: start.last_time,
+            next_offset: start.next_offset,
             feed,
             told: 0,
             told_at: Instant::now(),
@@ -120,9 +182,147 @@ impl Writer {
         })
     }
 
+    /// Replays the log after the checkpoint into the dataflow: a segment
+    /// read at a time, handed over in chunks. Once more than
+    /// [`REPLAY_AHEAD`] events are ahead of the dataflow, it ticks at the
+    /// last handed-over event's time (later events are no earlier), so the
+    /// dataflow finishes what it holds, and waits while that is so and
+    /// some of them are finishable. So a restart holds one segment and a
+    /// bounded backlog, however long the tail, and the dataflow's clock
+    /// (and with it its checkpoints) moves once per [`REPLAY_AHEAD`]
+    /// events, not per chunk. The segments were checked when the log
+    /// opened; one that can no longer be read stops the writer (a panic
+    /// the service reports): the dataflow must not go on without it.
+    fn replay(&mut self, stop: &Stop) {
+        let (segments, from) = std::mem::take(&mut self.replay);
+        let mut chunk = Vec::with_capacity(REPLAY_CHUNK);
+        let mut open = true;
+        for (path, active) in segments {
+            let scanned = scan_with(&path, from, active, false, |r| {
+                if !open {
+                    return;
+                }
+                chunk.push(r.event);
+                if chunk.len() == REPLAY_CHUNK {
+                    open = self.hand_replayed(&mut chunk, stop);
+                }
+            });
+            if let Err(e) = scanned {
+                panic!("log: replaying {}: {e}", path.display());
+            }
+        }
+        if open {
+            self.hand_replayed(&mut chunk, stop);
+        }
+    }
+
+    /// Hands `chunk` (replayed events) to the dataflow; beyond
+    /// [`REPLAY_AHEAD`], with a tick at its last time, then waits for the
+    /// dataflow (see [`Writer::replay`]); `false` once the dataflow is gone.
+    fn hand_replayed(&mut self, chunk: &mut Vec<Event>, stop: &Stop) -> bool {
+        let Some(last) = chunk.last().map(|e| e.time) else {
+            return true;
+        };
+        let events = std::mem::replace(chunk, Vec::with_capacity(REPLAY_CHUNK));
+        self.backlog.committed(last, events.len() as u64);
+        if self.backlog.ahead() <= REPLAY_AHEAD {
+            return self.feed.send(Feed::Events(events)).is_ok();
+        }
+        self.told = self.told.max(last);
+        self.told_at = Instant::now();
+        if self.feed.send(Feed::EventsThenTick(events, last)).is_err() {
+            return false;
+        }
+        while self.backlog.holds_before(REPLAY_AHEAD, last) && !stop.stopped() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        true
+    }
+
+    /// Deletes the oldest sealed segments retention lets go (see
+    /// [`Retention::expired`]), at most once a [`RETAIN_EVERY`]. A segment
+    /// that cannot be deleted is kept, and so is every one after it.
+    fn retain(&mut self) {
+        let (retention, at) = &mut self.retention;
+        if at.elapsed() < RETAIN_EVERY || self.sealed.is_empty() {
+            return;
+        }
+        *at = Instant::now();
+        let mut firsts: Vec<u64> = self.sealed.iter().map(|(s, _)| s.first).collect();
+        firsts.push(self.active.first);
+        let (sealed, active_time) = (&mut self.sealed, self.active_time);
+        let expired = retention.expired(
+            &firsts,
+            |i| match sealed.get_mut(i) {
+                None => active_time,
+                Some((_, Some(t))) => Some(*t),
+                Some((s, time)) => {
+                    *time = segments::first_time(&s.path).ok().flatten();
+                    *time
+                }
+            },
+            self.last_event,
+        );
+        let mut deleted = 0;
+        for (segment, _) in &self.sealed[..expired] {
+            if let Err(e) = std::fs::remove_file(&segment.path) {
+                tracing::warn!("log: could not delete {}: {e}", segment.path.display());
+                break;
+            }
+            deleted += 1;
+        }
+        if deleted > 0 {
+            let gone: Vec<_> = self.sealed.drain(..deleted).collect();
+            let _ = segments::sync_dir(&self.log_dir);
+            let kept_from = self.sealed.first().map_or(&self.active, |(s, _)| s).first;
+            tracing::info!(
+                segments = gone.len(),
+                first = gone[0].0.first,
+                kept_from,
+                "log: deleted segments past retention"
+            );
+        }
+    }
+
+    /// Begins a new segment at `first` (the next offset) when the commit
+    /// in the buffer, of time `time`, is due one (see [`Rolling`]): creates
+    /// it (a leftover of a roll that failed holds nothing acknowledged),
+    /// syncs the directory, then seals the active one, trimmed to its
+    /// records. On error the active segment stays as it was.
+    fn roll_if_due(&mut self, first: u64, time: Time) -> std::io::Result<()> {
+        let full = self.end + self.buf.len() as u64 > self.rolling.bytes;
+        let old = self
+            .active_time
+            .is_some_and(|t| time.saturating_sub(t) >= self.rolling.span);
+        if self.end == 0 || self.buf.is_empty() || !(full || old) {
+            return Ok(());
+        }
+        let path = segments::file(&self.log_dir, first);
+        OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
+        let (file, space, direct) = open_segment(&path, 0, self.try_direct, self.rolling)?;
+        segments::sync_dir(&self.log_dir)?;
+        // The helper stops before the room it was filling is trimmed.
+        self.space = space;
+        self.direct = direct;
+        let sealed = std::mem::replace(&mut self.file, file);
+        if let Err(e) = sealed.set_len(self.end).and_then(|()| sealed.sync_all()) {
+            // Zeros after the records read as their end: harmless.
+            tracing::warn!("log: could not trim the sealed segment's room: {e}");
+        }
+        let segment = std::mem::replace(&mut self.active, Segment { first, path });
+        self.sealed.push((segment, self.active_time.take()));
+        self.end = 0;
+        Ok(())
+    }
+
     /// Commits what `appends` brings and ticks, until every sender is gone;
     /// then hands the last events over.
-    pub(crate) fn run(mut self, appends: mpsc::Receiver<Command>) {
+    pub(crate) fn run(mut self, appends: mpsc::Receiver<Command>, stop: Stop) {
+        self.replay(&stop);
         loop {
             match appends.recv_timeout(self.next_tick()) {
                 // Group commit: every append that came while the last
@@ -139,6 +339,7 @@ impl Writer {
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
             self.tick();
+            self.retain();
         }
         self.hand_over();
     }
@@ -221,8 +422,15 @@ impl Writer {
             .into_iter()
             .map(|command| self.stage(command, &mut group, &mut events))
             .collect();
-        match self.write() {
+        let time = events.first().map_or(self.last_time, |e| e.time);
+        match self
+            .roll_if_due(first_offset, time)
+            .and_then(|()| self.write())
+        {
             Ok(()) => {
+                if !events.is_empty() {
+                    self.active_time.get_or_insert(time);
+                }
                 let mut ledger = self.ledger.lock().expect("ledger");
                 let mut answers = Vec::with_capacity(staged.len());
                 for Staged {
@@ -377,4 +585,28 @@ struct Staged {
     answer: Result<Appended, LogError>,
     /// What it claimed in the ledger (a fresh append with events).
     claim: Option<Claim>,
+}
+
+/// Opens the segment at `path`, whose records end at `end`, for appending:
+/// the file, its room (up to the roll size) and a direct appender if
+/// `direct` and the file system has direct I/O.
+fn open_segment(
+    path: &std::path::Path,
+    end: u64,
+    direct: bool,
+    rolling: Rolling,
+) -> std::io::Result<(File, Space, Option<DirectAppender>)> {
+    // Never truncated: the records are kept, and writes go where they end.
+    let file = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)?;
+    let space = Space::new(&file, file.metadata()?.len(), rolling.bytes)?;
+    let direct = if direct {
+        DirectAppender::open(path, end)?
+    } else {
+        None
+    };
+    Ok((file, space, direct))
 }
