@@ -210,13 +210,15 @@ impl Dispatcher {
     /// Insertions take effect first; a retraction then removes a rider only
     /// if the index still holds exactly the retracted entry (otherwise the
     /// rider moved). A rider that appears or moves wakes the waiting orders
-    /// watching its cell.
+    /// watching its cell, if it has room for an order (a full rider is
+    /// no candidate; freeing room wakes it then).
     pub fn apply_index(&mut self, updates: &[(IndexEntry, isize)], t: Time) {
         self.now = t;
         for (e, diff) in updates {
             if *diff > 0
                 && self.index.upsert(&e.rider, e.cell, e.at)
                 && self.watch.contains_key(&e.cell)
+                && self.is_free(&e.rider)
             {
                 self.woken.insert(e.rider.clone());
             }

@@ -59,8 +59,9 @@ pub struct SimConfig {
     pub minutes: f64,
     /// Draw a progress bar.
     pub progress: bool,
-    /// Put in the order ids (`sim{tag}-o{n}`), so that runs against the
-    /// same server place different orders.
+    /// Put in the order and rider ids (`sim{tag}-o{n}`, `sim{tag}-r{n}`),
+    /// so that runs against the same server are different orders and
+    /// riders (a run ends with riders mid-delivery, loaded for good).
     pub tag: String,
 }
 
@@ -177,7 +178,7 @@ impl World {
                 let value: Value = resp.json().await.unwrap_or(Value::Null);
                 if status >= 400 {
                     let code = value["error"]["code"].as_str().unwrap_or("?").to_string();
-                    self.error(format!("http_{status}_{code}"));
+                    self.error(format!("http_{status}_{code}_{}", path.rsplit('/').next().unwrap_or("")));
                 }
                 Some((status, value))
             }
@@ -202,7 +203,7 @@ struct Leg {
 
 async fn rider(world: Arc<World>, n: usize, seed: u64) {
     let mut rng = StdRng::seed_from_u64(seed);
-    let id = format!("sim-r{n}");
+    let id = format!("sim{}-r{n}", world.cfg.tag);
     let token = world.token(Role::Rider, Some(&id));
     let mut at = city::rider_start(&mut rng);
     // Shifts start over the first minutes; some riders leave mid-run.
