@@ -1,10 +1,10 @@
 //! Soak benchmark: a city for a simulated week against the real
 //! `grabflow serve`, at high speed, with every retention scaled alike.
 //!
-//! `cargo bench --bench soak` runs `grabflow sim` (the library) one
-//! simulated day at a time against one server: riders pinging on shift,
-//! orders on the day's curve (lunch and dinner peaks), full life cycles,
-//! cancellations. Log time is real time, so a simulated day lasts
+//! `cargo bench --bench soak` runs one `grabflow sim` city (the library)
+//! for `SOAK_DAYS` simulated days against one server: riders pinging on
+//! shift, orders on the day's curve (lunch and dinner peaks), full life
+//! cycles, cancellations. Log time is real time, so a simulated day lasts
 //! `SOAK_DAY_SECS` real seconds (default 120: speed 720) and every
 //! retention is divided by the same speed: orders (1 h), riders (24 h),
 //! idempotency keys (24 h), rider streams (1 h), the log (24 h); the
@@ -12,11 +12,13 @@
 //! its steady state) and checkpoints are taken every 2 real seconds.
 //! Dispatch's own timings are not scaled (a grab timeout of 40 ms would be
 //! shorter than a rider's round trip): 2 s to grab, riders silent for 5 s
-//! leave the index. After each day it reports
-//! the server's RSS, the data dir's size (and the checkpoints' share), the
-//! last checkpoint's size and write time; after days 2, 4 and 7 (and the
-//! last) it stops the server (SIGTERM) and starts it again, reporting the
-//! time to `/readyz`, the restart's peak RSS and the events it replayed.
+//! leave the index.
+//!
+//! At the end of each simulated day it reports the orders in the live view
+//! and archived, the events, the server's RSS, the data dir's size (and the
+//! checkpoints' share), the last checkpoint's size and write time and the
+//! dataflow's lag; after the week, the city's own report, then a restart
+//! (SIGTERM, start again): time to `/readyz`, peak RSS, events replayed.
 //!
 //! Knobs: `SOAK_DAYS` (7), `SOAK_DAY_SECS` (120), `SOAK_RIDERS` (60),
 //! `SOAK_MERCHANTS` (40), `SOAK_ORDERS_PER_MIN` (base rate per simulated
@@ -175,81 +177,74 @@ fn main() {
          {merchants} merchants, {orders_per_min} orders/min at the base; server: {}",
         args.join(" ")
     );
-    println!("\n| day | orders placed / delivered | events sent | RSS | data dir | of it checkpoints | last checkpoint (write) | restart: ready in | restart peak RSS | replayed events |");
-    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let (mut server, mut url, _) = rt.block_on(start(&dir, &args));
+    println!("\n| day | orders in the live view | orders archived | events | RSS | data dir | of it checkpoints | last checkpoint (write) | dataflow lag |");
+    println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let (mut server, url, _) = rt.block_on(start(&dir, &args));
+    // One city for the whole run (a simulation ends with riders mid-way:
+    // runs one after another would leave them loaded for good).
+    let cfg = grabflow_sim::SimConfig {
+        url: url.clone(),
+        data_dir: dir.clone(),
+        speed,
+        seed: 7,
+        riders,
+        merchants,
+        orders_per_min,
+        start_hour: 0.0,
+        minutes: 1440.0 * f64::from(days),
+        progress: false,
+        tag: String::new(),
+    };
+    let city = rt.spawn(grabflow_sim::run(cfg));
     let mut rss_by_day = Vec::new();
     let mut dir_by_day = Vec::new();
+    let started = Instant::now();
     for d in 1..=days {
-        let cfg = grabflow_sim::SimConfig {
-            url: url.clone(),
-            data_dir: dir.clone(),
-            speed,
-            seed: u64::from(d),
-            riders,
-            merchants,
-            orders_per_min,
-            start_hour: 0.0,
-            minutes: 1440.0,
-            progress: false,
-            tag: format!("d{d}"),
-        };
-        let report = rt.block_on(grabflow_sim::run(cfg));
-        let (placed, delivered, sent) = match &report {
-            Ok(r) => {
-                if !r.errors.is_empty() {
-                    eprintln!("day {d}: the simulation saw errors: {:?}", r.errors);
-                }
-                (r.orders_placed, r.orders_delivered, r.events_sent)
-            }
-            Err(e) => {
-                eprintln!("day {d}: the simulation stopped: {e}");
-                (0, 0, 0)
-            }
-        };
-        if std::env::var("SOAK_DEBUG").is_ok() {
-            rt.block_on(async {
-                let secret = grabflow_http::auth::Secret::load_or_create(&dir).unwrap();
-                let app = secret.sign(&grabflow_http::auth::Claims { role: grabflow_http::auth::Role::Ops, id: None });
-                for path in ["/v1/ops/metrics".to_string(), format!("/v1/orders/simd{d}-o0"), format!("/v1/orders/simd{d}-o5"), "/v1/riders/sim-r0".to_string(), "/v1/merchants/sim-m0/riders".to_string()] {
-                    let r = reqwest::Client::new().get(format!("{url}{path}")).bearer_auth(&app).send().await.unwrap();
-                    eprintln!("DEBUG {path}: {} {}", r.status(), r.text().await.unwrap_or_default().chars().take(2500).collect::<String>());
-                }
-            });
-        }
+        let due = started + Duration::from_secs_f64(day_secs * f64::from(d));
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
         let m = rt.block_on(metrics(&url, &dir));
         let (_, rss) = rss_mib(server.id());
         let (total, ckpt) = (size_of(&dir), size_of(&dir.join("checkpoints")));
         rss_by_day.push(rss);
         dir_by_day.push(mib(total));
         let c = &m["checkpoint"];
-        let last = format!(
-            "{:.1} MiB ({} ms)",
-            mib(c["bytes"].as_u64().unwrap_or(0)),
-            c["write_ms"].as_u64().unwrap_or(0)
-        );
-        let restart = [2, 4, 7, days].contains(&d);
-        let (ready, peak, replayed) = if restart {
-            sigterm(&mut server);
-            let (s, u, took) = rt.block_on(start(&dir, &args));
-            let (peak, _) = rss_mib(s.id());
-            let m = rt.block_on(metrics(&u, &dir));
-            let replayed = m["checkpoint"]["replayed_events"].as_u64().unwrap_or(0);
-            (server, url) = (s, u);
-            (
-                format!("{:.2} s", took.as_secs_f64()),
-                format!("{peak:.0} MiB"),
-                replayed.to_string(),
-            )
-        } else {
-            ("".into(), "".into(), "".into())
-        };
+        let events: u64 = m["events"]
+            .as_object()
+            .map_or(0, |e| e.values().filter_map(Value::as_u64).sum());
+        let by_state = &m["orders_by_state"];
         println!(
-            "| {d} | {placed} / {delivered} | {sent} | {rss:.0} MiB | {:.1} MiB | {:.1} MiB | {last} | {ready} | {peak} | {replayed} |",
+            "| {d} | {} | {} | {events} | {rss:.0} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB ({} ms) | {} ms |",
+            m["orders"],
+            m["orders_archived"],
             mib(total),
-            mib(ckpt)
+            mib(ckpt),
+            mib(c["bytes"].as_u64().unwrap_or(0)),
+            c["write_ms"].as_u64().unwrap_or(0),
+            m["dataflow"]["lag_ms"],
         );
+        let _ = by_state;
     }
+    let report = rt.block_on(city);
+    match report {
+        Ok(Ok(r)) => println!(
+            "\ncity: {} orders placed, {} delivered, {} cancelled, {} events sent; errors {:?}",
+            r.orders_placed, r.orders_delivered, r.orders_cancelled, r.events_sent, r.errors
+        ),
+        Ok(Err(e)) => println!("\nthe simulation stopped: {e}"),
+        Err(e) => println!("\nthe simulation panicked: {e}"),
+    }
+    // A restart after the week: from the latest checkpoint.
+    let (_, live) = rss_mib(server.id());
+    sigterm(&mut server);
+    let (s, u, took) = rt.block_on(start(&dir, &args));
+    let (peak, _) = rss_mib(s.id());
+    let m = rt.block_on(metrics(&u, &dir));
+    server = s;
+    println!(
+        "restart after day {days}: ready in {:.2} s, peak RSS {peak:.0} MiB (live before the stop {live:.0} MiB), {} events replayed",
+        took.as_secs_f64(),
+        m["checkpoint"]["replayed_events"]
+    );
     sigterm(&mut server);
     if rss_by_day.len() >= 7 {
         let (day2, day7) = (rss_by_day[1], rss_by_day[6]);
