@@ -178,10 +178,7 @@ impl World {
                 let value: Value = resp.json().await.unwrap_or(Value::Null);
                 if status >= 400 {
                     let code = value["error"]["code"].as_str().unwrap_or("?").to_string();
-                    self.error(format!(
-                        "http_{status}_{code}_{}",
-                        path.rsplit('/').next().unwrap_or("")
-                    ));
+                    self.error(format!("http_{status}_{code}"));
                 }
                 Some((status, value))
             }
