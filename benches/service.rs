@@ -15,7 +15,9 @@
 //!
 //! The load generator shares the machine's cores with the server.
 //! `BENCH_SECS` sets each phase's length (default 5); `BENCH_CONSOLES=N`
-//! keeps N ops consoles on `/v1/ops/stream` during the latency phase.
+//! keeps N ops consoles on `/v1/ops/stream` during the latency phase, and
+//! `BENCH_CHECKPOINT_INTERVAL=250ms` has the server checkpoint that often
+//! through it.
 
 use axum::routing::post;
 use axum::{Json, Router};
@@ -433,7 +435,14 @@ fn main() {
     }
     if part("latency") {
         let before = commit_latency(2000);
-        let l = with_server(&rt, &[], async |url, dir, _| {
+        // `BENCH_CHECKPOINT_INTERVAL` (e.g. 250ms) has the server checkpoint
+        // that often through the phase (default: the server's 30 s).
+        let interval = std::env::var("BENCH_CHECKPOINT_INTERVAL").ok();
+        let extra: Vec<&str> = interval
+            .iter()
+            .flat_map(|i| ["--checkpoint-interval", i.as_str()])
+            .collect();
+        let l = with_server(&rt, &extra, async |url, dir, _| {
             latencies(url, dir, FULL).await
         });
         let after = commit_latency(2000);

@@ -161,6 +161,8 @@ fn main() {
         ("--stream-retention", scaled(hour, speed)),
         ("--log-retention", scaled(day, speed)),
         ("--checkpoint-interval", "2s".to_string()),
+        // Segments small enough to be sealed, and deleted, within the run.
+        ("--log-segment-bytes", (4u64 << 20).to_string()),
     ]
     .into_iter()
     .flat_map(|(k, v)| [k.to_string(), v])

@@ -211,6 +211,7 @@ pub fn writer(
     rx: mpsc::Receiver<DataflowState>,
     figures: SharedFigures,
     mut needs: Option<Needs>,
+    before: impl Fn() + Send + 'static,
 ) -> std::io::Result<Thread> {
     Thread::spawn("grabflow-checkpoint", move |stop| loop {
         let state = match rx.recv_timeout(Duration::from_millis(200)) {
@@ -226,6 +227,9 @@ pub fn writer(
             Err(mpsc::RecvTimeoutError::Disconnected) => return,
         };
         let started = Instant::now();
+        // What the state leaves to others (the view's history store) is on
+        // disk before the checkpoint that leaves it out.
+        before();
         let at = state.at;
         let from = state.resume().first().map(|&(_, offset)| offset);
         let body = Checkpoint {

@@ -300,12 +300,14 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     );
     let mirror = mirror(&plan)?;
     observers.extend(mirror.as_ref().map(|(m, _)| Arc::clone(m)));
+    let flushing = egress.clone();
     let (checkpointed, checkpoints) = checkpointing(
         &plan,
         input.store,
         &input.figures,
         &input.restore,
         input.needs,
+        move || flushing.flush_history(),
     )?;
     egress.set_checkpoints(input.figures.clone());
     let dataflow = runtime::spawn_checkpointed(
@@ -355,7 +357,8 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
 
 /// Checkpoints: the dataflow gathers them, a thread of their own writes
 /// them to `store`. What the dataflow takes part with (starting from
-/// `restore`), and the writer's thread; none without a store.
+/// `restore`), and the writer's thread (which runs `before` ahead of each
+/// write); none without a store.
 #[allow(clippy::type_complexity)]
 fn checkpointing(
     plan: &Plan,
@@ -363,6 +366,7 @@ fn checkpointing(
     figures: &Option<SharedFigures>,
     restore: &Option<Arc<DataflowState>>,
     needs: Option<checkpoint::Needs>,
+    before: impl Fn() + Send + 'static,
 ) -> anyhow::Result<(
     Option<(Arc<Checkpointing>, Option<Arc<DataflowState>>)>,
     Option<Thread>,
@@ -376,7 +380,7 @@ fn checkpointing(
     let checkpointing = Checkpointing::new(plan.checkpoint_interval, since, move |state| {
         let _ = done.lock().expect("checkpoints").send(state);
     });
-    let thread = checkpoint::writer(store, ledger, rx, Arc::clone(figures), needs)?;
+    let thread = checkpoint::writer(store, ledger, rx, Arc::clone(figures), needs, before)?;
     Ok((
         Some((Arc::new(checkpointing), restore.clone())),
         Some(thread),
@@ -650,7 +654,8 @@ pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
     }));
     let restore = loaded.map(|l| Arc::new(l.dataflow));
     let store = store.map(|s| (checkpoint::Store::Kafka(s), None));
-    let (checkpointed, checkpoints) = checkpointing(&plan, store, &Some(figures), &restore, None)?;
+    let (checkpointed, checkpoints) =
+        checkpointing(&plan, store, &Some(figures), &restore, None, || {})?;
     // No egress reads this process's rider trackers.
     let dataflow = runtime::spawn_checkpointed(
         plan.dispatch.clone(),

@@ -539,6 +539,14 @@ impl Egress {
         (v.streams.len(), messages)
     }
 
+    /// Waits until every order handed on to the history store so far is on
+    /// disk (a checkpoint without them is written only then).
+    pub fn flush_history(&self) {
+        if let Some(h) = &self.retention.history {
+            h.flush();
+        }
+    }
+
     /// Stops the history store's thread once it has written what is
     /// queued (after the dataflow has stopped).
     pub fn close_history(&self) {
@@ -701,12 +709,11 @@ impl Observer for Egress {
             .apply(changes.iter().map(|(e, _, d)| (e, *d)), |_| {});
     }
 
+    /// The view and counters. Orders it has handed on to the history store
+    /// are not in it: the checkpoint's writer waits for them to be on disk
+    /// ([`Egress::flush_history`]) before the checkpoint is, off the
+    /// dataflow's thread.
     fn save(&self, _at: Time) -> Vec<u8> {
-        // Orders the view has handed on are on disk before a checkpoint
-        // without them is.
-        if let Some(h) = &self.retention.history {
-            h.flush();
-        }
         let view = self.view.read().expect("view");
         let counters = self.counters.lock().expect("counters");
         let saved = SavedRef {
