@@ -503,21 +503,7 @@ async fn open_kafka(
     threads.add(follower.into_thread());
     threads.add(committer);
     let (store, loaded) = checkpoints;
-    let resume = loaded
-        .as_ref()
-        .map(|l| l.dataflow.resume())
-        .unwrap_or_default();
-    let (sources, stop_sources) = kafka_sources(plan, &resume)?;
-    let started_from = loaded.as_ref().map_or(0, |l| l.dataflow.at);
-    tracing::info!(
-        checkpoint = started_from,
-        partitions = resume.len(),
-        "kafka input resumes"
-    );
-    let figures = Arc::new(Mutex::new(checkpoint::Figures {
-        started_from,
-        ..Default::default()
-    }));
+    let (sources, stop_sources, figures) = resumed_sources(plan, loaded.as_ref())?;
     let (restore, saved) = match loaded {
         Some(l) => (Some(Arc::new(l.dataflow)), l.observers),
         None => (None, Vec::new()),
@@ -535,6 +521,28 @@ async fn open_kafka(
         figures: Some(figures),
         needs: None,
     })
+}
+
+/// This process's workers' Kafka sources, resuming where `loaded` (a
+/// checkpoint) says, or from the start (logged, for operators and tests);
+/// and the checkpoint figures of this start.
+fn resumed_sources(
+    plan: &Plan,
+    loaded: Option<&checkpoint::Loaded>,
+) -> anyhow::Result<(runtime::Sources, Stop, SharedFigures)> {
+    let resume = loaded.map(|l| l.dataflow.resume()).unwrap_or_default();
+    let (sources, stop) = kafka_sources(plan, &resume)?;
+    let started_from = loaded.map_or(0, |l| l.dataflow.at);
+    tracing::info!(
+        checkpoint = started_from,
+        partitions = resume.len(),
+        "kafka input resumes"
+    );
+    let figures = Arc::new(Mutex::new(checkpoint::Figures {
+        started_from,
+        ..Default::default()
+    }));
+    Ok((sources, stop, figures))
 }
 
 /// This process's workers' Kafka sources, starting at `resume` (a
@@ -635,23 +643,7 @@ pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
             after_dataflow.push(thread);
         }
     }
-    let resume = loaded
-        .as_ref()
-        .map(|l| l.dataflow.resume())
-        .unwrap_or_default();
-    let (sources, stop) = kafka_sources(&plan, &resume)?;
-    let started_from = loaded.as_ref().map_or(0, |l| l.dataflow.at);
-    if store.is_some() {
-        tracing::info!(
-            checkpoint = started_from,
-            partitions = resume.len(),
-            "kafka input resumes"
-        );
-    }
-    let figures = Arc::new(Mutex::new(checkpoint::Figures {
-        started_from,
-        ..Default::default()
-    }));
+    let (sources, stop, figures) = resumed_sources(&plan, loaded.as_ref())?;
     let restore = loaded.map(|l| Arc::new(l.dataflow));
     let store = store.map(|s| (checkpoint::Store::Kafka(s), None));
     let (checkpointed, checkpoints) =
