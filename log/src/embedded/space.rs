@@ -86,6 +86,8 @@ impl Space {
         let (fill, requests) = mpsc::channel::<(u64, u64)>();
         let (file, shared) = (file.try_clone()?, Arc::clone(&ready));
         let helper = Thread::spawn("grabflow-log-space", move |stop| {
+            // A full disk fails every fill: said once per 10 s.
+            let mut failures = crate::throttle::Throttle::new(std::time::Duration::from_secs(10));
             for (from, to) in requests {
                 let done = zero_fill(&file, from, to, &stop);
                 let (lock, cond) = &*shared;
@@ -93,7 +95,14 @@ impl Space {
                 match done {
                     Ok(true) => r.len = r.len.max(to),
                     Ok(false) => {}
-                    Err(e) => tracing::warn!("log: could not add room: {e}"),
+                    Err(e) => {
+                        if let Some(held) = failures.admit() {
+                            tracing::warn!(
+                                similar_since_last = held,
+                                "log: could not add room: {e}"
+                            );
+                        }
+                    }
                 }
                 r.filling = false;
                 cond.notify_all();
