@@ -19,16 +19,16 @@
 //! `BENCH_CHECKPOINT_INTERVAL=250ms` has the server checkpoint that often
 //! through it.
 
+mod common;
+
 use axum::routing::post;
 use axum::{Json, Router};
+use common::{rss_mib, sigterm, spawn, start_ready, token};
 use futures_util::StreamExt;
-use grabflow_api::Id;
-use grabflow_http::auth::{Claims, Role, Secret};
 use grabflow_log::embedded::direct::DirectAppender;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -84,29 +84,6 @@ async fn bare_server() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     println!("listening on http://{}", listener.local_addr().unwrap());
     axum::serve(listener, app).await.unwrap();
-}
-
-fn spawn(cmd: &mut Command) -> (Child, String) {
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("server starts");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let url = line.trim().rsplit(' ').next().unwrap().to_string();
-    (child, url)
-}
-
-fn token(dir: &std::path::Path, role: &str, id: Option<&str>) -> String {
-    let secret = Secret::load_or_create(dir).expect("secret");
-    let role: Role = role.parse().expect("role");
-    secret.sign(&Claims {
-        role,
-        id: id.map(|i| Id::new(i).expect("id")),
-    })
 }
 
 /// Pings/s with `clients` concurrent clients for the phase length.
@@ -569,49 +546,6 @@ fn restart_pings() -> u64 {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2_000_000)
-}
-
-/// The peak and current RSS of process `pid`, MiB.
-fn rss_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
-}
-
-/// Starts `grabflow serve` on `dir` with `extra`; waits for `/readyz`:
-/// the process, its URL and how long it took to be ready.
-async fn start_ready(dir: &std::path::Path, extra: &[&str]) -> (Child, String, Duration) {
-    let t0 = Instant::now();
-    let (child, url) = spawn(
-        Command::new(env!("CARGO_BIN_EXE_grabflow"))
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .args(extra)
-            .arg("--data-dir")
-            .arg(dir),
-    );
-    let http = reqwest::Client::new();
-    loop {
-        if let Ok(r) = http.get(format!("{url}/readyz")).send().await {
-            if r.status().is_success() {
-                return (child, url, t0.elapsed());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn sigterm(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
 }
 
 /// Restart time and memory with a long log behind: from the latest

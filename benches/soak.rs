@@ -24,10 +24,11 @@
 //! `SOAK_MERCHANTS` (40), `SOAK_ORDERS_PER_MIN` (base rate per simulated
 //! minute, 2; peaks reach ~5×).
 
+mod common;
+
+use common::{rss_mib, sigterm, start_ready, token};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
@@ -43,20 +44,6 @@ fn scaled(sim_secs: f64, speed: f64) -> String {
         "{}ms",
         ((sim_secs / speed) * 1000.0).round().max(1.0) as u64
     )
-}
-
-/// The peak and current RSS of process `pid`, MiB.
-fn rss_mib(pid: u32) -> (f64, f64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
 }
 
 /// Bytes under `path` (files, recursively).
@@ -76,60 +63,11 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / 1048576.0
 }
 
-/// Starts `grabflow serve` on `dir` with `args` and waits for `/readyz`:
-/// the process, its URL and how long it took. (The caller waits for the
-/// process, after stopping it.)
-#[allow(clippy::zombie_processes)]
-async fn start(dir: &Path, args: &[String]) -> (Child, String, Duration) {
-    let t0 = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_grabflow"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir)
-        .args(args)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("the server starts");
-    let mut line = String::new();
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    out.read_line(&mut line)
-        .expect("the server says where it listens");
-    let url = line
-        .trim()
-        .rsplit(' ')
-        .next()
-        .unwrap_or_default()
-        .to_string();
-    // Keep reading its stdout so it never blocks on a full pipe.
-    std::thread::spawn(move || for _ in out.lines() {});
-    let http = reqwest::Client::new();
-    loop {
-        if let Ok(r) = http.get(format!("{url}/readyz")).send().await {
-            if r.status().is_success() {
-                return (child, url, t0.elapsed());
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-fn sigterm(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let _ = child.wait();
-}
-
 /// The server's `/v1/ops/metrics`.
 async fn metrics(url: &str, dir: &Path) -> Value {
-    let secret = grabflow_http::auth::Secret::load_or_create(dir).expect("the secret");
-    let ops = secret.sign(&grabflow_http::auth::Claims {
-        role: grabflow_http::auth::Role::Ops,
-        id: None,
-    });
     match reqwest::Client::new()
         .get(format!("{url}/v1/ops/metrics"))
-        .bearer_auth(ops)
+        .bearer_auth(token(dir, "ops", None))
         .send()
         .await
     {
@@ -167,6 +105,7 @@ fn main() {
     .into_iter()
     .flat_map(|(k, v)| [k.to_string(), v])
     .collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let dir: PathBuf =
         std::env::temp_dir().join(format!("grabflow-bench-soak-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -181,7 +120,7 @@ fn main() {
     );
     println!("\n| day | orders in the live view | orders archived | events | RSS | data dir | of it checkpoints | last checkpoint (write) | dataflow lag |");
     println!("|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
-    let (mut server, url, _) = rt.block_on(start(&dir, &args));
+    let (mut server, url, _) = rt.block_on(start_ready(&dir, &args));
     // One city for the whole run (a simulation ends with riders mid-way:
     // runs one after another would leave them loaded for good).
     let cfg = grabflow_sim::SimConfig {
@@ -213,7 +152,6 @@ fn main() {
         let events: u64 = m["events"]
             .as_object()
             .map_or(0, |e| e.values().filter_map(Value::as_u64).sum());
-        let by_state = &m["orders_by_state"];
         println!(
             "| {d} | {} | {} | {events} | {rss:.0} MiB | {:.1} MiB | {:.1} MiB | {:.1} MiB ({} ms) | {} ms |",
             m["orders"],
@@ -224,7 +162,6 @@ fn main() {
             c["write_ms"].as_u64().unwrap_or(0),
             m["dataflow"]["lag_ms"],
         );
-        let _ = by_state;
     }
     let report = rt.block_on(city);
     match report {
@@ -238,7 +175,7 @@ fn main() {
     // A restart after the week: from the latest checkpoint.
     let (_, live) = rss_mib(server.id());
     sigterm(&mut server);
-    let (s, u, took) = rt.block_on(start(&dir, &args));
+    let (s, u, took) = rt.block_on(start_ready(&dir, &args));
     let (peak, _) = rss_mib(s.id());
     let m = rt.block_on(metrics(&u, &dir));
     server = s;
