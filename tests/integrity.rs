@@ -27,6 +27,18 @@ fn grabflow(args: &[&str], dir: &std::path::Path) -> (bool, String, String) {
     )
 }
 
+/// The orders of `orders` that `s` does not answer.
+async fn missing_orders(s: &Server, app: &str, orders: &[String]) -> Vec<String> {
+    let mut missing = Vec::new();
+    for id in orders {
+        let (status, _) = s.call("GET", &format!("/v1/orders/{id}"), app, None).await;
+        if status != 200 {
+            missing.push(id.clone());
+        }
+    }
+    missing
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() {
     let dir = temp_dir();
@@ -104,13 +116,7 @@ async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() 
     // Every order but the damaged record's is back, those after it too.
     let s = Server::start(&dir, &[]);
     s.wait_ready().await;
-    let mut missing = Vec::new();
-    for id in &orders {
-        let (status, _) = s.call("GET", &format!("/v1/orders/{id}"), &app, None).await;
-        if status != 200 {
-            missing.push(id.clone());
-        }
-    }
+    let missing = missing_orders(&s, &app, &orders).await;
     assert!(
         missing.len() <= 1,
         "lost more than the damaged record: {missing:?}"
@@ -190,13 +196,7 @@ async fn a_sealed_segment_cut_short_stops_the_start_and_verify_and_repair_go_thr
     // Every order but the damaged record's is back, those after it too.
     let s = Server::start(&dir, &flags);
     s.wait_ready().await;
-    let mut missing = Vec::new();
-    for id in &orders {
-        let (status, _) = s.call("GET", &format!("/v1/orders/{id}"), &app, None).await;
-        if status != 200 {
-            missing.push(id.clone());
-        }
-    }
+    let missing = missing_orders(&s, &app, &orders).await;
     assert!(
         missing.len() <= 1,
         "lost more than the damaged record: {missing:?}"
