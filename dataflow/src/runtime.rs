@@ -97,6 +97,7 @@ impl Fanout {
 // Where one worker's events come from. It lives in the vocabulary crate, so
 // the logs can implement it without depending on timely; re-exported here so
 // `runtime::Source` keeps naming it.
+use grabflow_api::source::Positions;
 pub use grabflow_api::Source;
 
 /// Makes worker `index` of `peers` its source.
@@ -109,29 +110,18 @@ struct FeedSource {
     me: usize,
     peers: usize,
     frontier: Time,
-    /// The first offset of each log time read lately (every worker sees
-    /// every event, before taking its share), for [`Source::resume_at`].
-    firsts: std::collections::VecDeque<(Time, u64)>,
-    /// The offset after the last event read.
-    next: u64,
+    /// Where each log time read lately starts (every worker sees every
+    /// event, before taking its share), for [`Source::resume_at`].
+    positions: Positions,
 }
-
-/// How much log time [`FeedSource`] remembers the first offsets of.
-const FIRSTS_KEPT: Time = 120_000;
 
 impl FeedSource {
     /// Notes where each log time of `events` starts.
     fn note(&mut self, events: &[Event]) {
         for e in events {
-            if self.firsts.back().is_none_or(|(t, _)| *t < e.time) {
-                self.firsts.push_back((e.time, e.offset));
-            }
-            self.next = self.next.max(e.offset + 1);
+            self.positions.read(e.time, e.offset);
         }
-        let keep_from = self.frontier.saturating_sub(FIRSTS_KEPT);
-        while self.firsts.front().is_some_and(|(t, _)| *t < keep_from) {
-            self.firsts.pop_front();
-        }
+        self.positions.keep_near(self.frontier);
     }
 
     fn take(&mut self, item: Feed, out: &mut Vec<Event>) {
@@ -178,8 +168,7 @@ impl Source for FeedSource {
     /// The embedded log's offset of the first event at or after `at`, or
     /// the next to come if none has come yet.
     fn resume_at(&self, at: Time) -> Vec<(u64, u64)> {
-        let first = self.firsts.iter().find(|(t, _)| *t >= at);
-        vec![(0, first.map_or(self.next, |(_, offset)| *offset))]
+        vec![(0, self.positions.resume_at(at))]
     }
 
     /// Returns once the frontier moves (or `wait` ends): every operator
@@ -245,8 +234,7 @@ pub fn feed_sources(feed: mpsc::Receiver<Feed>, workers: usize, next: u64) -> So
             me,
             peers,
             frontier: 0,
-            firsts: Default::default(),
-            next,
+            positions: Positions::from(next),
         })
     })
 }

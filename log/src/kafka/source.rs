@@ -13,13 +13,14 @@ use super::config::{partitions, KafkaConfig, KafkaError};
 use crate::now_ms;
 use crate::throttle::Throttle;
 use grabflow_api::lifecycle::Stop;
+use grabflow_api::source::Positions;
 use grabflow_api::topics::InputRecord;
 use grabflow_api::{Source, Time};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -33,14 +34,9 @@ struct Part {
     time: Time,
     /// The time of the last tick sent into it (it may not be back yet).
     sent: Time,
-    /// The first offset of each recent time read (for a checkpoint).
-    firsts: VecDeque<(Time, i64)>,
-    /// The offset after the last record read (where it started, before any).
-    next: i64,
+    /// Where each recent time read starts (for a checkpoint).
+    positions: Positions,
 }
-
-/// How much log time a partition remembers the first offsets of.
-const FIRSTS_KEPT: Time = 120_000;
 
 /// The resume position of a checkpoint: an input partition's number,
 /// `topic << 32 | partition` (topics by their place in `Topics::inputs`).
@@ -138,8 +134,7 @@ impl KafkaSources {
                         partition: p,
                         time: 0,
                         sent: 0,
-                        firsts: VecDeque::new(),
-                        next: from.unwrap_or(0),
+                        positions: Positions::from(from.unwrap_or(0).max(0) as u64),
                     });
                 }
                 n += 1;
@@ -232,10 +227,7 @@ impl Source for KafkaSource {
             let part = &mut self.parts[i];
             let ts = m.timestamp().to_millis().unwrap_or(0).max(0) as Time;
             part.time = part.time.max(ts);
-            if part.firsts.back().is_none_or(|(t, _)| *t < part.time) {
-                part.firsts.push_back((part.time, m.offset()));
-            }
-            part.next = m.offset() + 1;
+            part.positions.read(part.time, m.offset().max(0) as u64);
             if let Some(value) = m.payload() {
                 match InputRecord::decode(value, part.topic, part.partition, m.offset(), part.time)
                 {
@@ -254,12 +246,8 @@ impl Source for KafkaSource {
         }
         self.tick_idle();
         let frontier = self.parts.iter().map(|p| p.time).min();
-        // A checkpoint's time is at most a moment behind the frontier.
-        let keep_from = frontier.unwrap_or(0).saturating_sub(FIRSTS_KEPT);
         for p in &mut self.parts {
-            while p.firsts.front().is_some_and(|(t, _)| *t < keep_from) {
-                p.firsts.pop_front();
-            }
+            p.positions.keep_near(frontier.unwrap_or(0));
         }
         frontier
     }
@@ -270,9 +258,10 @@ impl Source for KafkaSource {
         self.parts
             .iter()
             .map(|p| {
-                let first = p.firsts.iter().find(|(t, _)| *t >= at);
-                let offset = first.map_or(p.next, |(_, o)| *o);
-                (position_key(p.topic, p.partition), offset.max(0) as u64)
+                (
+                    position_key(p.topic, p.partition),
+                    p.positions.resume_at(at),
+                )
             })
             .collect()
     }
