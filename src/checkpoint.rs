@@ -8,10 +8,12 @@
 //! dataflow started on a fresh machine resumes from the latest too. (With
 //! Kafka the ledger is read back from the topics, not checkpointed.)
 //!
-//! Taking one: the dataflow hands each whole [`DataflowState`] to the
-//! checkpoint thread ([`writer`]), which adds the ledger (appends wait the
-//! few milliseconds its encoding takes) and writes the file
-//! (`grabflow_log::checkpoints`). Dispatch does not wait for the file.
+//! Taking one: the dataflow hands each checkpoint [`Taken`] (copies of its
+//! operators' and observers' states, not yet encoded) to the checkpoint
+//! thread ([`writer`]), which encodes them, adds the ledger (appends wait
+//! the moment its encoding takes) and writes the file
+//! (`grabflow_log::checkpoints`). Dispatch waits only for the copies; a
+//! writer that falls behind writes the newest taken and drops the older.
 //!
 //! Starting from one ([`load`]): the newest checkpoint that reads back whole
 //! and decodes is used; the log replays only the events from its position
@@ -22,7 +24,7 @@
 
 use grabflow_api::lifecycle::Thread;
 use grabflow_api::{DispatchConfig, Time};
-use grabflow_dataflow::checkpoint::DataflowState;
+use grabflow_dataflow::checkpoint::{DataflowState, Taken};
 use grabflow_dataflow::runtime::Fanout;
 pub use grabflow_egress::view::{CheckpointFigures as Figures, SharedFigures};
 use grabflow_log::checkpoints::CheckpointStore;
@@ -201,70 +203,90 @@ impl Needs {
     }
 }
 
-/// The checkpoint thread: writes each state from `rx`, with the log's
-/// `ledger` if it has one, into `store`, until `rx` closes (the dataflow
-/// ended, after its last checkpoint) or it is stopped; tells `needs` (the
-/// embedded log's retention) what the checkpoints kept need.
+/// The checkpoint thread: writes each checkpoint taken from `rx`, with the
+/// log's `ledger` if it has one, into `store`, until `rx` closes (the
+/// dataflow ended, after its last checkpoint) or it is stopped; tells
+/// `needs` (the embedded log's retention) what the checkpoints kept need.
+///
+/// It runs at a lower priority (nice 10, this thread only): encoding and
+/// writing are background work, and on a machine whose cores dispatch
+/// keeps busy they wait for a free moment instead of taking one from the
+/// dataflow or the HTTP threads (the service bench's order → offer p99
+/// with a checkpoint every 250 ms doubled without it).
 pub fn writer(
     mut store: Store,
     ledger: Option<LedgerSaver>,
-    rx: mpsc::Receiver<DataflowState>,
+    rx: mpsc::Receiver<Taken>,
     figures: SharedFigures,
     mut needs: Option<Needs>,
     before: impl Fn() + Send + 'static,
 ) -> std::io::Result<Thread> {
-    Thread::spawn("grabflow-checkpoint", move |stop| loop {
-        let state = match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(state) => state,
-            Err(mpsc::RecvTimeoutError::Timeout) if !stop.stopped() => continue,
-            // Stopped: the dataflow's last checkpoint may still come.
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                match rx.recv_timeout(Duration::from_secs(15)) {
-                    Ok(state) => state,
-                    Err(_) => return,
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        };
-        let started = Instant::now();
-        // What the state leaves to others (the view's history store) is on
-        // disk before the checkpoint that leaves it out.
-        before();
-        let at = state.at;
-        let from = state.resume().first().map(|&(_, offset)| offset);
-        let body = Checkpoint {
-            dataflow: state,
-            ledger: ledger.as_ref().map(LedgerSaver::save).unwrap_or_default(),
-            print: Print::probe(),
-        };
-        let written = postcard::to_allocvec(&body)
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| store.write(at, &bytes));
-        let mut f = figures.lock().expect("figures");
-        match written {
-            Ok((bytes, place)) => {
-                f.last_at = at;
-                f.last_bytes = bytes;
-                f.last_write_ms = started.elapsed().as_millis() as u64;
-                f.written = Some(Instant::now());
-                f.written_total += 1;
-                tracing::debug!(at, bytes, place, "checkpoint written");
-                drop(f);
-                if let (Some(needs), Some(from), Some(kept)) = (needs.as_mut(), from, store.kept())
-                {
-                    match kept {
-                        Ok(kept) => needs.wrote(at, from, &kept),
-                        Err(e) => tracing::warn!("listing the checkpoints: {e}"),
+    Thread::spawn("grabflow-checkpoint", move |stop| {
+        // On Linux a nice value is per thread: the others keep theirs.
+        if let Err(e) = rustix::process::setpriority_process(None, 10) {
+            tracing::debug!("the checkpoint thread keeps its priority: {e}");
+        }
+        while let Some(taken) = next(&rx, &stop) {
+            let started = Instant::now();
+            // What the state leaves to others (the view's history store) is
+            // on disk before the checkpoint that leaves it out.
+            before();
+            let state = taken.encode();
+            let at = state.at;
+            let from = state.resume().first().map(|&(_, offset)| offset);
+            let body = Checkpoint {
+                dataflow: state,
+                ledger: ledger.as_ref().map(LedgerSaver::save).unwrap_or_default(),
+                print: Print::probe(),
+            };
+            let written = postcard::to_allocvec(&body)
+                .map_err(|e| e.to_string())
+                .and_then(|bytes| store.write(at, &bytes));
+            let mut f = figures.lock().expect("figures");
+            match written {
+                Ok((bytes, place)) => {
+                    f.last_at = at;
+                    f.last_bytes = bytes;
+                    f.last_write_ms = started.elapsed().as_millis() as u64;
+                    f.written = Some(Instant::now());
+                    f.written_total += 1;
+                    tracing::debug!(at, bytes, place, "checkpoint written");
+                    drop(f);
+                    if let (Some(needs), Some(from), Some(kept)) =
+                        (needs.as_mut(), from, store.kept())
+                    {
+                        match kept {
+                            Ok(kept) => needs.wrote(at, from, &kept),
+                            Err(e) => tracing::warn!("listing the checkpoints: {e}"),
+                        }
                     }
                 }
-            }
-            Err(e) => {
-                f.failed_total += 1;
-                tracing::error!(
-                    at,
-                    "writing a checkpoint failed (the next one is tried at its time): {e}"
-                );
+                Err(e) => {
+                    f.failed_total += 1;
+                    tracing::error!(
+                        at,
+                        "writing a checkpoint failed (the next one is tried at its time): {e}"
+                    );
+                }
             }
         }
     })
+}
+
+/// The next checkpoint to write: the newest taken (a writer behind, on a
+/// slow disk, skips those the newest supersedes); none once `rx` closes,
+/// or once stopped and the dataflow's last one has not come within 15 s.
+fn next(rx: &mpsc::Receiver<Taken>, stop: &grabflow_api::lifecycle::Stop) -> Option<Taken> {
+    let taken = loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(taken) => break taken,
+            Err(mpsc::RecvTimeoutError::Timeout) if !stop.stopped() => continue,
+            // Stopped: the dataflow's last checkpoint may still come.
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                break rx.recv_timeout(Duration::from_secs(15)).ok()?
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => return None,
+        }
+    };
+    Some(rx.try_iter().last().unwrap_or(taken))
 }

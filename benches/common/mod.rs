@@ -13,7 +13,11 @@ use std::time::{Duration, Instant};
 pub fn spawn(cmd: &mut Command) -> (Child, String) {
     let mut child = cmd
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(if std::env::var("BENCH_STDERR").is_ok() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        })
         .spawn()
         .expect("server starts");
     let mut line = String::new();

@@ -16,7 +16,14 @@
 //! operators when a request appears, so an operator with nothing to do
 //! saves too. The parts meet in [`Checkpointing`]; once all are there (and
 //! the observer's own state, saved by worker 0 between the decisions before
-//! `at` and those after), the whole goes to the `done` callback.
+//! `at` and those after), the whole goes to the `done` callback, as a
+//! [`Taken`] checkpoint.
+//!
+//! Saving does not encode. Each part is a [`Snapshot`]: a copy of the state
+//! (cheap: what is large is shared, e.g. the view's stream messages) that
+//! encodes itself when the checkpoint's writer calls [`Taken::encode`], on
+//! its own thread. So a checkpoint stalls the dataflow only for the copies
+//! (the service bench measures it), not for the encoding.
 //!
 //! In one process only: the request is read from shared memory. A cluster
 //! of processes runs without checkpoints (see `docs/operations.md`).
@@ -42,6 +49,20 @@ pub enum Stateful {
 
 /// The stateful operators, each on every worker.
 pub const OPERATORS: [Stateful; 3] = [Stateful::Dedup, Stateful::TrackRiders, Stateful::Decide];
+
+/// A state as of a checkpoint's time that encodes itself (postcard) when
+/// called: taken on the dataflow's threads, called off them.
+pub type Snapshot = Box<dyn FnOnce() -> Vec<u8> + Send>;
+
+/// A snapshot of a state already encoded (or cheap to encode at once).
+pub fn encoded(bytes: Vec<u8>) -> Snapshot {
+    Box::new(move || bytes)
+}
+
+/// A snapshot encoding `state` (an owned copy) when called.
+pub fn snapshot<S: Serialize + Send + 'static>(state: S) -> Snapshot {
+    Box::new(move || postcard::to_allocvec(&state).expect("states serialize"))
+}
 
 /// Where a source resumes: `(source, offset)` pairs (the embedded log is
 /// one source; Kafka has one per input partition).
@@ -134,9 +155,36 @@ impl DataflowState {
 /// The state of a checkpoint being gathered.
 #[derive(Default)]
 struct Gathering {
-    parts: Vec<(Stateful, usize, Vec<u8>)>,
+    parts: Vec<(Stateful, usize, Snapshot)>,
     positions: Vec<(usize, Position)>,
-    observer: Option<Vec<u8>>,
+    observer: Option<Snapshot>,
+}
+
+/// A checkpoint taken: every part as of its time, not yet encoded.
+pub struct Taken {
+    /// Every decision before this log time is made, none at or after it.
+    pub at: Time,
+    workers: usize,
+    parts: Vec<(Stateful, usize, Snapshot)>,
+    positions: Vec<(usize, Position)>,
+    observer: Snapshot,
+}
+
+impl Taken {
+    /// Encodes every part (the costly step; off the dataflow's threads).
+    pub fn encode(self) -> DataflowState {
+        DataflowState {
+            at: self.at,
+            workers: self.workers,
+            parts: self
+                .parts
+                .into_iter()
+                .map(|(op, worker, part)| (op, worker, part()))
+                .collect(),
+            positions: self.positions,
+            observer: (self.observer)(),
+        }
+    }
 }
 
 /// Asks for checkpoints and gathers their parts (shared by the workers of
@@ -151,7 +199,7 @@ pub struct Checkpointing {
     workers: AtomicU64,
     gathering: Mutex<Gathering>,
     #[allow(clippy::type_complexity)]
-    done: Box<dyn Fn(DataflowState) + Send + Sync>,
+    done: Box<dyn Fn(Taken) + Send + Sync>,
 }
 
 impl Checkpointing {
@@ -160,11 +208,7 @@ impl Checkpointing {
     /// time worker 0 looks when 0) and at a
     /// graceful end, each handed to `done` once whole; none with an
     /// `interval` of 0 (the workers still start from a restored one).
-    pub fn new(
-        interval: Time,
-        since: Time,
-        done: impl Fn(DataflowState) + Send + Sync + 'static,
-    ) -> Self {
+    pub fn new(interval: Time, since: Time, done: impl Fn(Taken) + Send + Sync + 'static) -> Self {
         Checkpointing {
             interval,
             request: AtomicU64::new(0),
@@ -215,7 +259,7 @@ impl Checkpointing {
 
     /// An operator's state on `worker`, as of `at` (ignored unless `at`
     /// is still the time asked for).
-    pub(crate) fn part(&self, at: Time, op: Stateful, worker: usize, state: Vec<u8>) {
+    pub(crate) fn part(&self, at: Time, op: Stateful, worker: usize, state: Snapshot) {
         let mut g = self.gathering.lock().expect("gathering");
         if self.requested() == Some(at) {
             g.parts.push((op, worker, state));
@@ -233,7 +277,7 @@ impl Checkpointing {
     }
 
     /// The observer's state as of `at` (worker 0).
-    pub(crate) fn observer(&self, at: Time, state: Vec<u8>) {
+    pub(crate) fn observer(&self, at: Time, state: Snapshot) {
         let mut g = self.gathering.lock().expect("gathering");
         if self.requested() == Some(at) {
             g.observer = Some(state);
@@ -254,15 +298,15 @@ impl Checkpointing {
         let mut g = std::mem::take(&mut *g);
         g.parts.sort_by_key(|(o, w, _)| (*o, *w));
         g.positions.sort_by_key(|(w, _)| *w);
-        let state = DataflowState {
+        let taken = Taken {
             at,
             workers,
             parts: g.parts,
             positions: g.positions,
-            observer: g.observer.unwrap_or_default(),
+            observer: g.observer.unwrap_or_else(|| encoded(Vec::new())),
         };
         self.last.store(at, Ordering::Release);
         self.request.store(0, Ordering::Release);
-        (self.done)(state);
+        (self.done)(taken);
     }
 }

@@ -56,7 +56,7 @@ enum Timer {
 }
 
 /// A rider as the decision core sees it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct RiderLoad {
     /// Orders the rider may carry (last shift's value, or the default).
     capacity: u32,
@@ -69,14 +69,14 @@ struct RiderLoad {
 }
 
 /// A merchant.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Merchant {
     at: Coord,
     open: bool,
 }
 
 /// One order's state.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 struct Order {
     /// Where offers are searched from: the merchant's position at placement.
     at: Coord,
@@ -142,7 +142,7 @@ fn reject(event: &Id, order: &Id, reason: RejectReason, out: &mut Vec<Output>) {
 /// The decision core. See the module doc for the per-millisecond protocol.
 /// Between milliseconds it holds no work in progress, so it is saved in a
 /// checkpoint whole (it is `Serialize`).
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Dispatcher {
     cfg: DispatchConfig,
     /// Available-ish riders (online and pinged within the TTL) by cell.

@@ -155,7 +155,7 @@ pub fn cells_within(p: Coord, radius_m: f64) -> Vec<u64> {
 }
 
 /// Riders bucketed by cell, with their exact positions.
-#[derive(Default, Debug, serde::Serialize, serde::Deserialize)]
+#[derive(Clone, Default, Debug, serde::Serialize, serde::Deserialize)]
 pub struct GeoIndex {
     /// Each indexed rider's cell and position.
     riders: FxHashMap<Id, (u64, Coord)>,

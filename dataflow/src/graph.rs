@@ -16,7 +16,7 @@
 //! ping traffic spreads over all workers; `decide` runs on one worker because
 //! grab races and rider capacity are sequential by definition.
 
-use crate::checkpoint::{Checkpointing, DataflowState, Stateful};
+use crate::checkpoint::{snapshot, Checkpointing, DataflowState, Snapshot, Stateful};
 use crate::dedup::Deduper;
 use crate::dispatcher::Dispatcher;
 use crate::riders::{rider_route, RiderTables, RiderTracker};
@@ -245,8 +245,9 @@ trait PerMillisecond {
     /// What it holds, for the state figures (the skeleton adds what is
     /// buffered).
     fn sizes(&self) -> StateSizes;
-    /// Its state between milliseconds, for a checkpoint (postcard).
-    fn save(&self) -> Vec<u8>;
+    /// Its state between milliseconds, for a checkpoint: a copy, encoded
+    /// (postcard) later off the worker.
+    fn save(&self) -> Snapshot;
     /// The later milliseconds its state has timers at (a restored state's).
     fn timers(&mut self) -> Vec<Time>;
 }
@@ -450,8 +451,8 @@ impl PerMillisecond for Dedup {
         vec![("ids", self.0.len())]
     }
 
-    fn save(&self) -> Vec<u8> {
-        postcard::to_allocvec(&self.0.save()).expect("state serializes")
+    fn save(&self) -> Snapshot {
+        snapshot(self.0.save())
     }
 
     fn timers(&mut self) -> Vec<Time> {
@@ -555,9 +556,8 @@ impl PerMillisecond for TrackRiders {
         self.tables.lock(self.slot).sizes()
     }
 
-    fn save(&self) -> Vec<u8> {
-        let state = self.tables.lock(self.slot).save();
-        postcard::to_allocvec(&state).expect("state serializes")
+    fn save(&self) -> Snapshot {
+        snapshot(self.tables.lock(self.slot).save())
     }
 
     fn timers(&mut self) -> Vec<Time> {
@@ -680,8 +680,8 @@ impl PerMillisecond for Decide {
         self.core.sizes()
     }
 
-    fn save(&self) -> Vec<u8> {
-        postcard::to_allocvec(&self.core).expect("state serializes")
+    fn save(&self) -> Snapshot {
+        snapshot(self.core.clone())
     }
 
     fn timers(&mut self) -> Vec<Time> {

@@ -19,7 +19,7 @@
 //! everything before it, and only then drop the dataflow together, without
 //! firing the timers still pending.
 
-use crate::checkpoint::{Checkpointing, DataflowState};
+use crate::checkpoint::{encoded, Checkpointing, DataflowState, Snapshot};
 use crate::graph::{dispatch_sharing, Checkpoints};
 use crate::riders::RiderTables;
 use crate::IndexEntry;
@@ -46,11 +46,12 @@ pub trait Observer: Send + Sync + 'static {
     /// Every decision before `time` has been delivered.
     fn progress(&self, time: Time);
     /// Its state for a checkpoint at `at`: called once every decision
-    /// before `at` has been delivered and none after. Empty when it keeps
-    /// nothing to restore.
-    fn save(&self, at: Time) -> Vec<u8> {
+    /// before `at` has been delivered and none after, on worker 0, so it
+    /// copies and leaves the encoding to the snapshot (called by the
+    /// checkpoint's writer). Empty when it keeps nothing to restore.
+    fn save(&self, at: Time) -> Snapshot {
         let _ = at;
-        Vec::new()
+        encoded(Vec::new())
     }
 }
 
@@ -80,9 +81,12 @@ impl Observer for Fanout {
     /// The first observer's state that is not empty: one observer (the
     /// egress view) keeps what a restart needs; the others are sinks.
     /// Every observer's state, in their order (see [`Fanout::parts`]).
-    fn save(&self, at: Time) -> Vec<u8> {
-        let parts: Vec<Vec<u8>> = self.0.iter().map(|o| o.save(at)).collect();
-        postcard::to_allocvec(&parts).expect("states serialize")
+    fn save(&self, at: Time) -> Snapshot {
+        let parts: Vec<Snapshot> = self.0.iter().map(|o| o.save(at)).collect();
+        Box::new(move || {
+            let parts: Vec<Vec<u8>> = parts.into_iter().map(|p| p()).collect();
+            postcard::to_allocvec(&parts).expect("states serialize")
+        })
     }
 }
 

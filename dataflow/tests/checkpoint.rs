@@ -35,7 +35,7 @@ fn run(
         .and_then(|r| r.resume().first().map(|(_, o)| *o))
         .unwrap_or(0);
     let checkpointing = Arc::new(Checkpointing::new(interval, since, move |state| {
-        keep.lock().unwrap().push(state)
+        keep.lock().unwrap().push(state.encode())
     }));
     let observer = Arc::new(Decisions::default());
     let handle = runtime::spawn_checkpointed(

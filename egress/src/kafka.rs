@@ -16,6 +16,7 @@
 use grabflow_api::lifecycle::{Stop, Thread};
 use grabflow_api::topics::{partition_for, IndexRecord, InputRecord, OutputRecord, Topics};
 use grabflow_api::{Event, Output, Time};
+use grabflow_dataflow::checkpoint::{snapshot, Snapshot};
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
 use grabflow_log::kafka::{from_start, partitions, KafkaConfig, KafkaError};
@@ -312,9 +313,8 @@ impl Observer for OutputSink {
     }
 
     /// The next `seq`: the decisions before the checkpoint took those before.
-    fn save(&self, _at: Time) -> Vec<u8> {
-        let next = *self.next_seq.lock().expect("seq");
-        postcard::to_allocvec(&next).expect("a number serializes")
+    fn save(&self, _at: Time) -> Snapshot {
+        snapshot(*self.next_seq.lock().expect("seq"))
     }
 }
 

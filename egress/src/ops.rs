@@ -26,6 +26,7 @@ use foldhash::HashMap;
 use futures_util::stream::{Stream, StreamExt};
 use grabflow_api::output::TransitionReason;
 use grabflow_api::{Coord, Event, Id, OrderState, Output, Time};
+use grabflow_dataflow::checkpoint::Snapshot as Saving;
 use grabflow_dataflow::geo_index::{cell_boundary, cell_of};
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::stats::OperatorStats;
@@ -835,7 +836,7 @@ impl Observer for Tapped {
     fn progress(&self, time: Time) {
         Observer::progress(&*self.egress, time);
     }
-    fn save(&self, at: Time) -> Vec<u8> {
+    fn save(&self, at: Time) -> Saving {
         self.egress.save(at)
     }
 }

@@ -27,6 +27,7 @@ use grabflow_api::output::{RejectReason, TransitionReason, WithdrawReason};
 use grabflow_api::{
     Coord, DispatchConfig, Event, EventKind, GrabOutcome, Id, OrderState, Output, Time,
 };
+use grabflow_dataflow::checkpoint::{snapshot, Snapshot};
 use grabflow_dataflow::geo_index::GeoIndex;
 use grabflow_dataflow::riders::RiderTables;
 use grabflow_dataflow::runtime::Observer;
@@ -250,7 +251,7 @@ pub struct OrderView {
 }
 
 /// One rider's message stream.
-#[derive(Default, Serialize, Deserialize)]
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct Stream {
     /// The last seq given; 0 before the first message, and again once
     /// every message has aged out (the next one then starts over, at its
@@ -294,7 +295,9 @@ pub struct Resume {
 }
 
 /// What the view keeps; saved whole in a checkpoint (with the counters).
-#[derive(Default, Serialize, Deserialize)]
+/// A checkpoint copies it (the stream messages are shared, not copied) and
+/// encodes the copy on the checkpoint's writer thread.
+#[derive(Clone, Default, Serialize, Deserialize)]
 struct View {
     riders: HashMap<Id, RiderView>,
     merchants: HashMap<Id, (Coord, bool)>,
@@ -325,13 +328,6 @@ pub struct Counters {
     pub orders_by_state: BTreeMap<Name, i64>,
     /// Closed orders moved from the view to the history store.
     pub orders_archived: u64,
-}
-
-/// [`Saved`], by reference (written without copying the view).
-#[derive(Serialize)]
-struct SavedRef<'a> {
-    view: &'a View,
-    counters: &'a Counters,
 }
 
 /// The view and counters as a checkpoint keeps them.
@@ -713,14 +709,10 @@ impl Observer for Egress {
     /// are not in it: the checkpoint's writer waits for them to be on disk
     /// ([`Egress::flush_history`]) before the checkpoint is, off the
     /// dataflow's thread.
-    fn save(&self, _at: Time) -> Vec<u8> {
-        let view = self.view.read().expect("view");
-        let counters = self.counters.lock().expect("counters");
-        let saved = SavedRef {
-            view: &view,
-            counters: &counters,
-        };
-        postcard::to_allocvec(&saved).expect("the view serializes")
+    fn save(&self, _at: Time) -> Snapshot {
+        let view = self.view.read().expect("view").clone();
+        let counters = self.counters.lock().expect("counters").clone();
+        snapshot(Saved { view, counters })
     }
 
     fn progress(&self, time: Time) {
@@ -1229,7 +1221,7 @@ mod tests {
         let unstopped = view(1_500, None);
         unstopped.decisions(before.clone());
         Observer::progress(&*unstopped, 1_800);
-        let saved = unstopped.save(2_000);
+        let saved = unstopped.save(2_000)();
         Observer::progress(&*unstopped, 2_000);
         unstopped.decisions(after.clone());
         for t in [3_000, 3_600, 4_300] {
@@ -1283,7 +1275,7 @@ mod tests {
         Observer::progress(&*e, 3_500);
         assert_eq!(e.sizes().3, 0, "closed 2 s ago: on disk");
         assert_eq!(e.counters().orders_archived, 1);
-        let saved = e.save(3_500);
+        let saved = e.save(3_500)();
         match e.lookup(&id("o1")).unwrap() {
             Lookup::Found(o) => assert_eq!(o.history.len(), 2),
             other => panic!("{other:?}"),

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 use grabflow_api::{Event, Output, Time};
+use grabflow_dataflow::checkpoint::{encoded, Snapshot};
 use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
 use std::collections::BTreeMap;
@@ -21,8 +22,8 @@ impl Observer for Decisions {
     }
     fn index(&self, _: Vec<(IndexEntry, Time, isize)>) {}
     fn progress(&self, _: Time) {}
-    fn save(&self, at: Time) -> Vec<u8> {
-        at.to_le_bytes().to_vec()
+    fn save(&self, at: Time) -> Snapshot {
+        encoded(at.to_le_bytes().to_vec())
     }
 }
 
