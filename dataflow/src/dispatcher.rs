@@ -100,8 +100,22 @@ struct Order {
     overdue: bool,
     /// It was ever in `overtime`: delivery leads to compensation.
     ever_overtime: bool,
-    /// Cells this waiting order is registered on in the watch map.
-    watching: Vec<u64>,
+    /// The spot this waiting order watches from (see [`Spot`]).
+    watching: Option<SpotKey>,
+}
+
+/// Where waiting orders search from and how far: a position and a radius
+/// (the radius's bits). Orders waiting at one merchant in the same round
+/// share one, so each cell lists spots, not orders: a busy merchant's
+/// thousands of waiting orders cost one entry per cell, not thousands.
+type SpotKey = (Coord, u64);
+
+/// The waiting orders searching from one spot, and the cells its radius
+/// reaches (where a rider appearing wakes them).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+struct Spot {
+    cells: Vec<u64>,
+    orders: FxHashSet<Id>,
 }
 
 /// An order as an order event finds it, before the event changes it.
@@ -150,8 +164,11 @@ pub struct Dispatcher {
     riders: FxHashMap<Id, RiderLoad>,
     merchants: FxHashMap<Id, Merchant>,
     orders: FxHashMap<Id, Order>,
-    /// Cell → waiting (`created`) orders whose search radius reaches the cell.
-    watch: FxHashMap<u64, FxHashSet<Id>>,
+    /// Cell → the spots whose waiting (`created`) orders' search radius
+    /// reaches the cell.
+    watch: FxHashMap<u64, FxHashSet<SpotKey>>,
+    /// The spots waiting orders search from.
+    spots: FxHashMap<SpotKey, Spot>,
     timers: BTreeMap<Time, Vec<(Id, Timer)>>,
     /// Orders placed so far: the next placement's serial number.
     placed: u64,
@@ -181,6 +198,7 @@ impl Dispatcher {
             merchants: FxHashMap::default(),
             orders: FxHashMap::default(),
             watch: FxHashMap::default(),
+            spots: FxHashMap::default(),
             timers: BTreeMap::new(),
             placed: 0,
             now: 0,
@@ -343,7 +361,7 @@ impl Dispatcher {
                 picked_up: false,
                 overdue: false,
                 ever_overtime: false,
-                watching: Vec::new(),
+                watching: None,
             },
         );
         out.push(Output::Transition {
@@ -506,8 +524,10 @@ impl Dispatcher {
     pub fn offer_pass(&mut self, t: Time, out: &mut Vec<Output>) {
         for rider in std::mem::take(&mut self.woken) {
             if let Some((cell, _)) = self.index.get(&rider) {
-                if let Some(orders) = self.watch.get(&cell) {
-                    self.dirty.extend(orders.iter().cloned());
+                for spot in self.watch.get(&cell).into_iter().flatten() {
+                    if let Some(spot) = self.spots.get(spot) {
+                        self.dirty.extend(spot.orders.iter().cloned());
+                    }
                 }
             }
         }
@@ -613,17 +633,10 @@ impl Dispatcher {
         if to == OrderState::Created {
             self.dirty.insert(id.clone());
         }
-        if from == OrderState::Created && to != OrderState::Created {
-            let cells = std::mem::take(&mut o.watching);
-            for cell in cells {
-                if let Some(set) = self.watch.get_mut(&cell) {
-                    set.remove(id);
-                    if set.is_empty() {
-                        self.watch.remove(&cell);
-                    }
-                }
-            }
-        }
+        let unwatch = match (from, to) {
+            (OrderState::Created, to) if to != OrderState::Created => o.watching.take(),
+            _ => None,
+        };
         if to == OrderState::Closed {
             // Closed orders keep only what grab and duplicate checks need,
             // for their retention.
@@ -639,6 +652,9 @@ impl Dispatcher {
             rider: o.rider.clone(),
             event: self.cause.clone(),
         });
+        if let Some(key) = unwatch {
+            self.unwatch(id, key);
+        }
         if to == OrderState::Closed {
             let forget = self.now.saturating_add(self.cfg.order_retention_ms);
             if forget < Time::MAX {
@@ -668,14 +684,44 @@ impl Dispatcher {
         }
     }
 
+    /// Registers waiting order `id` on the spot `(at, radius)` (once).
     fn watch_order(&mut self, id: &Id, at: Coord, radius: f64) {
         let o = self.orders.get_mut(id).expect("order exists");
-        if !o.watching.is_empty() {
+        if o.watching.is_some() {
             return;
         }
-        o.watching = cells_within(at, radius);
-        for &cell in &o.watching {
-            self.watch.entry(cell).or_default().insert(id.clone());
+        let key = (at, radius.to_bits());
+        o.watching = Some(key);
+        let spot = self.spots.entry(key).or_insert_with(|| {
+            let cells = cells_within(at, radius);
+            for &cell in &cells {
+                self.watch.entry(cell).or_default().insert(key);
+            }
+            Spot {
+                cells,
+                orders: FxHashSet::default(),
+            }
+        });
+        spot.orders.insert(id.clone());
+    }
+
+    /// Takes order `id` off spot `key`; the spot's last order takes it off
+    /// its cells.
+    fn unwatch(&mut self, id: &Id, key: SpotKey) {
+        let Some(spot) = self.spots.get_mut(&key) else {
+            return;
+        };
+        spot.orders.remove(id);
+        if !spot.orders.is_empty() {
+            return;
+        }
+        for cell in self.spots.remove(&key).map(|s| s.cells).unwrap_or_default() {
+            if let Some(set) = self.watch.get_mut(&cell) {
+                set.remove(&key);
+                if set.is_empty() {
+                    self.watch.remove(&cell);
+                }
+            }
         }
     }
 
