@@ -11,7 +11,12 @@
 //!
 //! - a flood: batched pings from many clients as fast as they go, against
 //!   the default `--max-backlog`: pings acked, batches held back with 503,
-//!   the server's peak RSS and the dataflow's largest lag.
+//!   the server's peak RSS and the dataflow's largest lag;
+//! - Kafka (`kafka_phase`): the same ingress and a lighter latency load
+//!   through tansu, in four set-ups, against the embedded log;
+//! - restarts (`restart_phase`) with `BENCH_RESTART_PINGS` pings and
+//!   `BENCH_RESTART_ORDERS` orders in the log: from a checkpoint, after
+//!   `kill -9`, and replaying the whole log.
 //!
 //! The load generator shares the machine's cores with the server.
 //! `BENCH_SECS` sets each phase's length (default 5); `BENCH_CONSOLES=N`
@@ -186,11 +191,11 @@ const FULL: Load = Load {
     order_every: Duration::from_millis(5),
 };
 
-/// 100 pings/s and 5 orders/s (what tansu with one record per batch takes).
-const LIGHT: Load = Load {
-    ping_every: Duration::from_millis(100),
+/// 1 000 pings/s and 20 orders/s (the Kafka rows, as issue #20 sets them).
+const KAFKA_LOAD: Load = Load {
+    ping_every: Duration::from_millis(10),
     pings: 10,
-    order_every: Duration::from_millis(200),
+    order_every: Duration::from_millis(50),
 };
 
 /// What a latency phase measured (milliseconds).
@@ -548,6 +553,60 @@ fn restart_pings() -> u64 {
         .unwrap_or(2_000_000)
 }
 
+/// Orders placed after the pings (`BENCH_RESTART_ORDERS`, default 20 000).
+fn restart_orders() -> u64 {
+    std::env::var("BENCH_RESTART_ORDERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20_000)
+}
+
+/// Places `n` orders at 50 merchants, 64 at a time (none is offered: no
+/// rider is on shift, so each waits in the state until its deadline).
+async fn place_orders(url: &str, app: &str, n: u64) {
+    let http = reqwest::Client::new();
+    for m in 0..50 {
+        http.put(format!("{url}/v1/merchants/M{m}"))
+            .bearer_auth(app)
+            .json(&json!({"lat": 31.2 + m as f64 * 1e-3, "lon": 121.47}))
+            .send()
+            .await
+            .unwrap();
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..64 {
+        let (http, url, app, next) = (
+            http.clone(),
+            url.to_string(),
+            app.to_string(),
+            Arc::clone(&next),
+        );
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let body = json!({"order_id": format!("B{i}"), "merchant_id": format!("M{}", i % 50), "dropoff": {"lat": 31.22, "lon": 121.48}});
+                while !http
+                    .post(format!("{url}/v1/orders"))
+                    .bearer_auth(&app)
+                    .json(&body)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().as_u16() == 202)
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
 /// Restart time and memory with a long log behind: from the latest
 /// checkpoint (the default) against replaying the whole log (the same log,
 /// its checkpoints removed, `--checkpoint-interval 0`), after a graceful
@@ -556,6 +615,7 @@ fn restart_phase(rt: &tokio::runtime::Runtime) {
     let dir = std::env::temp_dir().join(format!("grabflow-bench-restart-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let pings = restart_pings();
+    let orders = restart_orders();
     let live = rt.block_on(async {
         let (mut server, url, _) = start_ready(&dir, &[]).await;
         let app = token(&dir, "app", None);
@@ -593,6 +653,7 @@ fn restart_phase(rt: &tokio::runtime::Runtime) {
             }
             sent += 8 * batch as u64;
         }
+        place_orders(&url, &app, orders).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let rss = rss_mib(server.id()).1;
         sigterm(&mut server);
@@ -601,7 +662,7 @@ fn restart_phase(rt: &tokio::runtime::Runtime) {
     let (log_bytes, log_segments) = grabflow_log::embedded::segments::usage(&dir);
     let log_mib = log_bytes as f64 / 1048576.0;
     println!("
-restart with {pings} batched pings in the log ({log_mib:.0} MiB in {log_segments} segments; live RSS before the stop {live:.0} MiB):");
+restart with {pings} batched pings and {orders} orders (all open) in the log ({log_mib:.0} MiB in {log_segments} segments; live RSS before the stop {live:.0} MiB):");
     println!("| start | ready in | peak RSS | replayed events |");
     println!("|---|---:|---:|---:|");
     let run = |name: &str, extra: &[&str], kill: bool| {
@@ -815,7 +876,13 @@ impl Drop for Broker {
 
 /// Production mode on this machine: tansu (in-memory storage) on loopback
 /// and `serve --kafka`, against the embedded log under the same loads. Each
-/// phase has a fresh broker and server, so one's backlog never slows the next.
+/// phase has a fresh broker and server, so one's backlog never slows the
+/// next. Four set-ups: grabflow's defaults (4 partitions); with a 1 ms fetch
+/// wait (tansu holds every fetch for the whole `fetch.wait.max.ms` and
+/// answers with what it had when the fetch began, so each consumer hop
+/// costs ~1.5× the wait); 16 partitions (at a 1 ms wait tansu falls seconds
+/// behind there); and one record per batch (what 0.12 hard-wired).
+/// The broker's CPU (its share of one core) shows when it is the limit.
 fn kafka_phase(rt: &tokio::runtime::Runtime) {
     let home = std::env::var("CARGO_HOME")
         .unwrap_or_else(|_| format!("{}/.cargo", std::env::var("HOME").unwrap_or_default()));
@@ -825,7 +892,7 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
         return;
     }
     let light = async |url: &str, dir: &std::path::Path, _pid: u32| {
-        let mut l = latencies(url, dir, LIGHT).await;
+        let mut l = latencies(url, dir, KAFKA_LOAD).await;
         let (p50, p99) = (
             percentile(&mut l.offers, 0.5),
             percentile(&mut l.offers, 0.99),
@@ -834,47 +901,77 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
     };
     let (e_acked, e_e2e) = with_server(rt, &[], end_to_end);
     let e_light = with_server(rt, &[], light);
-    // Kafka batched (the default), and with one record per batch (what
-    // 0.12 hard-wired; the tests' tansu workaround).
-    let kafka = |extra: &[&str]| {
+    let fetch_1ms = ["--kafka-option", "fetch.wait.max.ms=1"];
+    let setups: [(&str, Vec<&str>); 4] = [
+        ("defaults", vec![]),
+        ("1 ms fetch wait", fetch_1ms.to_vec()),
+        ("16 partitions", vec!["--kafka-partitions", "16"]),
+        (
+            "one record per batch",
+            vec!["--kafka-option", "batch.num.messages=1"],
+        ),
+    ];
+    let mut columns = Vec::new();
+    for (name, extra) in &setups {
         let (acked, e2e) = {
             let broker = Broker::start(&tansu);
             let args = [&["--kafka", broker.1.as_str()][..], extra].concat();
             with_server(rt, &args, end_to_end)
         };
-        let light = {
+        let (light, cpu) = {
             let broker = Broker::start(&tansu);
             let args = [&["--kafka", broker.1.as_str()][..], extra].concat();
-            with_server(rt, &args, light)
+            let before = (cpu_secs(broker.0.id()), Instant::now());
+            let light = with_server(rt, &args, light);
+            let used = cpu_secs(broker.0.id()) - before.0;
+            (light, used / before.1.elapsed().as_secs_f64())
         };
-        (acked, e2e, light)
-    };
-    let (k_acked, k_e2e, k_light) = kafka(&[]);
-    let (s_acked, s_e2e, s_light) = kafka(&["--kafka-option", "batch.num.messages=1"]);
-    println!("\nKafka (tansu 0.6, in-memory, loopback) against the embedded log, same machine:");
-    println!("| | embedded | kafka, batched | kafka, one record per batch | batched / embedded |");
-    println!("|---|---:|---:|---:|---:|");
-    println!(
-        "| pings acked/s, 100 per batch, 64 clients | {e_acked:.0} | {k_acked:.0} | {s_acked:.0} | {:.3} |",
-        k_acked / e_acked
-    );
-    println!(
-        "| pings/s end to end (acked and read by the dataflow) | {e_e2e:.0} | {k_e2e:.0} | {s_e2e:.0} | {:.3} |",
-        k_e2e / e_e2e
-    );
-    for (name, e, k, s) in [
-        ("p50", e_light.0, k_light.0, s_light.0),
-        ("p99", e_light.1, k_light.1, s_light.1),
-    ] {
-        println!(
-            "| order → offer {name}, {} pings/s + {} orders/s | {e:.2} ms | {k:.2} ms | {s:.2} ms | {:.2} |",
-            LIGHT.pings * 1000 / LIGHT.ping_every.as_millis() as u64,
-            1000 / LIGHT.order_every.as_millis(),
-            k / e
-        );
+        columns.push((*name, acked, e2e, light, cpu));
     }
-    println!(
-        "(offers seen: embedded {} of {} orders, kafka batched {} of {}, one per batch {} of {})",
-        e_light.2, e_light.3, k_light.2, k_light.3, s_light.2, s_light.3
+    println!("\nKafka (tansu 0.6, in-memory, loopback) against the embedded log, same machine:");
+    let head: Vec<String> = columns.iter().map(|c| format!("kafka, {}", c.0)).collect();
+    println!("| | embedded | {} |", head.join(" | "));
+    println!("|---|---:|{}", "---:|".repeat(columns.len()));
+    let row =
+        |name: String,
+         e: String,
+         f: &dyn Fn(&(&str, f64, f64, (f64, f64, usize, usize), f64)) -> String| {
+            let cells: Vec<String> = columns.iter().map(f).collect();
+            println!("| {name} | {e} | {} |", cells.join(" | "));
+        };
+    row(
+        "pings acked/s, 100 per batch, 64 clients".into(),
+        format!("{e_acked:.0}"),
+        &|c| format!("{:.0}", c.1),
+    );
+    row(
+        "pings/s end to end (acked and read by the dataflow)".into(),
+        format!("{e_e2e:.0}"),
+        &|c| format!("{:.0}", c.2),
+    );
+    let load = format!(
+        "{} pings/s + {} orders/s",
+        KAFKA_LOAD.pings * 1000 / KAFKA_LOAD.ping_every.as_millis() as u64,
+        1000 / KAFKA_LOAD.order_every.as_millis()
+    );
+    row(
+        format!("order → offer p50, {load}"),
+        format!("{:.2} ms", e_light.0),
+        &|c| format!("{:.2} ms", c.3 .0),
+    );
+    row(
+        format!("order → offer p99, {load}"),
+        format!("{:.2} ms", e_light.1),
+        &|c| format!("{:.2} ms", c.3 .1),
+    );
+    row(
+        "offers seen / orders placed".into(),
+        format!("{} / {}", e_light.2, e_light.3),
+        &|c| format!("{} / {}", c.3 .2, c.3 .3),
+    );
+    row(
+        "broker CPU during the latency phase (cores)".into(),
+        "–".into(),
+        &|c| format!("{:.2}", c.4),
     );
 }
