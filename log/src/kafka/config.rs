@@ -248,8 +248,9 @@ pub enum KafkaError {
     Thread(std::io::Error),
 }
 
-/// Creates the topics that are missing, with the time retention of `cfg`
-/// (and the checkpoint topic, compacted); returns their names.
+/// Creates the topics that are missing, with the delete policy and the time
+/// retention of `cfg` (and the checkpoint topic, compacted); returns their
+/// names.
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Topics, KafkaError> {
     let topics = cfg.topics();
     let admin: AdminClient<DefaultClientContext> = cfg.client().create()?;
@@ -263,7 +264,11 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Topics, KafkaError> {
     let mut new: Vec<NewTopic> = names
         .iter()
         .map(|n| {
-            let topic = NewTopic::new(n, cfg.partitions, TopicReplication::Fixed(cfg.replication));
+            // Kafka's default, said explicitly: a broker may default
+            // otherwise, and tansu applies `retention.ms` only to topics
+            // whose configuration names the delete policy.
+            let topic = NewTopic::new(n, cfg.partitions, TopicReplication::Fixed(cfg.replication))
+                .set("cleanup.policy", "delete");
             match &retention {
                 Some(ms) => topic.set("retention.ms", ms),
                 None => topic,
