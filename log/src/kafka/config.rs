@@ -177,7 +177,12 @@ impl KafkaConfig {
         c.set("bootstrap.servers", &self.brokers)
             // librdkafka's own logs go through its context to `log`; keep
             // them to errors (a stopped broker is reported by our errors).
-            .set("log_level", "3");
+            .set("log_level", "3")
+            // A broker that went away is tried again at most 1 s apart (as
+            // Java clients do; librdkafka's default backs off to 10 s), so a
+            // restarted broker is found again before ingress's appends
+            // waiting for it time out.
+            .set("reconnect.backoff.max.ms", "1000");
         ClientSettings {
             config: c,
             options: self.options.clone(),
