@@ -4,11 +4,12 @@
 use grabflow_api::topics::Topics;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The header carrying a client's `Idempotency-Key`.
@@ -251,6 +252,77 @@ pub enum KafkaError {
     /// A client thread could not be started.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    /// No broker answered (unreachable, or refused by TLS or SASL).
+    #[error("no Kafka broker at {brokers} answered within {within:?}: {why}")]
+    Unreachable {
+        /// The bootstrap servers.
+        brokers: String,
+        /// How long it was given.
+        within: Duration,
+        /// The last error librdkafka reported, in its words.
+        why: String,
+    },
+}
+
+/// How long a starting process waits for a broker to answer.
+const REACH: Duration = Duration::from_secs(10);
+
+/// Keeps the last errors librdkafka reported about its connections (a
+/// broker refusing them, a TLS handshake failing), which it otherwise only
+/// logs: a start that times out says why.
+#[derive(Default)]
+struct LastError(Mutex<Why>);
+
+/// What librdkafka said last.
+#[derive(Default)]
+struct Why {
+    /// Its last log line at error level: a connection's failure, with the
+    /// reason (the TLS handshake's included).
+    logged: Option<String>,
+    /// Its last error event (often only "1/1 brokers are down").
+    error: Option<String>,
+}
+
+impl rdkafka::ClientContext for LastError {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        tracing::debug!(?level, facility, message, "librdkafka");
+        if (level as i32) <= RDKafkaLogLevel::Error as i32 {
+            self.0.lock().expect("last error").logged = Some(message.to_string());
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "kafka client");
+        self.0.lock().expect("last error").error = Some(reason.to_string());
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LastError {}
+
+/// Waits until a client of `cfg` gets the cluster's metadata, within
+/// [`REACH`]; if it does not, says why (librdkafka's last error). Blocking.
+fn reach(cfg: &KafkaConfig) -> Result<(), KafkaError> {
+    let probe: BaseConsumer<LastError> = cfg.client().create_with_context(LastError::default())?;
+    let deadline = Instant::now() + REACH;
+    loop {
+        let Err(e) = probe.fetch_metadata(None, Duration::from_secs(1)) else {
+            return Ok(());
+        };
+        // librdkafka's logs and errors wait in its queue until polled.
+        for _ in 0..100 {
+            if probe.poll(Duration::ZERO).is_none() {
+                break;
+            }
+        }
+        if Instant::now() >= deadline {
+            let why = std::mem::take(&mut *probe.context().0.lock().expect("last error"));
+            return Err(KafkaError::Unreachable {
+                brokers: cfg.brokers.clone(),
+                within: REACH,
+                why: why.logged.or(why.error).unwrap_or_else(|| e.to_string()),
+            });
+        }
+    }
 }
 
 /// Creates the topics that are missing, with the delete policy and the time
@@ -258,6 +330,13 @@ pub enum KafkaError {
 /// names.
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Topics, KafkaError> {
     let topics = cfg.topics();
+    // A broker that cannot be reached (or whose certificate is not
+    // trusted) fails the start within seconds, saying why, instead of an
+    // admin request timing out after a minute.
+    let probing = cfg.clone();
+    tokio::task::spawn_blocking(move || reach(&probing))
+        .await
+        .map_err(|e| KafkaError::Thread(std::io::Error::other(e)))??;
     let admin: AdminClient<DefaultClientContext> = cfg.client().create()?;
     let names: Vec<&str> = topics
         .inputs()
