@@ -38,7 +38,9 @@ fn wait_port(port: u16, what: &str) {
 /// A `tansu` broker on a loopback port, stopped on drop.
 struct Broker {
     child: Option<Child>,
+    /// Where clients find it (what it advertises).
     addr: String,
+    /// The port it listens on.
     port: u16,
     /// Its storage engine, and the directory it runs in (a SQLite file's
     /// home): kept to start it again.
@@ -75,9 +77,14 @@ impl Broker {
 
     fn on(storage: &'static str, dir: PathBuf) -> Broker {
         let port = free_port();
+        Broker::advertising(storage, dir, port, port)
+    }
+
+    /// Listening on `port`, telling clients it is at `advertised`.
+    fn advertising(storage: &'static str, dir: PathBuf, port: u16, advertised: u16) -> Broker {
         let mut b = Broker {
             child: None,
-            addr: format!("127.0.0.1:{port}"),
+            addr: format!("127.0.0.1:{advertised}"),
             port,
             storage,
             dir,
@@ -87,15 +94,16 @@ impl Broker {
     }
 
     fn run(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let listener = format!("tcp://127.0.0.1:{}", self.port);
+        let advertised = format!("tcp://{}", self.addr);
         let child = Command::new(tansu())
             .current_dir(&self.dir)
             .args([
                 "broker",
                 "--listener-url",
-                &url,
+                &listener,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", self.storage])
             .env(
@@ -1524,5 +1532,81 @@ async fn the_sqlite_broker_counts_offsets_per_record() {
     }
     assert_eq!(wm, (0, 15));
     assert_eq!(got, [10, 11, 12, 13, 14]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A self-signed certificate and its key for 127.0.0.1 and localhost, made
+/// in `dir` with the `openssl` command: (certificate, key).
+fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let made = Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args(["-subj", "/CN=127.0.0.1"])
+        .args(["-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .stderr(Stdio::null())
+        .status();
+    assert!(
+        made.is_ok_and(|s| s.success()),
+        "openssl made no certificate"
+    );
+    (cert, key)
+}
+
+/// tansu 0.6 serves no TLS (its `--cert` and `--key` cannot be given
+/// together, and the TLS acceptor it builds is never used), so `socat`
+/// terminates TLS in front of it, on the port it advertises: every
+/// connection of grabflow's clients (bootstrap and broker) is TLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_an_order_is_placed_and_offered_and_an_untrusted_broker_fails_the_start() {
+    let dir = temp_dir();
+    let (cert, key) = self_signed(&dir);
+    let tls_port = free_port();
+    let broker = Broker::advertising("memory://tansu/", dir.clone(), free_port(), tls_port);
+    let _front = Proc(
+        Command::new("socat")
+            .arg(format!(
+                "OPENSSL-LISTEN:{tls_port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+                cert.display(),
+                key.display()
+            ))
+            .arg(format!("TCP:127.0.0.1:{}", broker.port))
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("socat runs (scripts/test installs it)"),
+    );
+    wait_port(tls_port, "socat");
+    let ca = format!("ssl.ca.location={}", cert.display());
+    let tls = [
+        "--kafka-option",
+        "security.protocol=ssl",
+        "--kafka-option",
+        &ca,
+    ];
+    let s = Server::start(&dir, &kafka_args(&broker, &tls));
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let r1 = s.token("rider", Some("R1"));
+    s.city(&app, &[("R1", &r1, 100.0)]).await;
+    let mut ws = s.ws("R1", &r1, 0).await;
+    s.order(&app, "O1").await;
+    expect_msg(&mut ws, is("offer", "O1")).await;
+    // Without the CA, the broker's certificate is not trusted: the start
+    // fails within seconds, in librdkafka's words.
+    let started = Instant::now();
+    let (ok, stderr) = dataflow_exit(&kafka_args(
+        &broker,
+        &["--kafka-option", "security.protocol=ssl"],
+    ));
+    assert!(
+        !ok && stderr.contains("certificate verify failed"),
+        "{stderr}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
     let _ = std::fs::remove_dir_all(&dir);
 }
