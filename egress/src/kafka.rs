@@ -79,11 +79,13 @@ pub struct OutputSink {
 /// Reads the last `OutputRecord` of `(topic, partition)`, if any.
 fn last_seq(cfg: &KafkaConfig, topic: &str, partition: i32) -> Result<Option<u64>, KafkaError> {
     let c: BaseConsumer = cfg.consumer(&format!("{}tail", cfg.outputs())).create()?;
-    let (_, high) = c.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
+    // Records before `low` are gone (the topic's retention): a partition
+    // the broker emptied holds no decision to look for.
+    let (low, high) = c.fetch_watermarks(topic, partition, Duration::from_secs(10))?;
     // Look back past records that are not decisions (should there be any).
     let mut from = high;
-    while from > 0 {
-        let start = (from - 64).max(0);
+    while from > low {
+        let start = (from - 64).max(low);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
         c.assign(&tpl)?;

@@ -4,11 +4,12 @@
 use grabflow_api::topics::Topics;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::Deserialize;
 use std::collections::HashMap;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 /// The header carrying a client's `Idempotency-Key`.
@@ -177,7 +178,12 @@ impl KafkaConfig {
         c.set("bootstrap.servers", &self.brokers)
             // librdkafka's own logs go through its context to `log`; keep
             // them to errors (a stopped broker is reported by our errors).
-            .set("log_level", "3");
+            .set("log_level", "3")
+            // A broker that went away is tried again at most 1 s apart (as
+            // Java clients do; librdkafka's default backs off to 10 s), so a
+            // restarted broker is found again before ingress's appends
+            // waiting for it time out.
+            .set("reconnect.backoff.max.ms", "1000");
         ClientSettings {
             config: c,
             options: self.options.clone(),
@@ -246,12 +252,91 @@ pub enum KafkaError {
     /// A client thread could not be started.
     #[error("starting a thread: {0}")]
     Thread(std::io::Error),
+    /// No broker answered (unreachable, or refused by TLS or SASL).
+    #[error("no Kafka broker at {brokers} answered within {within:?}: {why}")]
+    Unreachable {
+        /// The bootstrap servers.
+        brokers: String,
+        /// How long it was given.
+        within: Duration,
+        /// The last error librdkafka reported, in its words.
+        why: String,
+    },
 }
 
-/// Creates the topics that are missing, with the time retention of `cfg`
-/// (and the checkpoint topic, compacted); returns their names.
+/// How long a starting process waits for a broker to answer.
+const REACH: Duration = Duration::from_secs(10);
+
+/// Keeps the last errors librdkafka reported about its connections (a
+/// broker refusing them, a TLS handshake failing), which it otherwise only
+/// logs: a start that times out says why.
+#[derive(Default)]
+struct LastError(Mutex<Why>);
+
+/// What librdkafka said last.
+#[derive(Default)]
+struct Why {
+    /// Its last log line at error level: a connection's failure, with the
+    /// reason (the TLS handshake's included).
+    logged: Option<String>,
+    /// Its last error event (often only "1/1 brokers are down").
+    error: Option<String>,
+}
+
+impl rdkafka::ClientContext for LastError {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        tracing::debug!(?level, facility, message, "librdkafka");
+        if (level as i32) <= RDKafkaLogLevel::Error as i32 {
+            self.0.lock().expect("last error").logged = Some(message.to_string());
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "kafka client");
+        self.0.lock().expect("last error").error = Some(reason.to_string());
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LastError {}
+
+/// Waits until a client of `cfg` gets the cluster's metadata, within
+/// [`REACH`]; if it does not, says why (librdkafka's last error). Blocking.
+fn reach(cfg: &KafkaConfig) -> Result<(), KafkaError> {
+    let probe: BaseConsumer<LastError> = cfg.client().create_with_context(LastError::default())?;
+    let deadline = Instant::now() + REACH;
+    loop {
+        let Err(e) = probe.fetch_metadata(None, Duration::from_secs(1)) else {
+            return Ok(());
+        };
+        // librdkafka's logs and errors wait in its queue until polled.
+        for _ in 0..100 {
+            if probe.poll(Duration::ZERO).is_none() {
+                break;
+            }
+        }
+        if Instant::now() >= deadline {
+            let why = std::mem::take(&mut *probe.context().0.lock().expect("last error"));
+            return Err(KafkaError::Unreachable {
+                brokers: cfg.brokers.clone(),
+                within: REACH,
+                why: why.logged.or(why.error).unwrap_or_else(|| e.to_string()),
+            });
+        }
+    }
+}
+
+/// Creates the topics that are missing, with the delete policy and the time
+/// retention of `cfg` (and the checkpoint topic, compacted); returns their
+/// names.
 pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Topics, KafkaError> {
     let topics = cfg.topics();
+    // A broker that cannot be reached (or whose certificate is not
+    // trusted) fails the start within seconds, saying why, instead of an
+    // admin request timing out after a minute.
+    let probing = cfg.clone();
+    tokio::task::spawn_blocking(move || reach(&probing))
+        .await
+        .map_err(|e| KafkaError::Thread(std::io::Error::other(e)))??;
     let admin: AdminClient<DefaultClientContext> = cfg.client().create()?;
     let names: Vec<&str> = topics
         .inputs()
@@ -263,7 +348,11 @@ pub async fn ensure_topics(cfg: &KafkaConfig) -> Result<Topics, KafkaError> {
     let mut new: Vec<NewTopic> = names
         .iter()
         .map(|n| {
-            let topic = NewTopic::new(n, cfg.partitions, TopicReplication::Fixed(cfg.replication));
+            // Kafka's default, said explicitly: a broker may default
+            // otherwise, and tansu applies `retention.ms` only to topics
+            // whose configuration names the delete policy.
+            let topic = NewTopic::new(n, cfg.partitions, TopicReplication::Fixed(cfg.replication))
+                .set("cleanup.policy", "delete");
             match &retention {
                 Some(ms) => topic.set("retention.ms", ms),
                 None => topic,
