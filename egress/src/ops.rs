@@ -2,10 +2,10 @@
 //! a summary of the city every second and ops events as they happen.
 //!
 //! It costs nothing while nobody watches. One [`OpsHub`] per process holds
-//! a broadcast channel; the first subscriber starts the one task that
+//! a broadcast channel; the first subscriber starts the one thread that
 //! computes the summary each second ([`summarize`], a pure function of two
 //! readings of the counters and a snapshot of the city), serializes it once
-//! and sends the same text to every subscriber; the task ends at the first
+//! and sends the same text to every subscriber; the thread ends at the first
 //! tick with no subscriber left. Five consoles cost what one does.
 //!
 //! [`Tapped`] sits in front of the view as the dataflow's observer: it
@@ -516,11 +516,11 @@ struct Timing {
     recent: std::collections::VecDeque<(Time, u64)>,
 }
 
-/// The console's feed: the broadcast, the task that computes summaries
+/// The console's feed: the broadcast, the thread that computes summaries
 /// while anyone listens, and the figures [`Tapped`] takes from decisions.
 pub struct OpsHub {
     tx: broadcast::Sender<Message>,
-    /// Whether the summary task runs; taken with the subscription so the
+    /// Whether the summary thread runs; taken with the subscription so the
     /// task never stops under a new subscriber.
     running: Mutex<bool>,
     /// Someone watches: samples and events are kept.
@@ -553,15 +553,21 @@ impl Default for OpsHub {
 }
 
 impl OpsHub {
-    /// Subscribes to the feed, starting the summary task if it is not
-    /// running (on the current tokio runtime).
+    /// Subscribes to the feed, starting the summary thread if it is not
+    /// running.
     pub fn subscribe(self: &Arc<Self>, state: &EgressState) -> broadcast::Receiver<Message> {
         let mut running = self.running.lock().expect("ops hub");
         let rx = self.tx.subscribe();
         self.watched.store(true, Ordering::Release);
         if !*running {
-            *running = true;
-            tokio::spawn(Arc::clone(self).summaries(state.clone()));
+            let (hub, state) = (Arc::clone(self), state.clone());
+            let spawned = std::thread::Builder::new()
+                .name("grabflow-ops-summary".into())
+                .spawn(move || hub.summaries(state));
+            match spawned {
+                Ok(_) => *running = true,
+                Err(e) => tracing::warn!("no ops summaries (a thread could not start): {e}"),
+            }
         }
         rx
     }
@@ -571,18 +577,29 @@ impl OpsHub {
         self.tx.receiver_count()
     }
 
-    /// Whether the summary task runs.
+    /// Whether the summary thread runs.
     pub fn running(&self) -> bool {
         *self.running.lock().expect("ops hub")
     }
 
-    /// Computes and sends a summary each second until nobody listens.
-    async fn summaries(self: Arc<Self>, state: EgressState) {
-        let mut every = tokio::time::interval(SUMMARY_EVERY);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    /// Computes and sends a summary at once and then each second until
+    /// nobody listens. On a thread of its own at a lower priority (nice 10,
+    /// this thread only, on Linux): a summary is a burst of work (the city,
+    /// its cells, the JSON) that on a tokio worker delayed the requests
+    /// queued behind it, and that on a busy machine should wait for a free
+    /// core rather than take one from dispatch.
+    fn summaries(self: Arc<Self>, state: EgressState) {
+        if let Err(e) = rustix::process::setpriority_process(None, 10) {
+            tracing::debug!("the ops summary thread keeps its priority: {e}");
+        }
         let mut prev: Option<Reading> = None;
+        let mut next = Instant::now();
         loop {
-            every.tick().await;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+            next = next.max(now) + SUMMARY_EVERY;
             {
                 let mut running = self.running.lock().expect("ops hub");
                 if self.tx.receiver_count() == 0 {
