@@ -874,6 +874,16 @@ impl Drop for Broker {
     }
 }
 
+/// One Kafka set-up's figures: pings acked/s and end to end/s, order →
+/// offer (p50, p99, offers seen, orders placed), the broker's CPU (cores).
+struct KafkaColumn<'a> {
+    name: &'a str,
+    acked: f64,
+    e2e: f64,
+    light: (f64, f64, usize, usize),
+    cpu: f64,
+}
+
 /// Production mode on this machine: tansu (in-memory storage) on loopback
 /// and `serve --kafka`, against the embedded log under the same loads. Each
 /// phase has a fresh broker and server, so one's backlog never slows the
@@ -926,28 +936,34 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
             let used = cpu_secs(broker.0.id()) - before.0;
             (light, used / before.1.elapsed().as_secs_f64())
         };
-        columns.push((*name, acked, e2e, light, cpu));
+        columns.push(KafkaColumn {
+            name,
+            acked,
+            e2e,
+            light,
+            cpu,
+        });
     }
     println!("\nKafka (tansu 0.6, in-memory, loopback) against the embedded log, same machine:");
-    let head: Vec<String> = columns.iter().map(|c| format!("kafka, {}", c.0)).collect();
+    let head: Vec<String> = columns
+        .iter()
+        .map(|c| format!("kafka, {}", c.name))
+        .collect();
     println!("| | embedded | {} |", head.join(" | "));
     println!("|---|---:|{}", "---:|".repeat(columns.len()));
-    let row =
-        |name: String,
-         e: String,
-         f: &dyn Fn(&(&str, f64, f64, (f64, f64, usize, usize), f64)) -> String| {
-            let cells: Vec<String> = columns.iter().map(f).collect();
-            println!("| {name} | {e} | {} |", cells.join(" | "));
-        };
+    let row = |name: String, e: String, f: &dyn Fn(&KafkaColumn) -> String| {
+        let cells: Vec<String> = columns.iter().map(f).collect();
+        println!("| {name} | {e} | {} |", cells.join(" | "));
+    };
     row(
         "pings acked/s, 100 per batch, 64 clients".into(),
         format!("{e_acked:.0}"),
-        &|c| format!("{:.0}", c.1),
+        &|c| format!("{:.0}", c.acked),
     );
     row(
         "pings/s end to end (acked and read by the dataflow)".into(),
         format!("{e_e2e:.0}"),
-        &|c| format!("{:.0}", c.2),
+        &|c| format!("{:.0}", c.e2e),
     );
     let load = format!(
         "{} pings/s + {} orders/s",
@@ -957,21 +973,21 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
     row(
         format!("order → offer p50, {load}"),
         format!("{:.2} ms", e_light.0),
-        &|c| format!("{:.2} ms", c.3 .0),
+        &|c| format!("{:.2} ms", c.light.0),
     );
     row(
         format!("order → offer p99, {load}"),
         format!("{:.2} ms", e_light.1),
-        &|c| format!("{:.2} ms", c.3 .1),
+        &|c| format!("{:.2} ms", c.light.1),
     );
     row(
         "offers seen / orders placed".into(),
         format!("{} / {}", e_light.2, e_light.3),
-        &|c| format!("{} / {}", c.3 .2, c.3 .3),
+        &|c| format!("{} / {}", c.light.2, c.light.3),
     );
     row(
         "broker CPU during the latency phase (cores)".into(),
         "–".into(),
-        &|c| format!("{:.2}", c.4),
+        &|c| format!("{:.2}", c.cpu),
     );
 }
