@@ -992,6 +992,36 @@ fn dataflow_logging(broker: &Broker, extra: &[&str], log: &Path) -> Proc {
     )
 }
 
+/// Starts a dataflow with `args` (logging to `log`) on a machine with
+/// nothing on it, sends orders K20..K40 and checks that it resumed from a
+/// checkpoint at or after the last of `before` (the stopped one's
+/// decisions) and that the last order reached egress.
+async fn resume_with_traffic(
+    (broker, ingress, egress): (&Broker, &Server, &Server),
+    args: &[&str],
+    log: &Path,
+    before: &[Value],
+) -> Proc {
+    let last_before = before.last().map_or(0, |v| v["time"].as_u64().unwrap());
+    let resumed = dataflow_logging(broker, args, log);
+    traffic_from(ingress, egress, 20..40).await;
+    let at = resumed_from(log).expect("the dataflow says where it resumed");
+    assert!(
+        at >= last_before,
+        "resumed from a checkpoint at {at}, before the last decision {last_before}"
+    );
+    let app = ingress.token("app", None);
+    eventually(|| async {
+        let (_, k39) = egress.call("GET", "/v1/orders/K39", &app, None).await;
+        match k39["state"].is_string() {
+            true => Ok(()),
+            false => Err(format!("the last order has not reached egress: {k39}")),
+        }
+    })
+    .await;
+    resumed
+}
+
 /// The checkpoint time a dataflow's log says its input resumed from.
 fn resumed_from(log: &Path) -> Option<u64> {
     let raw = std::fs::read_to_string(log).unwrap_or_default();
@@ -1250,7 +1280,6 @@ async fn input_past_its_retention_is_deleted_and_a_dataflow_resumes_from_the_clu
     traffic_from(&ingress, &egress, 0..20).await;
     b.stop();
     let before = decisions(&broker.addr, "grabflow.");
-    let last_before = before.last().map_or(0, |v| v["time"].as_u64().unwrap());
     // Past the retention, the broker restarts; its maintenance at start
     // deletes the input records older than that (A's ticks go on).
     tokio::time::sleep(retention + Duration::from_secs(1)).await;
@@ -1270,22 +1299,12 @@ async fn input_past_its_retention_is_deleted_and_a_dataflow_resumes_from_the_clu
     assert_eq!(placed, 0, "the placements are past their retention");
     // B, with nothing on its machine, resumes from the latest checkpoint,
     // whole after the compaction.
-    let b_log = dir.join("b-again.log");
-    let _b = dataflow_logging(&broker, &b_args, &b_log);
-    traffic_from(&ingress, &egress, 20..40).await;
-    let at = resumed_from(&b_log).expect("B says where it resumed");
-    assert!(
-        at >= last_before,
-        "B resumed from a checkpoint at {at}, before its last decision {last_before}"
-    );
-    let app = ingress.token("app", None);
-    eventually(|| async {
-        let (_, k39) = egress.call("GET", "/v1/orders/K39", &app, None).await;
-        match k39["state"].is_string() {
-            true => Ok(()),
-            false => Err(format!("the last order has not reached egress: {k39}")),
-        }
-    })
+    let _b = resume_with_traffic(
+        (&broker, &ingress, &egress),
+        &b_args,
+        &dir.join("b-again.log"),
+        &before,
+    )
     .await;
     // B's decisions since it resumed are A's, which never stopped (each
     // run's topics keep the decisions since the retention's cut).
@@ -1375,23 +1394,12 @@ async fn a_dataflow_on_a_fresh_machine_resumes_from_the_checkpoint_kept_in_the_c
     // Another dataflow process, with nothing on its machine (the dataflow
     // role keeps nothing on disk): it starts from that checkpoint, not from
     // the topics' start, and goes on where the first one stopped.
-    let second_log = dir.join("second.log");
-    let _second = dataflow_logging(&broker, &slow, &second_log);
-    traffic_from(&ingress, &egress, 20..40).await;
-    let at = resumed_from(&second_log).expect("the second dataflow says where it resumed");
-    let last_before = before.last().map_or(0, |v| v["time"].as_u64().unwrap());
-    assert!(
-        at >= last_before,
-        "resumed from a checkpoint at {at}, before the last decision {last_before} of the first"
-    );
-    let app = ingress.token("app", None);
-    eventually(|| async {
-        let (_, k39) = egress.call("GET", "/v1/orders/K39", &app, None).await;
-        match k39["state"].is_string() {
-            true => Ok(()),
-            false => Err(format!("the last order has not reached egress: {k39}")),
-        }
-    })
+    let _second = resume_with_traffic(
+        (&broker, &ingress, &egress),
+        &slow,
+        &dir.join("second.log"),
+        &before,
+    )
     .await;
     // Every seq once, none missing (asserted by `decisions`); and a
     // dataflow reading the whole log from its start decides the same.
