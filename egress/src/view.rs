@@ -257,8 +257,10 @@ struct Stream {
     /// every message has aged out (the next one then starts over, at its
     /// log time, above every seq given before).
     next_seq: u64,
-    /// Kept messages: seq, log time, the JSON text.
-    messages: VecDeque<(u64, Time, Arc<str>)>,
+    /// Kept messages: seq, log time, the JSON text. Shared with the
+    /// checkpoint copies still being encoded: the first change after one
+    /// copies this stream's alone (`Arc::make_mut`).
+    messages: Arc<VecDeque<(u64, Time, Arc<str>)>>,
     /// Log time of the last message.
     last_at: Time,
     /// Wakes the stream's clients.
@@ -271,12 +273,14 @@ impl Stream {
     /// left and the last is that old, the seqs start over (if the clock is
     /// past the last seq, which the new ones start above).
     fn trim(&mut self, now: Time, retention: Time) {
-        while self
-            .messages
-            .front()
-            .is_some_and(|(_, at, _)| at + retention <= now)
-        {
-            self.messages.pop_front();
+        let aged = |m: &VecDeque<(u64, Time, Arc<str>)>| {
+            m.front().is_some_and(|(_, at, _)| at + retention <= now)
+        };
+        if aged(&self.messages) {
+            let messages = Arc::make_mut(&mut self.messages);
+            while aged(messages) {
+                messages.pop_front();
+            }
         }
         if self.messages.is_empty() && self.last_at + retention <= now && self.next_seq < now {
             self.next_seq = 0;
@@ -295,13 +299,16 @@ pub struct Resume {
 }
 
 /// What the view keeps; saved whole in a checkpoint (with the counters).
-/// A checkpoint copies it (the stream messages are shared, not copied) and
-/// encodes the copy on the checkpoint's writer thread.
+/// A checkpoint copies it (each stream's messages are shared, not copied,
+/// until the stream next changes) and encodes the copy on the checkpoint's
+/// writer thread.
 #[derive(Clone, Default, Serialize, Deserialize)]
 struct View {
     riders: HashMap<Id, RiderView>,
     merchants: HashMap<Id, (Coord, bool)>,
-    orders: HashMap<Id, OrderView>,
+    /// Shared with the checkpoint copies still being encoded: an order
+    /// changing after one is copied alone (`Arc::make_mut`).
+    orders: HashMap<Id, Arc<OrderView>>,
     index: GeoIndex,
     streams: HashMap<Id, Stream>,
     /// Closed orders still in the view, by close time: each leaves
@@ -512,7 +519,7 @@ impl Egress {
     /// expired, or unknown), at the dataflow's progress.
     pub fn lookup(&self, id: &Id) -> Result<Lookup, HistoryError> {
         if let Some(o) = self.view.read().expect("view").orders.get(id) {
-            return Ok(Lookup::Found(o.clone()));
+            return Ok(Lookup::Found(OrderView::clone(o)));
         }
         match &self.retention.history {
             Some(h) => h.lookup(id, self.log_time()),
@@ -738,7 +745,7 @@ impl Egress {
             let mut leaving = Vec::new();
             while due(&v) {
                 let (closed_at, id) = v.closing.pop_first().expect("checked");
-                if let Some(order) = v.orders.remove(&id) {
+                if let Some(order) = v.orders.remove(&id).map(Arc::unwrap_or_clone) {
                     *c.orders_by_state
                         .entry(order.state.name().into())
                         .or_default() -= 1;
@@ -932,7 +939,7 @@ impl Decisions<'_> {
     /// An event on a known order had no effect: it stays in the order's
     /// history (a wrong rider's delivery is visible to ops).
     fn rejected(&mut self, t: Time, order: &Id, event: Id, reason: RejectReason) {
-        if let Some(o) = self.view.orders.get_mut(order) {
+        if let Some(o) = self.view.orders.get_mut(order).map(Arc::make_mut) {
             o.history.push(HistoryItem {
                 state: o.state,
                 at: t,
@@ -975,16 +982,15 @@ impl Decisions<'_> {
                 r.load = r.load.saturating_sub(1);
             }
         }
-        let entry = self
-            .view
-            .orders
-            .entry(order.clone())
-            .or_insert_with(|| OrderView {
+        let entry = self.view.orders.entry(order.clone()).or_insert_with(|| {
+            Arc::new(OrderView {
                 state: to,
                 rider: None,
                 merchant,
                 history: Vec::new(),
-            });
+            })
+        });
+        let entry = Arc::make_mut(entry);
         entry.state = to;
         entry.rider = rider;
         let at = step.at;
@@ -1008,9 +1014,10 @@ impl Decisions<'_> {
         };
         s.last_at = now;
         let text = serde_json::to_string(&msg(s.next_seq)).expect("messages serialize");
-        s.messages.push_back((s.next_seq, now, Arc::from(text)));
-        while s.messages.len() > STREAM_KEEP {
-            s.messages.pop_front();
+        let messages = Arc::make_mut(&mut s.messages);
+        messages.push_back((s.next_seq, now, Arc::from(text)));
+        while messages.len() > STREAM_KEEP {
+            messages.pop_front();
         }
         self.woken.push(Arc::clone(&s.notify));
     }
