@@ -18,6 +18,10 @@ use std::path::{Path, PathBuf};
 pub const VERSION: u32 = 1;
 /// Checkpoints kept (the newest; the others are deleted after a write).
 pub const KEEP: usize = 3;
+
+/// The bytes of a checkpoint written and synced at a time (see
+/// [`CheckpointStore::write`]).
+const SLICE: usize = 256 * 1024;
 const MAGIC: &[u8; 4] = b"GFCK";
 const HEAD: usize = 4 + 4 + 8 + 4;
 
@@ -86,7 +90,12 @@ impl CheckpointStore {
         let path = self.dir.join(format!("{at:020}.ckpt"));
         let tmp = self.dir.join(format!("{at:020}.ckpt.tmp"));
         let mut file = File::create(&tmp).map_err(io(&tmp))?;
-        file.write_all(&encode(body)).map_err(io(&tmp))?;
+        // In slices, each synced: a log commit waiting behind a device
+        // flush waits for one slice, not the whole checkpoint.
+        for slice in encode(body).chunks(SLICE) {
+            file.write_all(slice).map_err(io(&tmp))?;
+            file.sync_data().map_err(io(&tmp))?;
+        }
         file.sync_all().map_err(io(&tmp))?;
         fs::rename(&tmp, &path).map_err(io(&path))?;
         sync_dir(&self.dir)?;
