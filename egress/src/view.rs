@@ -1091,6 +1091,24 @@ mod tests {
         Id::new(s).unwrap()
     }
 
+    /// Order `order` (of merchant m1) moving from `from` to `to`.
+    fn step(
+        order: &str,
+        to: OrderState,
+        reason: TransitionReason,
+        from: Option<OrderState>,
+    ) -> Output {
+        Output::Transition {
+            order: id(order),
+            merchant: id("m1"),
+            from,
+            to,
+            reason,
+            rider: None,
+            event: None,
+        }
+    }
+
     fn offer(order: &str) -> Output {
         Output::Offered {
             order: id(order),
@@ -1195,15 +1213,6 @@ mod tests {
 
     #[test]
     fn a_restore_and_the_decisions_after_it_see_what_an_unstopped_run_sees() {
-        let step = |order: &str, to, reason, from| Output::Transition {
-            order: id(order),
-            merchant: id("m1"),
-            from,
-            to,
-            reason,
-            rider: None,
-            event: None,
-        };
         let placed = |o: &str| step(o, OrderState::Created, TransitionReason::Placed, None);
         let closed = |o: &str| {
             let from = Some(OrderState::Created);
@@ -1254,23 +1263,15 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let e = view(1_000, Some(History::open(&dir, 5_000).unwrap()));
-        let step = |to, reason, from| Output::Transition {
-            order: id("o1"),
-            merchant: id("m1"),
-            from,
-            to,
-            reason,
-            rider: None,
-            event: None,
-        };
         e.decisions(vec![
             (
                 1_000,
-                step(OrderState::Created, TransitionReason::Placed, None),
+                step("o1", OrderState::Created, TransitionReason::Placed, None),
             ),
             (
                 1_500,
                 step(
+                    "o1",
                     OrderState::Closed,
                     TransitionReason::Cancelled,
                     Some(OrderState::Created),
