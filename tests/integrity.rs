@@ -72,17 +72,7 @@ async fn a_flipped_byte_stops_the_start_and_a_repair_keeps_every_whole_record() 
     let size = std::fs::metadata(&log).unwrap().len();
 
     // The start is refused, naming the file, the offset and the command.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_grabflow"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = exit_within(&mut child, Duration::from_secs(20)).expect("the start ends");
-    assert!(!status.success(), "a damaged log must not open: {status}");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = refused_start(&dir, &[], "a damaged log must not open");
     assert!(
         stderr.contains("00000000000000000000.seg")
             && stderr.contains("damaged")
@@ -163,18 +153,7 @@ async fn a_sealed_segment_cut_short_stops_the_start_and_verify_and_repair_go_thr
     f.set_len(len - 3).unwrap();
     drop(f);
 
-    let mut child = Command::new(env!("CARGO_BIN_EXE_grabflow"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(&dir)
-        .args(flags)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let status = exit_within(&mut child, Duration::from_secs(20)).expect("the start ends");
-    assert!(!status.success(), "a damaged sealed segment must not open");
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    let stderr = refused_start(&dir, &flags, "a damaged sealed segment must not open");
     assert!(
         stderr.contains(&name) && stderr.contains("grabflow log verify"),
         "{stderr}"
@@ -324,4 +303,22 @@ async fn a_full_disk_answers_503_and_leaves_no_gap_in_the_offsets() {
     s.wait_ready().await;
     let (status, offset) = put_merchant(&s, &app, "after-restart").await;
     assert_eq!((status, offset), (202, Some(acked.last().unwrap() + 1)));
+}
+
+/// Starts `grabflow serve` on `dir` with `flags`, asserts the start fails
+/// (`why` it must), and returns what it said on stderr.
+fn refused_start(dir: &std::path::Path, flags: &[&str], why: &str) -> String {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_grabflow"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir)
+        .args(flags)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = exit_within(&mut child, Duration::from_secs(20)).expect("the start ends");
+    assert!(!status.success(), "{why}: {status}");
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    stderr
 }
