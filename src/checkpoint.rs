@@ -207,6 +207,7 @@ impl Needs {
 /// log's `ledger` if it has one, into `store`, until `rx` closes (the
 /// dataflow ended, after its last checkpoint) or it is stopped; tells
 /// `needs` (the embedded log's retention) what the checkpoints kept need.
+/// `before` runs ahead of each write; an error skips the checkpoint.
 ///
 /// It runs at a lower priority (nice 10, this thread only): encoding and
 /// writing are background work, and on a machine whose cores dispatch
@@ -219,7 +220,7 @@ pub fn writer(
     rx: mpsc::Receiver<Taken>,
     figures: SharedFigures,
     mut needs: Option<Needs>,
-    before: impl Fn() + Send + 'static,
+    before: impl Fn() -> Result<(), String> + Send + 'static,
 ) -> std::io::Result<Thread> {
     Thread::spawn("grabflow-checkpoint", move |stop| {
         // On Linux a nice value is per thread: the others keep theirs.
@@ -228,9 +229,14 @@ pub fn writer(
         }
         while let Some(taken) = next(&rx, &stop) {
             let started = Instant::now();
-            // What the state leaves to others (the view's history store) is
-            // on disk before the checkpoint that leaves it out.
-            before();
+            // What the state leaves to others is where it goes (the view's
+            // history on disk, the decisions acked by Kafka) before the
+            // checkpoint that leaves it out; if it cannot be, no checkpoint.
+            if let Err(e) = before() {
+                figures.lock().expect("figures").failed_total += 1;
+                tracing::error!(at = taken.at, "no checkpoint written: {e}");
+                continue;
+            }
             let state = taken.encode();
             let at = state.at;
             let from = state.resume().first().map(|&(_, offset)| offset);

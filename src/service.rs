@@ -134,10 +134,22 @@ async fn finish(threads: Threads, sink: Option<Arc<OutputSink>>) -> anyhow::Resu
                 skipped = sink.skipped.load(std::sync::atomic::Ordering::Relaxed),
                 "output sink closed (decisions skipped: already on the topics before this start)"
             );
+            sink.refusals().context(
+                "stopped: a restart resends the refused decisions from the last checkpoint",
+            )?;
         }
         finished
     })
     .await?
+}
+
+/// How long a checkpoint waits for the decisions before it to be acked.
+const SINK_ACKS: Duration = Duration::from_secs(30);
+
+/// Whether the broker has every decision `sink` was handed (a checkpoint
+/// is written only then).
+fn acked(sink: &OutputSink) -> Result<(), String> {
+    sink.delivered(SINK_ACKS).map_err(|e| e.to_string())
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -300,14 +312,17 @@ pub async fn serve(plan: Plan) -> anyhow::Result<()> {
     );
     let mirror = mirror(&plan)?;
     observers.extend(mirror.as_ref().map(|(m, _)| Arc::clone(m)));
-    let flushing = egress.clone();
+    let (flushing, delivering) = (egress.clone(), input.sink.clone());
     let (checkpointed, checkpoints) = checkpointing(
         &plan,
         input.store,
         &input.figures,
         &input.restore,
         input.needs,
-        move || flushing.flush_history(),
+        move || {
+            flushing.flush_history();
+            delivering.as_ref().map_or(Ok(()), |s| acked(s))
+        },
     )?;
     egress.set_checkpoints(input.figures.clone());
     let dataflow = runtime::spawn_checkpointed(
@@ -366,7 +381,7 @@ fn checkpointing(
     figures: &Option<SharedFigures>,
     restore: &Option<Arc<DataflowState>>,
     needs: Option<checkpoint::Needs>,
-    before: impl Fn() + Send + 'static,
+    before: impl Fn() -> Result<(), String> + Send + 'static,
 ) -> anyhow::Result<(
     Option<(Arc<Checkpointing>, Option<Arc<DataflowState>>)>,
     Option<Thread>,
@@ -644,10 +659,13 @@ pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
         }
     }
     let (sources, stop, figures) = resumed_sources(&plan, loaded.as_ref())?;
+    let delivering = sink.clone();
     let restore = loaded.map(|l| Arc::new(l.dataflow));
     let store = store.map(|s| (checkpoint::Store::Kafka(s), None));
     let (checkpointed, checkpoints) =
-        checkpointing(&plan, store, &Some(figures), &restore, None, || {})?;
+        checkpointing(&plan, store, &Some(figures), &restore, None, move || {
+            delivering.as_ref().map_or(Ok(()), |s| acked(s))
+        })?;
     // No egress reads this process's rider trackers.
     let dataflow = runtime::spawn_checkpointed(
         plan.dispatch.clone(),

@@ -5,7 +5,11 @@
 //!   On start it reads the last record of every output partition, so a
 //!   restarted dataflow, which replays the log from its latest checkpoint
 //!   (or the start), produces only the decisions not yet delivered: no loss,
-//!   no duplicate. Its next `seq` is part of the checkpoint. Once a second
+//!   no duplicate. Its next `seq` is part of the checkpoint, which is
+//!   written only once the broker has acked every decision before it
+//!   ([`OutputSink::delivered`]). A record the broker refuses for good
+//!   (librdkafka retries everything else, without end) stops the process
+//!   and every checkpoint after it: a restart resends it. Once a second
 //!   it waits for every produced record's ack and then commits, for every
 //!   input partition, the offset where the delivered time ends (progress for
 //!   lag monitoring).
@@ -21,11 +25,12 @@ use grabflow_dataflow::runtime::Observer;
 use grabflow_dataflow::IndexEntry;
 use grabflow_log::kafka::{from_start, partitions, KafkaConfig, KafkaError};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::error::{KafkaError as ClientError, RDKafkaErrorCode};
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use rdkafka::{Offset, TopicPartitionList};
-use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -43,22 +48,62 @@ pub fn output_key(o: &Output) -> &str {
     }
 }
 
-/// Logs records the broker refused (they are retried only by librdkafka).
+/// What the broker has acked of the sink's records: each record gets a
+/// number when handed to the producer, and is pending until its delivery
+/// report; one refused for good is counted and logged.
+#[derive(Default)]
 pub struct Deliveries {
-    /// Records refused for good.
+    /// Records refused for good (not retried: librdkafka retries the rest).
     pub failed: AtomicU64,
+    /// The next record's number.
+    next: AtomicUsize,
+    /// The numbers of the records not yet reported on.
+    pending: Mutex<BTreeSet<usize>>,
+}
+
+impl Deliveries {
+    /// Numbers a record about to be handed to the producer.
+    fn hand(&self) -> usize {
+        let n = self.next.fetch_add(1, Ordering::AcqRel);
+        self.pending.lock().expect("pending").insert(n);
+        n
+    }
+
+    /// A record was not handed over after all (refused by the client).
+    fn refused(&self, n: usize) {
+        self.pending.lock().expect("pending").remove(&n);
+        self.failed.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Whether every record numbered below `upto` has been reported on.
+    fn reported(&self, upto: usize) -> bool {
+        let pending = self.pending.lock().expect("pending");
+        pending.first().is_none_or(|&n| n >= upto)
+    }
 }
 
 impl rdkafka::ClientContext for Deliveries {}
 
 impl rdkafka::producer::ProducerContext for Deliveries {
-    type DeliveryOpaque = ();
-    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+    type DeliveryOpaque = usize;
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, n: usize) {
+        self.pending.lock().expect("pending").remove(&n);
         if let Err((e, m)) = result {
-            self.failed.fetch_add(1, Ordering::Relaxed);
-            tracing::error!(topic = m.topic(), partition = m.partition(), error = %e, "a decision was not delivered");
+            self.failed.fetch_add(1, Ordering::AcqRel);
+            tracing::error!(topic = m.topic(), partition = m.partition(), error = %e, "a decision was not delivered: the process stops, and a restart resends it from the last checkpoint");
         }
     }
+}
+
+/// Why the sink's records are not all on the topics.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The broker refused records for good.
+    #[error("the broker refused {0} output records for good")]
+    Refused(u64),
+    /// Acks did not come in time.
+    #[error("output records not acked within {0:?}")]
+    Unacked(Duration),
 }
 
 /// Writes decisions and index changes to Kafka.
@@ -163,9 +208,7 @@ impl OutputSink {
             // restart reads the tails, so nothing is applied twice.
             .set("enable.idempotence", "false")
             .set("max.in.flight.requests.per.connection", "1")
-            .create_with_context(Deliveries {
-                failed: AtomicU64::new(0),
-            })?;
+            .create_with_context(Deliveries::default())?;
         let sink = Arc::new(OutputSink {
             topics,
             producer,
@@ -192,10 +235,15 @@ impl OutputSink {
         Ok((sink, committing))
     }
 
+    /// Commits progress once a second; ends (which stops the process) once
+    /// the broker has refused a record for good.
     fn commit_loop(&self, consumer: &BaseConsumer, inputs: &[(String, i32)], stop: &Stop) {
         let mut committed = 0;
         while !stop.stopped() {
             std::thread::sleep(Duration::from_secs(1));
+            if self.refusals().is_err() {
+                return;
+            }
             let t = self.progress.load(Ordering::Acquire);
             if t <= committed || self.producer.flush(Duration::from_secs(10)).is_err() {
                 continue;
@@ -242,8 +290,36 @@ impl OutputSink {
         let _ = self.producer.flush(timeout);
     }
 
+    /// Waits (up to `timeout`) until the broker has reported on every
+    /// record handed over so far, and says whether it has them all. A
+    /// checkpoint is written only after: one whose `seq` is past a decision
+    /// the broker does not have would leave it out of every restart.
+    pub fn delivered(&self, timeout: Duration) -> Result<(), SinkError> {
+        let deliveries = self.producer.context();
+        let upto = deliveries.next.load(Ordering::Acquire);
+        let deadline = Instant::now() + timeout;
+        while !deliveries.reported(upto) {
+            if Instant::now() > deadline {
+                return Err(SinkError::Unacked(timeout));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.refusals()
+    }
+
+    /// Whether the broker refused any record for good (the process must
+    /// then stop: see the crate docs).
+    pub fn refusals(&self) -> Result<(), SinkError> {
+        match self.producer.context().failed.load(Ordering::Acquire) {
+            0 => Ok(()),
+            n => Err(SinkError::Refused(n)),
+        }
+    }
+
     fn send(&self, topic: &str, partition: i32, key: &str, value: &[u8], time: Time) {
-        let mut record = BaseRecord::to(topic)
+        let deliveries = self.producer.context();
+        let n = deliveries.hand();
+        let mut record = BaseRecord::with_opaque_to(topic, n)
             .partition(partition)
             .key(key)
             .payload(value)
@@ -253,9 +329,14 @@ impl OutputSink {
                 Ok(()) => return,
                 // The queue is full (the broker is slow or away): wait, which
                 // holds the dataflow back instead of dropping the decision.
-                Err((_, r)) => {
+                Err((ClientError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                     record = r;
                     std::thread::sleep(Duration::from_millis(10));
+                }
+                Err((e, _)) => {
+                    deliveries.refused(n);
+                    tracing::error!(topic, partition, error = %e, "a decision was refused by the client: the process stops");
+                    return;
                 }
             }
         }
