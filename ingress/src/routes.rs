@@ -149,9 +149,9 @@ impl Ingress {
         Ok(accepted(answer.map_err(refused)?))
     }
 
-    fn order(&self, order_id: &str) -> Result<Id, ApiError> {
+    async fn order(&self, order_id: &str) -> Result<Id, ApiError> {
         let order = wire::id(order_id, "order_id")?;
-        if !self.log.knows_order(&order) {
+        if !self.log.finds_order(&order).await {
             return Err(ApiError::not_found("order_id", format!("no order {order}")));
         }
         Ok(order)
@@ -166,7 +166,7 @@ impl Ingress {
         kind: impl FnOnce(Id) -> Result<EventKind, ApiError>,
     ) -> Result<Response, ApiError> {
         claims.require(roles, None)?;
-        let order = self.order(order_id)?;
+        let order = self.order(order_id).await?;
         self.append_one(key, kind(order)?).await
     }
 
@@ -182,7 +182,7 @@ impl Ingress {
     ) -> Result<Response, ApiError> {
         claims.require(&[Role::Rider], None)?;
         let rider = Ingress::rider_of(claims)?;
-        let order = self.order(order_id)?;
+        let order = self.order(order_id).await?;
         let event = Id::new_event();
         let verdict = self.waiter.expect(&event, Expect::Step);
         let kind = kind(order.clone(), rider);
@@ -372,7 +372,7 @@ pub async fn post_order(
             "promised_minutes must be from 1 to 1440",
         ));
     }
-    if !s.log.knows_merchant(&merchant) {
+    if !s.log.finds_merchant(&merchant).await {
         return Err(ApiError::not_found(
             "merchant_id",
             format!("no merchant {merchant}"),
@@ -424,7 +424,7 @@ pub async fn post_grab(
     claims.require(&[Role::Rider], None)?;
     let rider = Ingress::rider_of(&claims)?;
     // An unknown order is a 404, and nothing is appended.
-    let order = s.order(&order_id)?;
+    let order = s.order(&order_id).await?;
     let attempt = Id::new_event();
     let decision = s.waiter.expect(&attempt, Expect::Grab);
     let answer = s

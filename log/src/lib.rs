@@ -154,12 +154,54 @@ impl LedgerSaver {
 pub struct LogHandle {
     appender: Arc<dyn Append>,
     ledger: Arc<Mutex<Ledger>>,
+    /// How long an id not (yet) in the ledger is looked for again.
+    settle: std::time::Duration,
 }
 
 impl LogHandle {
     /// A handle appending through `appender`, whose ledger is `ledger`.
     pub fn new(appender: Arc<dyn Append>, ledger: Arc<Mutex<Ledger>>) -> LogHandle {
-        LogHandle { appender, ledger }
+        LogHandle {
+            appender,
+            ledger,
+            settle: std::time::Duration::ZERO,
+        }
+    }
+
+    /// The same handle over a log that other processes append to, whose
+    /// ledger learns of their appends by following the log, a fetch or two
+    /// behind: an id it does not know yet is looked for again for up to
+    /// `settle` before it counts as unknown (a rider grabbing an order
+    /// another ingress took, the moment its offer arrives, finds it).
+    pub fn following(mut self, settle: std::time::Duration) -> LogHandle {
+        self.settle = settle;
+        self
+    }
+
+    /// Whether `known` holds now, or within the handle's settle time.
+    async fn settled(&self, known: impl Fn(&Ledger) -> bool) -> bool {
+        let deadline = std::time::Instant::now() + self.settle;
+        loop {
+            if known(&self.ledger.lock().expect("ledger")) {
+                return true;
+            }
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+    }
+
+    /// Whether the log holds the placement of `order`, as
+    /// [`LogHandle::knows_order`], waiting up to the settle time for it.
+    pub async fn finds_order(&self, order: &Id) -> bool {
+        self.settled(|l| l.knows_order(order)).await
+    }
+
+    /// Whether the log holds the registration of `merchant`, as
+    /// [`LogHandle::knows_merchant`], waiting up to the settle time for it.
+    pub async fn finds_merchant(&self, merchant: &Id) -> bool {
+        self.settled(|l| l.knows_merchant(merchant)).await
     }
 
     /// What saves the ledger for checkpoints. It holds the ledger alone,

@@ -35,6 +35,11 @@ use crate::LogHandle;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+/// How long ingress looks again for an order or merchant its ledger does
+/// not know yet (another process may have appended it a moment ago; the
+/// follower fetches every `fetch.wait.max.ms`, 10 ms by default).
+const SETTLE: Duration = Duration::from_millis(250);
+
 /// Opens the Kafka log for appending: reads the input topics to their ends
 /// (within `catch_up`) into a ledger, then makes the producer. The
 /// follower goes on reading what other processes append until stopped.
@@ -52,5 +57,6 @@ pub fn open(
         return Err(KafkaError::CatchUp(catch_up));
     }
     let producer = KafkaLog::new(cfg, Arc::clone(&ledger))?;
-    Ok((LogHandle::new(Arc::new(producer), ledger), follower))
+    let log = LogHandle::new(Arc::new(producer), ledger).following(SETTLE);
+    Ok((log, follower))
 }

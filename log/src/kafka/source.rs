@@ -2,8 +2,10 @@
 //! topics. Time comes from the log: a record's time is its Kafka timestamp
 //! made monotonic per partition, and the worker's frontier is the least
 //! time over its partitions. Partitions that hold time back get tick
-//! records (no value): soon when a newer event waits on them, rarely
-//! otherwise.
+//! records (no value): soon when a newer event that waits on a decision
+//! (anything but a ping) waits on them, rarely otherwise. Ingress sends
+//! ticks along with such events itself (see [`producer`](super::producer)),
+//! so these are for events from other producers, and for timers.
 //!
 //! For checkpoints, each partition remembers where each recent log time
 //! starts ([`Source::resume_at`]), and a source can start from the offsets a
@@ -53,7 +55,8 @@ pub struct KafkaSource {
     ticker: Arc<ThreadedProducer<DefaultProducerContext>>,
     tick: Duration,
     idle_tick: Duration,
-    /// The newest event time any worker of this process has read.
+    /// The newest time of an event other than a ping any worker of this
+    /// process has read.
     newest: Arc<AtomicU64>,
     stop: Stop,
     /// Records that were not events (logged and skipped).
@@ -232,7 +235,12 @@ impl Source for KafkaSource {
                 match InputRecord::decode(value, part.topic, part.partition, m.offset(), part.time)
                 {
                     Ok(e) => {
-                        self.newest.fetch_max(part.time, Ordering::AcqRel);
+                        // A ping waits on nothing: it does not hurry ticks
+                        // (at 1k pings/s it would tick every quiet
+                        // partition every `tick`).
+                        if !matches!(e.kind, grabflow_api::EventKind::LocationPinged { .. }) {
+                            self.newest.fetch_max(part.time, Ordering::AcqRel);
+                        }
                         out.push(e)
                     }
                     Err(e) => {
