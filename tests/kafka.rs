@@ -46,6 +46,8 @@ struct Broker {
     /// home): kept to start it again.
     storage: &'static str,
     dir: PathBuf,
+    /// Whether every client must authenticate (SASL) first.
+    authentication: bool,
 }
 
 fn tansu() -> PathBuf {
@@ -88,9 +90,26 @@ impl Broker {
             port,
             storage,
             dir,
+            authentication: false,
         };
         b.run();
         b
+    }
+
+    /// Makes the SCRAM-SHA-512 user `name` (with tansu's own command; its
+    /// SQLite engine keeps users, its memory engine does not), then starts
+    /// again serving only clients that authenticate.
+    fn with_user(&mut self, name: &str, password: &str) {
+        let made = Command::new(tansu())
+            .args(["user", "create", "--mechanism", "scram512", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .args([name, password])
+            .env("RUST_LOG", "off")
+            .stdout(Stdio::null())
+            .status();
+        assert!(made.is_ok_and(|s| s.success()), "tansu made no user");
+        self.authentication = true;
+        self.restart();
     }
 
     fn run(&mut self) {
@@ -106,6 +125,7 @@ impl Broker {
                 &advertised,
             ])
             .args(["--storage-engine", self.storage])
+            .args(self.authentication.then_some("--authentication"))
             .env(
                 "RUST_LOG",
                 std::env::var("TANSU_LOG").unwrap_or("off".into()),
@@ -1564,20 +1584,15 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
-/// tansu 0.6 serves no TLS (its `--cert` and `--key` cannot be given
-/// together, and the TLS acceptor it builds is never used), so `socat`
-/// terminates TLS in front of it, on the port it advertises: every
-/// connection of grabflow's clients (bootstrap and broker) is TLS.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn over_tls_an_order_is_placed_and_offered_and_an_untrusted_broker_fails_the_start() {
-    let dir = temp_dir();
-    let (cert, key) = self_signed(&dir);
-    let tls_port = free_port();
-    let broker = Broker::advertising("memory://tansu/", dir.clone(), free_port(), tls_port);
-    let _front = Proc(
+/// TLS in front of `broker` on `port` (the one it advertises), with
+/// `socat`: tansu 0.6 serves no TLS (its `--cert` and `--key` cannot be
+/// given together, and the TLS acceptor it builds is never used), so every
+/// connection of grabflow's clients (bootstrap and broker) goes through it.
+fn tls_front(broker: &Broker, port: u16, cert: &Path, key: &Path) -> Proc {
+    let front = Proc(
         Command::new("socat")
             .arg(format!(
-                "OPENSSL-LISTEN:{tls_port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
+                "OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={},key={},verify=0",
                 cert.display(),
                 key.display()
             ))
@@ -1586,7 +1601,17 @@ async fn over_tls_an_order_is_placed_and_offered_and_an_untrusted_broker_fails_t
             .spawn()
             .expect("socat runs (scripts/test installs it)"),
     );
-    wait_port(tls_port, "socat");
+    wait_port(port, "socat");
+    front
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_an_order_is_placed_and_offered_and_an_untrusted_broker_fails_the_start() {
+    let dir = temp_dir();
+    let (cert, key) = self_signed(&dir);
+    let tls_port = free_port();
+    let broker = Broker::advertising("memory://tansu/", dir.clone(), free_port(), tls_port);
+    let _front = tls_front(&broker, tls_port, &cert, &key);
     let ca = format!("ssl.ca.location={}", cert.display());
     let tls = [
         "--kafka-option",
@@ -1614,5 +1639,66 @@ async fn over_tls_an_order_is_placed_and_offered_and_an_untrusted_broker_fails_t
         "{stderr}"
     );
     assert!(started.elapsed() < Duration::from_secs(30));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A managed Kafka's shape: SASL_SSL with SCRAM-SHA-512 (TLS from
+/// [`tls_front`], users and authentication from tansu itself). With the
+/// right credentials an order is offered; with a wrong password, or none,
+/// the start fails within seconds in librdkafka's words.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_sasl_ssl_with_scram_an_order_is_offered_and_a_wrong_password_fails_the_start() {
+    let dir = temp_dir();
+    let (cert, key) = self_signed(&dir);
+    let tls_port = free_port();
+    let mut broker = Broker::advertising("sqlite:///tansu.db", dir.clone(), free_port(), tls_port);
+    broker.with_user("grabflow", "s3cret");
+    let _front = tls_front(&broker, tls_port, &cert, &key);
+    let ca = format!("ssl.ca.location={}", cert.display());
+    let sasl_ssl = |password: &'static str| {
+        [
+            "security.protocol=sasl_ssl".to_string(),
+            ca.clone(),
+            "sasl.mechanism=SCRAM-SHA-512".into(),
+            "sasl.username=grabflow".into(),
+            format!("sasl.password={password}"),
+        ]
+        .map(|o| ["--kafka-option".to_string(), o])
+        .concat()
+    };
+    let good = sasl_ssl("s3cret");
+    let good: Vec<&str> = good.iter().map(String::as_str).collect();
+    let s = Server::start(&dir, &kafka_args(&broker, &good));
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let r1 = s.token("rider", Some("R1"));
+    s.city(&app, &[("R1", &r1, 100.0)]).await;
+    let mut ws = s.ws("R1", &r1, 0).await;
+    s.order(&app, "O1").await;
+    expect_msg(&mut ws, is("offer", "O1")).await;
+    let bad = sasl_ssl("wrong");
+    let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
+    let tls_only = [
+        "--kafka-option",
+        "security.protocol=ssl",
+        "--kafka-option",
+        &ca,
+    ];
+    // (tansu drops a client that does not authenticate without a word:
+    // librdkafka can only say the broker is down.)
+    let failures = [
+        (&bad[..], "SASL authentication error"),
+        (&tls_only[..], "brokers are down"),
+    ];
+    for (args, why) in failures {
+        let started = Instant::now();
+        let (ok, stderr) = dataflow_exit(&kafka_args(&broker, args));
+        assert!(!ok, "started: {why}");
+        assert!(
+            stderr.contains("no Kafka broker") && stderr.contains(why),
+            "{stderr}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "{why}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
