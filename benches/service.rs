@@ -844,26 +844,43 @@ fn with_server<T>(
 }
 
 /// A tansu broker (in-memory storage) on a free loopback port, for one phase.
-struct Broker(Child, String);
+/// A tansu broker: its process, its address, and the directory it runs in
+/// (a SQLite engine's file is there).
+struct Broker(Child, String, std::path::PathBuf);
+
+/// tansu's storage engines: in memory, or a SQLite file.
+#[derive(Clone, Copy, PartialEq)]
+enum Storage {
+    Memory,
+    Sqlite,
+}
 
 impl Broker {
-    fn start(tansu: &std::path::Path) -> Broker {
+    fn start(tansu: &std::path::Path, storage: Storage) -> Broker {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
         let listener = format!("tcp://127.0.0.1:{port}");
+        let dir = std::env::temp_dir().join(format!("grabflow-bench-tansu-{port}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        let engine = match storage {
+            Storage::Memory => "memory://tansu/",
+            // tansu opens `sqlite:///F` as F under its working directory.
+            Storage::Sqlite => "sqlite:///tansu.db",
+        };
         let child = Command::new(tansu)
+            .current_dir(&dir)
             .args(["broker", "--listener-url", &listener])
             .args(["--advertised-listener-url", &listener])
-            .args(["--storage-engine", "memory://tansu/"])
+            .args(["--storage-engine", engine])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .unwrap();
         std::thread::sleep(Duration::from_millis(500));
-        Broker(child, format!("127.0.0.1:{port}"))
+        Broker(child, format!("127.0.0.1:{port}"), dir)
     }
 }
 
@@ -871,6 +888,7 @@ impl Drop for Broker {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        let _ = std::fs::remove_dir_all(&self.2);
     }
 }
 
@@ -912,24 +930,46 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
     let (e_acked, e_e2e) = with_server(rt, &[], end_to_end);
     let e_light = with_server(rt, &[], light);
     let fetch_1ms = ["--kafka-option", "fetch.wait.max.ms=1"];
-    let setups: [(&str, Vec<&str>); 4] = [
-        ("defaults", vec![]),
-        ("1 ms fetch wait", fetch_1ms.to_vec()),
-        ("16 partitions", vec!["--kafka-partitions", "16"]),
+    let sixteen = ["--kafka-partitions", "16"];
+    use Storage::{Memory, Sqlite};
+    let setups: [(&str, Vec<&str>, Storage); 7] = [
+        ("defaults", vec![], Memory),
+        ("1 ms fetch wait", fetch_1ms.to_vec(), Memory),
+        ("16 partitions", sixteen.to_vec(), Memory),
+        (
+            "16 partitions, 1 ms fetch wait",
+            [sixteen, fetch_1ms].concat(),
+            Memory,
+        ),
+        ("SQLite, 1 ms fetch wait", fetch_1ms.to_vec(), Sqlite),
+        (
+            "SQLite, 16 partitions, 1 ms fetch wait",
+            [sixteen, fetch_1ms].concat(),
+            Sqlite,
+        ),
         (
             "one record per batch",
             vec!["--kafka-option", "batch.num.messages=1"],
+            Memory,
         ),
     ];
+    // `BENCH_KAFKA_SETUPS=defaults,16` runs the set-ups whose names hold
+    // one of the words.
+    let chosen = std::env::var("BENCH_KAFKA_SETUPS").ok();
+    let setups = setups.iter().filter(|(name, ..)| {
+        chosen
+            .as_deref()
+            .is_none_or(|c| c.split(',').any(|w| name.contains(w.trim())))
+    });
     let mut columns = Vec::new();
-    for (name, extra) in &setups {
+    for (name, extra, storage) in setups {
         let (acked, e2e) = {
-            let broker = Broker::start(&tansu);
+            let broker = Broker::start(&tansu, *storage);
             let args = [&["--kafka", broker.1.as_str()][..], extra].concat();
             with_server(rt, &args, end_to_end)
         };
         let (light, cpu) = {
-            let broker = Broker::start(&tansu);
+            let broker = Broker::start(&tansu, *storage);
             let args = [&["--kafka", broker.1.as_str()][..], extra].concat();
             let before = (cpu_secs(broker.0.id()), Instant::now());
             let light = with_server(rt, &args, light);
