@@ -4,24 +4,23 @@
 //!
 //! An event that waits on a decision (anything but a location ping) takes
 //! ticks along: records without value, one millisecond after it, into every
-//! input partition. The one into the event's own partition goes right
-//! behind it, through the same producer; the others through a producer of
-//! their own (so the event's ack does not wait for them). The dataflow
-//! reads them in the same fetch as the event, so its clock passes the event
-//! at once instead of a broker round trip later (the dataflow's own ticks,
-//! see [`source`](super::source), remain for events other producers write).
+//! input partition, through the same producer and so in the same produce
+//! request. The dataflow reads them in the same fetch as the event, so its
+//! clock passes the event at once instead of a broker round trip later
+//! (the dataflow's own ticks, see [`source`](super::source), remain for
+//! events other producers write). The event's ack waits for the whole
+//! request; sent through a producer of their own, the ticks came a fetch
+//! late as often as not (order → offer p50 13–14 ms against 11–12 ms in
+//! the service bench, 4 partitions, 1 ms fetch wait).
 
 use super::config::{partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
 use crate::ledger::{Admission, Ledger};
 use crate::{now_ms, Append, Appended, LogError, Pending};
-use grabflow_api::topics::{partition_for, InputRecord, Topics};
+use grabflow_api::topics::{InputRecord, Topics};
 use grabflow_api::{EventKind, Id, Time};
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{
-    BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, ThreadedProducer,
-};
-use std::collections::{HashMap, HashSet};
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -34,11 +33,9 @@ pub struct KafkaLog {
     /// Keys and known ids: of its own appends and, through the
     /// [`Follower`](super::Follower), of every record in the input topics.
     ledger: Arc<Mutex<Ledger>>,
-    /// The partitions of each input topic, for the ticks that go with an
-    /// event.
-    counts: HashMap<String, i32>,
-    /// Sends those ticks, but the ones into the events' own partitions.
-    ticker: ThreadedProducer<DefaultProducerContext>,
+    /// Every input partition, `(topic, partition)`, for the ticks that go
+    /// with an event.
+    inputs: Vec<(String, i32)>,
     /// The time of the last ticks sent along (at most one round a
     /// millisecond).
     ticked: AtomicU64,
@@ -57,52 +54,36 @@ impl KafkaLog {
             )
             .create()?;
         let probe: BaseConsumer = cfg.client().create()?;
-        let mut counts = HashMap::new();
+        let mut inputs = Vec::new();
         for topic in cfg.topics().inputs() {
-            counts.insert(topic.to_string(), partitions(&probe, topic)?);
+            for p in 0..partitions(&probe, topic)? {
+                inputs.push((topic.to_string(), p));
+            }
         }
-        let ticker = cfg
-            .producer()
-            // As the dataflow's ticker: for now or never, and duplicates
-            // are harmless.
-            .set("message.timeout.ms", "10000")
-            .set("enable.idempotence", "false")
-            .create()?;
         Ok(KafkaLog {
             producer,
             topics: cfg.topics(),
             timeout: cfg.ack_timeout,
             ledger,
-            counts,
-            ticker,
+            inputs,
             ticked: AtomicU64::new(0),
         })
     }
 
     /// Sends a tick at `at` into every input partition (unless a round at
-    /// `at` or later went already): into `own` (the partitions of the
-    /// events just sent) behind them, into the others through the ticker.
-    /// The dataflow's clock passes the events as soon as it reads them.
-    /// Not waited for: a lost tick only costs the dataflow's own, later.
-    fn tick_along(&self, at: Time, own: &HashSet<(&str, i32)>) {
+    /// `at` or later went already), behind the events just sent: the
+    /// dataflow's clock passes them as soon as it reads them. Not waited
+    /// for: a lost tick only costs the dataflow's own tick, later.
+    fn tick_along(&self, at: Time) {
         if self.ticked.fetch_max(at, Ordering::AcqRel) >= at {
             return;
         }
-        for (topic, &count) in &self.counts {
-            for partition in 0..count {
-                // A full queue (broker away) drops the tick, as lost ones are.
-                if own.contains(&(topic.as_str(), partition)) {
-                    let tick = FutureRecord::<[u8], [u8]>::to(topic)
-                        .partition(partition)
-                        .timestamp(at as i64);
-                    let _ = self.producer.send_result(tick);
-                } else {
-                    let tick = BaseRecord::<[u8], [u8]>::to(topic)
-                        .partition(partition)
-                        .timestamp(at as i64);
-                    let _ = self.ticker.send(tick);
-                }
-            }
+        for (topic, partition) in &self.inputs {
+            let tick = FutureRecord::<[u8], [u8]>::to(topic)
+                .partition(*partition)
+                .timestamp(at as i64);
+            // A full queue (broker away) drops the tick, as lost ones are.
+            let _ = self.producer.send_result(tick);
         }
     }
 
@@ -151,10 +132,8 @@ impl KafkaLog {
     ) -> Result<Option<i64>, KafkaError> {
         let batch = events.len();
         let mut pending = Vec::with_capacity(batch);
-        // Just after the newest event that waits on a decision, if any, and
-        // the partitions of those events.
+        // Just after the newest event that waits on a decision, if any.
         let mut waits: Time = 0;
-        let mut own = HashSet::new();
         for (id, kind) in events {
             let value = serde_json::to_vec(&InputRecord {
                 id: Some(id.clone()),
@@ -186,16 +165,10 @@ impl KafkaLog {
             }
             if !matches!(kind, EventKind::LocationPinged { .. }) {
                 waits = waits.max(at + 1);
-                let topic = self.topics.input_for(kind);
-                let count = self.counts.get(topic).copied().unwrap_or(1);
-                own.insert((
-                    topic,
-                    partition_for(kind.entity().as_str().as_bytes(), count),
-                ));
             }
         }
         if waits > 0 {
-            self.tick_along(waits, &own);
+            self.tick_along(waits);
         }
         let mut last = None;
         let wait = tokio::time::timeout(self.timeout + Duration::from_secs(1), async {
