@@ -893,14 +893,26 @@ impl Drop for Broker {
     }
 }
 
-/// One Kafka set-up's figures: pings acked/s and end to end/s, order →
-/// offer (p50, p99, offers seen, orders placed), the broker's CPU (cores).
+/// One Kafka set-up's figures: pings acked/s and end to end/s, the
+/// latency phase's, the broker's CPU (cores).
 struct KafkaColumn<'a> {
     name: &'a str,
     acked: f64,
     e2e: f64,
-    light: (f64, f64, usize, usize),
+    light: Light,
     cpu: f64,
+}
+
+/// The latency phase at the Kafka load (milliseconds).
+struct Light {
+    /// Order → offer, p50 and p99.
+    p50: f64,
+    p99: f64,
+    /// Order → its 202 (acked by the broker), p50.
+    ack_p50: f64,
+    /// Offers seen, orders placed.
+    seen: usize,
+    placed: usize,
 }
 
 /// Production mode on this machine: tansu on loopback and `serve --kafka`,
@@ -923,11 +935,13 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
     }
     let light = async |url: &str, dir: &std::path::Path, _pid: u32| {
         let mut l = latencies(url, dir, KAFKA_LOAD).await;
-        let (p50, p99) = (
-            percentile(&mut l.offers, 0.5),
-            percentile(&mut l.offers, 0.99),
-        );
-        (p50, p99, l.offers.len(), l.orders)
+        Light {
+            p50: percentile(&mut l.offers, 0.5),
+            p99: percentile(&mut l.offers, 0.99),
+            ack_p50: percentile(&mut l.acks, 0.5),
+            seen: l.offers.len(),
+            placed: l.orders,
+        }
     };
     let (e_acked, e_e2e) = with_server(rt, &[], end_to_end);
     let e_light = with_server(rt, &[], light);
@@ -1008,18 +1022,23 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
     );
     row(
         format!("order → offer p50, {load}"),
-        format!("{:.2} ms", e_light.0),
-        &|c| format!("{:.2} ms", c.light.0),
+        format!("{:.2} ms", e_light.p50),
+        &|c| format!("{:.2} ms", c.light.p50),
     );
     row(
         format!("order → offer p99, {load}"),
-        format!("{:.2} ms", e_light.1),
-        &|c| format!("{:.2} ms", c.light.1),
+        format!("{:.2} ms", e_light.p99),
+        &|c| format!("{:.2} ms", c.light.p99),
+    );
+    row(
+        "order → 202 (acked) p50".into(),
+        format!("{:.2} ms", e_light.ack_p50),
+        &|c| format!("{:.2} ms", c.light.ack_p50),
     );
     row(
         "offers seen / orders placed".into(),
-        format!("{} / {}", e_light.2, e_light.3),
-        &|c| format!("{} / {}", c.light.2, c.light.3),
+        format!("{} / {}", e_light.seen, e_light.placed),
+        &|c| format!("{} / {}", c.light.seen, c.light.placed),
     );
     row(
         "broker CPU during the latency phase (cores)".into(),
