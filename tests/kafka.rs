@@ -1584,6 +1584,19 @@ fn self_signed(dir: &Path) -> (PathBuf, PathBuf) {
     (cert, key)
 }
 
+/// Serves with `args` (in `dir`): a rider on shift near a merchant is
+/// offered the order placed there.
+async fn offered_through(dir: &Path, args: &[&str]) {
+    let s = Server::start(dir, args);
+    s.wait_ready().await;
+    let app = s.token("app", None);
+    let r1 = s.token("rider", Some("R1"));
+    s.city(&app, &[("R1", &r1, 100.0)]).await;
+    let mut ws = s.ws("R1", &r1, 0).await;
+    s.order(&app, "O1").await;
+    expect_msg(&mut ws, is("offer", "O1")).await;
+}
+
 /// TLS in front of `broker` on `port` (the one it advertises), with
 /// `socat`: tansu 0.6 serves no TLS (its `--cert` and `--key` cannot be
 /// given together, and the TLS acceptor it builds is never used), so every
@@ -1619,14 +1632,7 @@ async fn over_tls_an_order_is_placed_and_offered_and_an_untrusted_broker_fails_t
         "--kafka-option",
         &ca,
     ];
-    let s = Server::start(&dir, &kafka_args(&broker, &tls));
-    s.wait_ready().await;
-    let app = s.token("app", None);
-    let r1 = s.token("rider", Some("R1"));
-    s.city(&app, &[("R1", &r1, 100.0)]).await;
-    let mut ws = s.ws("R1", &r1, 0).await;
-    s.order(&app, "O1").await;
-    expect_msg(&mut ws, is("offer", "O1")).await;
+    offered_through(&dir, &kafka_args(&broker, &tls)).await;
     // Without the CA, the broker's certificate is not trusted: the start
     // fails within seconds, in librdkafka's words.
     let started = Instant::now();
@@ -1668,14 +1674,7 @@ async fn over_sasl_ssl_with_scram_an_order_is_offered_and_a_wrong_password_fails
     };
     let good = sasl_ssl("s3cret");
     let good: Vec<&str> = good.iter().map(String::as_str).collect();
-    let s = Server::start(&dir, &kafka_args(&broker, &good));
-    s.wait_ready().await;
-    let app = s.token("app", None);
-    let r1 = s.token("rider", Some("R1"));
-    s.city(&app, &[("R1", &r1, 100.0)]).await;
-    let mut ws = s.ws("R1", &r1, 0).await;
-    s.order(&app, "O1").await;
-    expect_msg(&mut ws, is("offer", "O1")).await;
+    offered_through(&dir, &kafka_args(&broker, &good)).await;
     let bad = sasl_ssl("wrong");
     let bad: Vec<&str> = bad.iter().map(String::as_str).collect();
     let tls_only = [
