@@ -893,6 +893,106 @@ impl Drop for Broker {
     }
 }
 
+/// tansu alone, without grabflow: the trip of a record (one every 50 ms,
+/// as the orders) from a producer to a consumer that reads every partition
+/// of three topics of `partitions` each, as the dataflow does, while 1 000
+/// other records/s flow into the first (as the pings), with grabflow's
+/// producer settings and a 1 ms fetch wait. With `ticks`, each such record
+/// is followed in its request by a record without value into every
+/// partition, as ingress sends ticks along. The floor of one consumer hop:
+/// milliseconds, p50 and p99.
+fn broker_hop(
+    rt: &tokio::runtime::Runtime,
+    tansu: &std::path::Path,
+    partitions: i32,
+    ticks: bool,
+) -> (f64, f64) {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    use rdkafka::client::DefaultClientContext;
+    use rdkafka::config::ClientConfig;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+    use rdkafka::{Offset, TopicPartitionList};
+    let broker = Broker::start(tansu, Storage::Memory);
+    let topics = ["hop.riders", "hop.merchants", "hop.orders"];
+    let client = |extra: &[(&str, &str)]| {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &broker.1).set("log_level", "3");
+        for (k, v) in extra {
+            c.set(*k, *v);
+        }
+        c
+    };
+    let admin: AdminClient<DefaultClientContext> = client(&[]).create().unwrap();
+    let new: Vec<NewTopic> = topics
+        .iter()
+        .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    rt.block_on(admin.create_topics(new.iter(), &AdminOptions::new()))
+        .unwrap();
+    let producer: ThreadedProducer<DefaultProducerContext> = client(&[
+        ("linger.ms", "1"),
+        ("compression.type", "lz4"),
+        ("acks", "all"),
+        ("enable.idempotence", "true"),
+    ])
+    .create()
+    .unwrap();
+    let consumer: BaseConsumer = client(&[
+        ("group.id", "hop"),
+        ("fetch.wait.max.ms", "1"),
+        ("enable.auto.commit", "false"),
+    ])
+    .create()
+    .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    for t in topics {
+        for p in 0..partitions {
+            tpl.add_partition_offset(t, p, Offset::Beginning).unwrap();
+        }
+    }
+    consumer.assign(&tpl).unwrap();
+    let start = Instant::now();
+    let end = start + Duration::from_secs(secs() + 1);
+    let (mut next_load, mut next_mark, mut n) = (start, start, 0u64);
+    let mut hops = Vec::new();
+    while Instant::now() < end {
+        let now = Instant::now();
+        if now >= next_load {
+            for _ in 0..10 {
+                let key = format!("R{}", n % 500);
+                n += 1;
+                let _ = producer.send(BaseRecord::to(topics[0]).key(&key).payload("ping"));
+            }
+            next_load += Duration::from_millis(10);
+        }
+        if now >= next_mark {
+            let (key, sent) = (format!("O{n}"), start.elapsed().as_nanos().to_string());
+            let _ = producer.send(BaseRecord::to(topics[2]).key(&key).payload(&sent));
+            if ticks {
+                for t in topics {
+                    for p in 0..partitions {
+                        let _ = producer.send(BaseRecord::<[u8], [u8]>::to(t).partition(p));
+                    }
+                }
+            }
+            next_mark += Duration::from_millis(50);
+        }
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(1)) {
+            let sent = (m.topic() == topics[2])
+                .then(|| m.payload().and_then(|v| std::str::from_utf8(v).ok()))
+                .flatten()
+                .and_then(|v| v.parse::<u128>().ok());
+            // The first second is the consumer's start, not a hop.
+            if let Some(sent) = sent.filter(|&s| s > 1_000_000_000) {
+                hops.push((start.elapsed().as_nanos() - sent) as f64 / 1e6);
+            }
+        }
+    }
+    (percentile(&mut hops, 0.5), percentile(&mut hops, 0.99))
+}
+
 /// One Kafka set-up's figures: pings acked/s and end to end/s, the
 /// latency phase's, the broker's CPU (cores).
 struct KafkaColumn<'a> {
@@ -1045,4 +1145,22 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
         "–".into(),
         &|c| format!("{:.2}", c.cpu),
     );
+    if std::env::var("BENCH_KAFKA_HOP").is_ok_and(|v| v == "0") {
+        return;
+    }
+    println!("\ntansu alone (no grabflow): one consumer hop, p50 / p99, 1 ms fetch wait:");
+    println!("| input partitions | records only | with a tick into every partition per order |");
+    println!("|---:|---:|---:|");
+    for partitions in [4, 16] {
+        let plain = broker_hop(rt, &tansu, partitions, false);
+        let ticked = broker_hop(rt, &tansu, partitions, true);
+        println!(
+            "| {} | {:.2} / {:.2} ms | {:.2} / {:.2} ms |",
+            3 * partitions,
+            plain.0,
+            plain.1,
+            ticked.0,
+            ticked.1
+        );
+    }
 }

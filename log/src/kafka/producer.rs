@@ -2,8 +2,9 @@
 //! entity; an append answers only once the broker has acked every event
 //! (`acks=all`, idempotent producer), so a 2xx means durable.
 //!
-//! An event that waits on a decision (anything but a location ping) takes
-//! ticks along: records without value, one millisecond after it, into every
+//! An order's event (on the orders topic: a placement, a grab, a rider's
+//! step, a cancellation; someone waits on what each decides) takes ticks
+//! along: records without value, one millisecond after it, into every
 //! input partition, through the same producer and so in the same produce
 //! request. The dataflow reads them in the same fetch as the event, so its
 //! clock passes the event at once instead of a broker round trip later
@@ -132,7 +133,7 @@ impl KafkaLog {
     ) -> Result<Option<i64>, KafkaError> {
         let batch = events.len();
         let mut pending = Vec::with_capacity(batch);
-        // Just after the newest event that waits on a decision, if any.
+        // Just after the newest order event, if any.
         let mut waits: Time = 0;
         for (id, kind) in events {
             let value = serde_json::to_vec(&InputRecord {
@@ -163,7 +164,9 @@ impl KafkaLog {
                 Ok(delivery) => pending.push(delivery),
                 Err((e, _)) => return Err(e.into()),
             }
-            if !matches!(kind, EventKind::LocationPinged { .. }) {
+            // An order's event: someone waits on what it decides (the
+            // offer, a grab's answer, a rider's step).
+            if self.topics.input_for(kind) == self.topics.orders {
                 waits = waits.max(at + 1);
             }
         }
