@@ -2,10 +2,10 @@
 //! topics. Time comes from the log: a record's time is its Kafka timestamp
 //! made monotonic per partition, and the worker's frontier is the least
 //! time over its partitions. Partitions that hold time back get tick
-//! records (no value): soon when a newer event that waits on a decision
-//! (anything but a ping) waits on them, rarely otherwise. Ingress sends
-//! ticks along with such events itself (see [`producer`](super::producer)),
-//! so these are for events from other producers, and for timers.
+//! records (no value): soon when a newer event other than a ping waits on
+//! them, rarely otherwise. Ingress sends ticks along with an order's events
+//! itself (see [`producer`](super::producer)), so these are for the other
+//! events, events from other producers, and timers.
 //!
 //! For checkpoints, each partition remembers where each recent log time
 //! starts ([`Source::resume_at`]), and a source can start from the offsets a
