@@ -1064,12 +1064,12 @@ fn kafka_phase(rt: &tokio::runtime::Runtime) {
             Memory,
         ),
     ];
-    // `BENCH_KAFKA_SETUPS=defaults,16 partitions` runs the set-ups named.
+    // `BENCH_KAFKA_SETUPS="defaults;16 partitions"` runs the set-ups named.
     let chosen = std::env::var("BENCH_KAFKA_SETUPS").ok();
     let setups = setups.iter().filter(|(name, ..)| {
         chosen
             .as_deref()
-            .is_none_or(|c| c.split(',').any(|w| *name == w.trim()))
+            .is_none_or(|c| c.split(';').any(|w| *name == w.trim()))
     });
     let mut columns = Vec::new();
     for (name, extra, storage) in setups {

@@ -13,6 +13,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The follower's least fetch wait.
+const FOLLOW_WAIT: Duration = Duration::from_millis(100);
+
 /// Follows the input topics into a ledger, on its own thread, until stopped.
 pub struct Follower {
     caught_up: Arc<AtomicBool>,
@@ -23,7 +26,18 @@ impl Follower {
     /// Starts following; [`Follower::wait_caught_up`] tells when the input
     /// topics have been read to their ends as of now.
     pub fn start(cfg: &KafkaConfig, ledger: Arc<Mutex<Ledger>>) -> Result<Follower, KafkaError> {
-        let consumer: BaseConsumer = cfg.consumer(&format!("{}ingress", cfg.prefix)).create()?;
+        let mut conf = cfg.consumer(&format!("{}ingress", cfg.prefix)).config();
+        // Not on an event's way to its decision (ingress looks again for an
+        // id it does not know yet, see `LogHandle::following`): it fetches
+        // at most every FOLLOW_WAIT, whatever the others' wait, which halves
+        // what a broker reads for grabflow at a 1 ms wait.
+        let wait = conf
+            .get("fetch.wait.max.ms")
+            .and_then(|w| w.parse::<u64>().ok())
+            .unwrap_or(0)
+            .max(FOLLOW_WAIT.as_millis() as u64);
+        conf.set("fetch.wait.max.ms", wait.to_string());
+        let consumer: BaseConsumer = conf.create()?;
         let mut tpl = TopicPartitionList::new();
         let mut ends = HashMap::new();
         for t in cfg.topics().inputs() {
