@@ -22,7 +22,6 @@ use grabflow_api::{EventKind, Id, Time};
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -37,9 +36,10 @@ pub struct KafkaLog {
     /// Every input partition, `(topic, partition)`, for the ticks that go
     /// with an event.
     inputs: Vec<(String, i32)>,
-    /// The time of the last ticks sent along (at most one round a
-    /// millisecond).
-    ticked: AtomicU64,
+    /// The last round of ticks sent along: its time and its number (rounds
+    /// are queued whole, one at a time, so a round numbered after an
+    /// append's events were queued is behind them in every partition).
+    ticked: Mutex<(Time, u64)>,
 }
 
 impl KafkaLog {
@@ -67,16 +67,24 @@ impl KafkaLog {
             timeout: cfg.ack_timeout,
             ledger,
             inputs,
-            ticked: AtomicU64::new(0),
+            ticked: Mutex::new((0, 0)),
         })
     }
 
-    /// Sends a tick at `at` into every input partition (unless a round at
-    /// `at` or later went already), behind the events just sent: the
+    /// The number of the last round of ticks, read once an append's events
+    /// are queued: a later round is queued behind them.
+    fn rounds(&self) -> u64 {
+        self.ticked.lock().expect("ticks").1
+    }
+
+    /// Sends a tick at `at` into every input partition, behind the events
+    /// just queued, unless a round at `at` or later was queued after them
+    /// (a round numbered above `after`, from [`KafkaLog::rounds`]): the
     /// dataflow's clock passes them as soon as it reads them. Not waited
     /// for: a lost tick only costs the dataflow's own tick, later.
-    fn tick_along(&self, at: Time) {
-        if self.ticked.fetch_max(at, Ordering::AcqRel) >= at {
+    fn tick_along(&self, at: Time, after: u64) {
+        let mut last = self.ticked.lock().expect("ticks");
+        if last.0 >= at && last.1 > after {
             return;
         }
         for (topic, partition) in &self.inputs {
@@ -86,6 +94,7 @@ impl KafkaLog {
             // A full queue (broker away) drops the tick, as lost ones are.
             let _ = self.producer.send_result(tick);
         }
+        *last = (at, last.1 + 1);
     }
 
     /// Appends `events` and answers once the broker has acked every one,
@@ -171,7 +180,8 @@ impl KafkaLog {
             }
         }
         if waits > 0 {
-            self.tick_along(waits);
+            let after = self.rounds();
+            self.tick_along(waits, after);
         }
         let mut last = None;
         let wait = tokio::time::timeout(self.timeout + Duration::from_secs(1), async {
