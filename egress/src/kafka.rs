@@ -54,7 +54,7 @@ pub fn output_key(o: &Output) -> &str {
 #[derive(Default)]
 pub struct Deliveries {
     /// Records refused for good (not retried: librdkafka retries the rest).
-    pub failed: AtomicU64,
+    failed: AtomicU64,
     /// The next record's number.
     next: AtomicUsize,
     /// The numbers of the records not yet reported on.
@@ -245,7 +245,7 @@ impl OutputSink {
                 return;
             }
             let t = self.progress.load(Ordering::Acquire);
-            if t <= committed || self.producer.flush(Duration::from_secs(10)).is_err() {
+            if t <= committed || self.delivered(Duration::from_secs(10)).is_err() {
                 continue;
             }
             // Every decision before `t` is acked: commit, per input partition,
