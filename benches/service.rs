@@ -909,43 +909,27 @@ fn broker_hop(
 ) -> (f64, f64) {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
-    use rdkafka::config::ClientConfig;
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::message::Message;
     use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
     use rdkafka::{Offset, TopicPartitionList};
     let broker = Broker::start(tansu, Storage::Memory);
     let topics = ["hop.riders", "hop.merchants", "hop.orders"];
-    let client = |extra: &[(&str, &str)]| {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &broker.1).set("log_level", "3");
-        for (k, v) in extra {
-            c.set(*k, *v);
-        }
-        c
-    };
-    let admin: AdminClient<DefaultClientContext> = client(&[]).create().unwrap();
+    // grabflow's own client settings.
+    let cfg = grabflow_log::kafka::KafkaConfig::new(&broker.1);
+    let admin: AdminClient<DefaultClientContext> = cfg.client().create().unwrap();
     let new: Vec<NewTopic> = topics
         .iter()
         .map(|t| NewTopic::new(t, partitions, TopicReplication::Fixed(1)))
         .collect();
     rt.block_on(admin.create_topics(new.iter(), &AdminOptions::new()))
         .unwrap();
-    let producer: ThreadedProducer<DefaultProducerContext> = client(&[
-        ("linger.ms", "1"),
-        ("compression.type", "lz4"),
-        ("acks", "all"),
-        ("enable.idempotence", "true"),
-    ])
-    .create()
-    .unwrap();
-    let consumer: BaseConsumer = client(&[
-        ("group.id", "hop"),
-        ("fetch.wait.max.ms", "1"),
-        ("enable.auto.commit", "false"),
-    ])
-    .create()
-    .unwrap();
+    let producer: ThreadedProducer<DefaultProducerContext> = cfg.producer().create().unwrap();
+    let consumer: BaseConsumer = cfg
+        .consumer("hop")
+        .set("fetch.wait.max.ms", "1")
+        .create()
+        .unwrap();
     let mut tpl = TopicPartitionList::new();
     for t in topics {
         for p in 0..partitions {
