@@ -507,10 +507,13 @@ async fn open_kafka(
     ensure_topics(&k).await.context("creating the topics")?;
     let dispatch = plan.dispatch.clone();
     let windows = plan.ledger_windows();
+    // Ingress's ticks along with orders count as the sources' own.
+    let along = kafka::Along::default();
+    let ticks = along.clone();
     let (log, follower, sink, checkpoints) =
         tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let checkpoints = checkpoint::load_kafka(&k, &dispatch)?;
-            let (log, follower) = kafka::open(&k, CATCH_UP, windows)?;
+            let (log, follower) = kafka::open(&k, CATCH_UP, windows, ticks)?;
             Ok((log, follower, OutputSink::new(&k)?, checkpoints))
         })
         .await??;
@@ -518,7 +521,7 @@ async fn open_kafka(
     threads.add(follower.into_thread());
     threads.add(committer);
     let (store, loaded) = checkpoints;
-    let (sources, stop_sources, figures) = resumed_sources(plan, loaded.as_ref())?;
+    let (sources, stop_sources, figures) = resumed_sources(plan, loaded.as_ref(), along)?;
     let (restore, saved) = match loaded {
         Some(l) => (Some(Arc::new(l.dataflow)), l.observers),
         None => (None, Vec::new()),
@@ -540,13 +543,15 @@ async fn open_kafka(
 
 /// This process's workers' Kafka sources, resuming where `loaded` (a
 /// checkpoint) says, or from the start (logged, for operators and tests);
-/// and the checkpoint figures of this start.
+/// and the checkpoint figures of this start. They count the ticks `along`
+/// tells of as their own.
 fn resumed_sources(
     plan: &Plan,
     loaded: Option<&checkpoint::Loaded>,
+    along: kafka::Along,
 ) -> anyhow::Result<(runtime::Sources, Stop, SharedFigures)> {
     let resume = loaded.map(|l| l.dataflow.resume()).unwrap_or_default();
-    let (sources, stop) = kafka_sources(plan, &resume)?;
+    let (sources, stop) = kafka_sources(plan, &resume, along)?;
     let started_from = loaded.map_or(0, |l| l.dataflow.at);
     tracing::info!(
         checkpoint = started_from,
@@ -561,11 +566,17 @@ fn resumed_sources(
 }
 
 /// This process's workers' Kafka sources, starting at `resume` (a
-/// checkpoint's positions; empty: from the beginning), and what stops them.
-fn kafka_sources(plan: &Plan, resume: &[(u64, u64)]) -> anyhow::Result<(runtime::Sources, Stop)> {
+/// checkpoint's positions; empty: from the beginning), counting the ticks
+/// `along` tells of as their own; and what stops them.
+fn kafka_sources(
+    plan: &Plan,
+    resume: &[(u64, u64)],
+    along: kafka::Along,
+) -> anyhow::Result<(runtime::Sources, Stop)> {
     let sources = KafkaSources::new(plan.kafka()?)
         .context("kafka sources")?
-        .resuming(resume);
+        .resuming(resume)
+        .along(along);
     let (process, hosts) = &plan.cluster;
     let peers = plan.workers * hosts.len().max(1);
     let mut made = HashMap::new();
@@ -595,7 +606,8 @@ pub async fn ingress(plan: Plan) -> anyhow::Result<()> {
     let windows = plan.ledger_windows();
     let (log, follower, following) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
         let following = follow_verdicts(&k, waiters)?;
-        let (log, follower) = kafka::open(&k, CATCH_UP, windows)?;
+        // No dataflow here: nobody to tell of the ticks along.
+        let (log, follower) = kafka::open(&k, CATCH_UP, windows, kafka::Along::default())?;
         Ok((log, follower, following))
     })
     .await??;
@@ -658,7 +670,9 @@ pub async fn dataflow(plan: Plan) -> anyhow::Result<()> {
             after_dataflow.push(thread);
         }
     }
-    let (sources, stop, figures) = resumed_sources(&plan, loaded.as_ref())?;
+    // No ingress here: the sources tick for every producer.
+    let (sources, stop, figures) =
+        resumed_sources(&plan, loaded.as_ref(), kafka::Along::default())?;
     let delivering = sink.clone();
     let restore = loaded.map(|l| Arc::new(l.dataflow));
     let store = store.map(|s| (checkpoint::Store::Kafka(s), None));

@@ -28,7 +28,7 @@ pub use config::{
 };
 pub use follower::Follower;
 pub use producer::KafkaLog;
-pub use source::{KafkaSource, KafkaSources};
+pub use source::{Along, KafkaSource, KafkaSources};
 
 use crate::ledger::Ledger;
 use crate::LogHandle;
@@ -44,11 +44,14 @@ const SETTLE: Duration = Duration::from_millis(250);
 /// (within `catch_up`) into a ledger, then makes the producer. The
 /// follower goes on reading what other processes append until stopped.
 /// The ledger remembers keys and ids for `windows` (log time: the
-/// records' timestamps). Blocking: call it off the async runtime.
+/// records' timestamps). The producer tells `along` of the ticks it sends
+/// along with orders' events (give the same to this process's
+/// [`KafkaSources`], if any). Blocking: call it off the async runtime.
 pub fn open(
     cfg: &KafkaConfig,
     catch_up: Duration,
     windows: crate::ledger::Windows,
+    along: Along,
 ) -> Result<(LogHandle, Follower), KafkaError> {
     let ledger = Arc::new(Mutex::new(Ledger::new(windows)));
     let follower = Follower::start(cfg, Arc::clone(&ledger))?;
@@ -56,7 +59,7 @@ pub fn open(
         follower.into_thread().stop();
         return Err(KafkaError::CatchUp(catch_up));
     }
-    let producer = KafkaLog::new(cfg, Arc::clone(&ledger))?;
+    let producer = KafkaLog::new(cfg, Arc::clone(&ledger), along)?;
     let log = LogHandle::new(Arc::new(producer), ledger).following(SETTLE);
     Ok((log, follower))
 }

@@ -5,23 +5,33 @@
 //! An order's event (on the orders topic: a placement, a grab, a rider's
 //! step, a cancellation; someone waits on what each decides) takes ticks
 //! along: records without value, one millisecond after it, into every
-//! input partition, through the same producer and so in the same produce
-//! request. The dataflow reads them in the same fetch as the event, so its
-//! clock passes the event at once instead of a broker round trip later
-//! (the dataflow's own ticks, see [`source`](super::source), remain for
-//! events other producers write). The event's ack waits for the whole
-//! request; sent through a producer of their own, the ticks came a fetch
-//! late as often as not (order → offer p50 13–14 ms against 11–12 ms in
-//! the service bench, 4 partitions, 1 ms fetch wait).
+//! input partition. The dataflow reads them in the same fetch as the event,
+//! so its clock passes the event at once instead of a broker round trip
+//! later (the dataflow's own ticks, see [`source`](super::source), remain
+//! for events other producers write).
+//!
+//! The ticks into the orders topic go through the event's own producer,
+//! in the same produce request, behind the event: sent apart, a tick could
+//! reach the event's partition first and push the event's time past it
+//! (times are monotonic per partition). The event's ack waits for them.
+//! The ticks into the other input topics cannot overtake an order's event
+//! and go through a producer of their own without idempotence, at the same
+//! moment: a broker writes them beside the event's request instead of
+//! inside it (tansu 0.6 writes a request's partitions one after another,
+//! and an idempotent batch costs it more), so at 16 partitions an order's
+//! ack does not wait for 32 more writes.
 
 use super::config::{partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
+use super::source::Along;
 use crate::ledger::{Admission, Ledger};
 use crate::{now_ms, Append, Appended, LogError, Pending};
 use grabflow_api::topics::{InputRecord, Topics};
 use grabflow_api::{EventKind, Id, Time};
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{
+    BaseRecord, DefaultProducerContext, FutureProducer, FutureRecord, ThreadedProducer,
+};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,18 +43,31 @@ pub struct KafkaLog {
     /// Keys and known ids: of its own appends and, through the
     /// [`Follower`](super::Follower), of every record in the input topics.
     ledger: Arc<Mutex<Ledger>>,
-    /// Every input partition, `(topic, partition)`, for the ticks that go
-    /// with an event.
-    inputs: Vec<(String, i32)>,
+    /// The orders topic's partitions, for the ticks that go with an event
+    /// in its request.
+    orders: Vec<i32>,
+    /// The other input topics' partitions, `(topic, partition)`, for the
+    /// ticks that go beside it, through `ticker`.
+    others: Vec<(String, i32)>,
+    /// The producer of the ticks into the other input topics: without
+    /// idempotence (a lost or doubled tick is harmless).
+    ticker: ThreadedProducer<DefaultProducerContext>,
     /// The last round of ticks sent along: its time and its number (rounds
     /// are queued whole, one at a time, so a round numbered after an
     /// append's events were queued is behind them in every partition).
     ticked: Mutex<(Time, u64)>,
+    /// Tells this process's dataflow sources of the rounds sent along.
+    along: Along,
 }
 
 impl KafkaLog {
-    /// A producer for `cfg`'s brokers.
-    pub fn new(cfg: &KafkaConfig, ledger: Arc<Mutex<Ledger>>) -> Result<Self, KafkaError> {
+    /// A producer for `cfg`'s brokers; it tells `along` of each round of
+    /// ticks it sends.
+    pub fn new(
+        cfg: &KafkaConfig,
+        ledger: Arc<Mutex<Ledger>>,
+        along: Along,
+    ) -> Result<Self, KafkaError> {
         let producer: FutureProducer = cfg
             .producer()
             // A broker that stays down fails the append (503) instead of
@@ -55,19 +78,34 @@ impl KafkaLog {
             )
             .create()?;
         let probe: BaseConsumer = cfg.client().create()?;
-        let mut inputs = Vec::new();
-        for topic in cfg.topics().inputs() {
-            for p in 0..partitions(&probe, topic)? {
-                inputs.push((topic.to_string(), p));
+        let topics = cfg.topics();
+        let orders = (0..partitions(&probe, &topics.orders)?).collect();
+        let mut others = Vec::new();
+        for topic in topics.inputs() {
+            if topic != topics.orders {
+                for p in 0..partitions(&probe, topic)? {
+                    others.push((topic.to_string(), p));
+                }
             }
         }
+        let ticker = cfg
+            .producer()
+            .set("enable.idempotence", "false")
+            // Sent at once: the order's event is on its way already.
+            .set("linger.ms", "0")
+            // Ticks are for now or never: an old one is useless.
+            .set("message.timeout.ms", "10000")
+            .create()?;
         Ok(KafkaLog {
             producer,
             topics: cfg.topics(),
             timeout: cfg.ack_timeout,
             ledger,
-            inputs,
+            orders,
+            others,
+            ticker,
             ticked: Mutex::new((0, 0)),
+            along,
         })
     }
 
@@ -77,8 +115,9 @@ impl KafkaLog {
         self.ticked.lock().expect("ticks").1
     }
 
-    /// Sends a tick at `at` into every input partition, behind the events
-    /// just queued, unless a round at `at` or later was queued after them
+    /// Sends a tick at `at` into every input partition (into the orders
+    /// topic behind the events just queued, into the others beside them),
+    /// unless a round at `at` or later was queued after them
     /// (a round numbered above `after`, from [`KafkaLog::rounds`]): the
     /// dataflow's clock passes them as soon as it reads them. Not waited
     /// for: a lost tick only costs the dataflow's own tick, later.
@@ -87,14 +126,21 @@ impl KafkaLog {
         if last.0 >= at && last.1 > after {
             return;
         }
-        for (topic, partition) in &self.inputs {
-            let tick = FutureRecord::<[u8], [u8]>::to(topic)
+        // A full queue (broker away) drops a tick, as lost ones are.
+        for partition in &self.orders {
+            let tick = FutureRecord::<[u8], [u8]>::to(&self.topics.orders)
                 .partition(*partition)
                 .timestamp(at as i64);
-            // A full queue (broker away) drops the tick, as lost ones are.
             let _ = self.producer.send_result(tick);
         }
+        for (topic, partition) in &self.others {
+            let tick = BaseRecord::<[u8], [u8]>::to(topic)
+                .partition(*partition)
+                .timestamp(at as i64);
+            let _ = self.ticker.send(tick);
+        }
         *last = (at, last.1 + 1);
+        self.along.sent(at);
     }
 
     /// Appends `events` and answers once the broker has acked every one,

@@ -2,10 +2,13 @@
 //! topics. Time comes from the log: a record's time is its Kafka timestamp
 //! made monotonic per partition, and the worker's frontier is the least
 //! time over its partitions. Partitions that hold time back get tick
-//! records (no value): soon when a newer event other than a ping waits on
-//! them, rarely otherwise. Ingress sends ticks along with an order's events
-//! itself (see [`producer`](super::producer)), so these are for the other
-//! events, events from other producers, and timers.
+//! records (no value): soon when a newer event of the orders topic waits
+//! on them (someone waits on what it decides), rarely otherwise. Ingress
+//! sends ticks along with an order's events itself (see
+//! [`producer`](super::producer)); when it runs in the same process, it
+//! tells the sources through an [`Along`] clock and they count those ticks
+//! as their own. So these are for events from other producers, lost
+//! ticks, and timers.
 //!
 //! For checkpoints, each partition remembers where each recent log time
 //! starts ([`Source::resume_at`]), and a source can start from the offsets a
@@ -26,6 +29,25 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
+
+/// The time of the last round of ticks this process's ingress sent along
+/// into every input partition (0: none). The sources of the same process
+/// count such a round as sent by themselves, instead of sending their own
+/// on top; a lost one is sent again after the idle tick, as their own are.
+#[derive(Clone, Default)]
+pub struct Along(Arc<AtomicU64>);
+
+impl Along {
+    /// A round of ticks at `at` is on its way into every input partition.
+    pub fn sent(&self, at: Time) {
+        self.0.fetch_max(at, Ordering::AcqRel);
+    }
+
+    /// The time of the latest round sent along.
+    pub fn time(&self) -> Time {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// One input partition of a worker.
 struct Part {
@@ -55,9 +77,13 @@ pub struct KafkaSource {
     ticker: Arc<ThreadedProducer<DefaultProducerContext>>,
     tick: Duration,
     idle_tick: Duration,
-    /// The newest time of an event other than a ping any worker of this
+    /// The newest time of an event of the orders topic any worker of this
     /// process has read.
     newest: Arc<AtomicU64>,
+    /// The orders topic's place in `Topics::inputs`.
+    orders: usize,
+    /// Ticks this process's ingress sent along.
+    along: Along,
     stop: Stop,
     /// Records that were not events (logged and skipped).
     pub skipped: u64,
@@ -71,6 +97,7 @@ pub struct KafkaSources {
     counts: Vec<i32>,
     ticker: Arc<ThreadedProducer<DefaultProducerContext>>,
     newest: Arc<AtomicU64>,
+    along: Along,
     /// Where each input partition resumes (by [`position_key`]), from a
     /// checkpoint; the others start at their beginning.
     resume: HashMap<u64, i64>,
@@ -102,6 +129,7 @@ impl KafkaSources {
             counts,
             ticker: Arc::new(ticker),
             newest: Arc::default(),
+            along: Along::default(),
             resume: HashMap::new(),
             stop: Stop::default(),
         })
@@ -111,6 +139,13 @@ impl KafkaSources {
     /// `(position_key, offset)` pairs) at its offset instead of its beginning.
     pub fn resuming(mut self, positions: &[(u64, u64)]) -> KafkaSources {
         self.resume = positions.iter().map(|&(k, o)| (k, o as i64)).collect();
+        self
+    }
+
+    /// Counts the rounds of ticks `along` tells of (ingress's, in the same
+    /// process) as sent by these sources.
+    pub fn along(mut self, along: Along) -> KafkaSources {
+        self.along = along;
         self
     }
 
@@ -157,6 +192,12 @@ impl KafkaSources {
             tick: self.cfg.tick,
             idle_tick: self.cfg.idle_tick,
             newest: Arc::clone(&self.newest),
+            orders: topics
+                .inputs()
+                .iter()
+                .position(|t| *t == topics.orders)
+                .expect("the orders topic is an input"),
+            along: self.along.clone(),
             stop: self.stop.clone(),
             skipped: 0,
             skips: Throttle::new(Duration::from_secs(1)),
@@ -169,17 +210,22 @@ const POLL_BATCH: usize = 20_000;
 
 impl KafkaSource {
     /// Ticks the partitions that hold time back. A partition behind an
-    /// event this process has read (the event waits for every partition to
-    /// pass its time) gets a tick once quiet for `tick`; any other only after
-    /// `idle_tick`, so timers fire when nothing happens. A tick still on its
-    /// way counts as read; one lost is sent again after `idle_tick`. Ticks of
+    /// order's event this process has read (the event waits for every
+    /// partition to pass its time) gets a tick once quiet for `tick`; any
+    /// other only after `idle_tick`, so timers fire when nothing happens. A
+    /// tick still on its way, sent by this source or along by ingress,
+    /// counts as read; one lost is sent again after `idle_tick`. Ticks of
     /// one round share a produce request.
     fn tick_idle(&mut self) {
         let now = now_ms();
         let newest = self.newest.load(Ordering::Acquire);
+        let along = self.along.time();
         for p in &mut self.parts {
-            let ahead = p.time.max(p.sent);
-            let every = if newest > ahead {
+            let ahead = p.time.max(p.sent).max(along);
+            // The event at `newest` waits until every partition is past it
+            // (its time may equal a tick's that came first: an event's time
+            // is the latest of its own and the partition's before it).
+            let every = if newest > 0 && newest >= ahead {
                 self.tick
             } else {
                 self.idle_tick
@@ -187,8 +233,8 @@ impl KafkaSource {
             if now.saturating_sub(ahead) < every.as_millis() as Time {
                 continue;
             }
-            // Never behind the event it is for, whatever the clocks say.
-            let at = now.max(newest);
+            // Past the event it is for, whatever the clocks say.
+            let at = now.max(newest + 1);
             let record = BaseRecord::<[u8], [u8]>::to(&p.name)
                 .partition(p.partition)
                 .timestamp(at as i64);
@@ -235,10 +281,11 @@ impl Source for KafkaSource {
                 match InputRecord::decode(value, part.topic, part.partition, m.offset(), part.time)
                 {
                     Ok(e) => {
-                        // A ping waits on nothing: it does not hurry ticks
-                        // (at 1k pings/s it would tick every quiet
-                        // partition every `tick`).
-                        if !matches!(e.kind, grabflow_api::EventKind::LocationPinged { .. }) {
+                        // Only an order's event hurries ticks: nobody waits
+                        // on a ping, a shift or a merchant to the
+                        // millisecond (at 1k pings/s, pings would tick every
+                        // quiet partition every `tick`).
+                        if part.topic == self.orders {
                             self.newest.fetch_max(part.time, Ordering::AcqRel);
                         }
                         out.push(e)
