@@ -620,6 +620,59 @@ async fn events_produced_straight_to_the_topics_are_dispatched() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// An order whose time a tick pushed forward (a tick from another
+/// producer reached its partition first with a later timestamp: times are
+/// monotonic per partition, so the order takes the tick's) is offered at
+/// once: the dataflow ticks every partition past it, its own included,
+/// instead of leaving the partition at exactly the order's time until the
+/// idle tick (10 minutes here: the offer would never come in time).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_order_behind_a_later_tick_in_its_partition_is_offered_without_the_idle_tick() {
+    let broker = Broker::start();
+    let dir = temp_dir();
+    let s = Server::start(&dir, &kafka_args(&broker, &["--tick", "10m"]));
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .create()
+        .unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let produce = |topic: &'static str, value: Option<Value>, at: i64| {
+        let producer = producer.clone();
+        async move {
+            let body = value.map(|v| v.to_string());
+            let mut record = FutureRecord::<str, str>::to(topic)
+                .partition(0)
+                .timestamp(at);
+            if let Some(body) = body.as_deref() {
+                record = record.payload(body);
+            }
+            producer
+                .send(record, Duration::from_secs(5))
+                .await
+                .expect("the broker acks");
+        }
+    };
+    produce("grabflow.merchants", Some(json!({"type": "merchant_upserted", "merchant": "M9", "at": {"lat_e7": 312300000, "lon_e7": 1214700000}, "open": true})), now).await;
+    produce(
+        "grabflow.riders",
+        Some(json!({"type": "shift_changed", "rider": "R9", "online": true, "capacity": null})),
+        now,
+    )
+    .await;
+    produce("grabflow.riders", Some(json!({"type": "location_pinged", "rider": "R9", "at": {"lat_e7": 312310000, "lon_e7": 1214700000}})), now).await;
+    let r9 = s.token("rider", Some("R9"));
+    let mut ws = s.ws("R9", &r9, 0).await;
+    // A tick a second ahead, then the order, in one partition.
+    produce("grabflow.orders", None, now + 1000).await;
+    produce("grabflow.orders", Some(json!({"type": "order_placed", "order": "O9", "merchant": "M9", "dropoff": {"lat_e7": 312200000, "lon_e7": 1214800000}, "promised_minutes": 30})), now).await;
+    let offer = expect_msg(&mut ws, is("offer", "O9")).await;
+    assert_eq!(offer["merchant_id"], "M9");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Riders and merchants of a small city, and orders that stay waiting.
 async fn city_with_waiting_orders(s: &Server, app: &str, riders: usize) -> Vec<String> {
     for (m, lat) in [("M1", 31.23), ("M2", 31.25), ("M3", 31.60)] {
