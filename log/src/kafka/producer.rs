@@ -5,10 +5,10 @@
 //! An order's event (on the orders topic: a placement, a grab, a rider's
 //! step, a cancellation; someone waits on what each decides) takes ticks
 //! along: records without value, one millisecond after it, into every
-//! input partition. The dataflow reads them in the same fetch as the event,
-//! so its clock passes the event at once instead of a broker round trip
-//! later (the dataflow's own ticks, see [`source`](super::source), remain
-//! for events other producers write).
+//! input partition. The dataflow reads them with the event, so its clock
+//! passes the event at once instead of a broker round trip later (the
+//! dataflow's own ticks, see [`source`](super::source), remain for events
+//! other producers write).
 //!
 //! The ticks into the orders topic go through the event's own producer,
 //! in the same produce request, behind the event: sent apart, a tick could
@@ -19,7 +19,17 @@
 //! moment: a broker writes them beside the event's request instead of
 //! inside it (tansu 0.6 writes a request's partitions one after another,
 //! and an idempotent batch costs it more), so at 16 partitions an order's
-//! ack does not wait for 32 more writes.
+//! ack does not wait for 32 more writes. (They may overtake a rider's or
+//! merchant's event not yet acked, whose time then becomes the tick's:
+//! requests in flight together have no order to keep.)
+//!
+//! Rounds go forward: each is at least a millisecond after the one before.
+//! Two events of one millisecond (two riders grabbing an order) would
+//! otherwise both get a round at that millisecond + 1, and the first
+//! round, queued ahead of the second event, pushes that event's time to
+//! exactly its own: no round would pass it. A round runs at most
+//! [`LEAD`] ahead of the wall clock; past that, in a burst of more than a
+//! round a millisecond, the dataflow's own tick passes such an event.
 
 use super::config::{partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
 use super::source::Along;
@@ -34,6 +44,21 @@ use rdkafka::producer::{
 };
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// How far ahead of the wall clock a round of ticks may go to be past the
+/// round before it (ms).
+const LEAD: Time = 2;
+
+/// The time of a round of ticks for events that need one at `at`, the
+/// last round having been at `last`, at wall clock `now`: past the last
+/// round (which may have pushed the events' time to its own), unless that
+/// is more than [`LEAD`] ahead of `now`.
+fn round_time(at: Time, last: Time, now: Time) -> Time {
+    match at.max(last + 1) {
+        forward if forward <= now + LEAD => forward,
+        _ => at.max(last),
+    }
+}
 
 /// Ingress's producer: appends events to their input topics.
 pub struct KafkaLog {
@@ -54,7 +79,8 @@ pub struct KafkaLog {
     ticker: ThreadedProducer<DefaultProducerContext>,
     /// The last round of ticks sent along: its time and its number (rounds
     /// are queued whole, one at a time, so a round numbered after an
-    /// append's events were queued is behind them in every partition).
+    /// append's events were queued is behind them in every partition of
+    /// the orders topic, the one their events are in).
     ticked: Mutex<(Time, u64)>,
     /// Tells this process's dataflow sources of the rounds sent along.
     along: Along,
@@ -115,17 +141,19 @@ impl KafkaLog {
         self.ticked.lock().expect("ticks").1
     }
 
-    /// Sends a tick at `at` into every input partition (into the orders
-    /// topic behind the events just queued, into the others beside them),
-    /// unless a round at `at` or later was queued after them
-    /// (a round numbered above `after`, from [`KafkaLog::rounds`]): the
-    /// dataflow's clock passes them as soon as it reads them. Not waited
-    /// for: a lost tick only costs the dataflow's own tick, later.
+    /// Sends a tick at `at` (or later: rounds go forward) into every input
+    /// partition (into the orders topic behind the events just queued,
+    /// into the others beside them), unless a round at `at` or later was
+    /// queued after them (a round numbered above `after`, from
+    /// [`KafkaLog::rounds`]): the dataflow's clock passes them as soon as
+    /// it reads them. Not waited for: a lost tick only costs the dataflow's
+    /// own tick, later.
     fn tick_along(&self, at: Time, after: u64) {
         let mut last = self.ticked.lock().expect("ticks");
         if last.0 >= at && last.1 > after {
             return;
         }
+        let at = round_time(at, last.0, now_ms());
         // A full queue (broker away) drops a tick, as lost ones are.
         for partition in &self.orders {
             let tick = FutureRecord::<[u8], [u8]>::to(&self.topics.orders)
@@ -249,5 +277,23 @@ impl KafkaLog {
 impl Append for KafkaLog {
     fn append(&self, key: Option<String>, events: Vec<(Id, EventKind)>) -> Pending<'_> {
         Box::pin(self.append_admitted(key, events))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::round_time;
+
+    #[test]
+    fn a_round_goes_past_the_last_one_but_not_far_ahead_of_the_clock() {
+        // The usual case: the events' millisecond + 1.
+        assert_eq!(round_time(1_001, 990, 1_000), 1_001);
+        // A second event of the same millisecond: past the first's round.
+        assert_eq!(round_time(1_001, 1_001, 1_000), 1_002);
+        // A burst: never more than LEAD (2 ms) ahead of the clock.
+        assert_eq!(round_time(1_001, 1_002, 1_000), 1_002);
+        assert_eq!(round_time(1_001, 1_005, 1_000), 1_005);
+        // A clock gone back does not take rounds back.
+        assert_eq!(round_time(901, 1_001, 900), 1_001);
     }
 }

@@ -33,7 +33,8 @@ use std::time::Duration;
 /// The time of the last round of ticks this process's ingress sent along
 /// into every input partition (0: none). The sources of the same process
 /// count such a round as sent by themselves, instead of sending their own
-/// on top; a lost one is sent again after the idle tick, as their own are.
+/// on top. A lost tick is made good by ingress's next round or, when none
+/// comes, by the sources' idle tick, as their own are.
 #[derive(Clone, Default)]
 pub struct Along(Arc<AtomicU64>);
 
