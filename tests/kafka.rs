@@ -635,10 +635,7 @@ async fn an_order_behind_a_later_tick_in_its_partition_is_offered_without_the_id
         .set("bootstrap.servers", &broker.addr)
         .create()
         .unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64;
+    let now = grabflow_log::now_ms() as i64;
     let produce = |topic: &'static str, value: Option<Value>, at: i64| {
         let producer = producer.clone();
         async move {
