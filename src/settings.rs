@@ -186,9 +186,9 @@ pub struct Settings {
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kafka_retention: Option<Dur>,
-    /// An input partition holding back a newer event (not a ping) gets a
-    /// clock tick after this long [default: 5ms]; other idle partitions
-    /// every --tick.
+    /// An input partition holding back a newer order's event gets a clock
+    /// tick after this long [default: 5ms]; other idle partitions every
+    /// --tick.
     #[arg(long)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub kafka_tick: Option<Dur>,

@@ -215,6 +215,18 @@ impl KafkaConfig {
         c
     }
 
+    /// Settings of a producer of clock ticks (records without value): an
+    /// old tick is useless, so one not acked within 10 s is dropped; and
+    /// without idempotence, because a doubled tick is harmless and several
+    /// processes tick the same partitions, which tansu 0.6's idempotence
+    /// tracking does not take well (a wedged partition stops the clock).
+    pub fn ticker(&self) -> ClientSettings {
+        let mut c = self.producer();
+        c.set("message.timeout.ms", "10000")
+            .set("enable.idempotence", "false");
+        c
+    }
+
     /// Consumer settings for reading topics by assignment (no group rebalance).
     pub fn consumer(&self, group: &str) -> ClientSettings {
         let mut c = self.client();

@@ -37,7 +37,7 @@ use std::time::Duration;
 
 /// How long ingress looks again for an order or merchant its ledger does
 /// not know yet (another process may have appended it a moment ago; the
-/// follower fetches at least every 100 ms).
+/// follower's fetches wait up to 100 ms for new records).
 const SETTLE: Duration = Duration::from_millis(250);
 
 /// Opens the Kafka log for appending: reads the input topics to their ends

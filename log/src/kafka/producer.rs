@@ -27,8 +27,8 @@
 //! Two events of one millisecond (two riders grabbing an order) would
 //! otherwise both get a round at that millisecond + 1, and the first
 //! round, queued ahead of the second event, pushes that event's time to
-//! exactly its own: no round would pass it. A round runs at most
-//! [`LEAD`] ahead of the wall clock; past that, in a burst of more than a
+//! exactly its own: no round would pass it. A round runs at most 2 ms
+//! (`LEAD`) ahead of the wall clock; past that, in a burst of more than a
 //! round a millisecond, the dataflow's own tick passes such an event.
 
 use super::config::{partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
@@ -115,16 +115,13 @@ impl KafkaLog {
             }
         }
         let ticker = cfg
-            .producer()
-            .set("enable.idempotence", "false")
+            .ticker()
             // Sent at once: the order's event is on its way already.
             .set("linger.ms", "0")
-            // Ticks are for now or never: an old one is useless.
-            .set("message.timeout.ms", "10000")
             .create()?;
         Ok(KafkaLog {
             producer,
-            topics: cfg.topics(),
+            topics,
             timeout: cfg.ack_timeout,
             ledger,
             orders,

@@ -116,15 +116,7 @@ impl KafkaSources {
             .iter()
             .map(|t| partitions(&probe, t))
             .collect::<Result<Vec<_>, _>>()?;
-        let ticker = cfg
-            .producer()
-            // Ticks are for now or never: an old one is useless.
-            .set("message.timeout.ms", "10000")
-            // A duplicated tick is harmless; and several processes tick the
-            // same partitions, which tansu 0.6's idempotence tracking does
-            // not take well (a wedged partition stops the clock).
-            .set("enable.idempotence", "false")
-            .create()?;
+        let ticker = cfg.ticker().create()?;
         Ok(KafkaSources {
             cfg: cfg.clone(),
             counts,
