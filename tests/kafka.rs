@@ -670,6 +670,48 @@ async fn an_order_behind_a_later_tick_in_its_partition_is_offered_without_the_id
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// In `serve`, ingress's own ticks carry each order's event to its
+/// decision: with the dataflow's ticks put off for 10 minutes, a whole
+/// order life (placed, offered, grabbed, picked up, delivered) is decided
+/// step by step at 16 partitions. Each event has a tick behind it in its
+/// own partition (where ingress placed it) and one beside it in every
+/// other; without either, the step would wait for the dataflow's tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_ticks_alone_carry_each_order_event_to_its_decision() {
+    let broker = Broker::start();
+    let dir = temp_dir();
+    let s = Server::start(
+        &dir,
+        &[
+            "--kafka",
+            &broker.addr,
+            "--kafka-partitions",
+            "16",
+            "--kafka-option",
+            "batch.num.messages=1",
+            "--tick",
+            "10m",
+            "--kafka-tick",
+            "10m",
+        ],
+    );
+    s.wait_ready().await;
+    let (app, r1) = (s.token("app", None), s.token("rider", Some("R1")));
+    s.city(&app, &[("R1", &r1, 100.0)]).await;
+    let mut ws = s.ws("R1", &r1, 0).await;
+    s.order(&app, "O1").await;
+    let offer = expect_msg(&mut ws, is("offer", "O1")).await;
+    assert_eq!(offer["merchant_id"], "M1");
+    let (status, body) = s.call("POST", "/v1/orders/O1/grab", &r1, None).await;
+    assert_eq!((status, body), (200, json!({"result": "won"})));
+    for (step, state) in [("pickup", "delivering"), ("delivered", "closed")] {
+        let path = format!("/v1/orders/O1/{step}");
+        let (status, body) = s.call("POST", &path, &r1, None).await;
+        assert_eq!((status, &body["state"]), (200, &json!(state)), "{body}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Riders and merchants of a small city, and orders that stay waiting.
 async fn city_with_waiting_orders(s: &Server, app: &str, riders: usize) -> Vec<String> {
     for (m, lat) in [("M1", 31.23), ("M2", 31.25), ("M3", 31.60)] {
@@ -1513,6 +1555,13 @@ async fn kafka_options_reach_librdkafka_and_guarantee_breakers_are_refused() {
     // One that would break exactly-once is refused before any client.
     let (ok, stderr) = dataflow_exit(&kafka_args(&broker, &["--kafka-option", "acks=1"]));
     assert!(!ok && stderr.contains("acks stays all"), "{stderr}");
+    // And one that would move input records away from where ingress
+    // places them.
+    let (ok, stderr) = dataflow_exit(&kafka_args(
+        &broker,
+        &["--kafka-option", "partitioner=consistent"],
+    ));
+    assert!(!ok && stderr.contains("murmur2"), "{stderr}");
     // Good options (also from the environment) and the service works.
     let dir = temp_dir();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_grabflow"));
@@ -1539,6 +1588,45 @@ async fn kafka_options_reach_librdkafka_and_guarantee_breakers_are_refused() {
         .await;
     assert_eq!(status, 202);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Ingress places input records itself (to tick behind an order in its
+/// partition): where `partition_of` says is where librdkafka's own
+/// `murmur2_random` partitioner, grabflow's producers' setting, puts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingress_places_records_where_the_kafka_partitioner_would() {
+    let broker = Broker::start();
+    let cfg = grabflow_log::kafka::KafkaConfig::new(&broker.addr);
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        cfg.client().create().unwrap();
+    let topic =
+        rdkafka::admin::NewTopic::new("placed", 16, rdkafka::admin::TopicReplication::Fixed(1));
+    admin
+        .create_topics([&topic], &rdkafka::admin::AdminOptions::new())
+        .await
+        .unwrap();
+    let producer: FutureProducer = cfg.producer().create().unwrap();
+    let keys: Vec<String> = (0..200)
+        .map(|i| format!("{}{i}", ["O", "R", "M-", "order-"][i % 4]))
+        .collect();
+    let sends = keys.iter().map(|k| {
+        producer.send(
+            FutureRecord::to("placed").key(k).payload("x"),
+            Duration::from_secs(10),
+        )
+    });
+    let placed: Vec<i32> = futures_util::future::join_all(sends)
+        .await
+        .into_iter()
+        .map(|d| d.unwrap().partition)
+        .collect();
+    let ours: Vec<i32> = keys
+        .iter()
+        .map(|k| grabflow_log::kafka::partition_of(k.as_bytes(), 16))
+        .collect();
+    assert_eq!(placed, ours);
+    // Spread over the partitions, as a hash should.
+    assert!(ours.iter().collect::<BTreeSet<_>>().len() == 16);
 }
 
 /// The memory engine's batch quirk (see [`kafka_args`]) is not the SQLite

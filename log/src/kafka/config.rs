@@ -123,7 +123,8 @@ impl KafkaConfig {
     /// `enable.idempotence=false` and `acks` other than `all` (an ack must
     /// mean every in-sync replica has the record, once), `enable.auto.commit`
     /// (grabflow commits after delivery), `bootstrap.servers` (that is
-    /// `--kafka`) and `group.id` (grabflow names its groups).
+    /// `--kafka`), `group.id` (grabflow names its groups) and `partitioner`
+    /// (ingress places input records itself, by murmur2 of the key).
     pub fn options<'a>(
         mut self,
         options: impl IntoIterator<Item = &'a str>,
@@ -143,6 +144,9 @@ impl KafkaConfig {
                     Some("the brokers are set with --kafka")
                 }
                 "group.id" => Some("grabflow names its consumer groups itself"),
+                "partitioner" => Some(
+                    "ingress places input records by Kafka's murmur2 of their key itself, as Java clients do",
+                ),
                 "enable.idempotence" if value != "true" => {
                     Some("appends must be written exactly once: idempotence stays on")
                 }
@@ -429,6 +433,15 @@ pub fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32, KafkaErro
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The partition, among `count`, of a record keyed `key`: Kafka's murmur2
+/// of the key, as Java clients and librdkafka's `murmur2_random`
+/// partitioner choose it (so other services co-partition with grabflow's
+/// input topics).
+pub fn partition_of(key: &[u8], count: i32) -> i32 {
+    let hash = murmur2::murmur2(key, murmur2::KAFKA_SEED) & 0x7fff_ffff;
+    (hash % count.max(1) as u32) as i32
 }
 
 #[cfg(test)]

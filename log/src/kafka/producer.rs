@@ -10,18 +10,23 @@
 //! dataflow's own ticks, see [`source`](super::source), remain for events
 //! other producers write).
 //!
-//! The ticks into the orders topic go through the event's own producer,
-//! in the same produce request, behind the event: sent apart, a tick could
-//! reach the event's partition first and push the event's time past it
-//! (times are monotonic per partition). The event's ack waits for them.
-//! The ticks into the other input topics cannot overtake an order's event
-//! and go through a producer of their own without idempotence, at the same
-//! moment: a broker writes them beside the event's request instead of
-//! inside it (tansu 0.6 writes a request's partitions one after another,
-//! and an idempotent batch costs it more), so at 16 partitions an order's
-//! ack does not wait for 32 more writes. (They may overtake a rider's or
-//! merchant's event not yet acked, whose time then becomes the tick's:
-//! requests in flight together have no order to keep.)
+//! Ingress places each record in its partition itself (Kafka's murmur2 of
+//! the key, as the producer's partitioner would), so it knows which
+//! partitions of the orders topic hold the events just queued. The ticks
+//! into those go through the events' own producer, in their batch, behind
+//! them: sent apart, a tick could reach an event's partition first and
+//! push the event's time past it (times are monotonic per partition). The
+//! ticks into every other input partition go, at the same moment, through
+//! three producers of their own without idempotence (the partitions dealt
+//! among them): a broker writes their requests beside the events' request
+//! and beside each other instead of one after another (tansu 0.6 writes a
+//! request's partitions in turn, and an idempotent batch costs it more).
+//! An order's ack waits for one write (its batch: the event and its
+//! tick), and at 16 partitions the clock passes it after the longest of 3
+//! requests of ~16 ticks, not one of 47. (Ticks may overtake another event still in flight, whose
+//! time then becomes the tick's: an order's event then still gets a round
+//! of its own after that tick; a rider's or merchant's needs none. Each
+//! round's requests are queued before the next round's.)
 //!
 //! Rounds go forward: each is at least a millisecond after the one before.
 //! Two events of one millisecond (two riders grabbing an order) would
@@ -29,9 +34,10 @@
 //! round, queued ahead of the second event, pushes that event's time to
 //! exactly its own: no round would pass it. A round runs at most 2 ms
 //! (`LEAD`) ahead of the wall clock; past that, in a burst of more than a
-//! round a millisecond, the dataflow's own tick passes such an event.
+//! round a millisecond, events get only the ticks behind them in their
+//! own partitions, and the dataflow's own tick passes what that leaves.
 
-use super::config::{partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
+use super::config::{partition_of, partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
 use super::source::Along;
 use crate::ledger::{Admission, Ledger};
 use crate::{now_ms, Append, Appended, LogError, Pending};
@@ -44,6 +50,11 @@ use rdkafka::producer::{
 };
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+/// Producers (connections) of the ticks beside an event: a broker may
+/// write their requests side by side. At 16 partitions, order → offer p50
+/// was ~16 ms with one, ~13 with three, and no better with six.
+const TICKERS: usize = 3;
 
 /// How far ahead of the wall clock a round of ticks may go to be past the
 /// round before it (ms).
@@ -68,20 +79,16 @@ pub struct KafkaLog {
     /// Keys and known ids: of its own appends and, through the
     /// [`Follower`](super::Follower), of every record in the input topics.
     ledger: Arc<Mutex<Ledger>>,
-    /// The orders topic's partitions, for the ticks that go with an event
-    /// in its request.
-    orders: Vec<i32>,
-    /// The other input topics' partitions, `(topic, partition)`, for the
-    /// ticks that go beside it, through `ticker`.
-    others: Vec<(String, i32)>,
-    /// The producer of the ticks into the other input topics: without
-    /// idempotence (a lost or doubled tick is harmless).
-    ticker: ThreadedProducer<DefaultProducerContext>,
-    /// The last round of ticks sent along: its time and its number (rounds
-    /// are queued whole, one at a time, so a round numbered after an
-    /// append's events were queued is behind them in every partition of
-    /// the orders topic, the one their events are in).
-    ticked: Mutex<(Time, u64)>,
+    /// Each input topic's partition count, to place records.
+    counts: Vec<(String, i32)>,
+    /// Every input partition, `(topic, partition)`, for rounds of ticks.
+    parts: Vec<(String, i32)>,
+    /// The producers of the ticks beside an event (every input partition
+    /// but its own, dealt round-robin): without idempotence (a lost or
+    /// doubled tick is harmless).
+    ticker: Vec<ThreadedProducer<DefaultProducerContext>>,
+    /// The time of the last round of ticks sent along.
+    ticked: Mutex<Time>,
     /// Tells this process's dataflow sources of the rounds sent along.
     along: Along,
 }
@@ -105,67 +112,76 @@ impl KafkaLog {
             .create()?;
         let probe: BaseConsumer = cfg.client().create()?;
         let topics = cfg.topics();
-        let orders = (0..partitions(&probe, &topics.orders)?).collect();
-        let mut others = Vec::new();
+        let mut counts = Vec::new();
+        let mut parts = Vec::new();
         for topic in topics.inputs() {
-            if topic != topics.orders {
-                for p in 0..partitions(&probe, topic)? {
-                    others.push((topic.to_string(), p));
-                }
-            }
+            let count = partitions(&probe, topic)?;
+            counts.push((topic.to_string(), count));
+            parts.extend((0..count).map(|p| (topic.to_string(), p)));
         }
-        let ticker = cfg
-            .ticker()
-            // Sent at once: the order's event is on its way already.
-            .set("linger.ms", "0")
-            .create()?;
+        let ticker = (0..TICKERS)
+            .map(|_| {
+                cfg.ticker()
+                    // Sent at once: the order's event is on its way already.
+                    .set("linger.ms", "0")
+                    .create()
+            })
+            .collect::<Result<_, _>>()?;
         Ok(KafkaLog {
             producer,
             topics,
             timeout: cfg.ack_timeout,
             ledger,
-            orders,
-            others,
+            counts,
+            parts,
             ticker,
-            ticked: Mutex::new((0, 0)),
+            ticked: Mutex::new(0),
             along,
         })
     }
 
-    /// The number of the last round of ticks, read once an append's events
-    /// are queued: a later round is queued behind them.
-    fn rounds(&self) -> u64 {
-        self.ticked.lock().expect("ticks").1
+    /// The partition of a record keyed `key` in input topic `topic`.
+    fn partition(&self, topic: &str, key: &str) -> i32 {
+        let count = self
+            .counts
+            .iter()
+            .find(|(t, _)| t == topic)
+            .map_or(1, |c| c.1);
+        partition_of(key.as_bytes(), count)
     }
 
-    /// Sends a tick at `at` (or later: rounds go forward) into every input
-    /// partition (into the orders topic behind the events just queued,
-    /// into the others beside them), unless a round at `at` or later was
-    /// queued after them (a round numbered above `after`, from
-    /// [`KafkaLog::rounds`]): the dataflow's clock passes them as soon as
-    /// it reads them. Not waited for: a lost tick only costs the dataflow's
-    /// own tick, later.
-    fn tick_along(&self, at: Time, after: u64) {
+    /// Sends a round of ticks at `at` (or later: rounds go forward) into
+    /// every input partition: into `own` (the orders topic's partitions of
+    /// the events just queued) behind the events, into the others beside
+    /// them. The dataflow's clock passes the events as soon as it reads
+    /// them. In a burst, when a round cannot go forward, only `own` gets
+    /// one. Not waited for: a lost tick only costs the dataflow's own
+    /// tick, later.
+    fn tick_along(&self, at: Time, own: &[i32]) {
         let mut last = self.ticked.lock().expect("ticks");
-        if last.0 >= at && last.1 > after {
-            return;
-        }
-        let at = round_time(at, last.0, now_ms());
+        let round = round_time(at, *last, now_ms());
+        let orders = &self.topics.orders;
         // A full queue (broker away) drops a tick, as lost ones are.
-        for partition in &self.orders {
-            let tick = FutureRecord::<[u8], [u8]>::to(&self.topics.orders)
+        for partition in own {
+            let tick = FutureRecord::<[u8], [u8]>::to(orders)
                 .partition(*partition)
-                .timestamp(at as i64);
+                .timestamp(round as i64);
             let _ = self.producer.send_result(tick);
         }
-        for (topic, partition) in &self.others {
+        if round <= *last {
+            return;
+        }
+        for (i, (topic, partition)) in self.parts.iter().enumerate() {
+            if topic == orders && own.contains(partition) {
+                continue;
+            }
             let tick = BaseRecord::<[u8], [u8]>::to(topic)
                 .partition(*partition)
-                .timestamp(at as i64);
-            let _ = self.ticker.send(tick);
+                .timestamp(round as i64);
+            let _ = self.ticker[i % TICKERS].send(tick);
         }
-        *last = (at, last.1 + 1);
-        self.along.sent(at);
+        *last = round;
+        self.along.sent(round);
     }
 
     /// Appends `events` and answers once the broker has acked every one,
@@ -213,8 +229,10 @@ impl KafkaLog {
     ) -> Result<Option<i64>, KafkaError> {
         let batch = events.len();
         let mut pending = Vec::with_capacity(batch);
-        // Just after the newest order event, if any.
+        // Just after the newest order event, if any, and the orders topic's
+        // partitions of the events.
         let mut waits: Time = 0;
+        let mut own = Vec::new();
         for (id, kind) in events {
             let value = serde_json::to_vec(&InputRecord {
                 id: Some(id.clone()),
@@ -235,8 +253,11 @@ impl KafkaLog {
                 }
             }
             let at = now_ms();
-            let record = FutureRecord::to(self.topics.input_for(kind))
-                .key(kind.entity().as_str())
+            let (topic, entity) = (self.topics.input_for(kind), kind.entity());
+            let partition = self.partition(topic, entity.as_str());
+            let record = FutureRecord::to(topic)
+                .key(entity.as_str())
+                .partition(partition)
                 .payload(&value)
                 .timestamp(at as i64)
                 .headers(headers);
@@ -246,13 +267,15 @@ impl KafkaLog {
             }
             // An order's event: someone waits on what it decides (the
             // offer, a grab's answer, a rider's step).
-            if self.topics.input_for(kind) == self.topics.orders {
+            if topic == self.topics.orders {
                 waits = waits.max(at + 1);
+                if !own.contains(&partition) {
+                    own.push(partition);
+                }
             }
         }
         if waits > 0 {
-            let after = self.rounds();
-            self.tick_along(waits, after);
+            self.tick_along(waits, &own);
         }
         let mut last = None;
         let wait = tokio::time::timeout(self.timeout + Duration::from_secs(1), async {
