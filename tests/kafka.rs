@@ -1591,7 +1591,7 @@ async fn kafka_options_reach_librdkafka_and_guarantee_breakers_are_refused() {
 }
 
 /// Ingress places input records itself (to tick behind an order in its
-/// partition): where `partition_of` says is where librdkafka's own
+/// partition): where `partition_for` says is where librdkafka's own
 /// `murmur2_random` partitioner, grabflow's producers' setting, puts them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_places_records_where_the_kafka_partitioner_would() {
@@ -1622,7 +1622,7 @@ async fn ingress_places_records_where_the_kafka_partitioner_would() {
         .collect();
     let ours: Vec<i32> = keys
         .iter()
-        .map(|k| grabflow_log::kafka::partition_of(k.as_bytes(), 16))
+        .map(|k| grabflow_api::topics::partition_for(k.as_bytes(), 16))
         .collect();
     assert_eq!(placed, ours);
     // Spread over the partitions, as a hash should.

@@ -111,39 +111,13 @@ pub fn input_offset(topic: usize, partition: i32, offset: i64) -> u64 {
 }
 
 /// Kafka's default partitioner (Java's `murmur2`, librdkafka's
-/// `murmur2_random` for keyed records): the partition of `key`.
+/// `murmur2_random` for keyed records): the partition of `key` among
+/// `partitions`. Ingress places input records by it (it must know an
+/// order event's partition, to tick behind it), and the sink output
+/// records; `tests/kafka.rs` checks it against librdkafka's own.
 pub fn partition_for(key: &[u8], partitions: i32) -> i32 {
-    (murmur2(key) & 0x7fff_ffff) as i32 % partitions.max(1)
-}
-
-/// Murmur2 as Kafka's clients compute it (seed `0x9747b28c`).
-fn murmur2(data: &[u8]) -> u32 {
-    const M: u32 = 0x5bd1_e995;
-    const R: u32 = 24;
-    let mut h: u32 = 0x9747_b28c ^ data.len() as u32;
-    let mut chunks = data.chunks_exact(4);
-    for c in &mut chunks {
-        let mut k = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-        k = k.wrapping_mul(M);
-        k ^= k >> R;
-        k = k.wrapping_mul(M);
-        h = h.wrapping_mul(M) ^ k;
-    }
-    let rest = chunks.remainder();
-    if rest.len() >= 3 {
-        h ^= (rest[2] as u32) << 16;
-    }
-    if rest.len() >= 2 {
-        h ^= (rest[1] as u32) << 8;
-    }
-    if !rest.is_empty() {
-        h ^= rest[0] as u32;
-        h = h.wrapping_mul(M);
-    }
-    h ^= h >> 13;
-    h = h.wrapping_mul(M);
-    h ^= h >> 15;
-    h
+    let hash = murmur2::murmur2(key, murmur2::KAFKA_SEED) & 0x7fff_ffff;
+    (hash % partitions.max(1) as u32) as i32
 }
 
 /// An input record's value: `{"id": "...", "type": "location_pinged", ...}`.

@@ -435,15 +435,6 @@ pub fn partitions(consumer: &BaseConsumer, topic: &str) -> Result<i32, KafkaErro
     }
 }
 
-/// The partition, among `count`, of a record keyed `key`: Kafka's murmur2
-/// of the key, as Java clients and librdkafka's `murmur2_random`
-/// partitioner choose it (so other services co-partition with grabflow's
-/// input topics).
-pub fn partition_of(key: &[u8], count: i32) -> i32 {
-    let hash = murmur2::murmur2(key, murmur2::KAFKA_SEED) & 0x7fff_ffff;
-    (hash % count.max(1) as u32) as i32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

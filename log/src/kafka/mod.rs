@@ -9,7 +9,7 @@
 //! ## Layout
 //!
 //! - [`config`]: [`KafkaConfig`] (brokers, topic names, every client's
-//!   settings), [`ensure_topics`], [`partitions`], [`partition_of`], [`KafkaError`].
+//!   settings), [`ensure_topics`], [`partitions`], [`KafkaError`].
 //! - [`producer`]: [`KafkaLog`], ingress's producer.
 //! - [`source`]: [`KafkaSource`], one dataflow worker's input partitions.
 //! - [`follower`]: [`Follower`], rebuilding the ledger from the topics.
@@ -24,8 +24,7 @@ pub mod source;
 
 pub use checkpoints::KafkaCheckpoints;
 pub use config::{
-    ensure_topics, from_start, partition_of, partitions, KafkaConfig, KafkaError, BATCH_HEADER,
-    KEY_HEADER,
+    ensure_topics, from_start, partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER,
 };
 pub use follower::Follower;
 pub use producer::KafkaLog;

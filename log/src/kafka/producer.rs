@@ -37,11 +37,11 @@
 //! round a millisecond, events get only the ticks behind them in their
 //! own partitions, and the dataflow's own tick passes what that leaves.
 
-use super::config::{partition_of, partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
+use super::config::{partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
 use super::source::Along;
 use crate::ledger::{Admission, Ledger};
 use crate::{now_ms, Append, Appended, LogError, Pending};
-use grabflow_api::topics::{InputRecord, Topics};
+use grabflow_api::topics::{partition_for, InputRecord, Topics};
 use grabflow_api::{EventKind, Id, Time};
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -147,7 +147,7 @@ impl KafkaLog {
             .iter()
             .find(|(t, _)| t == topic)
             .map_or(1, |c| c.1);
-        partition_of(key.as_bytes(), count)
+        partition_for(key.as_bytes(), count)
     }
 
     /// Sends a round of ticks at `at` (or later: rounds go forward) into
