@@ -673,9 +673,10 @@ async fn an_order_behind_a_later_tick_in_its_partition_is_offered_without_the_id
 /// In `serve`, ingress's own ticks carry each order's event to its
 /// decision: with the dataflow's ticks put off for 10 minutes, a whole
 /// order life (placed, offered, grabbed, picked up, delivered) is decided
-/// step by step at 16 partitions. Each event has a tick behind it in its
-/// own partition (where ingress placed it) and one beside it in every
-/// other; without either, the step would wait for the dataflow's tick.
+/// step by step at 16 partitions, and so is every order of a burst. Each
+/// event has a tick behind it in its own partition (where ingress placed
+/// it) and one beside it in every other; without either, it would wait
+/// for the dataflow's tick.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ingress_ticks_alone_carry_each_order_event_to_its_decision() {
     let broker = Broker::start();
@@ -708,6 +709,19 @@ async fn ingress_ticks_alone_carry_each_order_event_to_its_decision() {
         let path = format!("/v1/orders/O1/{step}");
         let (status, body) = s.call("POST", &path, &r1, None).await;
         assert_eq!((status, &body["state"]), (200, &json!(state)), "{body}");
+    }
+    // A burst: orders placed all at once, in flight together in many
+    // partitions (a later round's tick must not overtake one and leave it
+    // past its own round), more than a round a millisecond: every one is
+    // decided.
+    let ids: Vec<String> = (0..48).map(|i| format!("B{i}")).collect();
+    futures_util::future::join_all(ids.iter().map(|id| s.order(&app, id))).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for id in &ids {
+        while order_states(&s, &app, id).await.is_empty() {
+            assert!(Instant::now() < deadline, "order {id} was never decided");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1555,8 +1569,8 @@ async fn kafka_options_reach_librdkafka_and_guarantee_breakers_are_refused() {
     // One that would break exactly-once is refused before any client.
     let (ok, stderr) = dataflow_exit(&kafka_args(&broker, &["--kafka-option", "acks=1"]));
     assert!(!ok && stderr.contains("acks stays all"), "{stderr}");
-    // And one that would move input records away from where ingress
-    // places them.
+    // And one that would do nothing (grabflow places every record it
+    // writes itself) and says so.
     let (ok, stderr) = dataflow_exit(&kafka_args(
         &broker,
         &["--kafka-option", "partitioner=consistent"],
@@ -1590,43 +1604,62 @@ async fn kafka_options_reach_librdkafka_and_guarantee_breakers_are_refused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Ingress places input records itself (to tick behind an order in its
-/// partition): where `partition_for` says is where librdkafka's own
-/// `murmur2_random` partitioner, grabflow's producers' setting, puts them.
+/// grabflow places every record it writes itself (ingress must know an
+/// order event's partition, to tick behind it): `partition_for` puts a key
+/// where librdkafka's own `murmur2_random` partitioner (what Java clients
+/// do) puts it, at a partition count that is a power of two and one that
+/// is not, for keys of every tail length and of bytes past ASCII.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn ingress_places_records_where_the_kafka_partitioner_would() {
+async fn partition_for_places_a_key_where_librdkafka_does() {
     let broker = Broker::start();
     let cfg = grabflow_log::kafka::KafkaConfig::new(&broker.addr);
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
         cfg.client().create().unwrap();
-    let topic =
-        rdkafka::admin::NewTopic::new("placed", 16, rdkafka::admin::TopicReplication::Fixed(1));
+    let counts = [("placed-16", 16), ("placed-7", 7)];
+    let topics: Vec<_> = counts
+        .iter()
+        .map(|(t, n)| {
+            rdkafka::admin::NewTopic::new(t, *n, rdkafka::admin::TopicReplication::Fixed(1))
+        })
+        .collect();
     admin
-        .create_topics([&topic], &rdkafka::admin::AdminOptions::new())
+        .create_topics(topics.iter(), &rdkafka::admin::AdminOptions::new())
         .await
         .unwrap();
-    let producer: FutureProducer = cfg.producer().create().unwrap();
+    // librdkafka's own partitioner places these (no partition given).
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &broker.addr)
+        .set("partitioner", "murmur2_random")
+        .create()
+        .unwrap();
     let keys: Vec<String> = (0..200)
-        .map(|i| format!("{}{i}", ["O", "R", "M-", "order-"][i % 4]))
+        .map(|i| {
+            format!(
+                "{}{i}",
+                ["O", "R", "M-", "order-", "Ørsted-ü", "配送"][i % 6]
+            )
+        })
         .collect();
-    let sends = keys.iter().map(|k| {
-        producer.send(
-            FutureRecord::to("placed").key(k).payload("x"),
-            Duration::from_secs(10),
-        )
-    });
-    let placed: Vec<i32> = futures_util::future::join_all(sends)
-        .await
-        .into_iter()
-        .map(|d| d.unwrap().partition)
-        .collect();
-    let ours: Vec<i32> = keys
-        .iter()
-        .map(|k| grabflow_api::topics::partition_for(k.as_bytes(), 16))
-        .collect();
-    assert_eq!(placed, ours);
-    // Spread over the partitions, as a hash should.
-    assert!(ours.iter().collect::<BTreeSet<_>>().len() == 16);
+    for (topic, n) in counts {
+        let sends = keys.iter().map(|k| {
+            producer.send(
+                FutureRecord::to(topic).key(k).payload("x"),
+                Duration::from_secs(10),
+            )
+        });
+        let placed: Vec<i32> = futures_util::future::join_all(sends)
+            .await
+            .into_iter()
+            .map(|d| d.unwrap().partition)
+            .collect();
+        let ours: Vec<i32> = keys
+            .iter()
+            .map(|k| grabflow_api::topics::partition_for(k.as_bytes(), n))
+            .collect();
+        assert_eq!(placed, ours, "{topic}");
+        // Spread over the partitions, as a hash should.
+        assert_eq!(ours.iter().collect::<BTreeSet<_>>().len(), n as usize);
+    }
 }
 
 /// The memory engine's batch quirk (see [`kafka_args`]) is not the SQLite

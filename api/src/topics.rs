@@ -211,6 +211,28 @@ mod tests {
     use super::*;
 
     #[test]
+    fn keys_go_where_kafkas_java_clients_put_them() {
+        // Java's `Utils.murmur2` of each key (librdkafka's test vectors,
+        // rdmurmur2.c): every tail length, and a key longer than a word.
+        let java: [(&str, u32); 8] = [
+            ("kafka", 0xd067_cf64),
+            ("giberish123456789", 0x8f55_2b0c),
+            ("1234", 0x9fc9_7b14),
+            ("234", 0xe7c0_09ca),
+            ("34", 0x8739_30da),
+            ("4", 0x5a4b_5ca1),
+            ("", 0x106e_08d9),
+            ("PreAmbleWillBeRemoved,ThePrePartThatIs", 0x7842_4f1c),
+        ];
+        for (key, hash) in java {
+            // Java's `toPositive`: the sign bit cleared, not negated.
+            let positive = (hash & 0x7fff_ffff) as i32;
+            assert_eq!(partition_for(key.as_bytes(), i32::MAX), positive % i32::MAX);
+            assert_eq!(partition_for(key.as_bytes(), 7), positive % 7, "{key}");
+        }
+    }
+
+    #[test]
     fn input_records_round_trip_and_default_their_id() {
         let v = br#"{"type":"location_pinged","rider":"r1","at":{"lat_e7":15,"lon_e7":25}}"#;
         let e = InputRecord::decode(v, 0, 3, 17, 99).unwrap();

@@ -124,7 +124,8 @@ impl KafkaConfig {
     /// mean every in-sync replica has the record, once), `enable.auto.commit`
     /// (grabflow commits after delivery), `bootstrap.servers` (that is
     /// `--kafka`), `group.id` (grabflow names its groups) and `partitioner`
-    /// (ingress places input records itself, by murmur2 of the key).
+    /// (grabflow places every record it writes itself, by murmur2 of the
+    /// key: the setting would do nothing).
     pub fn options<'a>(
         mut self,
         options: impl IntoIterator<Item = &'a str>,
@@ -145,7 +146,7 @@ impl KafkaConfig {
                 }
                 "group.id" => Some("grabflow names its consumer groups itself"),
                 "partitioner" => Some(
-                    "ingress places input records by Kafka's murmur2 of their key itself, as Java clients do",
+                    "grabflow places every record it writes itself, by Kafka's murmur2 of the key (as Java clients do): it would change nothing",
                 ),
                 "enable.idempotence" if value != "true" => {
                     Some("appends must be written exactly once: idempotence stays on")
@@ -207,10 +208,9 @@ impl KafkaConfig {
             // (a request's own records are sent together anyway).
             .set("linger.ms", "1")
             // Batches are compressed; lz4 costs least CPU for what it saves.
-            .set("compression.type", "lz4")
-            // Same partitioning as Java clients (murmur2 of the key), so other
-            // services co-partition with grabflow's topics.
-            .set("partitioner", "murmur2_random");
+            .set("compression.type", "lz4");
+        // (No partitioner: grabflow places every record it writes itself,
+        // as Java clients do, `grabflow_api::topics::partition_for`.)
         // (tansu 0.6, the test broker, mishandles batches of several
         // records: its high watermark is the last batch's first offset + 1,
         // and a fetch from an offset inside a batch comes back empty. The

@@ -12,30 +12,29 @@
 //!
 //! Ingress places each record in its partition itself (Kafka's murmur2 of
 //! the key, as the producer's partitioner would), so it knows which
-//! partitions of the orders topic hold the events just queued. The ticks
-//! into those go through the events' own producer, in their batch, behind
-//! them: sent apart, a tick could reach an event's partition first and
-//! push the event's time past it (times are monotonic per partition). The
-//! ticks into every other input partition go, at the same moment, through
-//! three producers of their own without idempotence (the partitions dealt
-//! among them): a broker writes their requests beside the events' request
-//! and beside each other instead of one after another (tansu 0.6 writes a
-//! request's partitions in turn, and an idempotent batch costs it more).
-//! An order's ack waits for one write (its batch: the event and its
-//! tick), and at 16 partitions the clock passes it after the longest of 3
-//! requests of ~16 ticks, not one of 47. (Ticks may overtake another event still in flight, whose
-//! time then becomes the tick's: an order's event then still gets a round
-//! of its own after that tick; a rider's or merchant's needs none. Each
-//! round's requests are queued before the next round's.)
+//! partitions of the orders topic hold events in flight (queued, not yet
+//! acked). A round's ticks into those go through the events' own
+//! producer, behind them: from another producer, a tick could reach such
+//! a partition first and push an event's time past its round (times are
+//! monotonic per partition). The ticks into every other input partition
+//! go, at the same moment, through three producers of their own without
+//! idempotence (the partitions dealt among them), so a broker that serves
+//! each connection's requests in turn (tansu 0.6; librdkafka sends a
+//! produce request per partition) writes them side by side, and beside
+//! the event, instead of queueing the event's request among 16 of ticks
+//! at 16 partitions (its ack went from ~5 to ~2–3 ms) or 47 ticks on one
+//! connection. A rider's or merchant's event in flight may still be
+//! overtaken by a tick and take its time; nobody waits on those.
 //!
-//! Rounds go forward: each is at least a millisecond after the one before.
-//! Two events of one millisecond (two riders grabbing an order) would
-//! otherwise both get a round at that millisecond + 1, and the first
-//! round, queued ahead of the second event, pushes that event's time to
-//! exactly its own: no round would pass it. A round runs at most 2 ms
-//! (`LEAD`) ahead of the wall clock; past that, in a burst of more than a
-//! round a millisecond, events get only the ticks behind them in their
-//! own partitions, and the dataflow's own tick passes what that leaves.
+//! An event is passed by any round sent after it was counted in flight:
+//! each round is at least a millisecond after the one before, and at or
+//! after every counted event's millisecond + 1, so ticks that overtook the
+//! event before it was counted are of earlier rounds. Rounds of a burst
+//! are shared: an append whose round has not gone yet sends one, unless
+//! one went since it was counted. A round runs at most 2 ms (`LEAD`)
+//! ahead of the wall clock; in a burst of more than a round a
+//! millisecond, an append waits for the clock to allow its round (at most
+//! 5 ms, beside its ack; then the dataflow's own tick passes it).
 
 use super::config::{partitions, KafkaConfig, KafkaError, BATCH_HEADER, KEY_HEADER};
 use super::source::Along;
@@ -60,15 +59,35 @@ const TICKERS: usize = 3;
 /// round before it (ms).
 const LEAD: Time = 2;
 
-/// The time of a round of ticks for events that need one at `at`, the
-/// last round having been at `last`, at wall clock `now`: past the last
-/// round (which may have pushed the events' time to its own), unless that
-/// is more than [`LEAD`] ahead of `now`.
-fn round_time(at: Time, last: Time, now: Time) -> Time {
-    match at.max(last + 1) {
-        forward if forward <= now + LEAD => forward,
-        _ => at.max(last),
-    }
+/// How long an append waits for the clock to allow a round it needs (the
+/// dataflow's own tick comes `--kafka-tick`, 5 ms, after it reads the
+/// event).
+const ROUND_WAIT: Duration = Duration::from_millis(5);
+
+/// The time of the next round of ticks, for events that need one at
+/// `need` or later, the last round having been at `last`, at wall clock
+/// `now`: past the last round (which may have pushed the events' time to
+/// its own), or `None` while that is more than [`LEAD`] ahead of `now`
+/// (the round waits for the clock).
+fn round_time(need: Time, last: Time, now: Time) -> Option<Time> {
+    Some(need.max(last + 1)).filter(|&t| t <= now + LEAD)
+}
+
+/// The rounds of ticks ingress sends along, and what they must pass.
+#[derive(Default)]
+struct Rounds {
+    /// The last round's time.
+    last: Time,
+    /// How many rounds have been sent.
+    sent: u64,
+    /// The least time the next round must be at: past every event that
+    /// waits for it.
+    need: Time,
+    /// Per partition of the orders topic, its events queued and not yet
+    /// acked: a round's tick into such a partition goes through their
+    /// producer, behind them, since one from a tick producer could
+    /// overtake them and push their time past their own round.
+    flying: Vec<u32>,
 }
 
 /// Ingress's producer: appends events to their input topics.
@@ -79,16 +98,16 @@ pub struct KafkaLog {
     /// Keys and known ids: of its own appends and, through the
     /// [`Follower`](super::Follower), of every record in the input topics.
     ledger: Arc<Mutex<Ledger>>,
-    /// Each input topic's partition count, to place records.
-    counts: Vec<(String, i32)>,
+    /// The partition count of each input topic, as `Topics::inputs`.
+    counts: [i32; 3],
     /// Every input partition, `(topic, partition)`, for rounds of ticks.
     parts: Vec<(String, i32)>,
     /// The producers of the ticks beside an event (every input partition
     /// but its own, dealt round-robin): without idempotence (a lost or
     /// doubled tick is harmless).
     ticker: Vec<ThreadedProducer<DefaultProducerContext>>,
-    /// The time of the last round of ticks sent along.
-    ticked: Mutex<Time>,
+    /// The rounds of ticks sent along.
+    rounds: Mutex<Rounds>,
     /// Tells this process's dataflow sources of the rounds sent along.
     along: Along,
 }
@@ -112,13 +131,16 @@ impl KafkaLog {
             .create()?;
         let probe: BaseConsumer = cfg.client().create()?;
         let topics = cfg.topics();
-        let mut counts = Vec::new();
+        let mut counts = [0; 3];
         let mut parts = Vec::new();
-        for topic in topics.inputs() {
-            let count = partitions(&probe, topic)?;
-            counts.push((topic.to_string(), count));
-            parts.extend((0..count).map(|p| (topic.to_string(), p)));
+        for (t, topic) in topics.inputs().into_iter().enumerate() {
+            counts[t] = partitions(&probe, topic)?;
+            parts.extend((0..counts[t]).map(|p| (topic.to_string(), p)));
         }
+        let rounds = Rounds {
+            flying: vec![0; counts[2] as usize],
+            ..Rounds::default()
+        };
         let ticker = (0..TICKERS)
             .map(|_| {
                 cfg.ticker()
@@ -135,53 +157,78 @@ impl KafkaLog {
             counts,
             parts,
             ticker,
-            ticked: Mutex::new(0),
+            rounds: Mutex::new(rounds),
             along,
         })
     }
 
     /// The partition of a record keyed `key` in input topic `topic`.
     fn partition(&self, topic: &str, key: &str) -> i32 {
-        let count = self
-            .counts
-            .iter()
-            .find(|(t, _)| t == topic)
-            .map_or(1, |c| c.1);
+        let t = self.topics.inputs().iter().position(|i| *i == topic);
+        let count = self.counts[t.expect("events go to input topics")];
         partition_for(key.as_bytes(), count)
     }
 
-    /// Sends a round of ticks at `at` (or later: rounds go forward) into
-    /// every input partition: into `own` (the orders topic's partitions of
-    /// the events just queued) behind the events, into the others beside
-    /// them. The dataflow's clock passes the events as soon as it reads
-    /// them. In a burst, when a round cannot go forward, only `own` gets
-    /// one. Not waited for: a lost tick only costs the dataflow's own
-    /// tick, later.
-    fn tick_along(&self, at: Time, own: &[i32]) {
-        let mut last = self.ticked.lock().expect("ticks");
-        let round = round_time(at, *last, now_ms());
+    /// Counts events queued into `own` (partitions of the orders topic)
+    /// that wait for a round at `at` or later, until they are acked (the
+    /// guard's drop); with the number of rounds sent so far: any round
+    /// sent after this passes them.
+    fn fly<'a>(&'a self, at: Time, own: &'a [i32]) -> (Flying<'a>, u64) {
+        let mut r = self.rounds.lock().expect("rounds");
+        r.need = r.need.max(at);
+        for &p in own {
+            r.flying[p as usize] += 1;
+        }
+        (Flying { log: self, own }, r.sent)
+    }
+
+    /// Makes sure a round of ticks is sent after round number `after`:
+    /// sends one at once, unless one came since, or (in a burst of more
+    /// than one a millisecond) waits for the clock to allow one, for up to
+    /// [`ROUND_WAIT`] (a clock that went back leaves it to the dataflow's
+    /// own tick). Not waited for: a lost tick only costs the dataflow's
+    /// own tick, later.
+    async fn tick_along(&self, after: u64) {
+        let give_up = std::time::Instant::now() + ROUND_WAIT;
+        while std::time::Instant::now() < give_up {
+            let wait = {
+                let mut r = self.rounds.lock().expect("rounds");
+                if r.sent > after {
+                    return;
+                }
+                let now = now_ms();
+                match round_time(r.need, r.last, now) {
+                    Some(at) => return self.round(&mut r, at),
+                    None => (r.last + 1).saturating_sub(now + LEAD).clamp(1, LEAD),
+                }
+            };
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+        }
+    }
+
+    /// Sends a round of ticks at `at` into every input partition: through
+    /// the events' producer into the orders topic's partitions with events
+    /// in flight (behind them), through the tick producers into the rest,
+    /// at the same moment.
+    fn round(&self, r: &mut Rounds, at: Time) {
         let orders = &self.topics.orders;
         // A full queue (broker away) drops a tick, as lost ones are.
-        for partition in own {
-            let tick = FutureRecord::<[u8], [u8]>::to(orders)
-                .partition(*partition)
-                .timestamp(round as i64);
-            let _ = self.producer.send_result(tick);
-        }
-        if round <= *last {
-            return;
-        }
         for (i, (topic, partition)) in self.parts.iter().enumerate() {
-            if topic == orders && own.contains(partition) {
-                continue;
+            if topic == orders && r.flying[*partition as usize] > 0 {
+                let tick = FutureRecord::<[u8], [u8]>::to(orders)
+                    .partition(*partition)
+                    .timestamp(at as i64);
+                let _ = self.producer.send_result(tick);
+            } else {
+                let tick = BaseRecord::<[u8], [u8]>::to(topic)
+                    .partition(*partition)
+                    .timestamp(at as i64);
+                let _ = self.ticker[i % TICKERS].send(tick);
             }
-            let tick = BaseRecord::<[u8], [u8]>::to(topic)
-                .partition(*partition)
-                .timestamp(round as i64);
-            let _ = self.ticker[i % TICKERS].send(tick);
         }
-        *last = round;
-        self.along.sent(round);
+        r.last = at;
+        r.sent += 1;
+        self.along.sent(at);
     }
 
     /// Appends `events` and answers once the broker has acked every one,
@@ -274,9 +321,14 @@ impl KafkaLog {
                 }
             }
         }
-        if waits > 0 {
-            self.tick_along(waits, &own);
-        }
+        // Until acked, the events' partitions get every round's tick
+        // behind them; a round after this passes them.
+        let flying = (waits > 0).then(|| self.fly(waits, &own));
+        let ticks = async {
+            if let Some((_, after)) = &flying {
+                self.tick_along(*after).await;
+            }
+        };
         let mut last = None;
         let wait = tokio::time::timeout(self.timeout + Duration::from_secs(1), async {
             for d in pending {
@@ -288,9 +340,25 @@ impl KafkaLog {
             }
             Ok(())
         });
-        wait.await
-            .map_err(|_| KafkaError::Timeout(self.timeout))??;
+        let (_, acked) = tokio::join!(ticks, wait);
+        acked.map_err(|_| KafkaError::Timeout(self.timeout))??;
         Ok(last)
+    }
+}
+
+/// Events of an append counted in flight in their orders partitions,
+/// until dropped (acked, failed, or the append given up).
+struct Flying<'a> {
+    log: &'a KafkaLog,
+    own: &'a [i32],
+}
+
+impl Drop for Flying<'_> {
+    fn drop(&mut self) {
+        let mut r = self.log.rounds.lock().expect("rounds");
+        for &p in self.own {
+            r.flying[p as usize] -= 1;
+        }
     }
 }
 
@@ -307,13 +375,14 @@ mod tests {
     #[test]
     fn a_round_goes_past_the_last_one_but_not_far_ahead_of_the_clock() {
         // The usual case: the events' millisecond + 1.
-        assert_eq!(round_time(1_001, 990, 1_000), 1_001);
+        assert_eq!(round_time(1_001, 990, 1_000), Some(1_001));
         // A second event of the same millisecond: past the first's round.
-        assert_eq!(round_time(1_001, 1_001, 1_000), 1_002);
-        // A burst: never more than LEAD (2 ms) ahead of the clock.
-        assert_eq!(round_time(1_001, 1_002, 1_000), 1_002);
-        assert_eq!(round_time(1_001, 1_005, 1_000), 1_005);
+        assert_eq!(round_time(1_001, 1_001, 1_000), Some(1_002));
+        // A burst: never more than LEAD (2 ms) ahead of the clock; the
+        // round waits for it.
+        assert_eq!(round_time(1_001, 1_002, 1_000), None);
+        assert_eq!(round_time(1_001, 1_002, 1_001), Some(1_003));
         // A clock gone back does not take rounds back.
-        assert_eq!(round_time(901, 1_001, 900), 1_001);
+        assert_eq!(round_time(901, 1_001, 900), None);
     }
 }
