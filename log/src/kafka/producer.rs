@@ -102,9 +102,9 @@ pub struct KafkaLog {
     counts: [i32; 3],
     /// Every input partition, `(topic, partition)`, for rounds of ticks.
     parts: Vec<(String, i32)>,
-    /// The producers of the ticks beside an event (every input partition
-    /// but its own, dealt round-robin): without idempotence (a lost or
-    /// doubled tick is harmless).
+    /// The producers of a round's ticks into the partitions without order
+    /// events in flight (dealt round-robin): without idempotence (a lost
+    /// or doubled tick is harmless).
     ticker: Vec<ThreadedProducer<DefaultProducerContext>>,
     /// The rounds of ticks sent along.
     rounds: Mutex<Rounds>,
