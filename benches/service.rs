@@ -23,7 +23,8 @@
 //! `BENCH_SECS` sets each phase's length (default 5); `BENCH_CONSOLES=N`
 //! keeps N ops consoles on `/v1/ops/stream` during the latency phase, and
 //! `BENCH_CHECKPOINT_INTERVAL=250ms` has the server checkpoint that often
-//! through it.
+//! through it. `BENCH_GRABFLOW=PATH` runs another build of the server (an
+//! earlier commit's, say) for an A/B against this one in the same hour.
 
 mod common;
 
@@ -823,8 +824,10 @@ fn with_server<T>(
     static RUN: AtomicU64 = AtomicU64::new(0);
     let n = RUN.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("grabflow-bench-{}-{n}", std::process::id()));
+    let binary =
+        std::env::var("BENCH_GRABFLOW").unwrap_or_else(|_| env!("CARGO_BIN_EXE_grabflow").into());
     let (mut server, url) = spawn(
-        Command::new(env!("CARGO_BIN_EXE_grabflow"))
+        Command::new(binary)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(extra)
             .arg("--data-dir")
